@@ -1,0 +1,127 @@
+# Declarations of the compiled core (``ingestor._core``).
+#
+# The core is one extension built from several files included by
+# ``_core.pyx`` (``core/frames.pyx``: Kite frame decoding; later stages add
+# theirs).  This file holds the C record layouts every stage shares and the
+# cdef classes, so calls between stages stay C calls.
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+
+cdef extern from "core/endian.h":
+    int INGESTOR_DEBUG
+    uint16_t ing_load_u16be(const unsigned char *p) noexcept nogil
+    uint32_t ing_load_u32be(const unsigned char *p) noexcept nogil
+    uint32_t ing_load_u32le(const unsigned char *p) noexcept nogil
+    uint64_t ing_load_u64le(const unsigned char *p) noexcept nogil
+    void ing_store_u16be(unsigned char *p, uint16_t v) noexcept nogil
+    void ing_store_u32be(unsigned char *p, uint32_t v) noexcept nogil
+    void ing_store_u64be(unsigned char *p, uint64_t v) noexcept nogil
+
+
+# One decoded Kite packet without its depth (96 bytes).  Raw wire integers:
+# prices are ``raw / divisor`` exactly; fields a packet's mode does not carry
+# are 0.  Mirrored by ``TICK_DTYPE``.
+ctypedef struct tick_t:
+    int64_t recv_ns             # receive time of the message, ns since the epoch (UTC)
+    int64_t seq                 # the message's sequence number in its stream
+    uint32_t instrument_token
+    uint32_t last_price
+    uint32_t last_traded_quantity
+    uint32_t average_traded_price
+    uint32_t volume_traded
+    uint32_t total_buy_quantity
+    uint32_t total_sell_quantity
+    uint32_t open
+    uint32_t high
+    uint32_t low
+    uint32_t close
+    int32_t net_change          # index packets, bytes 24..28: undocumented, kept raw
+    uint32_t last_trade_time    # epoch seconds
+    uint32_t oi
+    uint32_t oi_day_high
+    uint32_t oi_day_low
+    uint32_t exchange_timestamp # epoch seconds
+    uint32_t divisor            # 100, 10_000 or 10_000_000 (segment rule)
+    uint16_t length             # packet length: 8, 28, 32, 44 or 184
+    uint8_t mode                # MODE_LTP, MODE_QUOTE, MODE_FULL
+    uint8_t segment             # instrument_token & 0xff
+    int32_t depth_row           # row of this packet's book in the depth buffer, else -1
+
+
+# The 5+5 level book of a full packet (100 bytes), struct-of-arrays.
+ctypedef struct levels_t:
+    uint32_t bid_quantity[5]
+    uint32_t bid_price[5]
+    uint32_t ask_quantity[5]
+    uint32_t ask_price[5]
+    uint16_t bid_orders[5]
+    uint16_t ask_orders[5]
+
+
+# A depth record of the pipeline buffers: the book and the tick row it came with.
+ctypedef struct depth_t:
+    uint32_t tick_row
+    levels_t book
+
+
+# The wide record of ``decode_kite``: tick, the client's ``change``, the book.
+ctypedef struct full_t:
+    tick_t tick
+    double change
+    levels_t book
+
+
+# A text WebSocket message met by the batch path: where it lies in the chunk.
+ctypedef struct text_t:
+    int64_t seq
+    int64_t recv_ns
+    int64_t offset
+    int64_t length
+
+
+cdef enum Mode:
+    MODE_LTP = 1
+    MODE_QUOTE = 2
+    MODE_FULL = 3
+
+
+# Decoder statistics, one counter per event / reason.
+cdef enum Counter:
+    C_MESSAGES = 0          # binary messages seen (heartbeats included)
+    C_HEARTBEATS            # 1-byte binary messages
+    C_TEXT_MESSAGES         # text messages seen by the batch path
+    C_BYTES                 # binary bytes seen
+    C_PACKETS               # packets decoded
+    C_LTP
+    C_QUOTE
+    C_FULL
+    C_INDEX_QUOTE
+    C_INDEX_FULL
+    C_MALFORMED_MESSAGES    # messages with at least one of the errors below
+    C_ERR_EMPTY             # a 0-byte binary message: too short for its header
+    C_ERR_UNKNOWN_LENGTH    # a packet of a length no mode has (skipped)
+    C_ERR_TRUNCATED         # a packet count or length runs past the end of the message
+    C_ERR_TRAILING          # bytes left after the last packet
+    C_BAD_RECORDS           # capture records of an unknown kind (skipped)
+    C_NCOUNTERS
+
+
+cdef class KiteDecoder:
+    cdef readonly object ticks
+    cdef readonly object depth
+    cdef readonly object texts
+    cdef tick_t *_ticks
+    cdef depth_t *_depth
+    cdef text_t *_texts
+    cdef Py_ssize_t _cap_ticks
+    cdef Py_ssize_t _cap_depth
+    cdef Py_ssize_t _cap_texts
+    cdef readonly Py_ssize_t n_ticks
+    cdef readonly Py_ssize_t n_depth
+    cdef readonly Py_ssize_t n_texts
+    cdef uint64_t _counters[<int>C_NCOUNTERS]
+
+    cdef int _ensure(self, Py_ssize_t need_ticks, Py_ssize_t need_depth) except -1
+    cdef int _feed(self, const unsigned char *msg, Py_ssize_t n, int64_t recv_ns,
+                   int64_t seq) except -1

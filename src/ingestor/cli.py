@@ -1,0 +1,95 @@
+"""The ``ingestor`` console script (also ``python -m ingestor``).
+
+Each subcommand lives in ``ingestor/commands/<name>.py`` with two functions,
+``add_parser(subparsers)`` and ``run(args) -> int``.  This module only wires
+them and applies the exit-status contract of DESIGN.md: 0 on success, 2 on
+bad usage or bad input, 1 on other failures, one clear line on stderr and no
+traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: Subcommands in help order; each names a module of ingestor.commands.
+COMMANDS = ("demo", "migrate", "instruments", "run", "simulate", "replay", "decode", "bench")
+
+
+class UsageError(Exception):
+    """Bad usage or bad input: exit status 2."""
+
+
+class Failure(Exception):
+    """Any other failure the user should read about in one line: exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: one line, status 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ingestor", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks and debug logs")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log line format (json: one object per line)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"ingestor.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"ingestor.commands.{name}":
+                raise
+            continue  # not built yet
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        from ingestor.logs import setup_logging
+
+        setup_logging(debug=args.debug, fmt=args.log_format)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        _fail(exc, debug)
+        return 2
+    except KeyboardInterrupt:
+        print("ingestor: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # ``ingestor decode --jsonl | head``: the reader left; not an error.
+        sys.stderr.close()
+        return 0
+    except Failure as exc:
+        _fail(exc, debug)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into lines
+        from ingestor.logs import redact
+
+        if debug:
+            raise
+        print(f"ingestor: error: {redact(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+        return 1
+
+
+def _fail(exc: Exception, debug: bool) -> None:
+    from ingestor.logs import redact
+
+    if debug:
+        logging.getLogger("ingestor").exception("failed")
+    print(f"ingestor: error: {redact(str(exc))}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
