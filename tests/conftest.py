@@ -1,0 +1,79 @@
+"""Shared fixtures: a fresh PostgreSQL database per test run, a seeded RNG.
+
+The database server is named by ``INGESTOR_TEST_DSN`` (default: the local
+server on 127.0.0.1:5432 as user postgres).  The run creates its own
+database ``ingestor_test_<pid>_<random>`` and drops it at the end, so it can
+never corrupt a shared one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+
+import pytest
+
+ADMIN_DSN = os.environ.get("INGESTOR_TEST_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+
+
+def _conninfo(dsn: str, **overrides) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(dsn)
+    params.update(overrides)
+    return make_conninfo(**params)
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn() -> str:
+    """DSN of the server's maintenance database (skips the DB tests if it is down)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(ADMIN_DSN, connect_timeout=5) as conn:
+            conn.execute("select 1")
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {ADMIN_DSN!r}: {exc}")
+    return ADMIN_DSN
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_server_dsn: str):
+    """DSN of a database created for this test run and dropped after it."""
+    import psycopg
+
+    name = f"ingestor_test_{os.getpid()}_{secrets.token_hex(3)}"
+    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    try:
+        yield _conninfo(pg_server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def fresh_db(pg_server_dsn: str):
+    """A database of its own for one test (for tests that need an empty schema)."""
+    import psycopg
+
+    name = f"ingestor_t_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    try:
+        yield _conninfo(pg_server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def rng(request) -> random.Random:
+    """A seeded RNG; the seed is printed so a failure can be reproduced (INGESTOR_SEED=...)."""
+    seed = int(os.environ.get("INGESTOR_SEED", random.randrange(1 << 32)))
+    print(f"\n[{request.node.name}] INGESTOR_SEED={seed}")
+    return random.Random(seed)
+
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
