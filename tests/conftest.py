@@ -76,4 +76,6 @@ def rng(request) -> random.Random:
     return random.Random(seed)
 
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+#: Real Kite frames, decoded expectations, a postback and instruments dumps
+#: (from Zerodha's public repositories; see tests/data/vectors/README.md).
+VECTORS = os.path.join(os.path.dirname(__file__), "data", "vectors")
