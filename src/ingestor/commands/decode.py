@@ -1,0 +1,98 @@
+"""``ingestor decode CAPTURE [--jsonl]``: decode a capture, summarize or print ticks."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import msgspec
+
+from ingestor.capture import CaptureError, CaptureReader
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("decode", help="decode a capture file",
+                       description="Decode a capture file. Prints counts per mode, per "
+                       "message kind and per error reason; with --jsonl, one JSON object "
+                       "per tick (the official Kite client's keys) on stdout instead, and "
+                       "the summary on stderr.")
+    p.add_argument("capture", help="capture file (.cap)")
+    p.add_argument("--jsonl", action="store_true", help="print one JSON object per tick")
+    p.add_argument("--summary-json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
+    errors = {k: stats[k] for k in ("empty_message", "unknown_length", "truncated",
+                                    "trailing_bytes", "bad_records")}
+    return {
+        "stream": reader.header.stream,
+        "broker": reader.header.broker,
+        "messages": {"binary": stats["messages"] - stats["heartbeats"],
+                     "heartbeat": stats["heartbeats"], "text": stats["text_messages"]},
+        "ticks": stats["packets"],
+        "modes": {k: stats[k] for k in ("ltp", "quote", "full", "index_quote", "index_full")},
+        "malformed_messages": stats["malformed_messages"],
+        "errors": errors,
+        "truncated_record_bytes": reader.truncated_bytes,
+        "seconds": round(seconds, 6),
+        "ticks_per_s": round(stats["packets"] / seconds) if seconds > 0 else None,
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"stream {s['stream']} ({s['broker']})",
+        "messages: " + ", ".join(f"{k} {v}" for k, v in s["messages"].items()),
+        f"ticks: {s['ticks']}  (" + ", ".join(f"{k} {v}" for k, v in s["modes"].items()) + ")",
+        f"malformed messages: {s['malformed_messages']}  ("
+        + ", ".join(f"{k} {v}" for k, v in s["errors"].items()) + ")",
+    ]
+    if s["truncated_record_bytes"]:
+        lines.append(f"truncated last record: {s['truncated_record_bytes']} bytes ignored")
+    if s["ticks_per_s"] is not None:
+        lines.append(f"decoded in {s['seconds']:.3f} s: {s['ticks_per_s']:,} ticks/s")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from ingestor._core import KiteDecoder
+    from ingestor.batch import decode_capture
+    from ingestor.cli import UsageError
+
+    try:
+        reader = CaptureReader(args.capture)
+    except FileNotFoundError:
+        raise UsageError(f"{args.capture}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{args.capture}: is a directory") from None
+    except CaptureError as exc:
+        raise UsageError(str(exc)) from None
+    if reader.header.broker != "kite":
+        raise UsageError(f"{args.capture}: broker {reader.header.broker!r} is not supported (kite)")
+    dec = KiteDecoder(capacity=1 << 15)
+    out = sys.stdout.buffer
+    enc = msgspec.json.Encoder()
+    t0 = time.perf_counter()
+    with reader:
+        try:
+            for batch in decode_capture(args.capture, dec, reader=reader):
+                if args.jsonl and dec.n_ticks:
+                    from ingestor.jsonl import tick_dicts
+
+                    buf = bytearray()
+                    for d in tick_dicts(dec.ticks[:dec.n_ticks], dec.depth[:dec.n_depth]):
+                        enc.encode_into(d, buf, -1)
+                        buf += b"\n"
+                    out.write(buf)
+        except CaptureError as exc:
+            raise UsageError(str(exc)) from None
+    seconds = time.perf_counter() - t0
+    summary = summarize(dec.stats(), seconds, reader)
+    dest = sys.stderr if args.jsonl else sys.stdout
+    if args.summary_json:
+        print(msgspec.json.encode(summary).decode(), file=dest)
+    else:
+        print(format_summary(summary), file=dest)
+    out.flush()
+    return 0
