@@ -98,7 +98,7 @@ def _set_numeric(rows, name, paise):
     rows[f"{name}_d1"] = (paise % 100) * 100   # two decimals in the first fraction group
 
 
-def encode(n: int, instruments: int, seed: int = 1) -> list[np.ndarray]:
+def encode(n: int, instruments: int, seed: int = 1) -> np.ndarray:
     """n tick rows as binary COPY rows (one structured array), times strictly increasing."""
     rng = np.random.default_rng(seed)
     rows = np.zeros(n, dtype=ROW)
@@ -136,20 +136,18 @@ def payloads(rows: np.ndarray, batch: int) -> list[bytes]:
     return [HEADER + rows[i:i + batch].tobytes() + TRAILER for i in range(0, len(rows), batch)]
 
 
-def run_variant(conn, ddl: list[str], batches: list[bytes], instruments: int) -> float:
+def run_variant(conn, ddl: list[str], batches: list[bytes]) -> float:
     with conn.transaction():
         conn.execute("DROP TABLE IF EXISTS tick_data")
         conn.execute(TABLE)
         for stmt in ddl:
             conn.execute(stmt)
     conn.execute("CHECKPOINT")  # start each variant from the same clean state
-    total = 0
     t = time.perf_counter()
     for payload in batches:
         with conn.transaction():
             with conn.cursor().copy("COPY tick_data FROM STDIN (FORMAT BINARY)") as cp:
                 cp.write(payload)
-        total += 1
     return time.perf_counter() - t
 
 
@@ -184,7 +182,7 @@ def main(argv=None) -> int:
             base = None
             for label, ddl in VARIANTS:
                 secs = statistics.median(
-                    run_variant(conn, ddl, batches, args.instruments) for _ in range(args.repeat))
+                    run_variant(conn, ddl, batches) for _ in range(args.repeat))
                 rate = args.rows / secs
                 base = base or rate
                 print(f"{label:<72} {rate:>10,.0f} {rate / base:>7.0%}")
