@@ -1,0 +1,1 @@
+src/ingestor/sql

@@ -1,0 +1,121 @@
+"""``ingestor migrate``: apply the schema, set up TimescaleDB where present, create roles.
+
+Applies the pending ``sql/`` migrations in order (under an advisory lock; recorded in
+``schema_migrations``), then -- with ``--timescale auto`` (default) when the server has
+TimescaleDB, or ``on`` -- makes the time-series tables hypertables with columnstore and
+retention policies, and with ``--roles`` creates the reader and writer roles and their
+grants.  Every step is idempotent: running it again changes nothing, or applies changed
+settings.  ``--check`` only reports whether the schema is current (exit 1 if not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+TABLES = ("tick_data", "ohlc_candles", "order_book_snapshots")
+_OFF = ("off", "none", "never")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "migrate", help="apply sql/ migrations (and TimescaleDB set-up, roles)",
+        description=__doc__.split("\n\n")[1] if "\n\n" in __doc__ else None)
+    p.add_argument("--dsn", help="database (default: INGESTOR_DSN, DATABASE_URL, libpq defaults)")
+    p.add_argument("--timescale", choices=("auto", "on", "off"), default="auto",
+                   help="use TimescaleDB: when available (auto), required (on), never (off)")
+    p.add_argument("--roles", action="store_true",
+                   help="create the reader/writer roles (idempotent) and grant them")
+    p.add_argument("--reader-role", default=None, metavar="NAME",
+                   help="read-only role for services (default ingestor_reader)")
+    p.add_argument("--writer-role", default=None, metavar="NAME",
+                   help="role for the daemon (default ingestor_writer)")
+    for flag, what in (("--chunk-interval", "hypertable chunk interval"),
+                       ("--compress-after", "age before chunks go to the columnstore, or off"),
+                       ("--retention", "age after which chunks are dropped, or off")):
+        p.add_argument(flag, action="append", default=[], metavar="[TABLE=]INTERVAL",
+                       help=f"{what}; TABLE one of {', '.join(TABLES)} (default: all); "
+                            "repeatable")
+    p.add_argument("--continuous-aggregate", action="store_true",
+                   help="also create tick_data_daily (TimescaleDB; filled by its refresh policy)")
+    p.add_argument("--check", action="store_true",
+                   help="only report whether the schema is current (exit 1 if not)")
+    p.set_defaults(func=run)
+
+
+def _per_table(values: list[str], flag: str, allow_off: bool) -> dict:
+    from ingestor.cli import UsageError
+    from ingestor.db.timescale import TimescaleError, interval_literal
+
+    out: dict = {}
+    for item in values:
+        table, sep, value = item.partition("=")
+        if not sep:
+            table, value = "", item
+        table, value = table.strip(), value.strip()
+        if table and table not in TABLES:
+            raise UsageError(f"{flag}: unknown table {table!r} (one of {', '.join(TABLES)})")
+        if value.lower() in _OFF:
+            if not allow_off:
+                raise UsageError(f"{flag}: cannot be off")
+            parsed = None
+        else:
+            try:
+                interval_literal(value)
+            except TimescaleError as exc:
+                raise UsageError(f"{flag}: {exc}") from None
+            parsed = value
+        for t in ([table] if table else TABLES):
+            out[t] = parsed
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ingestor.cli import Failure, UsageError
+    from ingestor.db import migrate as mig
+    from ingestor.db import roles, timescale
+    from ingestor.db.dsn import connect, error_line, resolve_dsn
+
+    import psycopg
+
+    if (args.reader_role or args.writer_role) and not args.roles:
+        raise UsageError("--reader-role/--writer-role need --roles")
+    try:
+        settings = timescale.TimescaleSettings(
+            continuous_aggregate=args.continuous_aggregate).with_overrides(
+            chunk_interval=_per_table(args.chunk_interval, "--chunk-interval", False),
+            compress_after=_per_table(args.compress_after, "--compress-after", True),
+            retention=_per_table(args.retention, "--retention", True))
+        reader = roles.check_name(args.reader_role or roles.DEFAULT_READER)
+        writer = roles.check_name(args.writer_role or roles.DEFAULT_WRITER)
+    except (timescale.TimescaleError, roles.RoleError) as exc:
+        raise UsageError(str(exc)) from None
+
+    dsn = resolve_dsn(args.dsn)
+    with connect(dsn, autocommit=True) as conn:
+        try:
+            if args.check:
+                status = mig.current(conn)
+                print(status.message)
+                return 0 if status else 1
+            applied = mig.migrate(conn)
+            if applied:
+                print("applied " + ", ".join(m.label for m in applied))
+            else:
+                print(f"schema is current ({len(mig.discover())} migrations)")
+            result = timescale.setup(conn, args.timescale, settings)
+            if result.enabled:
+                print(f"TimescaleDB {result.version}: {', '.join(TABLES)} are hypertables "
+                      f"({len(result.statements)} statement(s) run)")
+            else:
+                print(f"TimescaleDB not used: {result.reason}; plain PostgreSQL tables")
+            if args.roles:
+                roles.ensure_roles(conn, reader, writer)
+                print(f"roles {reader} (read-only) and {writer} (writer) ready")
+        except (mig.MigrationError, timescale.TimescaleError) as exc:
+            raise Failure(str(exc)) from None
+        except psycopg.Error as exc:
+            raise Failure(f"migrate failed: {error_line(exc)}") from None
+    return 0

@@ -1,0 +1,1 @@
+"""Database side of ingestor: migrations, TimescaleDB set-up, roles, instruments, offsets."""

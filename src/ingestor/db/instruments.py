@@ -1,0 +1,428 @@
+"""The instruments registry: Kite dump loads, and tokens first seen on the feed.
+
+``load_csv`` reads a Kite instruments dump (the broker's CSV: ``instrument_token,
+exchange_token, tradingsymbol, name, last_price, expiry, strike, tick_size, lot_size,
+instrument_type, segment, exchange``), validates every line (a bad one is reported with its
+line number, nothing is loaded), COPYs the rows into a temporary staging table and upserts
+them by ``instrument_token`` in one transaction.
+
+Two keys, and what happens when they disagree.  ``instrument_token`` is the feed's key and
+the upsert's; ``(exchange, symbol)`` is unique too, because services look instruments up by
+it.  The dump being loaded is the broker's current truth, so when one of its rows names an
+``(exchange, symbol)`` that the table holds under a *different* token (a symbol reused after
+expiry, a renamed scrip, two symbols swapped), the row in the table loses the name: its
+symbol becomes ``'<symbol> [<its token>]'`` and it is marked inactive; then the dump's row is
+upserted.  Rows are never deleted (tick rows keep pointing at them).  Within one file, the
+same token twice: the later line wins; two tokens with the same (exchange, symbol): the later
+line keeps the name, the earlier is stored renamed and inactive as above.
+
+``register_tokens`` adds tokens the feed sends that the table does not know, so nothing is
+dropped: the exchange comes from the token's low byte (Kite's segment id, SCHEMA_CONTRACT.md)
+and the symbol is the placeholder ``TOKEN:<n>`` until a dump load names it (by token, so the
+id -- and every tick already written with it -- stays).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Iterable
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("instrument_token", "exchange_token", "tradingsymbol", "name", "last_price", "expiry",
+           "strike", "tick_size", "lot_size", "instrument_type", "segment", "exchange")
+
+#: Kite's segment id (instrument_token & 0xff) -> exchange (SCHEMA_CONTRACT.md).
+EXCHANGES = {1: "NSE", 2: "NFO", 3: "CDS", 4: "BSE", 5: "BFO", 6: "BCD", 7: "MCX", 8: "MCXSX",
+             9: "NSE", 12: "NCO"}
+#: segment ids whose placeholder segment differs from the exchange
+_SEGMENT_NAMES = {9: "INDICES"}
+
+PLACEHOLDER_PREFIX = "TOKEN:"
+
+# serialises dump loads against each other (not against the feed's registrations)
+_LOAD_LOCK = int.from_bytes(b"ingestor", "big") + 1
+
+
+class InstrumentsFileError(ValueError):
+    """The dump cannot be read or a line is malformed (message: ``FILE:LINE: what``)."""
+
+
+def exchange_of(token: int) -> str:
+    """The exchange of an instrument token, from its segment byte."""
+    seg = int(token) & 0xFF
+    return EXCHANGES.get(seg, f"SEG{seg}")
+
+
+def segment_of(token: int) -> str:
+    """The placeholder segment of an unknown token (the exchange, or ``INDICES``)."""
+    seg = int(token) & 0xFF
+    return _SEGMENT_NAMES.get(seg, exchange_of(token))
+
+
+def placeholder_symbol(token: int) -> str:
+    return f"{PLACEHOLDER_PREFIX}{int(token)}"
+
+
+# --------------------------------------------------------------------------------------------
+# reading the dump
+
+
+@dataclass(frozen=True)
+class InstrumentRow:
+    """One validated line of a dump, in the staging table's column order."""
+
+    instrument_token: int
+    exchange_token: int | None
+    exchange: str
+    symbol: str
+    name: str | None
+    instrument_type: str | None
+    segment: str | None
+    tick_size: Decimal | None
+    lot_size: int | None
+    expiry_date: dt.date | None
+    strike_price: Decimal | None
+    is_active: bool
+    line: int
+
+
+def _int(value: str, what: str, *, required=False, minimum=None):
+    value = value.strip()
+    if not value:
+        if required:
+            raise ValueError(f"{what} is empty")
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        try:  # "1.0" as some dumps write integers
+            d = Decimal(value)
+        except InvalidOperation:
+            raise ValueError(f"{what} {value!r} is not an integer") from None
+        if d != d.to_integral_value():
+            raise ValueError(f"{what} {value!r} is not an integer") from None
+        n = int(d)
+    if minimum is not None and n < minimum:
+        raise ValueError(f"{what} {value!r} is below {minimum}")
+    if not -(1 << 63) <= n < (1 << 63):
+        raise ValueError(f"{what} {value!r} is out of range")
+    return n
+
+
+def _dec(value: str, what: str):
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        d = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"{what} {value!r} is not a number") from None
+    if not d.is_finite():
+        raise ValueError(f"{what} {value!r} is not a finite number")
+    if d < 0:
+        raise ValueError(f"{what} {value!r} is negative")
+    return d
+
+
+def _date(value: str, what: str):
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        return dt.date.fromisoformat(value[:10])
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def read_csv(path: str | os.PathLike) -> list[InstrumentRow]:
+    """Read and validate a Kite instruments dump.
+
+    Returns
+    -------
+    list of InstrumentRow
+        One per distinct token, in file order, with in-file (exchange, symbol) conflicts
+        already resolved (see the module docstring).
+
+    Raises
+    ------
+    InstrumentsFileError
+        The file is missing/unreadable, has no header with the dump's columns, or a line is
+        malformed; the message names the file and line.
+    """
+    name = os.fspath(path)
+    try:
+        fh = open(name, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise InstrumentsFileError(f"cannot read {name}: {exc.strerror or exc}") from None
+    with fh:
+        try:
+            return _parse(csv.reader(fh), name)
+        except UnicodeDecodeError as exc:
+            raise InstrumentsFileError(f"{name}: not UTF-8 text ({exc.reason})") from None
+        except csv.Error as exc:
+            raise InstrumentsFileError(f"{name}: malformed CSV: {exc}") from None
+
+
+def _parse(reader, name: str) -> list[InstrumentRow]:
+    header = next(reader, None)
+    if header is None:
+        raise InstrumentsFileError(f"{name}:1: empty file (expected the instruments CSV header)")
+    cols = [h.strip().lower() for h in header]
+    missing = [c for c in COLUMNS if c not in cols]
+    if missing:
+        raise InstrumentsFileError(
+            f"{name}:1: not a Kite instruments dump: missing column(s) {', '.join(missing)}")
+    idx = {c: cols.index(c) for c in COLUMNS}
+    by_token: dict[int, InstrumentRow] = {}
+    for fields in reader:
+        line = reader.line_num
+        if not fields or all(not f.strip() for f in fields):
+            continue
+        if len(fields) != len(cols):
+            raise InstrumentsFileError(
+                f"{name}:{line}: {len(fields)} fields, the header has {len(cols)}")
+        f = {c: fields[i] for c, i in idx.items()}
+        try:
+            token = _int(f["instrument_token"], "instrument_token", required=True, minimum=1)
+            symbol = f["tradingsymbol"].strip()
+            exchange = f["exchange"].strip()
+            if not symbol:
+                raise ValueError("tradingsymbol is empty")
+            if not exchange:
+                raise ValueError("exchange is empty")
+            lot = _int(f["lot_size"], "lot_size", minimum=0)
+            if lot is not None and lot >= 1 << 31:
+                raise ValueError(f"lot_size {lot} is out of range")
+            row = InstrumentRow(
+                instrument_token=token,
+                exchange_token=_int(f["exchange_token"], "exchange_token"),
+                exchange=exchange, symbol=symbol,
+                name=f["name"].strip() or None,
+                instrument_type=f["instrument_type"].strip() or None,
+                segment=f["segment"].strip() or None,
+                tick_size=_dec(f["tick_size"], "tick_size"),
+                lot_size=lot,
+                expiry_date=_date(f["expiry"], "expiry"),
+                strike_price=_dec(f["strike"], "strike"),
+                is_active=True, line=line)
+        except ValueError as exc:
+            raise InstrumentsFileError(f"{name}:{line}: {exc}") from None
+        by_token.pop(token, None)  # the later line wins (and takes the later position)
+        by_token[token] = row
+    rows = list(by_token.values())
+    # the same (exchange, symbol) under two tokens in one file: the later line keeps it
+    holder: dict[tuple[str, str], int] = {}
+    for i, row in enumerate(rows):
+        key = (row.exchange, row.symbol)
+        if key in holder:
+            j = holder[key]
+            prev = rows[j]
+            log.warning("%s:%d: %s:%s also on line %d (token %d); the later line keeps the name",
+                        name, row.line, row.exchange, row.symbol, prev.line, prev.instrument_token)
+            rows[j] = _renamed(prev)
+        holder[key] = i
+    return rows
+
+
+def _renamed(row: InstrumentRow) -> InstrumentRow:
+    from dataclasses import replace
+
+    return replace(row, symbol=f"{row.symbol} [{row.instrument_token}]", is_active=False)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load_csv` / :func:`load_rows` did."""
+
+    rows: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    renamed: int = 0
+    deactivated: int = 0
+
+
+_STAGING = """
+CREATE TEMPORARY TABLE instruments_staging (
+    instrument_token bigint NOT NULL, exchange_token bigint, exchange text NOT NULL,
+    symbol text NOT NULL, name text, instrument_type text, segment text,
+    tick_size numeric, lot_size integer, expiry_date date, strike_price numeric,
+    is_active boolean NOT NULL
+) ON COMMIT DROP
+"""
+_STAGING_COLUMNS = ("instrument_token", "exchange_token", "exchange", "symbol", "name",
+                    "instrument_type", "segment", "tick_size", "lot_size", "expiry_date",
+                    "strike_price", "is_active")
+
+# Free every (exchange, symbol) the dump assigns to a token other than the current holder's.
+_FREE_KEYS = """
+UPDATE instruments i
+   SET symbol = i.symbol || ' [' || i.instrument_token || ']', is_active = false,
+       updated_at = now()
+  FROM instruments_staging s
+ WHERE i.exchange = s.exchange AND i.symbol = s.symbol
+   AND i.instrument_token <> s.instrument_token
+"""
+
+_UPSERT = """
+INSERT INTO instruments AS i (instrument_token, exchange_token, exchange, symbol, name,
+                              instrument_type, segment, tick_size, lot_size, expiry_date,
+                              strike_price, is_active)
+SELECT instrument_token, exchange_token, exchange, symbol, name, instrument_type, segment,
+       tick_size, lot_size, expiry_date, strike_price, is_active
+  FROM instruments_staging
+ON CONFLICT (instrument_token) DO UPDATE SET
+       exchange_token = excluded.exchange_token, exchange = excluded.exchange,
+       symbol = excluded.symbol, name = excluded.name,
+       instrument_type = excluded.instrument_type, segment = excluded.segment,
+       tick_size = excluded.tick_size, lot_size = excluded.lot_size,
+       expiry_date = excluded.expiry_date, strike_price = excluded.strike_price,
+       is_active = excluded.is_active, updated_at = now()
+ WHERE (i.exchange_token, i.exchange, i.symbol, i.name, i.instrument_type, i.segment,
+        i.tick_size, i.lot_size, i.expiry_date, i.strike_price, i.is_active)
+       IS DISTINCT FROM
+       (excluded.exchange_token, excluded.exchange, excluded.symbol, excluded.name,
+        excluded.instrument_type, excluded.segment, excluded.tick_size, excluded.lot_size,
+        excluded.expiry_date, excluded.strike_price, excluded.is_active)
+RETURNING (xmax = 0) AS inserted
+"""
+
+_DEACTIVATE = """
+UPDATE instruments SET is_active = false, updated_at = now()
+ WHERE is_active
+   AND NOT EXISTS (SELECT 1 FROM instruments_staging s
+                    WHERE s.instrument_token = instruments.instrument_token)
+"""
+
+
+def load_rows(conn, rows: Iterable[InstrumentRow], *, deactivate_missing: bool = False) -> LoadResult:
+    """Upsert validated rows in one transaction (COPY to staging, then SQL).
+
+    Parameters
+    ----------
+    conn : psycopg.Connection
+        Commits when it was idle; inside a caller's transaction, becomes a savepoint.
+    rows : iterable of InstrumentRow
+        As :func:`read_csv` returns them (distinct tokens, distinct (exchange, symbol)).
+    deactivate_missing : bool
+        The file is a complete dump: instruments it does not list are marked inactive
+        (expired contracts).  Off by default, so a partial file only adds and updates.
+    """
+    rows = list(rows)
+    res = LoadResult(rows=len(rows))
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOAD_LOCK,))
+        conn.execute(_STAGING)
+        with conn.cursor().copy(
+                f"COPY instruments_staging ({', '.join(_STAGING_COLUMNS)}) FROM STDIN") as cp:
+            for r in rows:
+                cp.write_row((r.instrument_token, r.exchange_token, r.exchange, r.symbol, r.name,
+                              r.instrument_type, r.segment, r.tick_size, r.lot_size,
+                              r.expiry_date, r.strike_price, r.is_active))
+        res.renamed = conn.execute(_FREE_KEYS).rowcount
+        flags = [row[0] for row in conn.execute(_UPSERT).fetchall()]
+        res.inserted = sum(1 for f in flags if f)
+        res.updated = len(flags) - res.inserted
+        res.unchanged = res.rows - len(flags)
+        if deactivate_missing:
+            res.deactivated = conn.execute(_DEACTIVATE).rowcount
+    return res
+
+
+def load_csv(conn, path: str | os.PathLike, *, deactivate_missing: bool = False) -> LoadResult:
+    """Validate a Kite instruments dump and upsert it (see :func:`read_csv`, :func:`load_rows`).
+
+    Raises
+    ------
+    InstrumentsFileError
+        Bad file (nothing is loaded).
+    """
+    return load_rows(conn, read_csv(path), deactivate_missing=deactivate_missing)
+
+
+# --------------------------------------------------------------------------------------------
+# the feed's view: token -> id
+
+_REGISTER = """
+INSERT INTO instruments (instrument_token, exchange, symbol, segment)
+SELECT t.token, t.exchange, t.symbol, t.segment
+  FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[])
+       AS t (token, exchange, symbol, segment)
+ON CONFLICT DO NOTHING
+"""
+_IDS_OF = "SELECT instrument_token, id FROM instruments WHERE instrument_token = ANY(%s::bigint[])"
+_ALL_IDS = "SELECT instrument_token, id FROM instruments"
+
+
+def _register_params(tokens: list[int]):
+    return (tokens, [exchange_of(t) for t in tokens], [placeholder_symbol(t) for t in tokens],
+            [segment_of(t) for t in tokens])
+
+
+def _check_tokens(tokens) -> list[int]:
+    out = sorted({int(t) for t in tokens})
+    for t in out:
+        if not 0 < t < (1 << 63):
+            raise ValueError(f"not an instrument token: {t}")
+    return out
+
+
+def register_tokens(conn, tokens: Iterable[int]) -> dict[int, int]:
+    """Ids of ``tokens``, registering the unknown ones (placeholder symbol ``TOKEN:<n>``).
+
+    Call it outside the flush transaction (on an idle connection it commits at once), so
+    the ids exist for everyone before any row uses them.  Safe concurrently with other
+    daemons and with dump loads (``ON CONFLICT DO NOTHING``, then read back).
+
+    Returns
+    -------
+    dict
+        ``{instrument_token: instruments.id}`` for every token given.
+    """
+    toks = _check_tokens(tokens)
+    if not toks:
+        return {}
+    with conn.transaction():
+        conn.execute(_REGISTER, _register_params(toks))
+        ids = {int(t): int(i) for t, i in conn.execute(_IDS_OF, (toks,))}
+    missing = [t for t in toks if t not in ids]
+    if missing:  # only if some other row holds (exchange, 'TOKEN:<n>') -- never in practice
+        raise RuntimeError(f"could not register instrument token(s) {missing[:5]}")
+    return ids
+
+
+def load_ids(conn) -> dict[int, int]:
+    """``{instrument_token: id}`` of every instrument (the daemon's map at start)."""
+    return {int(t): int(i) for t, i in conn.execute(_ALL_IDS)}
+
+
+async def aregister_tokens(conn, tokens: Iterable[int]) -> dict[int, int]:
+    """Async twin of :func:`register_tokens` (a :class:`psycopg.AsyncConnection`)."""
+    toks = _check_tokens(tokens)
+    if not toks:
+        return {}
+    async with conn.transaction():
+        await conn.execute(_REGISTER, _register_params(toks))
+        cur = await conn.execute(_IDS_OF, (toks,))
+        ids = {int(t): int(i) for t, i in await cur.fetchall()}
+    missing = [t for t in toks if t not in ids]
+    if missing:
+        raise RuntimeError(f"could not register instrument token(s) {missing[:5]}")
+    return ids
+
+
+async def aload_ids(conn) -> dict[int, int]:
+    """Async twin of :func:`load_ids`."""
+    cur = await conn.execute(_ALL_IDS)
+    return {int(t): int(i) for t, i in await cur.fetchall()}
+

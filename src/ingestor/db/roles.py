@@ -1,0 +1,115 @@
+"""Database roles: read-only for services, writer for the daemon; idempotent.
+
+Roles are cluster-wide (several databases on one server share them) while privileges are
+per database, so :func:`ensure_roles` does two things every time it runs:
+
+* creates each role if no role of that name exists yet (``DO`` block testing ``pg_roles``;
+  a concurrent creator is tolerated), as ``NOLOGIN`` group roles: log-in users are made
+  members (``CREATE ROLE svc LOGIN IN ROLE ingestor_reader``), so passwords are never this
+  code's business;
+* grants, in this database and schema: ``CONNECT``/``TEMPORARY`` on the database (the
+  writer COPYs into temporary staging tables), ``USAGE`` on the schema; ``SELECT`` on every
+  table to the reader; ``SELECT, INSERT, UPDATE`` on every table and ``USAGE, SELECT`` on
+  every sequence (identity columns) to the writer -- not ``DELETE``/``TRUNCATE``: the daemon
+  only appends and upserts, and retention is TimescaleDB's job; and ``ALTER DEFAULT
+  PRIVILEGES`` so tables a later migration creates (as the same migrating role) get the
+  same grants.  ``schema_migrations`` is read-only for both: only ``ingestor migrate``
+  (the owner) writes it.
+"""
+
+from __future__ import annotations
+
+import re
+
+DEFAULT_READER = "ingestor_reader"
+DEFAULT_WRITER = "ingestor_writer"
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class RoleError(ValueError):
+    """A role name that is not a plain identifier."""
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a plain SQL identifier (letters, digits, ``_``; <= 63)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise RoleError(f"invalid role name {name!r}: use letters, digits and _ "
+                        "(at most 63, not starting with a digit)")
+    return name
+
+
+def create_role_sql(name: str):
+    """The idempotent ``DO`` block creating one ``NOLOGIN`` role (a psycopg ``Composed``)."""
+    from psycopg import sql
+
+    check_name(name)
+    # The name is validated above, so embedding it in the dollar-quoted body is safe; a
+    # concurrent creator between the test and CREATE ROLE raises duplicate_object or
+    # unique_violation (pg_authid's index), both meaning "it exists now".
+    return sql.SQL(
+        "DO $ingestor$ BEGIN "
+        "IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = {lit}) THEN "
+        "CREATE ROLE {ident} NOLOGIN; "
+        "END IF; "
+        "EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; "
+        "END $ingestor$").format(lit=sql.Literal(name), ident=sql.Identifier(name))
+
+
+def grant_statements(reader: str, writer: str, database: str, schema: str) -> list:
+    """The grants of both roles in one database and schema (psycopg ``Composed`` list)."""
+    from psycopg import sql
+
+    r, w = sql.Identifier(check_name(reader)), sql.Identifier(check_name(writer))
+    db, sc = sql.Identifier(database), sql.Identifier(schema)
+    both = sql.SQL("{}, {}").format(r, w)
+    stmts = [
+        ("GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {both}", {}),
+        ("GRANT USAGE ON SCHEMA {sc} TO {both}", {}),
+        ("GRANT SELECT ON ALL TABLES IN SCHEMA {sc} TO {r}", {}),
+        ("GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {sc} TO {w}", {}),
+        ("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {sc} TO {w}", {}),
+        ("ALTER DEFAULT PRIVILEGES IN SCHEMA {sc} GRANT SELECT ON TABLES TO {r}", {}),
+        ("ALTER DEFAULT PRIVILEGES IN SCHEMA {sc} GRANT SELECT, INSERT, UPDATE ON TABLES TO {w}",
+         {}),
+        ("ALTER DEFAULT PRIVILEGES IN SCHEMA {sc} GRANT USAGE, SELECT ON SEQUENCES TO {w}", {}),
+    ]
+    out = [sql.SQL(s).format(db=db, sc=sc, r=r, w=w, both=both) for s, _ in stmts]
+    out.append(sql.SQL(
+        "DO $ingestor$ BEGIN "
+        "IF to_regclass({mig}) IS NOT NULL THEN "
+        "REVOKE INSERT, UPDATE ON {sc}.schema_migrations FROM {w}; "
+        "END IF; END $ingestor$").format(
+            mig=sql.Literal(f"{schema}.schema_migrations"), sc=sc, w=w))
+    return out
+
+
+def ensure_roles(conn, reader: str = DEFAULT_READER, writer: str = DEFAULT_WRITER,
+                 schema: str | None = None) -> None:
+    """Create the reader and writer roles if missing and grant them on this database.
+
+    Parameters
+    ----------
+    conn : psycopg.Connection
+        A connection as a role allowed to create roles (``CREATEROLE``) that owns the
+        schema's tables (the role that ran the migrations).  Runs in one transaction.
+    reader, writer : str
+        Role names (configurable: ``--reader-role`` / ``--writer-role``).
+    schema : str, optional
+        Default: the connection's ``current_schema()``.
+
+    Notes
+    -----
+    Safe to run any number of times, from several databases of one cluster, and
+    concurrently.
+    """
+    check_name(reader)
+    check_name(writer)
+    if reader == writer:
+        raise RoleError("the reader and writer roles must differ")
+    with conn.transaction():
+        database, current = conn.execute("SELECT current_database(), current_schema()").fetchone()
+        for name in (reader, writer):
+            conn.execute(create_role_sql(name))
+        for stmt in grant_statements(reader, writer, database, schema or current):
+            conn.execute(stmt)
