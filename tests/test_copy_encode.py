@@ -594,3 +594,34 @@ def test_text_lookup_and_constant_round_trip(pg_dsn):
     assert [g[0] for g in got] == ["NSE", "NFO", "CDS", "BSE", "BFO", "BCD", "MCX", "MCX-SX", "INDICES",
                                    "NCO", "SEG0", "SEG10", "SEG255"]
     assert {g[1:] for g in got} == {("1m", "ünïcode ✓")}
+
+
+def test_payload_bigger_than_the_scratch_buffer():
+    """encode() of a batch past its reusable buffer's limit takes the direct path."""
+    dtype = np.dtype([("p", "<u4", (1000,)), ("d", "<u4")])
+    enc = CopyEncoder(dtype, [("p", "numeric[]", {"divisor_field": "d"})])
+    n = (64 << 20) // enc.max_row_size + 1
+    arr = np.zeros(n, dtype)
+    arr["d"] = 100
+    arr["p"][::97] = np.arange(1000) * 12345
+    payload = enc.encode(arr)
+    enc.begin()
+    enc.encode_rows(arr)
+    enc.end()
+    assert payload == enc.take()
+    small = enc.encode(arr, 0, 3)
+    assert small == TwinEncoder(dtype, [("p", "numeric[]", {"divisor_field": "d"})]).encode(arr[:3])
+    assert payload.startswith(small[:-2])
+
+
+def test_encode_from_threads_at_once():
+    """encode() runs without the GIL; several threads may share one encoder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = [(i % 70000, 100 + i, 100, 1) for i in range(5000)]
+    arrays = [_tickish(rows[k:] + rows[:k]) for k in range(8)]
+    enc = CopyEncoder(TICKISH, TICKISH_COLUMNS)
+    expected = [enc.encode(a) for a in arrays]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            assert list(pool.map(enc.encode, arrays)) == expected

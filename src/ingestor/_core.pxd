@@ -1,8 +1,8 @@
 # Declarations of the compiled core (``ingestor._core``).
 #
 # The core is one extension built from several files included by
-# ``_core.pyx`` (``core/frames.pyx``: Kite frame decoding; later stages add
-# theirs).  This file holds the C record layouts every stage shares and the
+# ``_core.pyx`` (``core/frames.pyx``: Kite frame decoding; ``core/copy.pyx``:
+# binary COPY encoding; later stages add theirs).  This file holds the C record layouts every stage shares and the
 # cdef classes, so calls between stages stay C calls.
 
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -227,8 +227,13 @@ cdef class CopyEncoder:
     cdef int _state                     # 0 idle, 1 begun, 2 ended
     cdef Py_ssize_t _exports            # live buffer views of the stream buffer
     cdef bint _busy                     # a stream call runs without the GIL
+    cdef unsigned char *_scratch        # encode()'s reused buffer
+    cdef Py_ssize_t _scratch_cap
+    cdef bint _scratch_busy             # an encode() is using it (another thread: bypass)
 
     cdef int _setup(self) except -1
     cdef int _mutable(self) except -1
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef int _raise(self, copy_err_t *err) except -1
+    cdef Py_ssize_t _encode_payload(self, object array, Py_ssize_t start, Py_ssize_t stop,
+                                    unsigned char *out) except -1

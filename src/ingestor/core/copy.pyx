@@ -51,6 +51,7 @@ cdef enum:
     ARRAY_HEADER_SIZE = 20          # ndim, has-nulls, OID, size, lower bound
     NOGIL_ROWS = 256                # release the GIL for batches at least this big
     STREAM_BLOCK_ROWS = 8192        # rows reserved at a time by encode_rows
+    SCRATCH_MAX = 64 << 20          # encode() reuses a buffer up to this size
 
 # PostgreSQL's epoch and timestamp range (src/include/datatype/timestamp.h),
 # in microseconds; see ingestor.copyspec for the same constants.
@@ -468,6 +469,7 @@ cdef class CopyEncoder:
     def __cinit__(self):
         self._cols = NULL
         self._buf = NULL
+        self._scratch = NULL
 
     def __init__(self, dtype, columns):
         import numpy as np
@@ -487,6 +489,7 @@ cdef class CopyEncoder:
                 free(self._cols[j].lookup)
             free(self._cols)
         free(self._buf)
+        free(self._scratch)
 
     cdef int _setup(self) except -1:
         cdef copy_col_t *c
@@ -621,12 +624,9 @@ cdef class CopyEncoder:
         CopyEncodeError
             A value its column refuses (nothing is returned).
         """
-        cdef copy_err_t err
         cdef PyObject *raw = NULL
-        cdef unsigned char *p
-        cdef Py_ssize_t n, written, bound
-        cdef const unsigned char *base
-        cdef Py_ssize_t stride
+        cdef unsigned char *b
+        cdef Py_ssize_t n, bound, total
         cdef cnp.ndarray arr
         cdef Py_ssize_t last
         array, start, last = self._rows_of(array, start, stop)
@@ -635,28 +635,56 @@ cdef class CopyEncoder:
         if n > (PY_SSIZE_T_MAX - COPY_HEADER_SIZE - COPY_TRAILER_SIZE) // self.max_row_size:
             raise MemoryError(f"{n} rows are too many for one payload")
         bound = COPY_HEADER_SIZE + COPY_TRAILER_SIZE + n * self.max_row_size
-        base = <const unsigned char *>cnp.PyArray_DATA(arr)
-        stride = cnp.PyArray_STRIDES(arr)[0]
+        if bound <= SCRATCH_MAX and not self._scratch_busy:
+            # Into the reused scratch buffer, then one copy of the exact size:
+            # fresh memory for the worst case would be page-faulted in anew on
+            # every call, which costs more than the copy.
+            self._scratch_busy = True
+            try:
+                if bound > self._scratch_cap:
+                    b = <unsigned char *>realloc(self._scratch, bound)
+                    if b == NULL:
+                        raise MemoryError()
+                    self._scratch = b
+                    self._scratch_cap = bound
+                total = self._encode_payload(arr, start, last, self._scratch)
+                return (<char *>self._scratch)[:total]
+            finally:
+                self._scratch_busy = False
+        # A batch too big to keep a scratch buffer for (or another thread has
+        # it): straight into a bytes object of the worst-case size, shrunk once.
         raw = PyBytes_FromStringAndSize_raw(NULL, bound)
         try:
-            p = _put_header(<unsigned char *>PyBytes_AS_STRING(<object>raw))
-            if n >= NOGIL_ROWS:
-                with nogil:
-                    written = _encode_rows(self._cols, self._ncols, self.max_row_size,
-                                           base, stride, start, last, p, &err)
-            else:
-                written = _encode_rows(self._cols, self._ncols, self.max_row_size,
-                                       base, stride, start, last, p, &err)
-            if err.code != CE_OK:
-                self._raise(&err)
-            p += written
-            ing_store_i16be(p, -1)
-            p += COPY_TRAILER_SIZE
-            _PyBytes_Resize(&raw, p - <unsigned char *>PyBytes_AS_STRING(<object>raw))
+            total = self._encode_payload(arr, start, last,
+                                         <unsigned char *>PyBytes_AS_STRING(<object>raw))
+            _PyBytes_Resize(&raw, total)
             result = <object>raw
         finally:
             Py_XDECREF(raw)
         return result
+
+    cdef Py_ssize_t _encode_payload(self, object array, Py_ssize_t start, Py_ssize_t stop,
+                                    unsigned char *out) except -1:
+        """Header, rows ``start:stop``, trailer into ``out`` (room for the worst
+        case); returns the payload's size."""
+        cdef copy_err_t err
+        cdef Py_ssize_t written
+        cdef cnp.ndarray arr = array
+        cdef const unsigned char *base = <const unsigned char *>cnp.PyArray_DATA(arr)
+        cdef Py_ssize_t stride = cnp.PyArray_STRIDES(arr)[0]
+        cdef unsigned char *p = _put_header(out)
+        if stop - start >= NOGIL_ROWS:
+            with nogil:
+                written = _encode_rows(self._cols, self._ncols, self.max_row_size,
+                                       base, stride, start, stop, p, &err)
+        else:
+            written = _encode_rows(self._cols, self._ncols, self.max_row_size,
+                                   base, stride, start, stop, p, &err)
+        if err.code != CE_OK:
+            self._raise(&err)
+        p += written
+        ing_store_i16be(p, -1)
+        return p + COPY_TRAILER_SIZE - out
 
     # -- streaming ------------------------------------------------------------
 
@@ -757,7 +785,8 @@ cdef class CopyEncoder:
     def clear(self, release=False):
         """Drop the buffered bytes (sent already), keeping the stream's state.
 
-        ``release=True`` also frees the buffer's memory.
+        ``release=True`` also frees the memory of the stream buffer and of
+        ``encode``'s scratch buffer.
         """
         self._mutable()
         self._len = 0
@@ -765,6 +794,10 @@ cdef class CopyEncoder:
             free(self._buf)
             self._buf = NULL
             self._cap = 0
+            if not self._scratch_busy:
+                free(self._scratch)
+                self._scratch = NULL
+                self._scratch_cap = 0
 
     def take(self):
         """The buffered bytes as ``bytes``; the buffer is then cleared."""
