@@ -1,11 +1,11 @@
 # Declarations of the compiled core (``ingestor._core``).
 #
 # The core is one extension built from several files included by
-# ``_core.pyx`` (``core/frames.pyx``: Kite frame decoding; later stages add
-# theirs).  This file holds the C record layouts every stage shares and the
+# ``_core.pyx`` (``core/frames.pyx``: Kite frame decoding; ``core/copy.pyx``:
+# binary COPY encoding; later stages add theirs).  This file holds the C record layouts every stage shares and the
 # cdef classes, so calls between stages stay C calls.
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "core/endian.h":
@@ -14,9 +14,14 @@ cdef extern from "core/endian.h":
     uint32_t ing_load_u32be(const unsigned char *p) noexcept nogil
     uint32_t ing_load_u32le(const unsigned char *p) noexcept nogil
     uint64_t ing_load_u64le(const unsigned char *p) noexcept nogil
+    uint16_t ing_load_u16le(const unsigned char *p) noexcept nogil
+    uint64_t ing_load_u64be(const unsigned char *p) noexcept nogil
     void ing_store_u16be(unsigned char *p, uint16_t v) noexcept nogil
     void ing_store_u32be(unsigned char *p, uint32_t v) noexcept nogil
     void ing_store_u64be(unsigned char *p, uint64_t v) noexcept nogil
+    void ing_store_i16be(unsigned char *p, int16_t v) noexcept nogil
+    void ing_store_i32be(unsigned char *p, int32_t v) noexcept nogil
+    void ing_store_i64be(unsigned char *p, int64_t v) noexcept nogil
 
 
 # One decoded Kite packet without its depth (96 bytes).  Raw wire integers:
@@ -125,3 +130,110 @@ cdef class KiteDecoder:
     cdef int _ensure(self, Py_ssize_t need_ticks, Py_ssize_t need_depth) except -1
     cdef int _feed(self, const unsigned char *msg, Py_ssize_t n, int64_t recv_ns,
                    int64_t seq) except -1
+
+
+# ---------------------------------------------------------------------------
+# Binary COPY encoding (core/copy.pyx).  Column specs are parsed in Python
+# (ingestor.copyspec) into one copy_col_t per output column; the row loop
+# only reads these.
+
+# An integer source field of a record.
+ctypedef struct copy_src_t:
+    Py_ssize_t offset
+    uint8_t size                # 1, 2, 4 or 8 bytes
+    uint8_t is_signed
+    uint8_t big_endian
+
+
+# A text to send (UTF-8, owned by a bytes object the encoder keeps).
+ctypedef struct copy_text_t:
+    const char *data
+    Py_ssize_t length           # -1: none (a lookup miss is an error)
+
+
+cdef enum CopyKind:
+    CK_INT2 = 1
+    CK_INT4
+    CK_INT8
+    CK_TIMESTAMPTZ
+    CK_NUMERIC
+    CK_TEXT                     # constant
+    CK_TEXT_LOOKUP
+    CK_ARR_INT2
+    CK_ARR_INT4
+    CK_ARR_INT8
+    CK_ARR_NUMERIC
+
+
+cdef enum CopyTsUnit:
+    TS_S = 0
+    TS_MS
+    TS_US
+    TS_NS
+
+
+cdef enum CopyError:
+    CE_OK = 0
+    CE_INT_RANGE                # value outside the integer target's range
+    CE_TS_RANGE                 # outside PostgreSQL's timestamp range
+    CE_DIVISOR                  # per-row divisor not a power of ten
+    CE_LOOKUP                   # no text for this key
+
+
+ctypedef struct copy_col_t:
+    int kind                    # CopyKind
+    uint32_t elem_oid           # arrays: the element type's OID
+    copy_src_t src
+    Py_ssize_t count            # arrays: elements; 0 for scalars
+    int ts_unit                 # CopyTsUnit
+    int scale                   # numeric: decimals, -1 when from ``div``
+    copy_src_t div              # numeric: the per-row divisor field
+    bint null_if_zero
+    bint has_unless             # NULL unless (flags & unless_mask)
+    copy_src_t unless_src
+    uint64_t unless_mask
+    bint has_if                 # NULL if (flags & if_mask)
+    copy_src_t if_src
+    uint64_t if_mask
+    copy_text_t *lookup         # dense table of keys lookup_min .. lookup_min + lookup_n - 1
+    int64_t lookup_min
+    Py_ssize_t lookup_n
+    copy_text_t text            # constant text, or the lookup default
+    Py_ssize_t max_size         # upper bound of the field on the wire, length word included
+
+
+# Where and why a row was refused.
+ctypedef struct copy_err_t:
+    int code                    # CopyError
+    Py_ssize_t col
+    Py_ssize_t row
+    Py_ssize_t elem             # array element, -1 for scalars
+    uint64_t mag                # the offending value, as sign + magnitude
+    bint neg
+
+
+cdef class CopyEncoder:
+    cdef readonly object dtype
+    cdef readonly tuple columns
+    cdef readonly tuple plans
+    cdef readonly Py_ssize_t max_row_size
+    cdef readonly Py_ssize_t rows       # rows in the stream since begin()
+    cdef list _keep                     # bytes objects the lookup tables point into
+    cdef copy_col_t *_cols
+    cdef Py_ssize_t _ncols
+    cdef unsigned char *_buf            # the stream buffer
+    cdef Py_ssize_t _len
+    cdef Py_ssize_t _cap
+    cdef int _state                     # 0 idle, 1 begun, 2 ended
+    cdef Py_ssize_t _exports            # live buffer views of the stream buffer
+    cdef bint _busy                     # a stream call runs without the GIL
+    cdef unsigned char *_scratch        # encode()'s reused buffer
+    cdef Py_ssize_t _scratch_cap
+    cdef bint _scratch_busy             # an encode() is using it (another thread: bypass)
+
+    cdef int _setup(self) except -1
+    cdef int _mutable(self) except -1
+    cdef int _reserve(self, Py_ssize_t extra) except -1
+    cdef int _raise(self, copy_err_t *err) except -1
+    cdef Py_ssize_t _encode_payload(self, object array, Py_ssize_t start, Py_ssize_t stop,
+                                    unsigned char *out) except -1

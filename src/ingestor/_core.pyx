@@ -2,7 +2,8 @@
 """The compiled hot path of ingestor.
 
 One extension built from files included by concern (the asyncpg/uvloop
-layout): ``core/frames.pyx`` decodes Kite binary frames into numpy buffers.
+layout): ``core/frames.pyx`` decodes Kite binary frames into numpy buffers,
+``core/copy.pyx`` encodes numpy rows as PostgreSQL binary COPY payloads.
 The record layouts are C structs declared in ``_core.pxd``; the numpy dtypes
 below are built from those structs' real offsets, so the two cannot drift.
 """
@@ -111,3 +112,4 @@ TEXT_DTYPE = _dtype([
 
 
 include "core/frames.pyx"
+include "core/copy.pyx"

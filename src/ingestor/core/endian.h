@@ -43,6 +43,12 @@ static inline uint32_t ing_load_u32le(const unsigned char *p) {
 static inline uint64_t ing_load_u64le(const unsigned char *p) {
     uint64_t v; memcpy(&v, p, 8); return ING_LE64(v);
 }
+static inline uint16_t ing_load_u16le(const unsigned char *p) {
+    uint16_t v; memcpy(&v, p, 2); return ING_LE16(v);
+}
+static inline uint64_t ing_load_u64be(const unsigned char *p) {
+    uint64_t v; memcpy(&v, p, 8); return ING_BE64(v);
+}
 static inline void ing_store_u16be(unsigned char *p, uint16_t v) {
     v = ING_BE16(v); memcpy(p, &v, 2);
 }
@@ -51,6 +57,16 @@ static inline void ing_store_u32be(unsigned char *p, uint32_t v) {
 }
 static inline void ing_store_u64be(unsigned char *p, uint64_t v) {
     v = ING_BE64(v); memcpy(p, &v, 8);
+}
+/* Signed stores for the COPY writer: two's complement bits, big-endian. */
+static inline void ing_store_i16be(unsigned char *p, int16_t v) {
+    ing_store_u16be(p, (uint16_t)v);
+}
+static inline void ing_store_i32be(unsigned char *p, int32_t v) {
+    ing_store_u32be(p, (uint32_t)v);
+}
+static inline void ing_store_i64be(unsigned char *p, int64_t v) {
+    ing_store_u64be(p, (uint64_t)v);
 }
 
 #endif
