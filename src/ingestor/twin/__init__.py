@@ -1,0 +1,1 @@
+"""Pure-Python twins of the compiled core's kernels: the test oracles."""
