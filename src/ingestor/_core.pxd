@@ -5,6 +5,7 @@
 # binary COPY encoding; later stages add theirs).  This file holds the C record layouts every stage shares and the
 # cdef classes, so calls between stages stay C calls.
 
+cimport cython
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
@@ -237,3 +238,137 @@ cdef class CopyEncoder:
     cdef int _raise(self, copy_err_t *err) except -1
     cdef Py_ssize_t _encode_payload(self, object array, Py_ssize_t start, Py_ssize_t stop,
                                     unsigned char *out) except -1
+# Aggregation engine (core/engine.pyx): tick rows, candles, depth snapshots.
+
+cdef extern from "core/wide.h":
+    int64_t ing_vwap_e7(uint64_t pv_hi, uint64_t pv_lo, uint64_t volume,
+                        uint64_t scale) noexcept nogil
+
+
+# One ``tick_data`` row (72 bytes), mirrored by ``TICKROW_DTYPE``.  Prices are
+# raw (``raw / divisor``); a nullable column is present when its bit is set
+# in ``flags`` (ROW_HAS_*), else it is 0 and the database gets NULL.
+ctypedef struct tickrow_t:
+    int64_t time_us             # receive time, µs, strictly increasing per instrument
+    int64_t exchange_time_us    # exchange timestamp in µs (ROW_HAS_EXCHANGE_TIME)
+    int64_t seq                 # the message's sequence number in its stream
+    int32_t instrument_id
+    uint32_t instrument_token
+    uint32_t price
+    uint32_t quantity           # ROW_HAS_QUANTITY
+    uint32_t volume             # cumulative, ROW_HAS_VOLUME
+    uint32_t oi                 # ROW_HAS_OI
+    uint32_t bid_price          # best level of the book, ROW_HAS_BOOK
+    uint32_t bid_quantity
+    uint32_t ask_price
+    uint32_t ask_quantity
+    uint32_t divisor
+    uint16_t flags
+    uint8_t segment
+    uint8_t mode
+
+
+# One ``ohlc_candles`` row (72 bytes), mirrored by ``CANDLE_DTYPE``.
+ctypedef struct candle_t:
+    int64_t time_us             # bucket start
+    int64_t volume
+    int64_t trade_count
+    int64_t vwap_e7             # VWAP in units of 1e-7, CANDLE_HAS_VWAP
+    int64_t open_interest       # CANDLE_HAS_OI
+    int32_t instrument_id
+    uint32_t instrument_token
+    uint32_t open
+    uint32_t high
+    uint32_t low
+    uint32_t close
+    uint32_t divisor
+    uint8_t timeframe           # index into Engine.timeframes
+    uint8_t flags
+
+
+# One ``order_book_snapshots`` row, mirrored by ``SNAPSHOT_DTYPE``; also the
+# per-instrument latest book kept in place.
+ctypedef struct snapshot_t:
+    int64_t time_us             # time of the tick that carried the book
+    int32_t instrument_id
+    uint32_t instrument_token
+    uint32_t divisor
+    uint32_t total_bid_quantity
+    uint32_t total_ask_quantity
+    levels_t book
+
+
+# A forming candle of one instrument and timeframe (64 bytes, one cache line).
+ctypedef struct acc_t:
+    int64_t start_us
+    uint64_t pv_lo              # sum(price_raw * volume increase), 128 bits
+    uint64_t pv_hi
+    uint64_t volume
+    uint32_t open
+    uint32_t high
+    uint32_t low
+    uint32_t close
+    uint32_t count
+    uint32_t oi
+    uint32_t flags              # ACC_* bits
+    uint32_t pad
+
+
+# Per-instrument state of the engine.
+ctypedef struct inst_t:
+    int64_t last_time_us        # INT64_MIN before the first tick / seed
+    int64_t snap_end_us         # end of the pending snapshot's interval
+    uint32_t token
+    int32_t instrument_id       # -1: not set
+    uint32_t last_volume
+    uint32_t divisor
+    uint8_t has_volume          # last_volume holds a cumulative volume
+    uint8_t snap_pending
+
+
+@cython.final
+cdef class Engine:
+    cdef readonly tuple timeframes
+    cdef readonly int64_t utc_offset_us
+    cdef readonly int64_t origin_us
+    cdef readonly int64_t snapshot_interval_us
+    cdef int64_t _shift
+    cdef int _ntf
+    cdef int64_t *_tf_len
+    # instrument slots and the token -> slot hash table
+    cdef inst_t *_inst
+    cdef acc_t *_acc
+    cdef readonly object books
+    cdef snapshot_t *_books
+    cdef Py_ssize_t _n_slots
+    cdef Py_ssize_t _cap_slots
+    cdef uint32_t *_hkeys
+    cdef int32_t *_hvals
+    cdef Py_ssize_t _hmask
+    cdef int32_t *_scratch
+    cdef Py_ssize_t _cap_scratch
+    # outputs
+    cdef readonly object tick_rows
+    cdef readonly object candles
+    cdef readonly object snapshots
+    cdef tickrow_t *_rows
+    cdef candle_t *_candles
+    cdef snapshot_t *_snaps
+    cdef Py_ssize_t _cap_rows
+    cdef Py_ssize_t _cap_candles
+    cdef Py_ssize_t _cap_snaps
+    cdef readonly Py_ssize_t n_tick_rows
+    cdef readonly Py_ssize_t n_candles
+    cdef readonly Py_ssize_t n_snapshots
+    cdef readonly int64_t last_seq
+    cdef uint64_t _stats[4]
+
+    cdef Py_ssize_t _slot(self, uint32_t token) noexcept nogil
+    cdef Py_ssize_t _new_slot(self, uint32_t token) except -1
+    cdef int _grow_outputs(self, Py_ssize_t rows, Py_ssize_t candles,
+                           Py_ssize_t snaps) except -1
+    cdef int _resolve(self, const tick_t *ticks, Py_ssize_t start, Py_ssize_t n,
+                      Py_ssize_t n_depth) except -1
+    cdef Py_ssize_t _run(self, const tick_t *ticks, Py_ssize_t start, Py_ssize_t n,
+                         const depth_t *depth) except -1
+    cdef int _close(self, int64_t now_us, bint all) except -1

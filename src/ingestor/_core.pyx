@@ -2,16 +2,19 @@
 """The compiled hot path of ingestor.
 
 One extension built from files included by concern (the asyncpg/uvloop
-layout): ``core/frames.pyx`` decodes Kite binary frames into numpy buffers,
-``core/copy.pyx`` encodes numpy rows as PostgreSQL binary COPY payloads.
+layout), in pipeline order: ``core/frames.pyx`` decodes Kite binary frames
+into numpy buffers, ``core/engine.pyx`` turns decoded ticks into tick rows,
+candles and order-book snapshots in place, ``core/copy.pyx`` encodes numpy
+rows as PostgreSQL binary COPY payloads.
 The record layouts are C structs declared in ``_core.pxd``; the numpy dtypes
 below are built from those structs' real offsets, so the two cannot drift.
 """
 
+cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdlib cimport abort
-from libc.string cimport memset
+from libc.stdlib cimport abort, free, malloc, realloc
+from libc.string cimport memcpy, memset
 
 import numpy as np
 
@@ -41,6 +44,9 @@ cdef levels_t _L
 cdef depth_t _D
 cdef full_t _F
 cdef text_t _X
+cdef tickrow_t _R
+cdef candle_t _C
+cdef snapshot_t _S
 
 
 cdef Py_ssize_t _off(void *field, void *base):
@@ -110,6 +116,54 @@ TEXT_DTYPE = _dtype([
     ("length", "<i8", _off(&_X.length, &_X)),
 ], sizeof(text_t))
 
+#: One ``tick_data`` row (``Engine.tick_rows``); see ``ROW_HAS_*``.
+TICKROW_DTYPE = _dtype([
+    ("time_us", "<i8", _off(&_R.time_us, &_R)),
+    ("exchange_time_us", "<i8", _off(&_R.exchange_time_us, &_R)),
+    ("seq", "<i8", _off(&_R.seq, &_R)),
+    ("instrument_id", "<i4", _off(&_R.instrument_id, &_R)),
+    ("instrument_token", "<u4", _off(&_R.instrument_token, &_R)),
+    ("price", "<u4", _off(&_R.price, &_R)),
+    ("quantity", "<u4", _off(&_R.quantity, &_R)),
+    ("volume", "<u4", _off(&_R.volume, &_R)),
+    ("oi", "<u4", _off(&_R.oi, &_R)),
+    ("bid_price", "<u4", _off(&_R.bid_price, &_R)),
+    ("bid_quantity", "<u4", _off(&_R.bid_quantity, &_R)),
+    ("ask_price", "<u4", _off(&_R.ask_price, &_R)),
+    ("ask_quantity", "<u4", _off(&_R.ask_quantity, &_R)),
+    ("divisor", "<u4", _off(&_R.divisor, &_R)),
+    ("flags", "<u2", _off(&_R.flags, &_R)),
+    ("segment", "u1", _off(&_R.segment, &_R)),
+    ("mode", "u1", _off(&_R.mode, &_R)),
+], sizeof(tickrow_t))
+#: One ``ohlc_candles`` row (``Engine.candles``); see ``CANDLE_HAS_*``.
+CANDLE_DTYPE = _dtype([
+    ("time_us", "<i8", _off(&_C.time_us, &_C)),
+    ("volume", "<i8", _off(&_C.volume, &_C)),
+    ("trade_count", "<i8", _off(&_C.trade_count, &_C)),
+    ("vwap_e7", "<i8", _off(&_C.vwap_e7, &_C)),
+    ("open_interest", "<i8", _off(&_C.open_interest, &_C)),
+    ("instrument_id", "<i4", _off(&_C.instrument_id, &_C)),
+    ("instrument_token", "<u4", _off(&_C.instrument_token, &_C)),
+    ("open", "<u4", _off(&_C.open, &_C)),
+    ("high", "<u4", _off(&_C.high, &_C)),
+    ("low", "<u4", _off(&_C.low, &_C)),
+    ("close", "<u4", _off(&_C.close, &_C)),
+    ("divisor", "<u4", _off(&_C.divisor, &_C)),
+    ("timeframe", "u1", _off(&_C.timeframe, &_C)),
+    ("flags", "u1", _off(&_C.flags, &_C)),
+], sizeof(candle_t))
+#: One ``order_book_snapshots`` row (``Engine.snapshots``, ``Engine.books``).
+SNAPSHOT_DTYPE = _dtype([
+    ("time_us", "<i8", _off(&_S.time_us, &_S)),
+    ("instrument_id", "<i4", _off(&_S.instrument_id, &_S)),
+    ("instrument_token", "<u4", _off(&_S.instrument_token, &_S)),
+    ("divisor", "<u4", _off(&_S.divisor, &_S)),
+    ("total_bid_quantity", "<u4", _off(&_S.total_bid_quantity, &_S)),
+    ("total_ask_quantity", "<u4", _off(&_S.total_ask_quantity, &_S)),
+] + _book_fields(_off(&_S.book, &_S)), sizeof(snapshot_t))
+
 
 include "core/frames.pyx"
+include "core/engine.pyx"
 include "core/copy.pyx"
