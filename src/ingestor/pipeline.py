@@ -1,0 +1,254 @@
+"""The synchronous pipeline: decoded messages to COPY payloads, batch by batch.
+
+decode (``KiteDecoder``) -> aggregate (``Engine``) -> encode (``CopyEncoder``),
+with no event loop and no database: tests and benchmarks drive it directly,
+and the live daemon and ``replay`` feed it and hand its ``FlushBatch``es to
+the writer.  A batch always covers whole messages, from ``first_seq`` to
+``last_seq`` of one stream, so committing it with its stream offset makes
+delivery exactly once.
+
+Instrument ids come from outside (the database's ``instruments`` table): the
+pipeline asks its ``resolve`` callable for the ids of tokens it has not seen.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ingestor import _core, tables
+from ingestor._core import Engine, KiteDecoder
+
+
+@dataclass
+class FlushBatch:
+    """What one flush transaction writes: COPY payloads and the offset to commit."""
+
+    stream: str
+    first_seq: int
+    last_seq: int
+    ticks: bytes = b""
+    n_ticks: int = 0
+    candles: bytes = b""            # closed and forming candles: upserted
+    n_candles: int = 0
+    snapshots: bytes = b""
+    n_snapshots: int = 0
+    #: text messages (seq, payload) of the batch's range, in order (postbacks)
+    texts: list = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.ticks) + len(self.candles) + len(self.snapshots)
+
+
+@dataclass
+class PipelineSettings:
+    timeframes: tuple = _core.DEFAULT_TIMEFRAMES
+    utc_offset: str = "+05:30"
+    origin: str = "00:00"
+    snapshot_interval_us: int = 1_000_000
+    #: tick rows per flush
+    flush_rows: int = 50_000
+    #: forming candles of timeframes at least this long are upserted with every batch
+    open_candle_min_us: int = 60_000_000
+
+
+class Pipeline:
+    """Decode, aggregate and encode one stream into ``FlushBatch``es.
+
+    Parameters
+    ----------
+    stream : str
+        The stream id (a capture's header ``stream``; a live connection's id).
+    resolve : callable
+        ``resolve(tokens: list[int]) -> dict[int, int]``: instrument ids of
+        tokens the pipeline has no id for (registering unknown ones).
+    committed : int
+        The stream's committed sequence number: messages at or below it are
+        skipped (already written).
+    """
+
+    def __init__(self, stream: str, resolve: Callable[[list[int]], dict[int, int]],
+                 settings: PipelineSettings | None = None, committed: int = -1):
+        self.stream = stream
+        self.settings = s = settings or PipelineSettings()
+        self.resolve = resolve
+        self.committed = committed
+        self.decoder = KiteDecoder(capacity=8192)
+        self.engine = Engine(timeframes=s.timeframes, utc_offset=s.utc_offset, origin=s.origin,
+                             snapshot_interval_us=s.snapshot_interval_us, tick_capacity=8192,
+                             candle_capacity=16384, snapshot_capacity=8192)
+        self._enc_ticks = tables.tick_encoder()
+        self._enc_candles = tables.candle_encoder(s.timeframes)
+        self._enc_snaps = tables.snapshot_encoder()
+        lengths = [_core.timeframe_us(tf) for tf in s.timeframes]
+        self._open_tf = np.array([ln >= s.open_candle_min_us for ln in lengths], dtype=bool)
+        #: seconds spent per stage
+        self.timings = {"decode": 0.0, "aggregate": 0.0, "encode": 0.0}
+        self.totals = {"ticks": 0, "candles": 0, "snapshots": 0, "batches": 0, "skipped_messages": 0}
+        self._texts: list = []
+        self._begin()
+
+    # -- state ---------------------------------------------------------------
+
+    def _begin(self) -> None:
+        for enc in (self._enc_ticks, self._enc_candles, self._enc_snaps):
+            enc.begin()
+        self._n = [0, 0, 0]
+        self._first_seq = self.committed + 1
+        self._last_seq = self.committed
+
+    def set_ids(self, ids: dict[int, int]) -> None:
+        if ids:
+            self.engine.set_instruments(np.fromiter(ids.keys(), np.uint32, len(ids)),
+                                        np.fromiter(ids.values(), np.int64, len(ids)))
+
+    def seed(self, token: int, last_time_us: int, last_cum_volume: int | None) -> None:
+        """Continue an instrument from the database's last tick."""
+        self.engine.seed(token, last_time_us, last_cum_volume)
+
+    @property
+    def pending_rows(self) -> int:
+        return self._n[0]
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    # -- input ---------------------------------------------------------------
+
+    def feed(self, message, recv_ns: int, seq: int, text: bool = False) -> None:
+        """One live WebSocket message (binary or text) with its place in the stream."""
+        if seq <= self.committed or seq <= self._last_seq:
+            self.totals["skipped_messages"] += 1
+            return
+        if text:
+            self._texts.append((seq, bytes(message)))
+        else:
+            t0 = time.perf_counter()
+            dec = self.decoder
+            if not dec.feed(message, recv_ns, seq):
+                self.timings["decode"] += time.perf_counter() - t0
+                self._consume()
+                dec.feed(message, recv_ns, seq)
+            self.timings["decode"] += time.perf_counter() - t0
+        self._last_seq = seq
+
+    def feed_chunk(self, chunk, seq: int) -> None:
+        """Capture records (whole ones: ``CaptureReader.chunks``), the first with ``seq``."""
+        dec = self.decoder
+        pos, n = 0, len(chunk)
+        while pos < n:
+            t0 = time.perf_counter()
+            pos, seq, full = dec.feed_capture(chunk, pos, seq)
+            self.timings["decode"] += time.perf_counter() - t0
+            self._consume(chunk)
+        self._last_seq = max(self._last_seq, seq - 1)
+
+    def _consume(self, chunk=None) -> None:
+        """Aggregate and encode what the decoder holds, then clear it."""
+        dec, eng = self.decoder, self.engine
+        n = dec.n_ticks
+        start = 0
+        if n and dec.ticks[0]["seq"] <= self.committed:
+            start = int(np.searchsorted(dec.ticks["seq"][:n], self.committed, side="right"))
+            self.totals["skipped_messages"] += len(np.unique(dec.ticks["seq"][:start]))
+        if dec.n_texts and chunk is not None:
+            mv = memoryview(chunk)
+            for t in dec.texts[:dec.n_texts]:
+                if t["seq"] > self.committed:
+                    off, ln = int(t["offset"]), int(t["length"])
+                    self._texts.append((int(t["seq"]), bytes(mv[off:off + ln])))
+        if start < n:
+            t0 = time.perf_counter()
+            unknown = eng.unknown_tokens(dec, start)
+            if len(unknown):
+                self.set_ids(self.resolve([int(t) for t in unknown]))
+            while True:
+                r = eng.process(dec, start)
+                self._drain()
+                if r >= n:
+                    break
+                start = r
+            self.timings["aggregate"] += time.perf_counter() - t0
+        dec.clear()
+
+    def _drain(self) -> None:
+        eng = self.engine
+        rows, candles, snaps = eng.output()
+        t0 = time.perf_counter()
+        if len(rows):
+            self._enc_ticks.encode_rows(rows)
+        if len(candles):
+            self._enc_candles.encode_rows(candles)
+        if len(snaps):
+            self._enc_snaps.encode_rows(snaps)
+        self._n[0] += len(rows)
+        self._n[1] += len(candles)
+        self._n[2] += len(snaps)
+        eng.clear()
+        self.timings["encode"] += time.perf_counter() - t0
+        # the aggregate timer includes this; take it back out
+        self.timings["aggregate"] -= time.perf_counter() - t0
+
+    # -- output --------------------------------------------------------------
+
+    def advance(self, now_us: int) -> None:
+        """Close the candle buckets and snapshot intervals that ended by ``now_us``."""
+        self._consume_pending()
+        while not self.engine.advance(now_us):
+            self._drain()
+        self._drain()
+
+    def ready(self) -> bool:
+        return self._n[0] >= self.settings.flush_rows
+
+    def take(self, *, final: bool = False, open_candles: bool = True) -> FlushBatch:
+        """End the current batch and start the next.
+
+        ``final``: flush every forming candle and pending snapshot (shutdown,
+        end of a replay).  Otherwise, with ``open_candles``, the forming
+        candles of the longer timeframes are included (upserted again as
+        they grow) so readers see them.
+        """
+        self._consume_pending()
+        if final:
+            while not self.engine.flush():
+                self._drain()
+            self._drain()
+        elif open_candles:
+            oc = self.engine.open_candles()
+            oc = oc[self._open_tf[oc["timeframe"]]] if len(oc) else oc
+            if len(oc):
+                t0 = time.perf_counter()
+                self._enc_candles.encode_rows(oc)
+                self._n[1] += len(oc)
+                self.timings["encode"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        payloads = []
+        for enc, n in zip((self._enc_ticks, self._enc_candles, self._enc_snaps), self._n):
+            if n:
+                enc.end()
+                payloads.append(enc.take())
+            else:
+                enc.clear()
+                payloads.append(b"")
+        self.timings["encode"] += time.perf_counter() - t0
+        batch = FlushBatch(self.stream, self._first_seq, self._last_seq,
+                           payloads[0], self._n[0], payloads[1], self._n[1],
+                           payloads[2], self._n[2], self._texts)
+        self._texts = []
+        self.totals["ticks"] += self._n[0]
+        self.totals["candles"] += self._n[1]
+        self.totals["snapshots"] += self._n[2]
+        self.totals["batches"] += 1
+        self.committed = max(self.committed, self._last_seq)
+        self._begin()
+        return batch
+
+    def _consume_pending(self) -> None:
+        if self.decoder.n_ticks:
+            self._consume()

@@ -1,0 +1,87 @@
+"""How the core's row buffers map to the tables: the binary COPY column specs.
+
+One place names, for ``tick_data``, ``ohlc_candles`` and
+``order_book_snapshots``, which field of the engine's records (``TICKROW``,
+``CANDLE``, ``SNAPSHOT`` dtypes) becomes which column and when a column is
+NULL.  The writer and the benchmarks build their encoders from here.
+"""
+
+from __future__ import annotations
+
+from ingestor import _core
+from ingestor._core import CopyEncoder
+from ingestor.db.instruments import EXCHANGES
+
+_ROW = _core.TICKROW_DTYPE
+_CANDLE = _core.CANDLE_DTYPE
+_SNAP = _core.SNAPSHOT_DTYPE
+
+_PRICE = {"divisor_field": "divisor"}
+
+
+def _unless(flag: int) -> dict:
+    return {"null_unless_flag": ("flags", flag)}
+
+
+TICK_COLUMNS = [
+    ("time", "timestamptz_us", {"field": "time_us"}),
+    ("instrument_id", "int4"),
+    ("exchange", "text_lookup", {"field": "segment", "table": EXCHANGES, "default": "SEG{}"}),
+    ("price", "numeric", _PRICE),
+    ("quantity", "int8", _unless(_core.ROW_HAS_QUANTITY)),
+    ("volume", "int8", _unless(_core.ROW_HAS_VOLUME)),
+    ("oi", "int8", _unless(_core.ROW_HAS_OI)),
+    ("bid_price", "numeric", {**_PRICE, **_unless(_core.ROW_HAS_BOOK)}),
+    ("bid_quantity", "int8", _unless(_core.ROW_HAS_BOOK)),
+    ("ask_price", "numeric", {**_PRICE, **_unless(_core.ROW_HAS_BOOK)}),
+    ("ask_quantity", "int8", _unless(_core.ROW_HAS_BOOK)),
+    ("exchange_time", "timestamptz_us", {"field": "exchange_time_us",
+                                         **_unless(_core.ROW_HAS_EXCHANGE_TIME)}),
+]
+
+
+def candle_columns(timeframes) -> list:
+    return [
+        ("time", "timestamptz_us", {"field": "time_us"}),
+        ("instrument_id", "int4"),
+        ("timeframe", "text_lookup", {"table": dict(enumerate(timeframes))}),
+        ("open_price", "numeric", {"field": "open", **_PRICE}),
+        ("high_price", "numeric", {"field": "high", **_PRICE}),
+        ("low_price", "numeric", {"field": "low", **_PRICE}),
+        ("close_price", "numeric", {"field": "close", **_PRICE}),
+        ("volume", "int8"),
+        ("trade_count", "int8"),
+        ("vwap", "numeric", {"field": "vwap_e7", "scale": 7, **_unless(_core.CANDLE_HAS_VWAP)}),
+        ("open_interest", "int8", _unless(_core.CANDLE_HAS_OI)),
+    ]
+
+
+SNAPSHOT_COLUMNS = [
+    ("time", "timestamptz_us", {"field": "time_us"}),
+    ("instrument_id", "int4"),
+    ("bid_prices", "numeric[]", {"field": "bid_price", **_PRICE}),
+    ("bid_quantities", "int8[]", {"field": "bid_quantity"}),
+    ("bid_orders", "int4[]", {"field": "bid_orders"}),
+    ("ask_prices", "numeric[]", {"field": "ask_price", **_PRICE}),
+    ("ask_quantities", "int8[]", {"field": "ask_quantity"}),
+    ("ask_orders", "int4[]", {"field": "ask_orders"}),
+    ("total_bid_quantity", "int8"),
+    ("total_ask_quantity", "int8"),
+]
+
+
+def tick_encoder() -> CopyEncoder:
+    return CopyEncoder(_ROW, TICK_COLUMNS)
+
+
+def candle_encoder(timeframes) -> CopyEncoder:
+    return CopyEncoder(_CANDLE, candle_columns(timeframes))
+
+
+def snapshot_encoder() -> CopyEncoder:
+    return CopyEncoder(_SNAP, SNAPSHOT_COLUMNS)
+
+
+#: Candle columns updated by the upsert (all but the key).
+CANDLE_VALUE_COLUMNS = ("open_price", "high_price", "low_price", "close_price", "volume",
+                        "trade_count", "vwap", "open_interest")

@@ -1,0 +1,266 @@
+"""The writer: one transaction per ``FlushBatch``, exactly once, never dropping.
+
+A flush is one transaction on one connection (psycopg 3, async):
+
+1. lock the stream's offset row and read its committed sequence number; a
+   batch at or below it was written already (a retry after a lost commit
+   acknowledgement, a replayed capture) and is skipped;
+2. ``COPY tick_data`` from the core's binary payload;
+3. ``COPY`` the candles into a temporary staging table, then ``INSERT ...
+   ON CONFLICT DO UPDATE`` into ``ohlc_candles`` (forming candles are
+   upserted again as they grow; the last version of a key in a batch wins);
+4. ``COPY order_book_snapshots``;
+5. the batch's text messages (order postbacks) through ``on_texts``;
+6. advance the stream's committed sequence number; commit.
+
+A lost connection (the server restarted, a network cut) is retried with
+jittered exponential backoff, reconnecting, for as long as ``retry_for``
+allows: the offsets make the retry exactly once.  A batch the database
+itself keeps rejecting (a data error, ``max_rejects`` times) is set aside to
+a dead-letter file with the reason, its offset is committed, and the
+pipeline goes on: never silently dropped, never blocking what follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from ingestor import tables
+from ingestor.db import offsets
+from ingestor.db.dsn import describe, error_line, password_of
+from ingestor.logs import register_secret
+from ingestor.pipeline import FlushBatch
+
+log = logging.getLogger(__name__)
+
+_TICK_COLS = ", ".join(c[0] for c in tables.TICK_COLUMNS)
+_SNAP_COLS = ", ".join(c[0] for c in tables.SNAPSHOT_COLUMNS)
+_CANDLE_KEY = ("time", "instrument_id", "timeframe")
+_CANDLE_COLS = _CANDLE_KEY + tables.CANDLE_VALUE_COLUMNS
+_CANDLE_LIST = ", ".join(_CANDLE_COLS)
+
+SQL_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS ingestor_candle_stage "
+    "(LIKE ohlc_candles, ord bigint GENERATED ALWAYS AS IDENTITY) ON COMMIT DELETE ROWS")
+SQL_COPY_TICKS = f"COPY tick_data ({_TICK_COLS}) FROM STDIN (FORMAT BINARY)"
+SQL_COPY_STAGE = f"COPY ingestor_candle_stage ({_CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
+SQL_COPY_SNAPS = f"COPY order_book_snapshots ({_SNAP_COLS}) FROM STDIN (FORMAT BINARY)"
+# DISTINCT ON: a key twice in one batch (a bucket reopened by a late tick) would
+# make ON CONFLICT DO UPDATE affect a row twice; the latest version (highest ord) wins.
+SQL_UPSERT = (
+    f"INSERT INTO ohlc_candles ({_CANDLE_LIST}) "
+    f"SELECT DISTINCT ON (time, instrument_id, timeframe) {_CANDLE_LIST} "
+    f"FROM ingestor_candle_stage ORDER BY time, instrument_id, timeframe, ord DESC "
+    f"ON CONFLICT (time, instrument_id, timeframe) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in tables.CANDLE_VALUE_COLUMNS))
+
+#: Errors that mean "the connection or server is gone", not "this batch is bad".
+_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+@dataclass
+class WriterStats:
+    batches: int = 0
+    skipped_batches: int = 0
+    ticks: int = 0
+    candles: int = 0
+    snapshots: int = 0
+    retries: int = 0
+    reconnects: int = 0
+    dead_letters: int = 0
+    flush_seconds: list = field(default_factory=list)
+
+    @property
+    def write_seconds(self) -> float:
+        return sum(self.flush_seconds)
+
+
+class DeadLetters:
+    """A folder of batches the database refused: ``<stream>-<first>-<last>.*``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def put(self, batch: FlushBatch, reason: str) -> str:
+        os.makedirs(self.path, exist_ok=True)
+        base = os.path.join(self.path, f"{batch.stream}-{batch.first_seq}-{batch.last_seq}")
+        for name, data in (("ticks", batch.ticks), ("candles", batch.candles),
+                           ("snapshots", batch.snapshots)):
+            if data:
+                with open(f"{base}.{name}.copy", "wb") as f:
+                    f.write(data)
+        meta = {"stream": batch.stream, "first_seq": batch.first_seq, "last_seq": batch.last_seq,
+                "reason": reason, "ticks": batch.n_ticks, "candles": batch.n_candles,
+                "snapshots": batch.n_snapshots, "texts": len(batch.texts),
+                "set_aside_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "note": "each .copy file is a PostgreSQL binary COPY payload for its table"}
+        with open(f"{base}.json", "w") as f:
+            json.dump(meta, f, indent=2)
+        if batch.texts:
+            with open(f"{base}.texts.jsonl", "w") as f:
+                for seq, payload in batch.texts:
+                    f.write(json.dumps({"seq": seq, "text": payload.decode("utf-8", "replace")}) + "\n")
+        return base + ".json"
+
+
+class Writer:
+    """Writes ``FlushBatch``es, one transaction each (see the module docstring).
+
+    Parameters
+    ----------
+    dsn : str
+        The database.
+    dead_letter_dir : str
+        Where refused batches are set aside.
+    max_rejects : int
+        Attempts before a batch the database refuses is set aside.
+    retry_for : float or None
+        Seconds to keep retrying a lost connection before giving up
+        (``ConnectionLost`` is raised); None retries forever (the daemon,
+        which spools meanwhile).
+    on_texts : async callable, optional
+        ``on_texts(conn, texts)`` run inside the flush transaction for the
+        batch's text messages (the orders component).
+    """
+
+    def __init__(self, dsn: str, *, dead_letter_dir: str = "dead-letter", max_rejects: int = 3,
+                 retry_for: float | None = 60.0, backoff_max: float = 5.0,
+                 on_texts: Callable[[psycopg.AsyncConnection, list], Awaitable[None]] | None = None):
+        register_secret(password_of(dsn))
+        self.dsn = dsn
+        self.params = conninfo_to_dict(dsn)
+        self.params.setdefault("connect_timeout", 10)
+        self.dead_letters = DeadLetters(dead_letter_dir)
+        self.max_rejects = max_rejects
+        self.retry_for = retry_for
+        self.backoff_max = backoff_max
+        self.on_texts = on_texts
+        self.conn: psycopg.AsyncConnection | None = None
+        self.stats = WriterStats()
+
+    async def connect(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            return
+        self.conn = await psycopg.AsyncConnection.connect(**self.params)
+        await self.conn.execute(SQL_STAGE)
+        await self.conn.commit()
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+            self.conn = None
+
+    async def write(self, batch: FlushBatch) -> str:
+        """Commit ``batch``; returns ``"written"``, ``"skipped"`` or ``"dead-letter"``."""
+        rejects = 0
+        delay = 0.05
+        lost_since = None
+        while True:
+            try:
+                await self.connect()
+                t0 = time.perf_counter()
+                outcome = await self._transaction(batch)
+                self.stats.flush_seconds.append(time.perf_counter() - t0)
+                if len(self.stats.flush_seconds) > 10_000:
+                    del self.stats.flush_seconds[:5_000]
+                return outcome
+            except _CONNECTION_ERRORS as exc:
+                await self._drop()
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if self.retry_for is not None and now - lost_since > self.retry_for:
+                    raise ConnectionLost(f"database {describe(self.dsn)} unreachable for "
+                                         f"{now - lost_since:.0f} s: {error_line(exc)}") from None
+                self.stats.retries += 1
+                log.warning("flush of %s %d..%d failed (%s); retrying in %.2f s", batch.stream,
+                            batch.first_seq, batch.last_seq, error_line(exc), delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.backoff_max)
+            except psycopg.Error as exc:
+                rejects += 1
+                self.stats.retries += 1
+                reason = f"{type(exc).__name__}: {error_line(exc)}"
+                if rejects < self.max_rejects:
+                    log.warning("database refused %s %d..%d (%s); attempt %d of %d", batch.stream,
+                                batch.first_seq, batch.last_seq, reason, rejects, self.max_rejects)
+                    continue
+                return await self._set_aside(batch, reason)
+
+    async def _transaction(self, b: FlushBatch) -> str:
+        conn = self.conn
+        async with conn.transaction():
+            committed = await offsets.acommitted(conn, b.stream, lock=True)
+            if committed >= b.last_seq:
+                self.stats.skipped_batches += 1
+                return "skipped"
+            if committed >= b.first_seq:
+                # Another writer of this stream committed part of this range:
+                # the pipeline must restart from the database's offset.
+                raise StreamAdvanced(b.stream, committed, b.first_seq)
+            async with conn.cursor() as cur:
+                if b.n_ticks:
+                    async with cur.copy(SQL_COPY_TICKS) as cp:
+                        await cp.write(b.ticks)
+                if b.n_candles:
+                    async with cur.copy(SQL_COPY_STAGE) as cp:
+                        await cp.write(b.candles)
+                    await cur.execute(SQL_UPSERT)
+                if b.n_snapshots:
+                    async with cur.copy(SQL_COPY_SNAPS) as cp:
+                        await cp.write(b.snapshots)
+            if b.texts and self.on_texts is not None:
+                await self.on_texts(conn, b.texts)
+            await offsets.aadvance(conn, b.stream, b.last_seq)
+        s = self.stats
+        s.batches += 1
+        s.ticks += b.n_ticks
+        s.candles += b.n_candles
+        s.snapshots += b.n_snapshots
+        return "written"
+
+    async def _set_aside(self, batch: FlushBatch, reason: str) -> str:
+        where = self.dead_letters.put(batch, reason)
+        log.error("set aside %s %d..%d after %d refusals: %s (see %s)", batch.stream,
+                  batch.first_seq, batch.last_seq, self.max_rejects, reason, where)
+        # Commit the offset alone so the stream goes on past the refused batch.
+        while True:
+            try:
+                await self.connect()
+                async with self.conn.transaction():
+                    await offsets.aadvance(self.conn, batch.stream, batch.last_seq)
+                break
+            except _CONNECTION_ERRORS:
+                await self._drop()
+                await asyncio.sleep(0.5)
+        self.stats.dead_letters += 1
+        return "dead-letter"
+
+    async def _drop(self) -> None:
+        if self.conn is not None:
+            try:
+                await self.conn.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            self.conn = None
+            self.stats.reconnects += 1
+
+
+class ConnectionLost(Exception):
+    """The database stayed unreachable longer than the writer's ``retry_for``."""
+
+
+class StreamAdvanced(Exception):
+    def __init__(self, stream: str, committed: int, first_seq: int):
+        super().__init__(f"stream {stream} was committed up to {committed} by another writer, "
+                         f"inside this batch (from {first_seq})")
+        self.committed = committed
