@@ -1,0 +1,8 @@
+"""Pure-Python twins of the compiled kernels: the test oracles.
+
+Each twin does with ``struct`` and plain Python what a kernel of
+``ingestor._core`` does in C, written for clarity rather than speed, so the
+tests can check the compiled code against an independent reading of the same
+specification.  ``ingestor.twin.frames`` is the Kite frame decoder's twin (and
+a faithful Kite frame encoder).
+"""
