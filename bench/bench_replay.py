@@ -59,9 +59,7 @@ def _precompute(path: str, ids: dict, settings) -> list:
         pl = Pipeline(rd.header.stream, resolve=lambda toks: {t: ids[t] for t in toks},
                       settings=settings)
         for chunk, seq in rd.chunks():
-            pl.feed_chunk(chunk, seq)
-            while pl.ready():
-                out.append(pl.take())
+            out.extend(pl.feed_chunk(chunk, seq))
         out.append(pl.take(final=True))
     return out
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -137,8 +137,12 @@ class Pipeline:
             self.timings["decode"] += time.perf_counter() - t0
         self._last_seq = seq
 
-    def feed_chunk(self, chunk, seq: int) -> None:
-        """Capture records (whole ones: ``CaptureReader.chunks``), the first with ``seq``."""
+    def feed_chunk(self, chunk, seq: int) -> Iterator[FlushBatch]:
+        """Capture records (whole ones: ``CaptureReader.chunks``), the first with ``seq``.
+
+        Yields a ``FlushBatch`` whenever ``flush_rows`` tick rows are pending
+        (hand it to the writer before asking for more).
+        """
         dec = self.decoder
         pos, n = 0, len(chunk)
         while pos < n:
@@ -146,7 +150,9 @@ class Pipeline:
             pos, seq, full = dec.feed_capture(chunk, pos, seq)
             self.timings["decode"] += time.perf_counter() - t0
             self._consume(chunk)
-        self._last_seq = max(self._last_seq, seq - 1)
+            self._last_seq = max(self._last_seq, seq - 1)
+            if self.ready():
+                yield self.take()
 
     def _consume(self, chunk=None) -> None:
         """Aggregate and encode what the decoder holds, then clear it."""

@@ -147,10 +147,9 @@ async def _run(reader: CaptureReader, pipeline: Pipeline, writer: Writer, queue_
             for chunk, seq in reader.chunks():
                 if stop.is_set():
                     return
-                pipeline.feed_chunk(chunk, seq)
+                for batch in pipeline.feed_chunk(chunk, seq):
+                    put(batch)
                 done += len(chunk)
-                while pipeline.ready():
-                    put(pipeline.take())
                 if show:
                     sys.stderr.write(f"\rreplay {done / size:6.1%}  "
                                      f"{pipeline.totals['ticks']:,} ticks")
