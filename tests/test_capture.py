@@ -1,0 +1,236 @@
+"""Capture files: write, read back, chunk, and survive damage.
+
+Round trips through ``CaptureWriter``/``CaptureReader``, sequence numbers
+(``first_seq`` continuing across files), ``chunks()`` at tiny chunk sizes
+(records split across reads) fed to ``KiteDecoder.feed_capture``, text
+records, a truncated last record, and files that are not captures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+
+import pytest
+
+from ingestor import KiteDecoder
+from ingestor.capture import (KIND_BINARY, KIND_TEXT, MAGIC, CaptureError, CaptureHeader,
+                              CaptureReader, CaptureWriter)
+from ingestor.simulator import HEARTBEAT, Market
+from ingestor.twin.frames import TwinStats, decode_message
+from kite_compare import assert_twin_equal, decoder_rows
+
+TEXT = b'{"type":"order","data":{"order_id":"1"}}'
+
+
+def _payloads(rng, n=120):
+    market = Market(n_tokens=25, seed=rng.randrange(1 << 31))
+    subs = [(int(t), rng.choice(["ltp", "quote", "full"])) for t in market.tokens]
+    out = []
+    for i in range(n):
+        r = rng.random()
+        if r < 0.1:
+            out.append((KIND_TEXT, TEXT))
+        elif r < 0.2:
+            out.append((KIND_BINARY, HEARTBEAT))
+        else:
+            out.append((KIND_BINARY, market.message(subs, rng.randint(1, 40))))
+    return out
+
+
+def _write(path, payloads, first_seq=0, stream="s-1"):
+    with CaptureWriter(path, CaptureHeader(stream=stream, first_seq=first_seq,
+                                           extra={"note": "test"})) as w:
+        seqs = [w.write(p, kind, recv_ns=1_700_000_000_000_000_000 + i)
+                for i, (kind, p) in enumerate(payloads)]
+    return seqs, w
+
+
+def test_round_trip(tmp_path, rng):
+    payloads = _payloads(rng)
+    path = tmp_path / "a.cap"
+    seqs, w = _write(path, payloads, first_seq=41)
+    assert seqs == list(range(41, 41 + len(payloads)))
+    assert w.records == len(payloads) and w.next_seq == 41 + len(payloads)
+    assert w.bytes == path.stat().st_size
+    with CaptureReader(path) as r:
+        assert r.header.broker == "kite" and r.header.stream == "s-1"
+        assert r.header.first_seq == 41 and r.header.extra == {"note": "test"}
+        recs = list(r.records())
+        assert not r.truncated
+    assert [(x.kind, x.payload) for x in recs] == payloads
+    assert [x.seq for x in recs] == seqs
+    assert [x.recv_ns for x in recs] == [1_700_000_000_000_000_000 + i
+                                         for i in range(len(payloads))]
+    with open(path, "rb") as f:
+        assert f.read(8) == MAGIC
+
+
+def test_first_seq_continues_across_files(tmp_path, rng):
+    payloads = _payloads(rng, 60)
+    seqs1, w1 = _write(tmp_path / "1.cap", payloads[:25], first_seq=0, stream="live")
+    seqs2, _ = _write(tmp_path / "2.cap", payloads[25:], first_seq=w1.next_seq, stream="live")
+    got = []
+    for name in ("1.cap", "2.cap"):
+        with CaptureReader(tmp_path / name) as r:
+            got.extend(x.seq for x in r.records())
+    assert got == seqs1 + seqs2 == list(range(60))
+
+
+def _decode_chunks(path, chunk_size, capacity):
+    dec = KiteDecoder(capacity, depth_capacity=max(1, capacity // 4), text_capacity=2)
+    rows, texts = [], []
+    with CaptureReader(path, chunk_size=chunk_size) as r:
+        for chunk, seq in r.chunks():
+            pos = 0
+            while True:
+                pos, seq, full = dec.feed_capture(chunk, pos, seq)
+                rows.extend(decoder_rows(dec))
+                for t in dec.texts[:dec.n_texts]:
+                    off, n = int(t["offset"]), int(t["length"])
+                    texts.append((int(t["seq"]), int(t["recv_ns"]), bytes(chunk[off:off + n])))
+                dec.clear()
+                if not full:
+                    break
+            assert pos == len(chunk)
+    return rows, texts, dec.stats()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 13, 50, 1000, 1 << 20])
+def test_chunks_fed_to_decoder_equal_per_record_feeding(tmp_path, rng, chunk_size):
+    payloads = _payloads(rng)
+    path = tmp_path / "c.cap"
+    _write(path, payloads, first_seq=7)
+    # Per record: each binary message fed alone, and the twin.
+    want, want_texts = [], []
+    stats = TwinStats()
+    one = KiteDecoder(16)
+    with CaptureReader(path) as r:
+        for rec in r.records():
+            if rec.kind == KIND_TEXT:
+                want_texts.append((rec.seq, rec.recv_ns, rec.payload))
+                stats.counts["text_messages"] += 1
+                continue
+            want.extend(decode_message(rec.payload, rec.recv_ns, rec.seq, stats))
+            if not one.feed(rec.payload, rec.recv_ns, rec.seq):
+                one.clear()
+                assert one.feed(rec.payload, rec.recv_ns, rec.seq)
+    rows, texts, st = _decode_chunks(path, chunk_size, capacity=8)
+    assert_twin_equal(rows, want, skip=("depth_row", "change"))
+    assert texts == want_texts and texts
+    assert st == stats.as_dict()
+    assert st["messages"] + st["text_messages"] == len(payloads)
+
+
+def test_chunks_hold_whole_records(tmp_path, rng):
+    payloads = _payloads(rng, 40)
+    path = tmp_path / "w.cap"
+    _write(path, payloads, first_seq=3)
+    seen = 0
+    with CaptureReader(path, chunk_size=100) as r:
+        for chunk, seq in r.chunks():
+            assert seq == 3 + seen
+            pos = 0
+            while pos < len(chunk):
+                _, _, n = struct.unpack_from("<QBI", chunk, pos)
+                pos += 13 + n
+                seen += 1
+            assert pos == len(chunk)
+    assert seen == len(payloads)
+
+
+@pytest.mark.parametrize("keep", [1, 8, 12, 13, 14, -1])
+def test_truncated_last_record_is_ignored_with_a_warning(tmp_path, rng, caplog, keep):
+    # ``keep`` bytes of the last record survive: inside its header, at the
+    # header's end, inside its payload, or all but the last byte (-1).
+    payloads = [(KIND_BINARY, p) for _, p in _payloads(rng, 20) if p != TEXT]
+    payloads.append((KIND_BINARY, b"\x00\x01\x00\x08" + bytes(8)))
+    path = tmp_path / "t.cap"
+    _write(path, payloads)
+    last_len = 13 + len(payloads[-1][1])
+    cut = last_len - (keep if keep > 0 else last_len - 1)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - cut])
+    with caplog.at_level(logging.WARNING, logger="ingestor.capture"):
+        with CaptureReader(path) as r:
+            recs = list(r.records())
+            assert r.truncated
+            assert r.truncated_bytes == last_len - cut
+    assert [x.payload for x in recs] == [p for _, p in payloads[:-1]]
+    assert any("truncated" in m for m in caplog.messages)
+    # The batch path reads the same whole records.
+    caplog.clear()
+    rows, _, st = _decode_chunks(path, 64, capacity=32)
+    assert st["messages"] == len(payloads) - 1
+    assert any("truncated" in m for m in caplog.messages)
+
+
+def test_untruncated_file_does_not_warn(tmp_path, rng, caplog):
+    path = tmp_path / "ok.cap"
+    _write(path, _payloads(rng, 10))
+    with caplog.at_level(logging.WARNING, logger="ingestor.capture"):
+        with CaptureReader(path, chunk_size=9) as r:
+            assert len(list(r.records())) == 10
+            assert not r.truncated
+    assert not caplog.messages
+
+
+def _raw_file(path, header: bytes, body: bytes = b"", magic: bytes = MAGIC, hlen=None):
+    hlen = len(header) if hlen is None else hlen
+    path.write_bytes(magic + struct.pack("<I", hlen) + header + body)
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: p.write_bytes(b""),
+    lambda p: p.write_bytes(b"INGCAP"),
+    lambda p: _raw_file(p, b"{}", magic=b"INGCAP02"),
+    lambda p: _raw_file(p, b"not json"),
+    lambda p: _raw_file(p, b"\xff\xfe"),
+    lambda p: _raw_file(p, b"[1, 2]"),
+    lambda p: _raw_file(p, json.dumps({"broker": "kite", "stream": "x"}).encode()),
+    lambda p: _raw_file(p, json.dumps({"broker": "kite", "stream": "x", "first_seq": -1}).encode()),
+    lambda p: _raw_file(p, json.dumps({"broker": "kite", "stream": "x", "first_seq": "0"}).encode()),
+    lambda p: _raw_file(p, json.dumps({"broker": "kite", "stream": "x", "first_seq": True}).encode()),
+    lambda p: _raw_file(p, b'{"broker":"kite"}', hlen=1000),   # header runs past the end
+    lambda p: _raw_file(p, b"", hlen=1 << 30),                   # implausible header length
+], ids=["empty", "short", "magic", "not-json", "not-utf8", "not-object", "no-first-seq",
+        "negative-seq", "string-seq", "bool-seq", "short-header", "huge-header"])
+def test_not_a_capture(tmp_path, make):
+    path = tmp_path / "bad.cap"
+    make(path)
+    with pytest.raises(CaptureError):
+        CaptureReader(path)
+
+
+def test_record_claiming_a_huge_payload_is_bad_input(tmp_path):
+    header = CaptureHeader(stream="x").to_json()
+    path = _raw_file(tmp_path / "huge.cap", header,
+                     struct.pack("<QBI", 1, KIND_BINARY, 0xFFFFFFFF) + b"\x00" * 50)
+    with CaptureReader(path) as r:
+        with pytest.raises(CaptureError):
+            list(r.chunks())
+
+
+def test_unknown_record_kind_is_counted(tmp_path, rng):
+    payloads = _payloads(rng, 30)
+    body = bytearray()
+    kinds = []
+    for i, (kind, p) in enumerate(payloads):
+        if i % 7 == 3:
+            kind = (0, 3, 200)[i % 3]  # not a kind the format defines
+        kinds.append(kind)
+        body += struct.pack("<QBI", i, kind, len(p)) + p
+    path = _raw_file(tmp_path / "k.cap", CaptureHeader(stream="k").to_json(), bytes(body))
+    with CaptureReader(path) as r:
+        assert [x.kind for x in r.records()] == kinds
+    with pytest.raises(ValueError):
+        with CaptureWriter(tmp_path / "w.cap") as w:
+            w.write(b"x", kind=3)
+    _, _, st = _decode_chunks(path, 33, capacity=4)
+    bad = sum(k not in (1, 2) for k in kinds)
+    assert bad > 0
+    assert st["bad_records"] == bad
+    assert st["messages"] == kinds.count(1)
+    assert st["text_messages"] == kinds.count(2)
