@@ -45,9 +45,12 @@ def test_client_agrees_on_simulated_capture(tmp_path, rng, mode):
     assert n_messages == summary["messages"]
     # 60 instruments cover every segment of the model.
     assert seen_segments == {1, 2, 3, 4, 5, 6, 7, 8, 9, 12}
-    expected = {"ltp": {8}, "quote": {28, 44}, "full": {32, 184},
-                "mixed": {8, 28, 32, 44, 184}}[mode]
-    assert seen_lengths == expected
+    if mode == "mixed":
+        # each instrument draws its mode: the few indices may all draw the same one
+        assert {8, 44, 184} <= seen_lengths <= {8, 28, 32, 44, 184}
+        assert seen_lengths & {28, 32}
+    else:
+        assert seen_lengths == {"ltp": {8}, "quote": {28, 44}, "full": {32, 184}}[mode]
 
 
 def test_batch_path_equals_per_message_decoding(tmp_path, rng):
