@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from ingestor import _core
-from kite_stream import Tick, messages, random_stream
+from kite_stream import Tick, encode_message, messages, random_stream
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 EXCHANGES = {1: "NSE", 2: "NFO", 3: "CDS", 4: "BSE", 5: "BFO", 6: "BCD", 7: "MCX",
@@ -127,12 +127,14 @@ def test_candles_equal_sql(pg_dsn, rng, origin, utc_offset, start_utc):
     # / 200000 = 0.010000050 -> 0.0100001 half away from zero (0.0100000 if
     # rounded half to even or truncated).
     tie_token = (4242 << 8) | 1
-    t_end = stream[-1].recv_ns + 10_000
-    stream += [Tick(token=tie_token, length=44, recv_ns=t_end + k * 1000, price=p, volume=v)
-               for k, (p, v) in enumerate([(5, 10), (2, 11), (1, 200010)])]
+    t_end = (stream[-1].recv_ns // 1_000_000_000 + 1) * 1_000_000_000   # a whole second
+    tie = [Tick(token=tie_token, length=44, recv_ns=t_end, price=p, volume=v)
+           for p, v in [(5, 10), (2, 11), (1, 200010)]]
     eng = _core.Engine(utc_offset=utc_offset, origin=origin)
     dec = _core.KiteDecoder(capacity=1 << 14, depth_capacity=1 << 14)
-    for recv_ns, seq, msg in messages(rng, stream):
+    msgs = messages(rng, stream)
+    msgs.append((t_end, len(msgs), encode_message(tie)))   # one message: times t, t+1, t+2 µs
+    for recv_ns, seq, msg in msgs:
         assert dec.feed(msg, recv_ns, seq)
     tokens = eng.unknown_tokens(dec)
     eng.set_instruments(tokens, range(1, len(tokens) + 1))
