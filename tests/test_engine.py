@@ -330,3 +330,17 @@ def test_real_full_packet_vector():
     assert (rows["flags"][full] & _core.ROW_HAS_BOOK).all()
     assert len(snaps) == full.sum()
     assert (snaps["bid_orders"] == books["bid_orders"]).all()
+
+
+def test_vwap_tie_rounds_half_away_from_zero():
+    """(0.02 * 1 + 0.01 * 199999) / 200000 = 0.010000050: exactly halfway."""
+    tok = (4242 << 8) | 1
+    eng = _core.Engine(timeframes=("1s",))
+    eng.set_instrument(tok, 1)
+    dec = _core.KiteDecoder()
+    for k, (p, v) in enumerate([(5, 10), (2, 11), (1, 200010)]):
+        t = Tick(token=tok, length=44, recv_ns=10**18 + k * 1000, price=p, volume=v)
+        dec.feed(encode_message([t]), t.recv_ns, k)
+    eng.process(dec)
+    (c,) = eng.open_candles()
+    assert (c["volume"], c["vwap_e7"]) == (200000, 100001)
