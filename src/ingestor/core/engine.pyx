@@ -515,13 +515,15 @@ cdef class Engine:
         -------
         int
             The row processing stopped at: the end of the ticks, or an
-            earlier message boundary when an output buffer is full (drain
+            earlier message boundary when the output buffers are full (drain
             ``output()``, ``clear()``, call again with this ``start``).
 
         Raises
         ------
         LookupError
-            Some ticks belong to instruments without an id (nothing done).
+            A tick this call would process belongs to an instrument without
+            an id: nothing of this call is processed.  Call
+            ``unknown_tokens`` over the whole batch first.
         """
         cdef _SourcePtr tp, dp
         tpo, n, dpo, nd = self._source(source, n_ticks, depth, n_depth)
@@ -529,8 +531,18 @@ cdef class Engine:
         dp = <_SourcePtr>dpo
         if not 0 <= start <= n:
             raise ValueError(f"start {start} outside 0..{n}")
-        self._resolve(<const tick_t *>tp.p, start, n, nd)
-        return self._run(<const tick_t *>tp.p, start, n, <const depth_t *>dp.p)
+        cdef const tick_t *ticks = <const tick_t *>tp.p
+        # Work on a window of what the tick-row buffer can take (extended to
+        # a message boundary), so a batch drained in many calls is resolved
+        # once, not once per call.
+        cdef Py_ssize_t end = start + max(1, self._cap_rows - self.n_tick_rows)
+        if end >= n:
+            end = n
+        else:
+            while end < n and ticks[end].seq == ticks[end - 1].seq:
+                end += 1
+        self._resolve(ticks, start, end, nd)
+        return self._run(ticks, start, end, <const depth_t *>dp.p)
 
     cdef int _grow_outputs(self, Py_ssize_t rows, Py_ssize_t candles,
                            Py_ssize_t snaps) except -1:
