@@ -29,6 +29,9 @@ SEGMENTS = np.array([1, 1, 1, 2, 2, 2, 3, 6, 9, 12], dtype=np.uint32)
 DIVISORS = {3: 10_000_000, 6: 10_000, 12: 10_000}
 
 
+TITLE = "aggregate: decoded ticks -> tick rows + candles + depth snapshots (ticks/s, one core)"
+
+
 def make_ticks(n: int, n_instruments: int = 2000, seed: int = 7):
     """``n`` decoded ticks (TICK_DTYPE) and their books (DEPTH_DTYPE)."""
     rng = np.random.default_rng(seed)

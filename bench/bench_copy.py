@@ -99,6 +99,9 @@ SNAP_OIDS = [1184, 23, 1231, 1016, 1007, 1231, 1016, 1007, 20, 20]
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
+TITLE = "copy: numpy rows -> PostgreSQL binary COPY payloads (rows/s)"
+
+
 def make_ticks(n: int, seed: int = 1) -> np.ndarray:
     """Tick-like rows: NSE/NFO/CDS mixes, prices around real magnitudes."""
     g = np.random.default_rng(seed)

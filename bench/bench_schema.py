@@ -151,6 +151,37 @@ def run_variant(conn, ddl: list[str], batches: list[bytes]) -> float:
     return time.perf_counter() - t
 
 
+TITLE = "schema: COPY BINARY into tick_data, by key/index choice (rows/s)"
+
+
+def run(quick: bool = False) -> list[dict]:
+    n_rows, batch, instruments = (50_000, 10_000, 500) if quick else (500_000, 50_000, 2000)
+    server = resolve_dsn(os.environ.get("INGESTOR_BENCH_DSN"))
+    name = f"ingestor_bench_{os.getpid()}_{secrets.token_hex(3)}"
+    out = []
+    with connect(server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        params = conninfo_to_dict(server)
+        params["dbname"] = name
+        with connect(make_conninfo(**params), autocommit=True) as conn:
+            conn.execute("CREATE TABLE instruments (id integer PRIMARY KEY)")
+            conn.execute("INSERT INTO instruments SELECT generate_series(1, %s)", (instruments,))
+            batches = payloads(encode(n_rows, instruments), batch)
+            base = None
+            for label, ddl in VARIANTS:
+                rate = n_rows / run_variant(conn, ddl, batches)
+                base = base or rate
+                out.append({"tick_data variant": label, "rows/s": rate, "vs heap": rate / base})
+            conn.execute("DROP TABLE IF EXISTS tick_data")
+    finally:
+        with connect(server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dsn")

@@ -1,0 +1,1 @@
+"""Broker feed clients: connect, subscribe, heartbeat watchdog, reconnect. Protocol only."""

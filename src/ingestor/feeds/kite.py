@@ -1,0 +1,207 @@
+"""Kite Connect ticker client: one WebSocket connection of the daemon.
+
+Protocol (Kite Connect v3 WebSocket docs; broker-frames.md section 1):
+``wss://ws.kite.trade?api_key=...&access_token=...``; JSON text requests
+``{"a": "subscribe", "v": [tokens]}`` and ``{"a": "mode", "v": [mode,
+[tokens]]}``; binary market-data messages and 1-byte heartbeats; text
+messages (order postbacks, errors, broker messages).
+
+The client hands every message, untouched, to ``on_message`` with its
+receive time; it does nothing else with them.  It keeps the connection up:
+a watchdog reconnects when nothing (not even a heartbeat) arrived for
+``heartbeat_timeout``; reconnects back off exponentially with jitter; a
+rejected token (HTTP 403: expired or wrong) is reported once, clearly, and
+retried slowly.  Every (re)connection is a new stream with a fresh id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import websockets
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from ingestor.logs import redact
+
+log = logging.getLogger(__name__)
+
+MODES = ("ltp", "quote", "full")
+
+
+def feed_url(base: str, api_key: str, access_token: str) -> str:
+    """``base`` with the ``api_key`` and ``access_token`` query parameters added."""
+    parts = urlsplit(base)
+    query = "&".join(q for q in (parts.query, urlencode({"api_key": api_key,
+                                                          "access_token": access_token})) if q)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", query, ""))
+
+
+def subscribe_requests(subscriptions: dict[int, str]) -> list[str]:
+    """The JSON text requests subscribing ``{token: mode}``."""
+    tokens = sorted(subscriptions)
+    out = [json.dumps({"a": "subscribe", "v": tokens})]
+    for mode in MODES:
+        group = [t for t in tokens if subscriptions[t] == mode]
+        if group:
+            out.append(json.dumps({"a": "mode", "v": [mode, group]}))
+    return out
+
+
+@dataclass
+class FeedStats:
+    connects: int = 0
+    reconnects: int = 0
+    rejected: int = 0
+    messages: int = 0
+    bytes: int = 0
+    last_message_ns: int = 0
+    connected: bool = False
+    last_error: str = ""
+    gaps: list = field(default_factory=list)
+
+
+class KiteFeed:
+    """One Kite ticker connection, kept up until ``stop`` is set.
+
+    Parameters
+    ----------
+    label : str
+        The connection's name in logs, metrics and ``feed_gaps`` (``kite-0``).
+    url, api_key, access_token : str
+        The endpoint and credentials (query parameters are added here).
+    subscriptions : dict
+        ``{token: mode}`` to subscribe on every connect.
+    on_message : callable
+        ``on_message(stream, payload: bytes, is_text: bool, recv_ns: int)``,
+        called in the event loop for every message, in order.
+    on_connect, on_disconnect : callable, optional
+        ``on_connect(stream)``; ``on_disconnect(stream, started_ns, reason)``
+        when a connection ends (the start of the gap).
+    """
+
+    def __init__(self, label: str, url: str, api_key: str, access_token: str,
+                 subscriptions: dict[int, str], on_message: Callable, *,
+                 on_connect: Callable | None = None, on_disconnect: Callable | None = None,
+                 heartbeat_timeout: float = 10.0, reconnect_min: float = 0.5,
+                 reconnect_max: float = 30.0, rejected_retry: float = 60.0,
+                 connect_timeout: float = 10.0):
+        self.label = label
+        self._url = feed_url(url, api_key, access_token)
+        self.subscriptions = dict(subscriptions)
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.heartbeat_timeout = heartbeat_timeout
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.rejected_retry = rejected_retry
+        self.connect_timeout = connect_timeout
+        self.stats = FeedStats()
+        self.stream: str | None = None
+        self._ws = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = self.reconnect_min
+        while not stop.is_set():
+            started = time.time_ns()
+            reason = await self._session(stop)
+            if stop.is_set():
+                break
+            if self.stream is not None and self.on_disconnect:
+                self.on_disconnect(self.stream, started if not self.stats.connected else time.time_ns(), reason)
+            if reason == "rejected":
+                wait = self.rejected_retry
+            else:
+                wait = delay * (0.5 + random.random())
+                delay = min(delay * 2, self.reconnect_max)
+            if self.stats.connected:
+                delay = self.reconnect_min  # it was up: start backing off afresh
+            self.stats.connected = False
+            self.stats.reconnects += 1
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def _session(self, stop: asyncio.Event) -> str:
+        """One connection, until it fails; returns why it ended."""
+        try:
+            ws = await connect(self._url, open_timeout=self.connect_timeout, max_size=None,
+                               compression=None, ping_interval=None,
+                               additional_headers={"X-Kite-Version": "3"})
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status == 403:
+                self.stats.rejected += 1
+                self.stats.last_error = "access token rejected (HTTP 403)"
+                log.error("%s: the broker rejected the API key or access token (HTTP 403: expired "
+                          "or wrong); retrying in %.0f s", self.label, self.rejected_retry)
+                return "rejected"
+            self.stats.last_error = f"HTTP {status}"
+            log.warning("%s: connection refused with HTTP %d", self.label, status)
+            return f"HTTP {status}"
+        except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as exc:
+            self.stats.last_error = redact(f"{type(exc).__name__}: {exc}")
+            log.warning("%s: cannot connect: %s", self.label, self.stats.last_error)
+            return self.stats.last_error
+        self._ws = ws
+        self.stream = f"{self.label}-{uuid.uuid4().hex[:12]}"
+        self.stats.connects += 1
+        self.stats.connected = True
+        self.stats.last_message_ns = time.time_ns()
+        if self.on_connect:
+            self.on_connect(self.stream)
+        log.info("%s: connected (stream %s), subscribing %d tokens", self.label, self.stream,
+                 len(self.subscriptions))
+        on_message = self.on_message
+        stats = self.stats
+        stream = self.stream
+        try:
+            for req in subscribe_requests(self.subscriptions):
+                await ws.send(req)
+            loop = asyncio.get_running_loop()
+            recv = ws.recv
+            # Stopping closes the socket (close()), which ends recv() below.
+            async with asyncio.timeout(self.heartbeat_timeout) as tm:
+                while not stop.is_set():
+                    msg = await recv()
+                    now = time.time_ns()
+                    tm.reschedule(loop.time() + self.heartbeat_timeout)
+                    is_text = isinstance(msg, str)
+                    payload = msg.encode() if is_text else msg
+                    stats.messages += 1
+                    stats.bytes += len(payload)
+                    stats.last_message_ns = now
+                    on_message(stream, payload, is_text, now)
+            return "stopped"
+        except TimeoutError:
+            stats.last_error = f"no message for {self.heartbeat_timeout:g} s (stalled)"
+            log.warning("%s: %s; reconnecting", self.label, stats.last_error)
+            return "stalled"
+        except websockets.exceptions.ConnectionClosed as exc:
+            stats.last_error = redact(f"connection closed: {exc}")
+            log.warning("%s: %s", self.label, stats.last_error)
+            return "closed"
+        except OSError as exc:
+            stats.last_error = redact(f"{type(exc).__name__}: {exc}")
+            log.warning("%s: %s", self.label, stats.last_error)
+            return stats.last_error
+        finally:
+            self._ws = None
+            try:
+                await asyncio.wait_for(ws.close(), 2)
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                ws.transport.abort() if ws.transport else None
