@@ -66,7 +66,7 @@ class PipelineConfig(_Base):
     flush_rows: int = 50_000
     #: seconds between flushes when fewer rows are pending
     flush_interval: float = 1.0
-    timeframes: list[str] = ["1s", "5s", "1m", "5m", "15m", "1h", "1d"]
+    timeframes: list[str] = msgspec.field(default_factory=lambda: ["1s", "5s", "1m", "5m", "15m", "1h", "1d"])
     utc_offset: str = "+05:30"
     origin: str = "00:00"
     snapshot_interval: float = 1.0

@@ -38,6 +38,8 @@ class FlushBatch:
     n_snapshots: int = 0
     #: text messages (seq, payload) of the batch's range, in order (postbacks)
     texts: list = field(default_factory=list)
+    #: receive time (ns) of the batch's newest tick, 0 if none
+    last_recv_ns: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -100,6 +102,24 @@ class Pipeline:
         self._n = [0, 0, 0]
         self._first_seq = self.committed + 1
         self._last_seq = self.committed
+        self._last_recv_ns = 0
+
+    def new_stream(self, stream: str, committed: int = -1) -> None:
+        """Continue the same instruments on another stream (a reconnection).
+
+        Call right after ``take()``: the current batch must be empty.
+        """
+        if self._n != [0, 0, 0] or self._texts or self._last_seq != self.committed:
+            raise RuntimeError("new_stream() with a batch pending: take() it first")
+        self.stream = stream
+        self.committed = committed
+        self._begin()
+
+    @property
+    def has_pending(self) -> bool:
+        """Rows, texts or messages not yet handed out in a batch."""
+        return bool(self._n[0] or self._n[1] or self._n[2] or self._texts
+                    or self._last_seq != self.committed or self.decoder.n_ticks)
 
     def set_ids(self, ids: dict[int, int]) -> None:
         if ids:
@@ -169,6 +189,7 @@ class Pipeline:
                     off, ln = int(t["offset"]), int(t["length"])
                     self._texts.append((int(t["seq"]), bytes(mv[off:off + ln])))
         if start < n:
+            self._last_recv_ns = max(self._last_recv_ns, int(dec.ticks[n - 1]["recv_ns"]))
             t0 = time.perf_counter()
             unknown = eng.unknown_tokens(dec, start)
             if len(unknown):
@@ -245,7 +266,7 @@ class Pipeline:
         self.timings["encode"] += time.perf_counter() - t0
         batch = FlushBatch(self.stream, self._first_seq, self._last_seq,
                            payloads[0], self._n[0], payloads[1], self._n[1],
-                           payloads[2], self._n[2], self._texts)
+                           payloads[2], self._n[2], self._texts, self._last_recv_ns)
         self._texts = []
         self.totals["ticks"] += self._n[0]
         self.totals["candles"] += self._n[1]

@@ -1,0 +1,130 @@
+"""``ingestor run``: the daemon (see ``ingestor.daemon``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("ingestor.run")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run the daemon",
+                       description="Connect to the broker's WebSocket, ingest ticks, candles and "
+                       "depth into the database, survive disconnects and database outages. "
+                       "Credentials from KITE_API_KEY / KITE_ACCESS_TOKEN or feed.credentials_file.")
+    p.add_argument("--config", help="TOML settings file (unknown keys are errors)")
+    p.add_argument("--dsn", help="database (else INGESTOR_DSN, DATABASE_URL, the config, libpq defaults)")
+    p.add_argument("--url", help="feed endpoint (default the broker's; the daemon adds api_key "
+                   "and access_token)")
+    p.add_argument("--tokens", help="comma-separated instrument tokens (default: the config's, "
+                   "else every active instrument)")
+    p.add_argument("--mode", choices=("ltp", "quote", "full"), help="mode for every token")
+    p.add_argument("--metrics", help="host:port of /metrics and /healthz ('' disables)")
+    p.add_argument("--spool-dir", help="spool directory")
+    p.set_defaults(func=run)
+
+
+def plan_tokens(cfg, setup) -> dict[int, str]:
+    from ingestor.cli import Failure
+
+    f = cfg.feed
+    tokens = list(f.tokens)
+    if not tokens:
+        from ingestor.daemon import SQL_ACTIVE_TOKENS
+
+        tokens = [int(r[0]) for r in setup.execute(SQL_ACTIVE_TOKENS)]
+        if not tokens:
+            raise Failure("no instruments to subscribe: load a dump (ingestor instruments load) "
+                          "or set feed.tokens")
+    limit = f.tokens_per_connection * f.max_connections
+    if len(tokens) > limit:
+        raise Failure(f"{len(tokens)} tokens exceed the broker's limit of {limit} "
+                      f"({f.max_connections} connections x {f.tokens_per_connection} tokens)")
+    return {t: f.modes.get(str(t), f.mode) for t in tokens}
+
+
+def run(args) -> int:
+    import asyncio
+
+    from ingestor import config as config_mod
+    from ingestor.cli import Failure, UsageError
+    from ingestor.db.dsn import connect, resolve_dsn
+    from ingestor.db.instruments import register_tokens
+    from ingestor.db.migrate import require_current
+
+    try:
+        cfg = config_mod.load(args.config)
+        if args.url:
+            cfg.feed.url = args.url
+        if args.tokens:
+            try:
+                cfg.feed.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+            except ValueError:
+                raise UsageError(f"--tokens: not a list of integers: {args.tokens!r}") from None
+        if args.mode:
+            cfg.feed.mode = args.mode
+        if args.metrics is not None:
+            cfg.metrics.listen = args.metrics
+        if args.spool_dir:
+            cfg.spool.dir = args.spool_dir
+        config_mod.validate(cfg)
+        api_key, token = config_mod.credentials(cfg)
+    except config_mod.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    dsn = resolve_dsn(args.dsn, config_dsn=cfg.database.dsn)
+    setup = connect(dsn, autocommit=True)
+    try:
+        require_current(setup)
+        replay_leftovers(cfg, dsn)
+        tokens = plan_tokens(cfg, setup)
+        register_tokens(setup, list(tokens))
+        probe_feed(cfg.feed.url, cfg.feed.connect_timeout)
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:  # not on this platform
+            runner = asyncio.run
+
+        async def main():
+            from ingestor.daemon import Daemon
+
+            d = Daemon(cfg, dsn, cfg.feed.url, api_key, token, tokens, setup)
+            return await d.run()
+
+        return runner(main())
+    finally:
+        setup.close()
+
+
+def replay_leftovers(cfg, dsn: str) -> None:
+    """Spool segments a previous run left (a crash): into the database first, exactly once."""
+    import glob
+
+    from ingestor.daemon import settings_of
+    from ingestor.replay import replay
+
+    paths = sorted(glob.glob(os.path.join(cfg.spool.dir, "*.cap")))
+    for path in paths:
+        r = replay(path, dsn, settings=settings_of(cfg), progress=False,
+                   dead_letter_dir=cfg.writer.dead_letter_dir)
+        log.info("replayed spool %s left by an earlier run: %d ticks (%d messages already committed)",
+                 os.path.basename(path), r.ticks, r.skipped_messages)
+        os.unlink(path)
+
+
+def probe_feed(url: str, timeout: float) -> None:
+    """Fail fast, with one line, when the feed's host does not answer at all."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from ingestor.cli import Failure
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise Failure(f"cannot reach the feed at {parts.scheme}://{parts.hostname}:{port}: "
+                      f"{exc.strerror or exc}") from None

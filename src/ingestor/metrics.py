@@ -1,0 +1,76 @@
+"""Prometheus metrics of the daemon and its /metrics + /healthz endpoint.
+
+``prometheus_client`` holds the metrics and renders the exposition format; a
+tiny asyncio HTTP responder serves it on the daemon's own event loop (no
+thread), with ``/healthz`` answering 200 while the feed is connected and the
+database writable, 503 otherwise (the body says which).  Labels never carry
+secrets: connection labels and reasons only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ticks_received = Counter("ingestor_ticks_received", "Binary messages received from the feed", ["connection"], registry=r)
+        self.messages = Counter("ingestor_messages_received", "WebSocket messages received", ["connection", "kind"], registry=r)
+        self.ticks_decoded = Counter("ingestor_ticks_decoded", "Packets decoded", registry=r)
+        self.ticks_written = Counter("ingestor_ticks_written", "Tick rows committed to tick_data", registry=r)
+        self.candles_written = Counter("ingestor_candles_written", "Candle rows upserted", registry=r)
+        self.snapshots_written = Counter("ingestor_snapshots_written", "Order-book snapshots committed", registry=r)
+        self.malformed = Counter("ingestor_malformed_messages", "Malformed messages by reason", ["reason"], registry=r)
+        self.batches = Counter("ingestor_batches", "Flush transactions by outcome", ["outcome"], registry=r)
+        self.flush_latency = Histogram("ingestor_flush_seconds", "Flush transaction duration",
+                                       buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.tick_to_commit = Histogram("ingestor_tick_to_commit_seconds", "Receive time to commit of a batch's newest message",
+                                        buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
+        self.spool_bytes = Gauge("ingestor_spool_bytes", "Bytes in the spool", registry=r)
+        self.spool_dropped = Gauge("ingestor_spool_dropped_messages", "Messages refused by a full spool", registry=r)
+        self.spool_alarm = Gauge("ingestor_spool_alarm", "1 when the spool is near its bound", registry=r)
+        self.reconnects = Counter("ingestor_feed_reconnects", "Feed reconnections", ["connection"], registry=r)
+        self.feed_connected = Gauge("ingestor_feed_connected", "1 while the connection is up", ["connection"], registry=r)
+        self.feed_lag = Gauge("ingestor_feed_lag_seconds", "Seconds since the connection's last message", ["connection"], registry=r)
+        self.loop_lag = Gauge("ingestor_loop_lag_seconds", "Event-loop lag (late wake-up of a 100 ms timer)", registry=r)
+        self.loop_lag_max = Gauge("ingestor_loop_lag_max_seconds", "Largest loop lag since start", registry=r)
+        self.db_up = Gauge("ingestor_database_up", "1 when the last flush reached the database", registry=r)
+        self.postbacks = Counter("ingestor_postbacks", "Text messages (order postbacks) handed on", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve(host: str, port: int, metrics: Metrics, health: Callable[[], tuple[bool, dict]]):
+    """Serve ``/metrics`` and ``/healthz``; returns the asyncio server."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            if path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, metrics.render()
+            elif path == "/healthz":
+                ok, detail = health()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "application/json", json.dumps(detail).encode()
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
