@@ -280,6 +280,7 @@ class Daemon:
             if lag > self.loop_lag_max:
                 self.loop_lag_max = lag
                 self.metrics.loop_lag_max.set(lag)
+            self._decoder_metrics()
             now_ns = time.time_ns()
             for conn in self.connections:
                 if conn.feed is not None and conn.feed.stats.last_message_ns:
@@ -296,6 +297,25 @@ class Daemon:
             if self.stop.is_set() and self.queue.empty() and all(
                     not c.streams for c in self.connections):
                 return
+
+    _seen: dict = {}
+
+    def _decoder_metrics(self) -> None:
+        """Decoder counters (per connection's pipeline) into the Prometheus counters."""
+        totals: dict = {}
+        for c in self.connections:
+            for k, v in c.pipeline.decoder.stats().items():
+                totals[k] = totals.get(k, 0) + v
+        seen = self._seen
+        m = self.metrics
+        d = totals.get("packets", 0) - seen.get("packets", 0)
+        if d > 0:
+            m.ticks_decoded.inc(d)
+        for reason in ("empty_message", "unknown_length", "truncated", "trailing_bytes", "bad_records"):
+            d = totals.get(reason, 0) - seen.get(reason, 0)
+            if d > 0:
+                m.malformed.labels(reason).inc(d)
+        self._seen = totals
 
     def health(self) -> tuple[bool, dict]:
         feeds = {c.label: bool(c.feed and c.feed.stats.connected) for c in self.connections}

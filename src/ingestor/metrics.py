@@ -20,7 +20,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.ticks_received = Counter("ingestor_ticks_received", "Binary messages received from the feed", ["connection"], registry=r)
         self.messages = Counter("ingestor_messages_received", "WebSocket messages received", ["connection", "kind"], registry=r)
         self.ticks_decoded = Counter("ingestor_ticks_decoded", "Packets decoded", registry=r)
         self.ticks_written = Counter("ingestor_ticks_written", "Tick rows committed to tick_data", registry=r)

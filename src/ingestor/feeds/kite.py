@@ -192,6 +192,8 @@ class KiteFeed:
             log.warning("%s: %s; reconnecting", self.label, stats.last_error)
             return "stalled"
         except websockets.exceptions.ConnectionClosed as exc:
+            if stop.is_set():
+                return "stopped"
             stats.last_error = redact(f"connection closed: {exc}")
             log.warning("%s: %s", self.label, stats.last_error)
             return "closed"
