@@ -1,59 +1,139 @@
-"""``ingestor demo``: the README's main job.
+"""``ingestor demo``: the README's main job, end to end on this machine.
 
-Generates a realistic capture with the offline Kite simulator (all segments,
-mixed modes, heartbeats), decodes it through the batch path, and prints what
-was decoded: counts per mode and message kind, a few ticks as JSON, ticks/s.
+Finds a PostgreSQL (a local server that answers, else a private cluster under
+the working directory), migrates it, starts the bundled Kite simulator
+server, runs the daemon against it for a while, stops it with SIGTERM, and
+prints what landed in the tables: ticks (checked against the simulator's own
+recording), candles by timeframe, snapshots, ticks/s.  Then it stops what it
+started.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="generate a demo capture and decode it",
+    p = sub.add_parser("demo", help="run the simulator and the daemon into a local PostgreSQL",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--dir", default="demo", help="where to write the demo files (default: ./demo)")
-    p.add_argument("--ticks", type=int, default=500_000, help="ticks to simulate")
-    p.add_argument("--tokens", type=int, default=500, help="instruments to simulate")
+    p.add_argument("--dir", default="demo", help="working folder (default ./demo)")
+    p.add_argument("--dsn", help="database to use (default: a local server, else a private cluster)")
+    p.add_argument("--seconds", type=float, default=15.0, help="how long the daemon runs")
+    p.add_argument("--tokens", type=int, default=300, help="simulated instruments")
+    p.add_argument("--rate", type=int, default=20_000, help="simulated ticks per second")
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=run)
 
 
+def _ingestor(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ingestor", *args]
+
+
 def run(args) -> int:
-    import msgspec
+    import psycopg
+
+    from ingestor.cli import Failure
+    from ingestor.db.migrate import migrate
+    from ingestor.devdb import ensure_database
+
+    os.makedirs(args.dir, exist_ok=True)
+    workdir = os.path.abspath(args.dir)
+    dsn, cluster = ensure_database(args.dsn, workdir)
+    print(f"database: {'private cluster under ' + cluster.datadir if cluster else 'local server'} "
+          f"({dsn.replace('password=', 'password=***') if 'password=' in dsn else dsn})")
+    sim = daemon = None
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            migrate(conn)
+            # a fresh demo each time: the tables of the demo database start empty
+            conn.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
+                         "feed_gaps")
+        record = os.path.join(workdir, "simulator.cap")
+        csv = os.path.join(workdir, "instruments.csv")
+        for path in (record, csv):
+            if os.path.exists(path):
+                os.unlink(path)
+        sim = subprocess.Popen(
+            _ingestor("simulate", "--listen", "127.0.0.1:0", "--tokens", str(args.tokens),
+                      "--rate", str(args.rate), "--duration", str(args.seconds + 30),
+                      "--seed", str(args.seed), "--record", record, "--instruments-csv", csv,
+                      "--postbacks", "2"),
+            stdout=subprocess.PIPE, text=True)
+        line = sim.stdout.readline().strip()
+        if "ws://" not in line:
+            raise Failure(f"the simulator did not start: {line or 'no output'}")
+        url = line[line.index("ws://"):].split()[0]
+        print(f"simulator: {url}, {args.tokens} instruments, ~{args.rate:,} ticks/s")
+        subprocess.run(_ingestor("instruments", "load", csv, "--dsn", dsn), check=True,
+                       stdout=subprocess.DEVNULL)
+        env = dict(os.environ, KITE_API_KEY="demo-key", KITE_ACCESS_TOKEN="demo-token")
+        daemon = subprocess.Popen(
+            _ingestor("run", "--dsn", dsn, "--url", url, "--mode", "full",
+                      "--spool-dir", os.path.join(workdir, "spool"), "--metrics", ""),
+            env=env, stderr=subprocess.PIPE, text=True)
+        print(f"daemon: running for {args.seconds:g} s ...", flush=True)
+        t0 = time.monotonic()
+        try:
+            daemon.wait(timeout=args.seconds)
+            raise Failure(f"the daemon exited early: {daemon.stderr.read().strip()[-500:]}")
+        except subprocess.TimeoutExpired:
+            pass
+        daemon.send_signal(signal.SIGTERM)
+        rc = daemon.wait(timeout=60)
+        ran = time.monotonic() - t0
+        err = daemon.stderr.read()
+        if rc != 0:
+            raise Failure(f"the daemon exited with {rc}: {err.strip()[-500:]}")
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(timeout=30)
+        _report(dsn, record, ran)
+    finally:
+        for p in (daemon, sim):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        if cluster is not None:
+            cluster.stop()
+            print("stopped the private cluster")
+    return 0
+
+
+def _report(dsn: str, record: str, seconds: float) -> None:
+    import psycopg
 
     from ingestor._core import KiteDecoder
     from ingestor.batch import decode_capture
-    from ingestor.capture import CaptureReader
-    from ingestor.commands.decode import format_summary, summarize
-    from ingestor.jsonl import tick_dicts
-    from ingestor.simulator import generate_capture
 
-    os.makedirs(args.dir, exist_ok=True)
-    cap = os.path.join(args.dir, "demo.cap")
-    t0 = time.perf_counter()
-    generate_capture(cap, ticks=args.ticks, tokens=args.tokens, mode="mixed", seed=args.seed)
-    gen_s = time.perf_counter() - t0
-    print(f"simulated {args.ticks:,} ticks of {args.tokens} instruments into {cap} "
-          f"({os.path.getsize(cap) / 1e6:.1f} MB) in {gen_s:.1f} s")
-
-    dec = KiteDecoder(capacity=1 << 15)
-    samples: dict[str, dict] = {}
-    reader = CaptureReader(cap)
-    t0 = time.perf_counter()
-    with reader:
-        for _ in decode_capture(cap, dec, reader=reader):
-            if len(samples) < 5 and dec.n_ticks:
-                for d in tick_dicts(dec.ticks[:min(dec.n_ticks, 500)], dec.depth[:dec.n_depth]):
-                    key = f"{d['mode']}{'' if d['tradable'] else ' (index)'}"
-                    samples.setdefault(key, d)
-    seconds = time.perf_counter() - t0
-    print(format_summary(summarize(dec.stats(), seconds, reader)))
-    print("one tick of each kind, as `ingestor decode --jsonl` prints them:")
-    for d in samples.values():
-        if "depth" in d:
-            d = dict(d, depth={side: levels[:2] + ["..."] for side, levels in d["depth"].items()})
-        print("  " + msgspec.json.encode(d).decode())
-    return 0
+    dec = KiteDecoder()
+    for _ in decode_capture(record, dec):
+        pass
+    sent = dec.stats()["packets"]
+    with psycopg.connect(dsn) as conn:
+        ticks, distinct, instruments = conn.execute(
+            "select count(*), count(distinct (instrument_id, time)), count(distinct instrument_id) "
+            "from tick_data").fetchone()
+        candles = conn.execute("select timeframe, count(*) from ohlc_candles group by 1 "
+                               "order by min(extract(epoch from time))").fetchall()
+        snaps = conn.execute("select count(*) from order_book_snapshots").fetchone()[0]
+        sample = conn.execute(
+            "select i.symbol, c.time, c.open_price, c.high_price, c.low_price, c.close_price, "
+            "c.volume, c.vwap from ohlc_candles c join instruments i on i.id = c.instrument_id "
+            "where c.timeframe = '1m' and c.volume > 0 order by c.time desc, i.symbol limit 3").fetchall()
+        orders = conn.execute("select count(*) from orders").fetchone()[0]
+    print()
+    print(f"tick_data:            {ticks:,} rows for {instruments} instruments "
+          f"({'all unique' if distinct == ticks else 'DUPLICATES'}); "
+          f"the simulator sent {sent:,}: {'every one is in' if sent == ticks else 'MISMATCH'}")
+    print("ohlc_candles:         " + ", ".join(f"{tf} {n:,}" for tf, n in candles))
+    print(f"order_book_snapshots: {snaps:,}")
+    print(f"orders:               {orders:,} (from the simulator's postbacks)")
+    print(f"throughput:           {ticks / seconds:,.0f} ticks/s over {seconds:.1f} s")
+    if sample:
+        print("latest 1m candles:")
+        for sym, t, o, h, lo, c, v, vw in sample:
+            print(f"  {sym:<24} {t:%H:%M} O {o.normalize()} H {h.normalize()} L {lo.normalize()} "
+                  f"C {c.normalize()} V {v:,} VWAP {vw.normalize() if vw is not None else '-'}")

@@ -1,0 +1,105 @@
+"""Helpers for the daemon's end-to-end tests: a simulator process, a daemon process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+
+from ingestor._core import KiteDecoder
+from ingestor.batch import decode_capture
+
+
+def ingestor(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ingestor", *args]
+
+
+class Simulator:
+    def __init__(self, tmp, *extra: str, tokens: int = 40, rate: int = 4000, seed: int = 3,
+                 duration: float = 120):
+        self.record = str(tmp / "sim.cap")
+        self.csv = str(tmp / "instruments.csv")
+        self.proc = subprocess.Popen(
+            ingestor("simulate", "--listen", "127.0.0.1:0", "--tokens", str(tokens), "--rate",
+                     str(rate), "--duration", str(duration), "--seed", str(seed), "--record",
+                     self.record, "--instruments-csv", self.csv, *extra),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert "ws://" in line, (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
+        self.url = line[line.index("ws://"):].split()[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def sent_packets(self) -> int:
+        dec = KiteDecoder()
+        for _ in decode_capture(self.record, dec):
+            pass
+        return dec.stats()["packets"]
+
+
+class Daemon:
+    def __init__(self, tmp, dsn: str, url: str, *, config: str = "", name: str = "daemon"):
+        self.cfg = tmp / f"{name}.toml"
+        self.cfg.write_text(
+            "[feed]\nmode = \"full\"\nheartbeat_timeout = 2.0\nreconnect_min = 0.1\n"
+            "reconnect_max = 0.5\nrejected_retry = 30.0\n"
+            "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
+            f"[spool]\ndir = \"{tmp / 'spool'}\"\n"
+            f"[writer]\ndead_letter_dir = \"{tmp / 'dead'}\"\n"
+            "[metrics]\nlisten = \"\"\n" + config)
+        self.log = open(tmp / f"{name}.log", "w")
+        env = dict(os.environ, KITE_API_KEY="test-key", KITE_ACCESS_TOKEN="test-token-secret")
+        self.proc = subprocess.Popen(ingestor("run", "--config", str(self.cfg), "--dsn", dsn,
+                                              "--url", url), env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.logpath = tmp / f"{name}.log"
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=timeout)
+        self.log.close()
+        return rc
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+    def output(self) -> str:
+        return self.logpath.read_text()
+
+
+def load_instruments(dsn: str, csv: str) -> None:
+    subprocess.run(ingestor("instruments", "load", csv, "--dsn", dsn), check=True,
+                   capture_output=True)
+
+
+def wait_for(cond, timeout: float = 30, step: float = 0.1):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def count_ticks(dsn: str) -> int:
+    with psycopg.connect(dsn) as c:
+        return c.execute("select count(*) from tick_data").fetchone()[0]
+
+
+def tick_summary(dsn: str) -> tuple[int, int]:
+    with psycopg.connect(dsn) as c:
+        return c.execute("select count(*), count(distinct (instrument_id, time)) from tick_data").fetchone()
