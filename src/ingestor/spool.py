@@ -84,6 +84,11 @@ class StreamSpool:
             self._new_segment()
             seg = self.segments[-1]
         seq = seg.writer.write(payload, kind, recv_ns)
+        # Hand it to the OS now: a SIGKILL then loses nothing received (the
+        # page cache outlives the process; fsync at a cadence covers the rest).
+        seg.writer.flush()
+        seg.flushed = seg.writer.bytes
+        seg.end_seq = seq + 1
         self.next_seq = seq + 1
         sp.bytes += size
         if not sp.alarmed and sp.bytes >= sp.alarm_bytes:
