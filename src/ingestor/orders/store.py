@@ -372,6 +372,12 @@ SELECT s, i, q, a, cp, un, r, CASE WHEN q <> 0 THEN 'OPEN' ELSE 'CLOSED' END, co
 """
 
 
+def _fk_violation():
+    import psycopg
+
+    return psycopg.errors.ForeignKeyViolation
+
+
 class _Q:
     """A statement the I/O-free logic asks its driver to run."""
 
@@ -439,8 +445,9 @@ class OrderStore:
 
     Notes
     -----
-    One store per daemon; it caches instrument ids and known strategies (the cache of
-    strategies is only trusted after a commit this store made).  Not safe to share between
+    One store per daemon; it caches instrument ids (rows of ``instruments`` are never
+    deleted; a batch refused by a foreign key is retried once with the cache reloaded).
+    Not safe to share between
     concurrent tasks: give each writer its own store and connection (the advisory lock
     serialises them in the database).
     """
@@ -448,7 +455,6 @@ class OrderStore:
     def __init__(self, default_strategy: str = DEFAULT_STRATEGY):
         self.default_strategy = default_strategy
         self._ids: dict[int, int] = {}
-        self._strategies: set[str] = set()
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, messages: Sequence[Message], places) -> tuple[list, list, ApplyResult]:
@@ -491,10 +497,9 @@ class OrderStore:
             yield _Q(_DEAD, tuple(map(list, zip(*dead))))
         if not good:
             return
-        needed = {self._strategy_of(pb) for pb, _ in good}
-        new = sorted(needed - self._strategies)
-        if new:
-            yield _Q(_STRATEGIES, (new,))
+        # every batch (a handful of keys, one statement): a cache of registered strategies
+        # would go stale if a row were deleted, and then refuse every postback of it
+        yield _Q(_STRATEGIES, (sorted({self._strategy_of(pb) for pb, _ in good}),))
         broker_ids = sorted({pb.order_id for pb, _ in good})
         rows = yield _Q(_ORDERS_OF, (broker_ids,), fetch=True)
         orders: dict[str, _Order] = {}
@@ -633,7 +638,8 @@ class OrderStore:
         return (None, None, reason, _payload_text(data))
 
     def apply_sync(self, conn, messages: Sequence[Message],
-                   places: Sequence[tuple[str, int] | None] | None = None) -> ApplyResult:
+                   places: Sequence[tuple[str, int] | None] | None = None, *,
+                   _retry: bool = True) -> ApplyResult:
         """Synchronous twin of :meth:`apply` (a :class:`psycopg.Connection`)."""
         from ingestor.db.instruments import register_tokens
 
@@ -646,6 +652,10 @@ class OrderStore:
         except Exception as exc:
             if not self._is_data_error(exc):
                 raise
+            if _retry and isinstance(exc, _fk_violation()):
+                # perhaps our instrument ids are stale: reload them and try the batch again
+                self._ids.clear()
+                return self.apply_sync(conn, messages, places, _retry=False)
             log.warning("postback batch refused by the database (%s): one by one", exc)
             total = ApplyResult(received=res.received)
             if dead:
@@ -667,9 +677,6 @@ class OrderStore:
         return res
 
     def _run_sync(self, conn, good, dead, res) -> None:
-        import psycopg
-
-        own = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         with conn.transaction():
             gen = self._batch(good, dead, self._ids, res)
             try:
@@ -679,11 +686,10 @@ class OrderStore:
                     q = gen.send(cur.fetchall() if q.fetch else cur.rowcount)
             except StopIteration:
                 pass
-        if own:
-            self._strategies.update(self._strategy_of(pb) for pb, _ in good)
 
     async def apply(self, conn, messages: Sequence[Message],
-                    places: Sequence[tuple[str, int] | None] | None = None) -> ApplyResult:
+                    places: Sequence[tuple[str, int] | None] | None = None, *,
+                    _retry: bool = True) -> ApplyResult:
         """Apply a batch of postbacks in one transaction.
 
         Parameters
@@ -718,6 +724,10 @@ class OrderStore:
         except Exception as exc:
             if not self._is_data_error(exc):
                 raise
+            if _retry and isinstance(exc, _fk_violation()):
+                # perhaps our instrument ids are stale: reload them and try the batch again
+                self._ids.clear()
+                return await self.apply(conn, messages, places, _retry=False)
             log.warning("postback batch refused by the database (%s): one by one", exc)
             total = ApplyResult(received=res.received)
             if dead:
@@ -739,9 +749,6 @@ class OrderStore:
         return res
 
     async def _run_async(self, conn, good, dead, res) -> None:
-        import psycopg
-
-        own = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         async with conn.transaction():
             gen = self._batch(good, dead, self._ids, res)
             try:
@@ -751,8 +758,6 @@ class OrderStore:
                     q = gen.send(await cur.fetchall() if q.fetch else cur.rowcount)
             except StopIteration:
                 pass
-        if own:
-            self._strategies.update(self._strategy_of(pb) for pb, _ in good)
 
 
 # --------------------------------------------------------------------------------------------
