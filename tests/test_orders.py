@@ -25,14 +25,13 @@ from ingestor.db.migrate import migrate
 from ingestor.orders import (
     IST,
     OrderStore,
-    Postback,
     PostbackError,
     decode_postback,
     mark_from_ticks,
     mark_to_market,
 )
 from ingestor.orders.simulate import OrderFlow
-from ingestor.orders.store import DERIVED_PLACES, derive_fill_price
+from ingestor.orders.store import DERIVED_PLACES, derive_fill_price, mark_to_market_loop
 
 SAMPLE = os.path.join(VECTORS, "postback.json")
 INSTRUMENTS = [(779521, "NSE", "SBIN", "470.35"), (408065, "NSE", "INFY", "1573.70"),
@@ -410,6 +409,23 @@ def test_mark_to_market(db):
     assert mark_from_ticks(db) == 1
     assert db.execute("SELECT current_price, unrealized_pnl FROM positions WHERE quantity = 10"
                       ).fetchone() == (Decimal("99.95"), Decimal("-5.5"))
+    db.execute("INSERT INTO tick_data (time, instrument_id, exchange, price) "
+               "VALUES (%s, %s, 'NSE', 100.05)", (t0 + dt.timedelta(seconds=5), ids[779521]))
+    db.commit()
+
+    async def loop_once():  # the daemon's cadence loop, stopped after its first mark
+        conn = await psycopg.AsyncConnection.connect(db.info.dsn)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_soon(stop.set)
+        try:
+            await mark_to_market_loop(conn, 0.01, stop)
+        finally:
+            await conn.close()
+
+    asyncio.run(loop_once())
+    assert db.execute("SELECT current_price, unrealized_pnl FROM positions WHERE quantity = 10"
+                      ).fetchone() == (Decimal("100.05"), Decimal("-4.5"))
+    db.execute("UPDATE positions SET current_price = 99.95 WHERE quantity = 10")
     # a fill after marking keeps unrealized P&L consistent with the mark
     store.apply_sync(db, [_pb("e", "COMPLETE", 10, "99.5", "09:40:00")])
     assert db.execute("SELECT quantity, average_entry_price, unrealized_pnl FROM positions "
@@ -528,3 +544,14 @@ def test_a_store_survives_deleted_strategies_and_instruments(db):
     assert db.execute("SELECT s.id, i.instrument_token FROM orders o JOIN strategies s ON "
                       "s.id = o.strategy_id JOIN instruments i ON i.id = o.instrument_id"
                       ).fetchall() == [("alpha", 779521)]
+
+
+def test_bench_orders_quick_runs(pg_server_dsn):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ingestor", "bench", "--only", "orders", "--quick",
+                        "--dsn", pg_server_dsn], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "1 per transaction" in r.stdout and "batches of 100" in r.stdout
+    assert "dead-lettered" not in r.stderr

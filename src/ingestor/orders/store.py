@@ -31,8 +31,8 @@
      through zero closes it and opens a new row for the rest at the fill's price.
 
    Fills apply in ``executions.id`` order, which is the order they were derived in: within
-   a batch, postbacks by exchange update time.  :func:`replay_positions` is the reference
-   recomputation (the tests' oracle uses it only as documentation; they reimplement it).
+   a batch, postbacks by exchange update time.  :func:`replay_positions` recomputes them
+   from a list of fills (the tests check the table against their own, separate replay).
 6. The strategy is the order's ``tag`` (:attr:`OrderStore.default_strategy` when absent),
    registered in ``strategies`` if new; unknown instrument tokens are registered in
    ``instruments`` (:func:`ingestor.db.instruments.register_tokens`, committed on its own
@@ -94,6 +94,7 @@ __all__ = [
     "amark_to_market",
     "mark_from_ticks",
     "amark_from_ticks",
+    "mark_to_market_loop",
     "replay_positions",
 ]
 
@@ -844,3 +845,31 @@ async def amark_from_ticks(conn) -> int:
     """Async twin of :func:`mark_from_ticks`; the daemon calls it at its cadence (1 s)."""
     cur = await conn.execute(_MARK_FROM_TICKS)
     return cur.rowcount
+
+
+async def mark_to_market_loop(conn, interval: float = 1.0, stop=None) -> None:
+    """Mark positions from the latest ticks every ``interval`` seconds until ``stop`` is set.
+
+    One statement per cadence (:func:`amark_from_ticks`), each committed on its own.
+
+    Parameters
+    ----------
+    conn : psycopg.AsyncConnection
+        A connection of its own (autocommit is fine).
+    interval : float
+        Seconds between marks (the daemon's default cadence is 1 s).
+    stop : asyncio.Event, optional
+        Ends the loop when set; without one the loop runs until cancelled.
+    """
+    import asyncio
+
+    while stop is None or not stop.is_set():
+        async with conn.transaction():
+            await amark_from_ticks(conn)
+        if stop is None:
+            await asyncio.sleep(interval)
+        else:
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
