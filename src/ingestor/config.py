@@ -72,6 +72,8 @@ class PipelineConfig(_Base):
     snapshot_interval: float = 1.0
     #: forming candles of timeframes at least this long are upserted every flush
     open_candles_from: str = "1m"
+    #: seconds between marks of open positions to the latest prices
+    mark_interval: float = 1.0
 
 
 class SpoolConfig(_Base):

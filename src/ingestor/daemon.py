@@ -33,7 +33,7 @@ from ingestor.feeds.kite import KiteFeed
 from ingestor.metrics import Metrics, serve
 from ingestor.pipeline import Pipeline, PipelineSettings
 from ingestor.spool import Spool, StreamSpool
-from ingestor.writer import Writer
+from ingestor.writer import Writer, postback_handler
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class Daemon:
         self.writer = Writer(dsn, dead_letter_dir=cfg.writer.dead_letter_dir,
                              max_rejects=cfg.writer.max_rejects, retry_for=None,
                              on_texts=self._postbacks)
+        self._on_texts = postback_handler()
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.writer.queue_batches)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeline")
         self.committed: dict[str, int] = {}
@@ -257,15 +258,33 @@ class Daemon:
                     log.warning("cannot record feed gap yet: %s", exc)
             await asyncio.sleep(0.5)
 
-    async def _postbacks(self, conn, texts: list) -> None:
-        self.metrics.postbacks.inc(len(texts))
-        if self.orders is not None:
-            await self.orders(conn, texts)
-        else:
-            log.info("%d text message(s) (postbacks) received; no orders component configured",
-                     len(texts))
+    async def _postbacks(self, conn, batch) -> None:
+        self.metrics.postbacks.inc(len(batch.texts))
+        await self._on_texts(conn, batch)
 
-    orders = None
+    async def _mark_to_market(self) -> None:
+        """Positions marked to the latest prices every second: one statement, no tick query."""
+        import psycopg
+
+        from ingestor.orders.store import amark_to_market
+
+        conn = None
+        while not self.stop.is_set():
+            await asyncio.sleep(self.cfg.pipeline.mark_interval)
+            prices: dict = {}
+            for c in self.connections:
+                prices.update(c.pipeline.latest_prices())
+            if not prices:
+                continue
+            try:
+                if conn is None or conn.closed:
+                    conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+                await amark_to_market(conn, prices)
+            except psycopg.Error as exc:
+                log.debug("mark to market skipped: %s", exc)
+                conn = None
+        if conn is not None:
+            await conn.close()
 
     # -- housekeeping --------------------------------------------------------
 
@@ -365,7 +384,8 @@ class Daemon:
             tasks.append(asyncio.ensure_future(conn.feed.run(self.stop)))
         consumers = [asyncio.ensure_future(self._consume(c)) for c in self.connections]
         writer = asyncio.ensure_future(self._write())
-        side = [asyncio.ensure_future(self._gaps()), asyncio.ensure_future(self._monitor())]
+        side = [asyncio.ensure_future(self._gaps()), asyncio.ensure_future(self._monitor()),
+                asyncio.ensure_future(self._mark_to_market())]
         log.info("running: %d connection(s), %d tokens", len(self.connections),
                  sum(len(c.tokens) for c in self.connections))
         await self.stop.wait()

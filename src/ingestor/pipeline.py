@@ -92,6 +92,8 @@ class Pipeline:
         self.timings = {"decode": 0.0, "aggregate": 0.0, "encode": 0.0}
         self.totals = {"ticks": 0, "candles": 0, "snapshots": 0, "batches": 0, "skipped_messages": 0}
         self._texts: list = []
+        #: latest price of every instrument: {instrument_id: (raw, divisor)} (for positions)
+        self.latest: dict[int, tuple[int, int]] = {}
         self._begin()
 
     # -- state ---------------------------------------------------------------
@@ -129,6 +131,12 @@ class Pipeline:
     def seed(self, token: int, last_time_us: int, last_cum_volume: int | None) -> None:
         """Continue an instrument from the database's last tick."""
         self.engine.seed(token, last_time_us, last_cum_volume)
+
+    def latest_prices(self) -> dict:
+        """``{instrument_id: Decimal price}`` of the latest tick of every instrument (exact)."""
+        from decimal import Decimal
+
+        return {i: Decimal(raw) / div for i, (raw, div) in self.latest.items()}
 
     @property
     def pending_rows(self) -> int:
@@ -209,6 +217,11 @@ class Pipeline:
         t0 = time.perf_counter()
         if len(rows):
             self._enc_ticks.encode_rows(rows)
+            # last row of each instrument in this drain (rows are in time order)
+            ids = rows["instrument_id"][::-1]
+            uniq, first = np.unique(ids, return_index=True)
+            last = rows[len(rows) - 1 - first]
+            self.latest.update(zip(uniq.tolist(), zip(last["price"].tolist(), last["divisor"].tolist())))
         if len(candles):
             self._enc_candles.encode_rows(candles)
         if len(snaps):

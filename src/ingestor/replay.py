@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ingestor.capture import CaptureReader
 from ingestor.pipeline import Pipeline, PipelineSettings
-from ingestor.writer import Writer
+from ingestor.writer import Writer, postback_handler
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -113,7 +113,7 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
         pipeline = Pipeline(stream, resolve=lambda toks: register_tokens(setup, toks),
                             settings=settings, committed=committed(setup, stream))
         load_state(setup, pipeline)
-        writer = Writer(dsn, dead_letter_dir=dead_letter_dir)
+        writer = Writer(dsn, dead_letter_dir=dead_letter_dir, on_texts=postback_handler())
         show = sys.stderr.isatty() if progress is None else progress
         t0 = time.perf_counter()
         asyncio.run(_run(reader, pipeline, writer, queue_batches, show))

@@ -10,7 +10,8 @@ A flush is one transaction on one connection (psycopg 3, async):
    ON CONFLICT DO UPDATE`` into ``ohlc_candles`` (forming candles are
    upserted again as they grow; the last version of a key in a batch wins);
 4. ``COPY order_book_snapshots``;
-5. the batch's text messages (order postbacks) through ``on_texts``;
+5. the batch's text messages (order postbacks) through ``on_texts`` (the
+   orders component: orders, fills, positions);
 6. advance the stream's committed sequence number; commit.
 
 A lost connection (the server restarted, a network cut) is retried with
@@ -129,13 +130,14 @@ class Writer:
         (``ConnectionLost`` is raised); None retries forever (the daemon,
         which spools meanwhile).
     on_texts : async callable, optional
-        ``on_texts(conn, texts)`` run inside the flush transaction for the
-        batch's text messages (the orders component).
+        ``on_texts(conn, batch)`` run inside the flush transaction for the
+        batch's text messages (the orders component): postbacks commit with
+        the ticks and the stream offset, so they too are exactly once.
     """
 
     def __init__(self, dsn: str, *, dead_letter_dir: str = "dead-letter", max_rejects: int = 3,
                  retry_for: float | None = 60.0, backoff_max: float = 5.0,
-                 on_texts: Callable[[psycopg.AsyncConnection, list], Awaitable[None]] | None = None):
+                 on_texts: Callable[[psycopg.AsyncConnection, FlushBatch], Awaitable[None]] | None = None):
         register_secret(password_of(dsn))
         self.dsn = dsn
         self.params = conninfo_to_dict(dsn)
@@ -219,7 +221,7 @@ class Writer:
                     async with cur.copy(SQL_COPY_SNAPS) as cp:
                         await cp.write(b.snapshots)
             if b.texts and self.on_texts is not None:
-                await self.on_texts(conn, b.texts)
+                await self.on_texts(conn, b)
             await offsets.aadvance(conn, b.stream, b.last_seq)
         s = self.stats
         s.batches += 1
@@ -264,3 +266,20 @@ class StreamAdvanced(Exception):
         super().__init__(f"stream {stream} was committed up to {committed} by another writer, "
                          f"inside this batch (from {first_seq})")
         self.committed = committed
+
+
+def postback_handler():
+    """``on_texts`` for the writer: the batch's order postbacks into the order tables."""
+    from ingestor.orders.store import OrderStore
+
+    store = OrderStore()
+
+    async def on_texts(conn, batch: FlushBatch) -> None:
+        places = [(batch.stream, seq) for seq, _ in batch.texts]
+        result = await store.apply(conn, [payload for _, payload in batch.texts], places)
+        if result.dead_letters:
+            log.warning("%d postback(s) of %s did not decode: kept in postback_dead_letters",
+                        result.dead_letters, batch.stream)
+
+    on_texts.store = store
+    return on_texts
