@@ -1,18 +1,28 @@
-"""``ingestor simulate``: a simulated Kite market, written to a capture file.
+"""``ingestor simulate``: a simulated Kite market, to a capture file or served live.
 
 ``ingestor simulate --out FILE.cap --ticks N [--tokens K] [--mode M] [--seed S]
 [--instruments-csv FILE.csv]`` writes a deterministic capture (see
-``ingestor.simulator``) and prints a one-line summary.  The parser is built
-in groups (``output`` for the capture; the model's options shared) so the
-live Kite-protocol server's options can join it as another group.
+``ingestor.simulator``) and prints a one-line summary.
+
+``ingestor simulate --listen HOST:PORT [--tokens K] [--rate TICKS_PER_S]
+[--duration S] [--seed S] [--record FILE.cap] [--instruments-csv FILE.csv]
+[--postbacks PER_S]`` plus fault-injection flags serves the Kite ticker
+protocol (``ingestor.simserver``): it writes the instruments CSV first,
+prints ``listening on ws://HOST:PORT`` (the real port when given 0) as one
+line, serves until ``--duration`` passes or SIGTERM/SIGINT, closes the
+connections gracefully and exits 0 with a summary line.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import signal
+import sys
 import time
 
-from ingestor.cli import UsageError
+from ingestor.cli import Failure, UsageError
 
 MODES = ("ltp", "quote", "full", "mixed")
 
@@ -34,6 +44,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     out = p.add_argument_group("capture output")
     out.add_argument("--out", metavar="FILE.cap", help="capture file to write")
     out.add_argument("--ticks", type=int, metavar="N", help="packets to write")
+    live = p.add_argument_group("live Kite-protocol server")
+    live.add_argument("--listen", metavar="HOST:PORT",
+                      help="serve the Kite ticker WebSocket protocol here (port 0: any free port)")
+    live.add_argument("--rate", type=float, default=1000.0, metavar="TICKS_PER_S",
+                      help="packets per second offered in total (default 1000)")
+    live.add_argument("--duration", type=float, metavar="S",
+                      help="close and exit 0 after this many seconds (default: until signalled)")
+    live.add_argument("--record", metavar="FILE.cap",
+                      help="capture of every message sent, to every connection, in order")
+    live.add_argument("--postbacks", type=float, default=0.0, metavar="PER_S",
+                      help="order postbacks per second (default 0)")
+    live.add_argument("--postback-source", metavar="MODULE:FACTORY",
+                      help="factory(instruments, seed) returning the postback source "
+                           "(default: the built-in generator)")
+    live.add_argument("--postbacks-to", choices=("first", "all"), default="first",
+                      help="postbacks to the oldest live connection (default) or to all")
+    live.add_argument("--expected-token", metavar="TOKEN",
+                      help="accept only this access_token (others get HTTP 403)")
+    live.add_argument("--max-connections", type=int, default=3, metavar="N",
+                      help="connections per api_key (default 3, the broker's limit)")
+    live.add_argument("--batch", type=int, default=100, metavar="N",
+                      help="packets per binary message at most (default 100)")
+    faults = p.add_argument_group("fault injection (per connection, timed from its handshake)")
+    faults.add_argument("--drop-every", type=float, metavar="S",
+                        help="abort each connection (no close frame) after S seconds")
+    faults.add_argument("--stall-after", type=float, metavar="S",
+                        help="stop sending anything (heartbeats too) after S seconds")
+    faults.add_argument("--stall-for", type=float, metavar="S",
+                        help="resume after stalling S seconds (default: stay stalled)")
+    faults.add_argument("--malformed", type=float, default=0.0, metavar="FRACTION",
+                        help="fraction of data messages sent damaged (default 0)")
+    faults.add_argument("--reject-token", action="store_true",
+                        help="answer every handshake with HTTP 403 (an expired token)")
     p.set_defaults(func=run)
     return p
 
@@ -45,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("simulate: --tokens must be at least 1")
     if args.seed < 0:
         raise UsageError("simulate: --seed must be non-negative")
+    if args.listen is not None:
+        if args.out is not None or args.ticks is not None:
+            raise UsageError("simulate: --listen serves live; it takes no --out or --ticks")
+        return _serve(args)
     if args.out is None or args.ticks is None:
         raise UsageError("simulate: --out FILE.cap and --ticks N are required")
     if args.ticks < 0:
@@ -64,4 +111,83 @@ def run(args: argparse.Namespace) -> int:
     print(f"simulate: wrote {args.out}: {r['packets']} ticks in {r['messages']} messages "
           f"({r['heartbeats']} heartbeats), {r['tokens']} instruments, mode {args.mode}, "
           f"seed {args.seed}, {r['sessions']} session(s), {r['bytes']} bytes in {dt:.2f} s")
+    return 0
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"simulate: --listen must be HOST:PORT, not {value!r}")
+    return host, int(port)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ingestor.simserver import Faults, SimServer, load_postback_source
+    from ingestor.simulator import Market
+
+    host, port = _parse_listen(args.listen)
+    if args.rate < 0 or args.postbacks < 0:
+        raise UsageError("simulate: --rate and --postbacks must be non-negative")
+    if args.duration is not None and args.duration < 0:
+        raise UsageError("simulate: --duration must be non-negative")
+    if args.max_connections < 1 or not 1 <= args.batch <= 65535:
+        raise UsageError("simulate: --max-connections must be >= 1 and --batch in 1..65535")
+    faults = Faults(drop_every=args.drop_every, stall_after=args.stall_after,
+                    stall_for=args.stall_for, malformed=args.malformed,
+                    reject_token=args.reject_token)
+    try:
+        faults.validate()
+    except ValueError as exc:
+        raise UsageError(f"simulate: {exc}") from None
+    csv_path = args.instruments_csv
+    if csv_path is None and args.record:
+        csv_path = os.path.splitext(args.record)[0] + ".instruments.csv"
+    market = Market(n_tokens=args.tokens, seed=args.seed)
+    source = None
+    if args.postback_source:
+        try:
+            source = load_postback_source(args.postback_source, market.instruments, args.seed)
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:
+            raise UsageError(f"simulate: --postback-source: {exc}") from None
+    server = SimServer(host, port, market=market, rate=args.rate, seed=args.seed,
+                       record=args.record, instruments_csv=csv_path, postbacks=args.postbacks,
+                       postback_source=source, postbacks_to=args.postbacks_to, faults=faults,
+                       expected_token=args.expected_token,
+                       max_connections=args.max_connections, batch=args.batch)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread / platform
+                pass
+        try:
+            await server.start()
+        except OSError as exc:
+            await server.close()
+            if exc.filename is not None and exc.filename in (csv_path, args.record):
+                raise UsageError(f"simulate: cannot write {exc.filename}: {exc.strerror}") from None
+            raise Failure(f"simulate: cannot listen on {args.listen}: "
+                          f"{exc.strerror or exc}") from None
+        print(f"listening on {server.url}", flush=True)
+        await server.serve(args.duration, stop)
+
+    t0 = time.perf_counter()
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+    dt = time.perf_counter() - t0
+    s = server.stats
+    print(f"simulate: served {s['ticks']} ticks in {s['binary_messages']} binary messages "
+          f"({s['heartbeats']} heartbeats, {s['malformed']} malformed) and "
+          f"{s['text_messages']} text messages ({s['postbacks']} postbacks) to "
+          f"{s['connections']} connection(s) in {dt:.1f} s; rejected {s['rejected_403']} (403), "
+          f"{s['rejected_429']} (429); {s['drops']} drop(s), {s['stalls']} stall(s)"
+          + (f"; recorded {args.record}" if args.record else ""), flush=True)
     return 0
