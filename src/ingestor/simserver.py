@@ -369,7 +369,8 @@ class SimServer:
     postbacks : float
         Order postbacks per second (0: none).
     postback_source : PostbackSource, optional
-        Default ``OrderPostbacks(market.instruments, seed)``.
+        Default ``ingestor.orders.simulate.postback_source``: order lifecycles
+        (``OrderPostbacks`` is the minimal one-shot alternative).
     postbacks_to : {"first", "all"}
         The oldest live connection, or every one.
     faults : Faults, optional
@@ -450,7 +451,10 @@ class SimServer:
             self._writer = CaptureWriter(self.record_path, header)
             self.stream = header.stream
         if self.postbacks and self.postback_source is None:
-            self.postback_source = OrderPostbacks(self.market.instruments, self.seed)
+            # realistic lifecycles (partial fills, cancels, duplicates, reordering)
+            from ingestor.orders.simulate import postback_source
+
+            self.postback_source = postback_source(self.market.instruments, self.seed)
         self._server = await serve(
             self._handler, self.host, self._port, process_request=self._process_request,
             compression=None, ping_interval=None, close_timeout=2, max_size=1 << 20,

@@ -278,3 +278,17 @@ class OrderFlow:
             heapq.heappush(self._events, (when, self._seq, order_id, st))
         self._live[order_id] = len(events)
         self.final[order_id] = events[-1]
+
+
+def postback_source(instruments, seed: int = 0):
+    """A simulator-server postback source (``ingestor.simserver.PostbackSource``).
+
+    ``instruments`` are ``ingestor.simulator.Instrument`` records; indices
+    (not tradable) are left out.  Returns ``OrderFlow.next_messages``.
+    """
+    from decimal import Decimal
+
+    tradable = [(i.instrument_token, i.exchange, i.tradingsymbol,
+                 Decimal(i.price) / i.divisor, Decimal(i.tick) / i.divisor)
+                for i in instruments if i.segment_code != 9]
+    return OrderFlow(tradable, seed).next_messages
