@@ -390,6 +390,13 @@ class Daemon:
                  sum(len(c.tokens) for c in self.connections))
         await self.stop.wait()
         budget = self.cfg.shutdown_timeout
+        now = time.time_ns()
+        for c in self.connections:
+            if c.gap_start is not None:  # stopped while disconnected: the gap ends here
+                stream, started, reason = c.gap_start
+                self.gaps.append((c.label, stream, _ts(started), _ts(now),
+                                  f"{reason}; daemon stopped", sorted(c.tokens)))
+                c.gap_start = None
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
             for c in self.connections:
@@ -403,6 +410,11 @@ class Daemon:
                       "for the next start", budget, self.spool.bytes)
             return 1
         finally:
+            if self.gaps:
+                try:
+                    await asyncio.wait_for(side[0], timeout=5)
+                except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - logged by _gaps
+                    log.error("%d feed gap(s) could not be recorded", len(self.gaps))
             for t in side:
                 t.cancel()
             if server is not None:

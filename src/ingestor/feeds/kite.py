@@ -203,7 +203,13 @@ class KiteFeed:
             return stats.last_error
         finally:
             self._ws = None
-            try:
-                await asyncio.wait_for(ws.close(), 2)
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                ws.transport.abort() if ws.transport else None
+            if not stop.is_set():
+                # a stalled or broken peer would not answer a closing handshake
+                if ws.transport is not None:
+                    ws.transport.abort()
+            else:
+                try:
+                    await asyncio.wait_for(ws.close(), 2)
+                except Exception:  # noqa: BLE001 - closing a broken connection
+                    if ws.transport is not None:
+                        ws.transport.abort()
