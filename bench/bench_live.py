@@ -1,0 +1,176 @@
+"""Live stage: the simulator offering a fixed rate over loopback, the daemon ingesting.
+
+Simulator server, daemon and PostgreSQL share this machine (2 cores here).
+For each offered rate: ticks offered vs ingested per second, whether
+anything was lost (every packet the simulator recorded must be in
+``tick_data`` after the daemon's graceful stop), tick-to-commit latency
+p50/p99 (the daemon's histogram: receive time of a batch's newest tick to
+its commit), the largest event-loop lag, and the daemon's RSS at start and
+end.
+
+Run: ``python bench/bench_live.py [--quick] [--seconds S] [--rates 20000,50000]``
+or ``ingestor bench --only live``; the database server is
+``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the benchmark
+creates and drops its own database.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import table  # noqa: E402
+
+TITLE = "live: simulator -> daemon -> PostgreSQL over loopback (all on this machine)"
+
+
+def _ingestor(*a):
+    return [sys.executable, "-m", "ingestor", *a]
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def _quantile(text: str, name: str, q: float) -> float | None:
+    """A quantile from a Prometheus histogram (linear inside the bucket)."""
+    buckets = []
+    for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M):
+        le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
+        buckets.append((le, float(m.group(2))))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    want = q * total
+    prev_le, prev_n = 0.0, 0.0
+    for le, n in buckets:
+        if n >= want:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (want - prev_n) / max(n - prev_n, 1e-9)
+        prev_le, prev_n = le, n
+    return None
+
+
+def _gauge(text: str, name: str) -> float | None:
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str) -> dict:
+    import psycopg
+
+    from ingestor._core import KiteDecoder
+    from ingestor.batch import decode_capture
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, feed_gaps")
+    record = os.path.join(tmp, f"sim-{rate}.cap")
+    csv = os.path.join(tmp, "instruments.csv")
+    sim = subprocess.Popen(_ingestor("simulate", "--listen", "127.0.0.1:0", "--tokens", str(tokens),
+                                     "--rate", str(rate), "--duration", str(seconds + 60),
+                                     "--record", record, "--instruments-csv", csv),
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = sim.stdout.readline().split()[-1]
+    subprocess.run(_ingestor("instruments", "load", csv, "--dsn", dsn), check=True,
+                   capture_output=True)
+    port = _free_port()
+    env = dict(os.environ, KITE_API_KEY="bench", KITE_ACCESS_TOKEN="bench")
+    daemon = subprocess.Popen(_ingestor("run", "--dsn", dsn, "--url", url, "--mode", "full",
+                                        "--metrics", f"127.0.0.1:{port}",
+                                        "--spool-dir", os.path.join(tmp, f"spool-{rate}")),
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(2.0)
+        rss0 = _rss_mib(daemon.pid)
+        time.sleep(seconds)
+        rss1 = _rss_mib(daemon.pid)
+        text = _metrics(port)
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(timeout=30)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=120)
+    finally:
+        for p in (sim, daemon):
+            if p.poll() is None:
+                p.kill()
+    dec = KiteDecoder()
+    for _ in decode_capture(record, dec):
+        pass
+    sent = dec.stats()["packets"]
+    with psycopg.connect(dsn) as c:
+        got, first, last = c.execute(
+            "select count(*), min(time), max(time) from tick_data").fetchone()
+    span = (last - first).total_seconds() if got else 0
+    return {
+        "offered ticks/s": rate,
+        "ingested ticks/s": got / span if span else 0.0,
+        "sent": sent,
+        "in tick_data": got,
+        "lost": sent - got,
+        "p50 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.5) or 0) * 1000,
+        "p99 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.99) or 0) * 1000,
+        "max loop lag ms": (_gauge(text, "ingestor_loop_lag_max_seconds") or 0) * 1000,
+        "RSS start MiB": rss0,
+        "RSS end MiB": rss1,
+    }
+
+
+def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: int = 500) -> list[dict]:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from ingestor.db.migrate import migrate
+
+    rates = rates or ([5_000] if quick else [25_000, 50_000, 100_000, 150_000])
+    seconds = seconds or (4 if quick else 30)
+    server = os.environ.get("INGESTOR_BENCH_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+    name = f"ingestor_bench_{secrets.token_hex(3)}"
+    with psycopg.connect(server, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    params = conninfo_to_dict(server)
+    params["dbname"] = name
+    dsn = make_conninfo(**params)
+    rows = []
+    try:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            migrate(c)
+        with tempfile.TemporaryDirectory() as tmp:
+            for rate in rates:
+                rows.append(run_rate(dsn, rate, seconds, tokens, tmp))
+    finally:
+        with psycopg.connect(server, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return rows
+
+
+if __name__ == "__main__":
+    argv = sys.argv
+    rates = [int(x) for x in argv[argv.index("--rates") + 1].split(",")] if "--rates" in argv else None
+    secs = float(argv[argv.index("--seconds") + 1]) if "--seconds" in argv else None
+    print(table(run(quick="--quick" in argv, rates=rates, seconds=secs), TITLE))
