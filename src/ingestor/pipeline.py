@@ -244,7 +244,12 @@ class Pipeline:
         self._drain()
 
     def ready(self) -> bool:
-        return self._n[0] >= self.settings.flush_rows
+        # The first batches are small and grow to flush_rows: the writer starts
+        # early instead of idling while the first full batch is built.
+        batches = self.totals["batches"]
+        limit = self.settings.flush_rows if batches >= 6 else min(
+            self.settings.flush_rows, 2_000 << batches)
+        return self._n[0] >= limit
 
     def take(self, *, final: bool = False, open_candles: bool = True) -> FlushBatch:
         """End the current batch and start the next.
