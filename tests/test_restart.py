@@ -169,7 +169,23 @@ def seed_engine(eng, state: list[dict], ids: dict) -> None:
         eng.set_instrument(s["token"], ids[s["token"]])
         eng.seed(s["token"], s["last_time_us"], s["last_cum_volume"])
     for s in state:
-        eng.seed_candle(s["token"], s["timeframe_index"], *(s[k] for k in SEED_FIELDS))
+        eng.seed_candle(s["token"], s["timeframe_index"], *(s[k] for k in SEED_FIELDS),
+                        stored=s["stored"])
+
+
+def mark_stored(state: list[dict], store: dict, ref: twin.Engine, rnd) -> int:
+    """``stored``: the store holds exactly the candle the state would write (``ingestor.state``
+    checks the same against ``ohlc_candles``); sometimes left False, which is always safe.
+    Returns how many are held exactly."""
+    held = 0
+    for s in state:
+        inst = ref.instruments[s["token"]]
+        row = ref._candle_row(inst, s["timeframe_index"], inst.candles[s["timeframe_index"]])
+        got = store.get((row["time_us"], row["instrument_id"], row["timeframe"]))
+        same = got is not None and all(got[k] == v for k, v in row.items())
+        held += same
+        s["stored"] = same and rnd.random() < 0.8
+    return held
 
 
 ENGINE_CONFIGS = st.fixed_dictionaries({
@@ -215,6 +231,9 @@ def test_restart_mid_bucket_equals_uninterrupted(seed, cfg, n_ticks, n_inst, end
         state = ref.forming()
         key = lambda s: (s["token"], s["timeframe_index"])  # noqa: E731
         assert sorted(state, key=key) == sorted(state_from_rows(rows, ref), key=key)
+        held = mark_stored(state, store, ref, random.Random(seed + 4))
+        if ending == "flush":       # B wrote every forming candle out
+            assert held == len(state)
         # C: a fresh engine seeded from the stored state, the rest of the stream
         c = Side(cfg, ids, store, rows)
         seed_engine(c.eng, state, ids)
@@ -294,3 +313,217 @@ def test_seed_candle_checks():
     assert c0["vwap_e7"] == (1 << 32) - 1                     # raw / 10^7 in units of 1e-7
     # the hour candle: vwap = 90 / 10 raw = 9 / 10^7
     assert (c1["time_us"], c1["vwap_e7"], c1["flags"]) == (start, 9, _core.CANDLE_HAS_VWAP)
+
+
+# -- database level ---------------------------------------------------------------------------
+
+def _migrated(dsn):
+    from ingestor.db.migrate import migrate
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        migrate(conn)
+    return dsn
+
+
+@pytest.fixture
+def db(fresh_db):
+    return _migrated(fresh_db)
+
+
+@pytest.fixture
+def other_db(pg_server_dsn):
+    """A second fresh database in the same test (``fresh_db`` is one per test)."""
+    import os
+    import secrets
+
+    from conftest import _conninfo
+
+    name = f"ingestor_t_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    try:
+        yield _migrated(_conninfo(pg_server_dsn, dbname=name))
+    finally:
+        with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory):
+    """A simulated capture and its records (844 messages, 79 s of a 40-instrument market: minute boundaries)."""
+    from ingestor.capture import CaptureReader
+    from ingestor.simulator import generate_capture
+
+    path = tmp_path_factory.mktemp("restart") / "whole.cap"
+    generate_capture(path, ticks=40_000, tokens=40, mode="mixed", seed=5)
+    with CaptureReader(path) as rd:
+        header, records = rd.header, list(rd.records())
+    return path, header, records
+
+
+def _split(capture, tmp_path, k):
+    """Two capture files of the same stream: records [0, k) and [k, end)."""
+    from ingestor.capture import CaptureHeader, CaptureWriter
+
+    _, header, records = capture
+    paths = []
+    for part, (first, recs) in enumerate(((0, records[:k]), (k, records[k:]))):
+        p = tmp_path / f"part{part + 1}.cap"
+        with CaptureWriter(p, CaptureHeader(broker=header.broker, stream=header.stream,
+                                            first_seq=first, extra=dict(header.extra))) as w:
+            for r in recs:
+                assert w.write(r.payload, r.kind, r.recv_ns) == r.seq
+        paths.append(p)
+    return paths
+
+
+def _candles(conn) -> list[tuple]:
+    return conn.execute(
+        "select i.instrument_token, c.timeframe, c.time, c.open_price, c.high_price, c.low_price, "
+        "c.close_price, c.volume, c.trade_count, c.vwap, c.open_interest "
+        "from ohlc_candles c join instruments i on i.id = c.instrument_id "
+        "order by 1, 2, 3").fetchall()
+
+
+def _ticks(conn) -> list[tuple]:
+    return conn.execute(
+        "select i.instrument_token, t.time, t.price, t.quantity, t.volume, t.oi, t.bid_price, "
+        "t.ask_quantity, t.exchange_time from tick_data t join instruments i "
+        "on i.id = t.instrument_id order by 1, 2").fetchall()
+
+
+def assert_candles_equal_sql(dsn, timeframes=_core.DEFAULT_TIMEFRAMES) -> None:
+    from test_candles_sql import CANDLES_SQL
+
+    with psycopg.connect(dsn) as conn:
+        for label in timeframes:
+            stride = f"{_core.timeframe_us(label)} microseconds"
+            expected = conn.execute(CANDLES_SQL, {"stride": stride,
+                                                  "origin": "1970-01-01 00:00:00+05:30"}).fetchall()
+            stored = conn.execute(
+                "select time, instrument_id, open_price, high_price, low_price, close_price, "
+                "volume, trade_count, vwap, open_interest from ohlc_candles where timeframe = %s "
+                "order by instrument_id, time", (label,)).fetchall()
+            assert len(stored) == len(expected) > 0, label
+            for a, b in zip(stored, expected):
+                assert tuple(a) == tuple(b), f"{label}: stored {a} != SQL {b}"
+
+
+def _twin_state(records, upto):
+    """The twin's forming candles after the capture's first ``upto`` records."""
+    dec = _core.KiteDecoder(capacity=1 << 16, depth_capacity=1 << 16)
+    for r in records[:upto]:
+        if r.kind == 1:
+            assert dec.feed(r.payload, r.recv_ns, r.seq)
+    ticks, depth = dec.ticks[:dec.n_ticks], dec.depth[:dec.n_depth]
+    eng = twin.Engine()
+    for tok in eng.unknown_tokens(ticks):
+        eng.set_instrument(tok, 0)
+    eng.process(ticks, depth)
+    return eng.forming()
+
+
+def _cut(records, rng):
+    """A record inside a burst, in the middle half of the capture (a restart mid-bucket)."""
+    n = len(records)
+    while True:
+        k = rng.randrange(n // 4, 3 * n // 4)
+        if records[k].kind == 1 and len(records[k].payload) > 2 \
+                and records[k].recv_ns - records[k - 1].recv_ns < 50_000_000:
+            return k
+
+
+def test_split_capture_equals_sql_and_one_replay(db, other_db, capture, tmp_path, rng):
+    from ingestor.pipeline import PipelineSettings
+    from ingestor.replay import replay
+    from ingestor.state import clock_of, query_candle_state
+
+    _, _, records = capture
+    k = _cut(records, rng)
+    part1, part2 = _split(capture, tmp_path, k)
+    settings = PipelineSettings(flush_rows=2_500)
+    r1 = replay(str(part1), db, settings=settings, progress=False)
+    assert 0 < r1.ticks
+
+    # the state SQL computes from the stored ticks is the twin's, exactly
+    with psycopg.connect(db) as conn:
+        got = query_candle_state(conn, clock_of(_core.Engine()))
+    # (and every forming candle was stored exactly by part one's final flush)
+    assert all(s["stored"] for s in got)
+    expected = _twin_state(records, k)
+    key = lambda s: (s["token"], s["timeframe_index"])  # noqa: E731
+    got = sorted(({x: v for x, v in s.items() if x not in ("instrument_id", "stored")}
+                  for s in got), key=key)
+    assert got == sorted(expected, key=key)
+    assert any(s["pv"] for s in got)
+    assert any(s["oi"] is not None for s in got) and any(s["last_cum_volume"] is None for s in got)
+
+    r2 = replay(str(part2), db, settings=settings, progress=False)
+    assert r2.ticks > 0 and r2.skipped_messages == 0
+    rw = replay(str(capture[0]), other_db, settings=settings, progress=False)
+    assert rw.ticks == r1.ticks + r2.ticks
+    assert_candles_equal_sql(db)
+    with psycopg.connect(db) as a, psycopg.connect(other_db) as b:
+        assert _ticks(a) == _ticks(b)
+        assert _candles(a) == _candles(b)
+
+
+def test_killed_pipeline_then_whole_replay(db, other_db, capture, rng):
+    """A pipeline stops without its final flush (SIGKILL: forming candles never written, the
+    short timeframes' not even upserted); the whole capture replayed again continues it."""
+    from ingestor.capture import CaptureReader
+    from ingestor.db.dsn import connect
+    from ingestor.db.instruments import register_tokens
+    from ingestor.db.offsets import committed
+    from ingestor.pipeline import Pipeline, PipelineSettings
+    from ingestor.replay import load_state, replay
+    from ingestor.writer import Writer
+
+    path, header, records = capture
+    settings = PipelineSettings(flush_rows=1_000)
+    stop_after = rng.randrange(2, 8)
+
+    async def killed():
+        writer = Writer(db)
+        await writer.connect()
+        written = 0
+        with CaptureReader(path, chunk_size=1 << 16) as rd:
+            for chunk, seq in rd.chunks():
+                for batch in pipe.feed_chunk(chunk, seq):
+                    await writer.write(batch)
+                    written += 1
+                    if written == stop_after:
+                        await writer.close()
+                        return
+        raise AssertionError("the capture ended before the kill")
+
+    with connect(db, autocommit=True) as setup:
+        pipe = Pipeline(header.stream, resolve=lambda toks: register_tokens(setup, toks),
+                        settings=settings, committed=committed(setup, header.stream))
+        load_state(setup, pipe)
+        asyncio.run(killed())
+    with psycopg.connect(db) as conn:
+        assert conn.execute("select count(*) from tick_data").fetchone()[0] > 0
+    again = replay(str(path), db, settings=settings, progress=False)
+    assert again.skipped_messages > 0 and again.ticks > 0
+    replay(str(path), other_db, settings=settings, progress=False)
+    assert_candles_equal_sql(db)
+    with psycopg.connect(db) as a, psycopg.connect(other_db) as b:
+        assert _ticks(a) == _ticks(b)
+        assert _candles(a) == _candles(b)
+
+
+def test_without_candle_seeding_the_stored_candles_go_wrong(db, capture, tmp_path, rng,
+                                                            monkeypatch):
+    """Control: the same split with only last times and volumes seeded breaks some candle."""
+    import ingestor.replay as rp
+    from ingestor import state
+    from ingestor.pipeline import PipelineSettings
+
+    monkeypatch.setattr(rp, "load_state", lambda conn, p: state.load_state(conn, p, candles=False))
+    part1, part2 = _split(capture, tmp_path, _cut(capture[2], rng))
+    settings = PipelineSettings(flush_rows=2_500)
+    rp.replay(str(part1), db, settings=settings, progress=False)
+    rp.replay(str(part2), db, settings=settings, progress=False)
+    with pytest.raises(AssertionError):
+        assert_candles_equal_sql(db)

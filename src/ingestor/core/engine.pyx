@@ -42,6 +42,7 @@ cdef enum:
     ACC_OPEN = 1        # holds at least one tick
     ACC_EMITTED = 2     # already written out by advance()/flush()
     ACC_OI = 4          # oi holds a value
+    ACC_STORED = 8      # seeded as already stored (with ACC_EMITTED): not a reopening
     # statistics
     ST_TICKS = 0
     ST_CANDLES
@@ -408,16 +409,21 @@ cdef class Engine:
             inst.last_volume = <uint32_t>last_cum_volume
 
     def seed_candle(self, uint32_t token, int timeframe_index, int64_t start_us, open, high,
-                    low, close, volume, trade_count, pv, oi=None):
+                    low, close, volume, trade_count, pv, oi=None, bint stored=False):
         """Restore a forming candle from stored ticks (a restarted daemon).
 
         Later ticks of the instrument in the same bucket continue it exactly
         as if the engine had seen the bucket's earlier ticks; a tick in a
         later bucket closes it and writes it out as usual.  It replaces any
-        forming candle of that instrument and timeframe, and counts as not
-        yet written out (``advance``, ``flush`` and ``open_candles`` give it:
-        upserting it again is harmless).  ``ingestor.state`` computes the
-        values from ``tick_data``.
+        forming candle of that instrument and timeframe.  ``ingestor.state``
+        computes the values from ``tick_data``.
+
+        With ``stored`` False the candle counts as not yet written out:
+        ``advance``, ``flush``, ``open_candles`` and a later bucket's tick
+        write it (repairing a stored row that is missing or stale, as after
+        a crash).  With ``stored`` True the caller vouches that the database
+        already holds exactly this candle: it is written again only once a
+        tick continues it (and that is not counted as a reopened bucket).
 
         Call ``set_instrument`` (the candle may be written out before any
         tick arrives) and ``seed`` first: the instrument's last time must not
@@ -442,6 +448,8 @@ cdef class Engine:
             Exact sum of raw price × volume increase (up to 128 bits).
         oi : int or None
             The bucket's last open interest (None: no tick carried one).
+        stored : bool
+            The database already holds this very candle.
 
         Raises
         ------
@@ -496,7 +504,7 @@ cdef class Engine:
         a.volume = <uint64_t>volume
         a.pv_lo = <uint64_t>(pv & 0xffffffffffffffff)
         a.pv_hi = <uint64_t>(pv >> 64)
-        a.flags = ACC_OPEN
+        a.flags = ACC_OPEN | (ACC_EMITTED | ACC_STORED if stored else 0)
         if oi is None:
             a.oi = 0
         else:
@@ -770,8 +778,9 @@ cdef class Engine:
                         a.pv_lo += pv
                         a.pv_hi += a.pv_lo < pv
                         if a.flags & ACC_EMITTED:
-                            a.flags &= ~ACC_EMITTED
-                            reopened += 1
+                            if not (a.flags & ACC_STORED):
+                                reopened += 1
+                            a.flags &= ~(ACC_EMITTED | ACC_STORED)
                     else:
                         if (a.flags & (ACC_OPEN | ACC_EMITTED)) == ACC_OPEN:
                             _emit_candle(&self._candles[ncand], a, inst, f)

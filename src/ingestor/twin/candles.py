@@ -118,7 +118,7 @@ class Engine:
 
     def seed_candle(self, token: int, timeframe_index: int, start_us: int, open: int, high: int,
                     low: int, close: int, volume: int, trade_count: int, pv: int,
-                    oi=None) -> None:
+                    oi=None, stored: bool = False) -> None:
         """Restore a forming candle (see ``ingestor._core.Engine.seed_candle``)."""
         if not 0 <= timeframe_index < len(self.lengths):
             raise ValueError(f"timeframe_index {timeframe_index} out of range")
@@ -139,7 +139,7 @@ class Engine:
             raise ValueError("seed() the instrument's last time (at or after start_us) first")
         inst.candles[timeframe_index] = {"start": start_us, "open": open, "high": high,
                                          "low": low, "close": close, "count": trade_count,
-                                         "volume": volume, "pv": pv, "oi": oi, "emitted": False}
+                                         "volume": volume, "pv": pv, "oi": oi, "emitted": stored}
 
     def forming(self) -> list[dict]:
         """Every instrument's forming candles with their exact state (emitted or not).
