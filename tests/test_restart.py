@@ -409,18 +409,25 @@ def assert_candles_equal_sql(dsn, timeframes=_core.DEFAULT_TIMEFRAMES) -> None:
                 assert tuple(a) == tuple(b), f"{label}: stored {a} != SQL {b}"
 
 
-def _twin_state(records, upto):
+def _twin_state(records, upto, **cfg):
     """The twin's forming candles after the capture's first ``upto`` records."""
     dec = _core.KiteDecoder(capacity=1 << 16, depth_capacity=1 << 16)
     for r in records[:upto]:
         if r.kind == 1:
             assert dec.feed(r.payload, r.recv_ns, r.seq)
     ticks, depth = dec.ticks[:dec.n_ticks], dec.depth[:dec.n_depth]
-    eng = twin.Engine()
+    eng = twin.Engine(**cfg)
     for tok in eng.unknown_tokens(ticks):
         eng.set_instrument(tok, 0)
     eng.process(ticks, depth)
     return eng.forming()
+
+
+async def _aquery(dsn, clock):
+    from ingestor.state import aquery_candle_state
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        return await aquery_candle_state(conn, clock)
 
 
 def _cut(records, rng):
@@ -445,18 +452,25 @@ def test_split_capture_equals_sql_and_one_replay(db, other_db, capture, tmp_path
     r1 = replay(str(part1), db, settings=settings, progress=False)
     assert 0 < r1.ticks
 
-    # the state SQL computes from the stored ticks is the twin's, exactly
-    with psycopg.connect(db) as conn:
-        got = query_candle_state(conn, clock_of(_core.Engine()))
-    # (and every forming candle was stored exactly by part one's final flush)
-    assert all(s["stored"] for s in got)
-    expected = _twin_state(records, k)
+    # The state SQL computes from the stored ticks is the twin's, exactly: for the stored
+    # timeframes (every forming candle stored exactly by part one's final flush), and for
+    # timeframes whose buckets do not nest, with another origin (stored: only the 1s and 5s
+    # buckets, which the origin does not move).
     key = lambda s: (s["token"], s["timeframe_index"])  # noqa: E731
-    got = sorted(({x: v for x, v in s.items() if x not in ("instrument_id", "stored")}
-                  for s in got), key=key)
-    assert got == sorted(expected, key=key)
-    assert any(s["pv"] for s in got)
-    assert any(s["oi"] is not None for s in got) and any(s["last_cum_volume"] is None for s in got)
+    odd = {"timeframes": ("1d", "5s", "7m", "2h", "1s"), "origin": "09:15", "utc_offset": "+05:30"}
+    for cfg in ({}, odd):
+        eng = _core.Engine(**cfg)
+        with psycopg.connect(db) as conn:
+            got = query_candle_state(conn, clock_of(eng))
+        assert asyncio.run(_aquery(db, clock_of(eng))) == got
+        assert all(s["stored"] is (not cfg or eng.timeframes[s["timeframe_index"]] in ("1s", "5s"))
+                   for s in got)
+        expected = _twin_state(records, k, **cfg)
+        got = sorted(({x: v for x, v in s.items() if x not in ("instrument_id", "stored")}
+                      for s in got), key=key)
+        assert got == sorted(expected, key=key)
+        assert any(s["pv"] for s in got) and any(s["oi"] is not None for s in got)
+        assert any(s["last_cum_volume"] is None for s in got)
 
     r2 = replay(str(part2), db, settings=settings, progress=False)
     assert r2.ticks > 0 and r2.skipped_messages == 0
@@ -477,6 +491,7 @@ def test_killed_pipeline_then_whole_replay(db, other_db, capture, rng):
     from ingestor.db.offsets import committed
     from ingestor.pipeline import Pipeline, PipelineSettings
     from ingestor.replay import load_state, replay
+    from ingestor.state import clock_of, query_candle_state
     from ingestor.writer import Writer
 
     path, header, records = capture
@@ -504,6 +519,9 @@ def test_killed_pipeline_then_whole_replay(db, other_db, capture, rng):
         asyncio.run(killed())
     with psycopg.connect(db) as conn:
         assert conn.execute("select count(*) from tick_data").fetchone()[0] > 0
+        # the killed run left forming candles unwritten (1s, 5s) or stale: seeded as such
+        st = query_candle_state(conn, clock_of(_core.Engine()))
+        assert any(not s["stored"] for s in st)
     again = replay(str(path), db, settings=settings, progress=False)
     assert again.skipped_messages > 0 and again.ticks > 0
     replay(str(path), other_db, settings=settings, progress=False)
@@ -527,3 +545,27 @@ def test_without_candle_seeding_the_stored_candles_go_wrong(db, capture, tmp_pat
     rp.replay(str(part2), db, settings=settings, progress=False)
     with pytest.raises(AssertionError):
         assert_candles_equal_sql(db)
+
+
+def test_exact_conversions():
+    from decimal import Decimal
+
+    from ingestor.state import clock_of, raw_price, vwap_e7
+
+    # more digits than Decimal's default 28-digit context keeps
+    pv = (1 << 32) - 1
+    pv *= (1 << 62) + 12345
+    assert pv > 10**28
+    assert raw_price(Decimal(f"{pv // 100}.{pv % 100:02d}00000"), 100) == pv
+    assert raw_price(Decimal("1234.5600000"), 100) == 123456
+    assert raw_price(Decimal("0E-7"), 10_000_000) == 0
+    assert raw_price(Decimal("-1.5"), 10) == -15
+    with pytest.raises(ValueError):
+        raw_price(Decimal("1.005"), 100)
+    # (0.02 * 1 + 0.01 * 199999) / 200000 = 0.010000050: half away from zero
+    assert vwap_e7(2 * 1 + 1 * 199_999, 200_000, 100) == 100001
+    assert vwap_e7(10, 3, 10_000_000) == 3
+    with pytest.raises(ValueError):
+        clock_of(_core.Engine(origin="09:15"), origin="00:00")
+    assert clock_of(_core.Engine(), ("1s", "5s", "1m", "5m", "15m", "1h", "1d"), "+05:30",
+                    "00:00").lengths_us[-1] == DAY_US

@@ -20,19 +20,30 @@ volume, the new value itself when the cumulative volume falls; the tick
 count; ``pv`` = sum(price_raw x increase), exact (``numeric``, then times
 the segment's divisor: an integer); the last OI.
 
-Cost at start.  Per instrument the statement reads, through the primary key
-``(instrument_id, time)``: its last tick and last tick carrying a volume
-(backwards scans, ``LIMIT 1``), the previous volume before the window (one
-more backwards probe, only when needed) and the ticks of one window -- from
-the earliest start of the buckets holding its last tick (the longest
-timeframe's bucket, for timeframes that divide each other) to its end; then
-two point lookups per timeframe (open price, last OI).  Nothing scans the
-table: the work is the instruments' last day of ticks (with the default
-``1d`` timeframe), whatever the table's size.  One caveat: "last tick
-carrying a volume" of an instrument that never carries one (an index, an
-LTP-only subscription) scans that instrument's rows backwards to the first;
-a partial index ``(instrument_id, time) WHERE volume IS NOT NULL`` would
-make it a probe, at an ingest cost.
+Already stored?  Each computed candle is compared with the ``ohlc_candles``
+row of its bucket (open/high/low/close, volume, trade count, the VWAP the
+core would round, OI).  Equal: seeded as stored, written again only when a
+tick continues it.  Missing or different (a crash before the upsert, a
+forming 1s candle that was never upserted, a partial candle from an older
+version): seeded as not written, so the engine writes the right one when the
+bucket closes or at the next flush.  A second replay of a committed capture
+therefore writes nothing.
+
+Cost at start.  Per instrument, through the primary key ``(instrument_id,
+time)``: its last tick and last tick carrying a volume (backwards, ``LIMIT
+1``), the cumulative volume before the window (one more backwards probe,
+only when needed), and one range scan of its window -- from the earliest
+start of the buckets holding its last tick (the longest timeframe's, when
+timeframes nest) to the end.  Every bucket here ends with the window, so
+each tick is aggregated once, into the band between consecutive bucket
+starts, and each timeframe combines the bands from its start on.  Then
+point lookups by key per timeframe (open price, last OI, the stored candle).
+No scan of the table: the work is each instrument's last day of ticks (with
+the ``1d`` timeframe), whatever the history.  One caveat: the "last tick
+carrying a volume" of an instrument that never carries one (an LTP-only
+subscription, an index) is searched backwards through all its rows; a
+partial index ``(instrument_id, time) WHERE volume IS NOT NULL`` would make
+it a probe, at an ingest cost.
 
 ``load_state`` (ids, last times and volumes, candles) is what ``replay``
 and the daemon call at start; ``query_candle_state`` returns the state
@@ -63,18 +74,24 @@ LEFT JOIN LATERAL (SELECT volume FROM tick_data
 """
 
 # Parameters: strides (text[] of '<n> microseconds', in timeframe order), labels (text[],
-# the same order) and origin (a timestamptz: local midnight + origin, so date_bin buckets
+# the same order) and origin (a timestamptz: local midnight + origin, so date_bin's buckets
 # are the engine's).  One row per (instrument with ticks, timeframe), with the stored candle
-# of that bucket if any (to tell whether it is already right).  Every bucket here holds the
-# instrument's last tick, so its close is that tick's price and its end is the window's end.
+# of that bucket if any (to tell whether it is already right).
+#
+# Every bucket here holds the instrument's last tick: they all end with the window, their
+# close is that tick's price, and they differ only in where they start.  So each tick of the
+# window is aggregated once, into the band between two consecutive bucket starts
+# (width_bucket over the sorted starts), and a timeframe's candle combines the bands from
+# its start on (a handful of rows): one pass over the ticks, whatever the timeframes.
 SQL_CANDLE_STATE = """
-WITH tf AS (
-    SELECT (k - 1)::int AS tf_index, stride::interval AS stride, label
-    FROM unnest(%(strides)s::text[], %(labels)s::text[]) WITH ORDINALITY AS u(stride, label, k)
-), last AS (
+WITH last AS (
+    -- each instrument's last tick and last tick carrying a volume (backwards by the key),
+    -- and the start of each timeframe's bucket holding the last tick
     SELECT i.id, i.instrument_token, l.time AS last_time, l.price AS close_price,
            lv.time AS last_volume_time, lv.volume AS last_volume,
-           (SELECT min(date_bin(tf.stride, l.time, %(origin)s::timestamptz)) FROM tf) AS w0
+           ARRAY(SELECT date_bin(u.stride::interval, l.time, %(origin)s::timestamptz)
+                 FROM unnest(%(strides)s::text[]) WITH ORDINALITY AS u(stride, k)
+                 ORDER BY k) AS starts
     FROM instruments i
     CROSS JOIN LATERAL (SELECT time, price FROM tick_data
                         WHERE instrument_id = i.id ORDER BY time DESC LIMIT 1) l
@@ -82,55 +99,68 @@ WITH tf AS (
                        WHERE instrument_id = i.id AND volume IS NOT NULL
                        ORDER BY time DESC LIMIT 1) lv ON true
 ), base AS (
-    -- the cumulative volume the window's first volume increase is measured from: the last
-    -- one before the window (the CASE probes only when the last volume lies in the window)
-    SELECT last.*,
-           CASE WHEN last_volume_time IS NULL THEN NULL
-                WHEN last_volume_time < w0 THEN last_volume
+    -- edges: the distinct bucket starts, sorted (edges[1] is the window's start);
+    -- volume_before: the cumulative volume the window's first increase is measured from,
+    -- the last one before the window (the CASE probes only when the last volume lies
+    -- inside the window)
+    SELECT w.*,
+           CASE WHEN w.last_volume_time IS NULL THEN NULL
+                WHEN w.last_volume_time < w.edges[1] THEN w.last_volume
                 ELSE (SELECT volume FROM tick_data
-                      WHERE instrument_id = last.id AND time < last.w0 AND volume IS NOT NULL
+                      WHERE instrument_id = w.id AND time < w.edges[1] AND volume IS NOT NULL
                       ORDER BY time DESC LIMIT 1)
            END AS volume_before
-    FROM last
-), ticks AS (
-    -- the window's ticks and their volume increases: lag() over the ticks that carry a
-    -- volume (the partition), starting from volume_before
-    SELECT base.id, d.time, d.price,
-           CASE WHEN d.volume IS NULL OR d.prev IS NULL THEN 0
-                WHEN d.volume >= d.prev THEN d.volume - d.prev
-                ELSE d.volume END AS dv,
-           d.oi IS NOT NULL AS has_oi
+    FROM (SELECT last.*, ARRAY(SELECT DISTINCT s FROM unnest(last.starts) s ORDER BY s) AS edges
+          FROM last) w
+), bands AS (
+    SELECT base.id, b.*
     FROM base
     CROSS JOIN LATERAL (
-        SELECT time, price, volume, oi,
-               lag(volume, 1, base.volume_before)
-                   OVER (PARTITION BY volume IS NULL ORDER BY time) AS prev
-        FROM tick_data WHERE instrument_id = base.id AND time >= base.w0) d
+        SELECT width_bucket(time, base.edges) AS band,
+               min(time) AS open_time, max(time) FILTER (WHERE oi IS NOT NULL) AS oi_time,
+               max(price) AS high_price, min(price) AS low_price, sum(dv) AS volume,
+               count(*) AS trade_count, sum(price * dv) AS pv_price
+        FROM (
+            -- the window's ticks and their volume increases: lag() over the ticks that
+            -- carry a volume (the partition), starting from volume_before
+            SELECT time, price, oi,
+                   CASE WHEN volume IS NULL OR prev IS NULL THEN 0
+                        WHEN volume >= prev THEN volume - prev
+                        ELSE volume END AS dv
+            FROM (SELECT time, price, volume, oi,
+                         lag(volume, 1, base.volume_before)
+                             OVER (PARTITION BY volume IS NULL ORDER BY time) AS prev
+                  FROM tick_data WHERE instrument_id = base.id AND time >= base.edges[1]) p
+        ) t
+        GROUP BY 1
+    ) b
 ), agg AS (
-    SELECT t.id, tf.tf_index, tf.label, b.start,
-           min(t.time) AS open_time,
-           max(t.time) FILTER (WHERE t.has_oi) AS oi_time,
-           max(t.price) AS high_price, min(t.price) AS low_price,
-           sum(t.dv) AS volume, count(*) AS trade_count, sum(t.price * t.dv) AS pv_price
-    FROM ticks t
-    JOIN base USING (id)
-    CROSS JOIN tf
-    CROSS JOIN LATERAL (SELECT date_bin(tf.stride, base.last_time, %(origin)s::timestamptz)
-                            AS start) b
-    WHERE t.time >= b.start
-    GROUP BY t.id, tf.tf_index, tf.label, b.start
+    -- a timeframe's candle: the bands from its bucket's start on
+    SELECT base.id, k.k - 1 AS tf_index, base.starts[k.k] AS start,
+           min(b.open_time) AS open_time, max(b.oi_time) AS oi_time,
+           max(b.high_price) AS high_price, min(b.low_price) AS low_price,
+           sum(b.volume) AS volume, sum(b.trade_count) AS trade_count, sum(b.pv_price) AS pv_price
+    FROM base
+    CROSS JOIN generate_series(1, cardinality(base.starts)) AS k(k)
+    JOIN bands b ON b.id = base.id AND b.band >= width_bucket(base.starts[k.k], base.edges)
+    GROUP BY base.id, k.k, base.starts[k.k]
 )
 SELECT base.instrument_token, base.id, base.last_time, base.last_volume, agg.tf_index,
-       agg.start, o.price AS open_price, agg.high_price, agg.low_price, base.close_price,
+       agg.start, o.price, agg.high_price, agg.low_price, base.close_price,
        agg.volume, agg.trade_count, agg.pv_price, oi.oi,
        s.time IS NOT NULL AS has_stored, s.open_price, s.high_price, s.low_price,
        s.close_price, s.volume, s.trade_count, s.vwap, s.open_interest
 FROM agg
 JOIN base USING (id)
-JOIN tick_data o ON o.instrument_id = agg.id AND o.time = agg.open_time
-LEFT JOIN tick_data oi ON oi.instrument_id = agg.id AND oi.time = agg.oi_time
-LEFT JOIN ohlc_candles s
-       ON s.time = agg.start AND s.instrument_id = agg.id AND s.timeframe = agg.label
+-- point lookups by key (LATERAL ... LIMIT 1 is not flattened into a join, which the planner
+-- could hash over the whole table instead)
+CROSS JOIN LATERAL (SELECT price FROM tick_data
+                    WHERE instrument_id = base.id AND time = agg.open_time LIMIT 1) o
+LEFT JOIN LATERAL (SELECT oi FROM tick_data
+                   WHERE instrument_id = base.id AND time = agg.oi_time LIMIT 1) oi ON true
+LEFT JOIN LATERAL (SELECT * FROM ohlc_candles
+                   WHERE time = agg.start AND instrument_id = base.id
+                     AND timeframe = (%(labels)s::text[])[agg.tf_index + 1] LIMIT 1) s ON true
 ORDER BY base.instrument_token, agg.tf_index
 """
 
@@ -283,6 +313,8 @@ class Seeded:
 
     instruments: int
     candles: int
+    #: candles the database lacks or holds wrong: the engine writes them again
+    unstored: int
     seconds: float
 
 
@@ -302,7 +334,7 @@ def seed_engine(target, state: list[dict]) -> Seeded:
         eng.seed_candle(s["token"], s["timeframe_index"], s["start_us"], s["open"], s["high"],
                         s["low"], s["close"], s["volume"], s["trade_count"], s["pv"], s["oi"],
                         stored=s.get("stored", False))
-    return Seeded(len(seen), len(state), 0.0)
+    return Seeded(len(seen), len(state), sum(not s.get("stored", False) for s in state), 0.0)
 
 
 def load_candle_state(conn, pipeline_or_engine, timeframes=None, utc_offset=None,
