@@ -569,3 +569,44 @@ def test_exact_conversions():
         clock_of(_core.Engine(origin="09:15"), origin="00:00")
     assert clock_of(_core.Engine(), ("1s", "5s", "1m", "5m", "15m", "1h", "1d"), "+05:30",
                     "00:00").lengths_us[-1] == DAY_US
+
+
+def test_tail_batch_after_the_last_message_is_written_once(db, capture):
+    """The final flush right after a batch covers no message: its forming candles and pending
+    snapshots are still written (the offset cannot skip it), and writing it twice (a retry
+    after a lost acknowledgement) changes nothing."""
+    from ingestor.capture import CaptureReader
+    from ingestor.db.dsn import connect
+    from ingestor.db.instruments import register_tokens
+    from ingestor.pipeline import Pipeline, PipelineSettings
+    from ingestor.writer import Writer
+
+    path, header, _ = capture
+    with connect(db, autocommit=True) as setup:
+        pipe = Pipeline(header.stream, resolve=lambda toks: register_tokens(setup, toks),
+                        settings=PipelineSettings(flush_rows=10**9))
+        with CaptureReader(path) as rd:
+            for chunk, seq in rd.chunks():
+                assert not list(pipe.feed_chunk(chunk, seq))
+        data = pipe.take()
+        tail = pipe.take(final=True)
+    assert data.n_ticks > 0 and tail.n_ticks == 0 and tail.last_seq < tail.first_seq
+    assert tail.n_candles > 0 and tail.n_snapshots > 0
+
+    async def write(*batches):
+        w = Writer(db)
+        try:
+            return [await w.write(b) for b in batches]
+        finally:
+            await w.close()
+
+    assert asyncio.run(write(data, tail)) == ["written", "written"]
+    with psycopg.connect(db) as conn:
+        before = conn.execute("select (select count(*) from order_book_snapshots), "
+                              "(select count(*) from ohlc_candles)").fetchone()
+    assert_candles_equal_sql(db)
+    assert asyncio.run(write(data, tail)) == ["skipped", "written"]
+    with psycopg.connect(db) as conn:
+        assert conn.execute("select (select count(*) from order_book_snapshots), "
+                            "(select count(*) from ohlc_candles)").fetchone() == before
+    assert_candles_equal_sql(db)
