@@ -264,7 +264,8 @@ class Pipeline:
             while not self.engine.flush():
                 self._drain()
             self._drain()
-        elif open_candles:
+        elif open_candles and self._last_seq >= self._first_seq:
+            # (with no message since the last batch the forming candles have not changed)
             oc = self.engine.open_candles()
             oc = oc[self._open_tf[oc["timeframe"]]] if len(oc) else oc
             if len(oc):

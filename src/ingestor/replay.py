@@ -14,44 +14,24 @@ first time.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
 
+from ingestor import state
 from ingestor.capture import CaptureReader
 from ingestor.pipeline import Pipeline, PipelineSettings
 from ingestor.writer import Writer, postback_handler
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-
-SQL_LAST_TICKS = """
-SELECT i.instrument_token, t.time, v.volume
-FROM instruments i
-CROSS JOIN LATERAL (SELECT time FROM tick_data
-                    WHERE instrument_id = i.id ORDER BY time DESC LIMIT 1) t
-LEFT JOIN LATERAL (SELECT volume FROM tick_data
-                   WHERE instrument_id = i.id AND volume IS NOT NULL
-                   ORDER BY time DESC LIMIT 1) v ON true
-"""
-
-
-def to_us(t: dt.datetime) -> int:
-    return (t - _EPOCH) // dt.timedelta(microseconds=1)
-
 
 def load_state(conn, pipeline: Pipeline) -> int:
-    """Give the pipeline every known instrument id and each one's last tick; return the count."""
-    from ingestor.db.instruments import load_ids
+    """Give the pipeline every known instrument id, each one's last tick and forming candles.
 
-    pipeline.set_ids(load_ids(conn))
-    n = 0
-    for token, last_time, volume in conn.execute(SQL_LAST_TICKS):
-        pipeline.seed(int(token), to_us(last_time), None if volume is None else int(volume))
-        n += 1
-    return n
+    See ``ingestor.state.load_state``; returns the number of instruments seeded.
+    """
+    return state.load_state(conn, pipeline)
 
 
 @dataclass

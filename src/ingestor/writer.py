@@ -4,7 +4,9 @@ A flush is one transaction on one connection (psycopg 3, async):
 
 1. lock the stream's offset row and read its committed sequence number; a
    batch at or below it was written already (a retry after a lost commit
-   acknowledgement, a replayed capture) and is skipped;
+   acknowledgement, a replayed capture) and is skipped (a batch covering no
+   message at all -- the end-of-stream flush of forming candles -- is
+   written idempotently instead, see ``_tail``);
 2. ``COPY tick_data`` from the core's binary payload;
 3. ``COPY`` the candles into a temporary staging table, then ``INSERT ...
    ON CONFLICT DO UPDATE`` into ``ohlc_candles`` (forming candles are
@@ -56,6 +58,13 @@ SQL_STAGE = (
 SQL_COPY_TICKS = f"COPY tick_data ({_TICK_COLS}) FROM STDIN (FORMAT BINARY)"
 SQL_COPY_STAGE = f"COPY ingestor_candle_stage ({_CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
 SQL_COPY_SNAPS = f"COPY order_book_snapshots ({_SNAP_COLS}) FROM STDIN (FORMAT BINARY)"
+# A batch covering no message (see _transaction) writes its snapshots through a staging table,
+# skipping keys already present: the offset cannot tell whether it was committed before.
+SQL_SNAP_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS ingestor_snapshot_stage "
+                  "(LIKE order_book_snapshots) ON COMMIT DELETE ROWS")
+SQL_COPY_SNAP_STAGE = (f"COPY ingestor_snapshot_stage ({_SNAP_COLS}) FROM STDIN (FORMAT BINARY)")
+SQL_INSERT_SNAPS = (f"INSERT INTO order_book_snapshots ({_SNAP_COLS}) "
+                    f"SELECT {_SNAP_COLS} FROM ingestor_snapshot_stage ON CONFLICT DO NOTHING")
 # DISTINCT ON: a key twice in one batch (a bucket reopened by a late tick) would
 # make ON CONFLICT DO UPDATE affect a row twice; the latest version (highest ord) wins.
 SQL_UPSERT = (
@@ -155,6 +164,7 @@ class Writer:
             return
         self.conn = await psycopg.AsyncConnection.connect(**self.params)
         await self.conn.execute(SQL_STAGE)
+        await self.conn.execute(SQL_SNAP_STAGE)
         await self.conn.commit()
 
     async def close(self) -> None:
@@ -200,6 +210,8 @@ class Writer:
 
     async def _transaction(self, b: FlushBatch) -> str:
         conn = self.conn
+        if b.last_seq < b.first_seq:
+            return await self._tail(b)
         async with conn.transaction():
             committed = await offsets.acommitted(conn, b.stream, lock=True)
             if committed >= b.last_seq:
@@ -226,6 +238,37 @@ class Writer:
         s = self.stats
         s.batches += 1
         s.ticks += b.n_ticks
+        s.candles += b.n_candles
+        s.snapshots += b.n_snapshots
+        return "written"
+
+    async def _tail(self, b: FlushBatch) -> str:
+        # A batch covering no message: what the engine wrote out after the stream's last
+        # committed message -- the end-of-stream flush of forming candles and pending
+        # snapshots, candles closed by advance() in a quiet spell.  Skipping it by the offset
+        # (nothing new to commit) would lose them.  It is written only if the stream is still
+        # where this pipeline left it (else another writer went on and holds newer candles),
+        # idempotently: candles are upserts, snapshots skip keys already present.
+        if not (b.n_candles or b.n_snapshots):
+            self.stats.skipped_batches += 1
+            return "skipped"
+        conn = self.conn
+        async with conn.transaction():
+            committed = await offsets.acommitted(conn, b.stream, lock=True)
+            if committed != b.last_seq:
+                self.stats.skipped_batches += 1
+                return "skipped"
+            async with conn.cursor() as cur:
+                if b.n_candles:
+                    async with cur.copy(SQL_COPY_STAGE) as cp:
+                        await cp.write(b.candles)
+                    await cur.execute(SQL_UPSERT)
+                if b.n_snapshots:
+                    async with cur.copy(SQL_COPY_SNAP_STAGE) as cp:
+                        await cp.write(b.snapshots)
+                    await cur.execute(SQL_INSERT_SNAPS)
+        s = self.stats
+        s.batches += 1
         s.candles += b.n_candles
         s.snapshots += b.n_snapshots
         return "written"

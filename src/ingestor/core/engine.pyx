@@ -42,6 +42,7 @@ cdef enum:
     ACC_OPEN = 1        # holds at least one tick
     ACC_EMITTED = 2     # already written out by advance()/flush()
     ACC_OI = 4          # oi holds a value
+    ACC_STORED = 8      # seeded as already stored (with ACC_EMITTED): not a reopening
     # statistics
     ST_TICKS = 0
     ST_CANDLES
@@ -389,15 +390,126 @@ cdef class Engine:
         """
         cdef Py_ssize_t s = self._new_slot(token)
         cdef inst_t *inst = &self._inst[s]
+        cdef acc_t *a = self._acc + s * self._ntf
+        cdef int f
+        if last_cum_volume is not None and not 0 <= last_cum_volume <= 0xffffffff:
+            raise ValueError(f"last_cum_volume {last_cum_volume} is not a uint32")
+        for f in range(self._ntf):
+            # later ticks must not land before a forming candle (seed_candle)
+            if (a[f].flags & ACC_OPEN) and last_time_us < a[f].start_us:
+                raise ValueError(f"last_time_us {last_time_us} is before the forming "
+                                 f"{self.timeframes[f]} candle of token {token} "
+                                 f"(starting {a[f].start_us})")
         inst.last_time_us = last_time_us
         if last_cum_volume is None:
             inst.has_volume = 0
             inst.last_volume = 0
         else:
-            if not 0 <= last_cum_volume <= 0xffffffff:
-                raise ValueError(f"last_cum_volume {last_cum_volume} is not a uint32")
             inst.has_volume = 1
             inst.last_volume = <uint32_t>last_cum_volume
+
+    def seed_candle(self, uint32_t token, int timeframe_index, int64_t start_us, open, high,
+                    low, close, volume, trade_count, pv, oi=None, bint stored=False):
+        """Restore a forming candle from stored ticks (a restarted daemon).
+
+        Later ticks of the instrument in the same bucket continue it exactly
+        as if the engine had seen the bucket's earlier ticks; a tick in a
+        later bucket closes it and writes it out as usual.  It replaces any
+        forming candle of that instrument and timeframe.  ``ingestor.state``
+        computes the values from ``tick_data``.
+
+        With ``stored`` False the candle counts as not yet written out:
+        ``advance``, ``flush``, ``open_candles`` and a later bucket's tick
+        write it (repairing a stored row that is missing or stale, as after
+        a crash).  With ``stored`` True the caller vouches that the database
+        already holds exactly this candle: it is written again only once a
+        tick continues it (and that is not counted as a reopened bucket).
+
+        Call ``set_instrument`` (the candle may be written out before any
+        tick arrives) and ``seed`` first: the instrument's last time must not
+        be before ``start_us`` (later ticks never land before their candle).
+
+        Parameters
+        ----------
+        token : int
+            The instrument token.
+        timeframe_index : int
+            Index of the timeframe in ``timeframes``.
+        start_us : int
+            The bucket start (µs); must be one of this timeframe's bucket
+            starts (aligned to ``utc_offset`` and ``origin``).
+        open, high, low, close : int
+            Raw prices (price × the segment's divisor) of the bucket's ticks.
+        volume : int
+            Sum of the ticks' volume increases (see the module comment).
+        trade_count : int
+            Number of ticks in the bucket (at least 1).
+        pv : int
+            Exact sum of raw price × volume increase (up to 128 bits).
+        oi : int or None
+            The bucket's last open interest (None: no tick carried one).
+        stored : bool
+            The database already holds this very candle.
+
+        Raises
+        ------
+        ValueError
+            A misaligned ``start_us``, a bad index, values out of their
+            ranges or inconsistent (``low <= open, close <= high``;
+            ``low * volume <= pv <= high * volume``), an instrument without
+            an id, or its seeded last time before ``start_us``.
+        """
+        cdef Py_ssize_t s
+        cdef acc_t *a
+        cdef int64_t length
+        if not 0 <= timeframe_index < self._ntf:
+            raise ValueError(f"timeframe_index {timeframe_index} outside 0..{self._ntf - 1}")
+        length = self._tf_len[timeframe_index]
+        if _bucket(start_us, length, self._shift) != start_us:
+            raise ValueError(f"start_us {start_us} is not a {self.timeframes[timeframe_index]} "
+                             f"bucket start (nearest below: "
+                             f"{_bucket(start_us, length, self._shift)})")
+        for name, v in (("open", open), ("high", high), ("low", low), ("close", close)):
+            if not 0 <= v <= 0xffffffff:
+                raise ValueError(f"{name} {v} is not a uint32 raw price")
+        if not low <= min(open, close) <= max(open, close) <= high:
+            raise ValueError(f"inconsistent prices: open {open} high {high} low {low} "
+                             f"close {close}")
+        if not 0 <= volume <= 0x7fffffffffffffff:
+            raise ValueError(f"volume {volume} is not a non-negative int64")
+        if not 1 <= trade_count <= 0xffffffff:
+            raise ValueError(f"trade_count {trade_count} outside 1..2^32-1")
+        # pv is a sum of prices in [low, high] weighted by the increases, so it
+        # lies in [low, high] x volume (this also keeps it below 2^95, as the
+        # VWAP division in wide.h requires).
+        if not low * volume <= pv <= high * volume:
+            raise ValueError(f"pv {pv} outside [low x volume, high x volume] = "
+                             f"[{low * volume}, {high * volume}]")
+        if oi is not None and not 0 <= oi <= 0xffffffff:
+            raise ValueError(f"oi {oi} is not a uint32")
+        s = self._slot(token)
+        if s < 0 or self._inst[s].instrument_id < 0:
+            # the candle may be written out before any tick of the instrument arrives
+            raise ValueError(f"token {token} has no instrument id: set_instrument() first")
+        if self._inst[s].last_time_us < start_us:
+            raise ValueError(f"token {token}: seed() its last time (at or after the bucket "
+                             f"start {start_us}) before seed_candle()")
+        a = self._acc + s * self._ntf + timeframe_index
+        a.start_us = start_us
+        a.open = <uint32_t>open
+        a.high = <uint32_t>high
+        a.low = <uint32_t>low
+        a.close = <uint32_t>close
+        a.count = <uint32_t>trade_count
+        a.volume = <uint64_t>volume
+        a.pv_lo = <uint64_t>(pv & 0xffffffffffffffff)
+        a.pv_hi = <uint64_t>(pv >> 64)
+        a.flags = ACC_OPEN | (ACC_EMITTED | ACC_STORED if stored else 0)
+        if oi is None:
+            a.oi = 0
+        else:
+            a.oi = <uint32_t>oi
+            a.flags |= ACC_OI
 
     @property
     def n_instruments(self):
@@ -678,8 +790,9 @@ cdef class Engine:
                         a.pv_lo += pv
                         a.pv_hi += a.pv_lo < pv
                         if a.flags & ACC_EMITTED:
-                            a.flags &= ~ACC_EMITTED
-                            reopened += 1
+                            if not (a.flags & ACC_STORED):
+                                reopened += 1
+                            a.flags &= ~(ACC_EMITTED | ACC_STORED)
                     else:
                         if (a.flags & (ACC_OPEN | ACC_EMITTED)) == ACC_OPEN:
                             _emit_candle(&self._candles[ncand], a, inst, f)

@@ -59,6 +59,17 @@ def exchange_of(token: int) -> str:
     return EXCHANGES.get(seg, f"SEG{seg}")
 
 
+def divisor_of(token: int) -> int:
+    """The price divisor of an instrument token's segment: prices are stored as raw/divisor.
+
+    Kite sends prices as integers in paise (divisor 100), except CDS (segment 3: 10^7) and
+    BCD and NCO (segments 6 and 12: 10^4), as ``KiteTicker._parse_binary`` divides them; the
+    core decoder uses the same table.
+    """
+    seg = int(token) & 0xFF
+    return 10_000_000 if seg == 3 else 10_000 if seg in (6, 12) else 100
+
+
 def segment_of(token: int) -> str:
     """The placeholder segment of an unknown token (the exchange, or ``INDICES``)."""
     seg = int(token) & 0xFF

@@ -109,8 +109,56 @@ class Engine:
 
     def seed(self, token: int, last_time_us: int, last_cum_volume=None) -> None:
         inst = self._inst(token)
+        for tf, c in enumerate(inst.candles):
+            if c is not None and last_time_us < c["start"]:
+                raise ValueError(f"last_time_us {last_time_us} is before the forming "
+                                 f"{self.timeframes[tf]} candle")
         inst.last_time = last_time_us
         inst.last_volume = last_cum_volume
+
+    def seed_candle(self, token: int, timeframe_index: int, start_us: int, open: int, high: int,
+                    low: int, close: int, volume: int, trade_count: int, pv: int,
+                    oi=None, stored: bool = False) -> None:
+        """Restore a forming candle (see ``ingestor._core.Engine.seed_candle``)."""
+        if not 0 <= timeframe_index < len(self.lengths):
+            raise ValueError(f"timeframe_index {timeframe_index} out of range")
+        if self.bucket(start_us, self.lengths[timeframe_index]) != start_us:
+            raise ValueError(f"start_us {start_us} is not a bucket start")
+        if not 0 <= low <= min(open, close) <= max(open, close) <= high < 1 << 32:
+            raise ValueError("inconsistent or out-of-range prices")
+        if not 0 <= volume < 1 << 63 or not 1 <= trade_count < 1 << 32:
+            raise ValueError("volume or trade_count out of range")
+        if not low * volume <= pv <= high * volume:
+            raise ValueError(f"pv {pv} outside [low x volume, high x volume]")
+        if oi is not None and not 0 <= oi < 1 << 32:
+            raise ValueError(f"oi {oi} is not a uint32")
+        inst = self.instruments.get(token)
+        if inst is None or inst.instrument_id is None:
+            raise ValueError(f"token {token} has no instrument id: set_instrument() first")
+        if inst.last_time is None or inst.last_time < start_us:
+            raise ValueError("seed() the instrument's last time (at or after start_us) first")
+        inst.candles[timeframe_index] = {"start": start_us, "open": open, "high": high,
+                                         "low": low, "close": close, "count": trade_count,
+                                         "volume": volume, "pv": pv, "oi": oi, "emitted": stored}
+
+    def forming(self) -> list[dict]:
+        """Every instrument's forming candles with their exact state (emitted or not).
+
+        One dict per (instrument, timeframe) holding a candle: ``token``,
+        ``timeframe_index`` and ``seed_candle``'s other arguments; with the
+        instrument's ``last_time_us`` and ``last_cum_volume`` (``seed``'s).
+        """
+        out = []
+        for inst in self.instruments.values():
+            for tf, c in enumerate(inst.candles):
+                if c is not None:
+                    out.append({"token": inst.token, "timeframe_index": tf,
+                                "start_us": c["start"], "open": c["open"], "high": c["high"],
+                                "low": c["low"], "close": c["close"], "volume": c["volume"],
+                                "trade_count": c["count"], "pv": c["pv"], "oi": c["oi"],
+                                "last_time_us": inst.last_time,
+                                "last_cum_volume": inst.last_volume})
+        return out
 
     def unknown_tokens(self, ticks) -> list[int]:
         return sorted({int(t) for t in ticks["instrument_token"]
