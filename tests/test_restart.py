@@ -584,7 +584,7 @@ def test_tail_batch_after_the_last_message_is_written_once(db, capture):
     path, header, _ = capture
     with connect(db, autocommit=True) as setup:
         pipe = Pipeline(header.stream, resolve=lambda toks: register_tokens(setup, toks),
-                        settings=PipelineSettings(flush_rows=10**9))
+                        settings=PipelineSettings(flush_rows=10**9, first_batch_rows=0))
         with CaptureReader(path) as rd:
             for chunk, seq in rd.chunks():
                 assert not list(pipe.feed_chunk(chunk, seq))

@@ -224,8 +224,14 @@ def test_postbacks_arrive_as_text_with_the_official_keys():
     with open(os.path.join(VECTORS, "postback.json")) as f:
         official = json.load(f)
 
+    from ingestor.simserver import OrderPostbacks
+    from ingestor.simulator import Market
+
+    market = Market(n_tokens=30, seed=5)
+
     async def main():
-        async with SimServer(tokens=30, rate=0, seed=5, postbacks=200) as srv:
+        async with SimServer(market=market, rate=0, seed=5, postbacks=200,
+                             postback_source=OrderPostbacks(market.instruments, 5)) as srv:
             universe = {i.instrument_token: i for i in srv.market.instruments}
             async with connect(srv.client_url()) as ws:
                 texts = []
@@ -551,3 +557,29 @@ def test_cli_usage_errors_exit_2(args, tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 2, p.stderr
     assert p.stderr.count("\n") == 1 and "simulate" in p.stderr
+
+
+def test_default_postbacks_are_order_lifecycles_the_store_decodes():
+    from ingestor.orders.postback import decode_postback
+
+    with open(os.path.join(VECTORS, "postback.json")) as f:
+        official = json.load(f)
+
+    async def main():
+        async with SimServer(tokens=30, rate=0, seed=6, postbacks=300) as srv:
+            async with connect(srv.client_url()) as ws:
+                texts = []
+                while len(texts) < 60:
+                    m = await ws.recv()
+                    if isinstance(m, str):
+                        texts.append(m)
+        return texts
+
+    texts = asyncio.run(main())
+    statuses = set()
+    for t in texts:
+        d = json.loads(t)["data"]
+        assert set(official) <= set(d)
+        pb = decode_postback(t)
+        statuses.add(pb.status)
+    assert "OPEN" in statuses and len(statuses) > 1

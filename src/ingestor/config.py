@@ -64,8 +64,10 @@ class FeedConfig(_Base):
 
 class PipelineConfig(_Base):
     flush_rows: int = 50_000
-    #: seconds between flushes when fewer rows are pending
-    flush_interval: float = 1.0
+    #: seconds between flushes when fewer rows are pending (tick-to-commit latency)
+    flush_interval: float = 0.2
+    #: seconds between upserts of the forming candles (readers see them grow)
+    open_candle_interval: float = 1.0
     timeframes: list[str] = msgspec.field(default_factory=lambda: ["1s", "5s", "1m", "5m", "15m", "1h", "1d"])
     utc_offset: str = "+05:30"
     origin: str = "00:00"
@@ -152,6 +154,7 @@ def validate(cfg: Config) -> None:
     checks = [
         (p.flush_rows >= 1, "pipeline.flush_rows must be >= 1"),
         (p.flush_interval > 0, "pipeline.flush_interval must be > 0"),
+        (p.open_candle_interval > 0, "pipeline.open_candle_interval must be > 0"),
         (p.snapshot_interval >= 0, "pipeline.snapshot_interval must be >= 0"),
         (1 <= f.tokens_per_connection <= 3000, "feed.tokens_per_connection must be 1..3000 (the broker's limit)"),
         (1 <= f.max_connections <= 3, "feed.max_connections must be 1..3 (the broker's limit)"),

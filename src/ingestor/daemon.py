@@ -154,7 +154,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         pl = conn.pipeline
         interval = self.cfg.pipeline.flush_interval
-        last_take = time.monotonic()
+        open_every = self.cfg.pipeline.open_candle_interval
+        last_take = last_open = time.monotonic()
         while True:
             progressed = False
             if conn.streams:
@@ -183,13 +184,18 @@ class Daemon:
                 break
             if now - last_take >= interval:
                 last_take = now
-                if pl.has_pending or pl.pending_rows:
+                upsert_open = now - last_open >= open_every
+                if pl.has_pending or pl.pending_rows or upsert_open:
                     now_us = time.time_ns() // 1000
+                    if upsert_open:
+                        last_open = now
 
                     def tick():
                         pl.advance(now_us)
-                        return pl.take()
-                    await self.queue.put(await loop.run_in_executor(self.pool, tick))
+                        return pl.take(open_candles=upsert_open)
+                    b = await loop.run_in_executor(self.pool, tick)
+                    if b.n_ticks or b.n_candles or b.n_snapshots or b.texts or b.last_seq >= b.first_seq:
+                        await self.queue.put(b)
             if not progressed:
                 await asyncio.sleep(0.02)
         final = await loop.run_in_executor(self.pool, lambda: pl.take(final=True))
@@ -218,8 +224,9 @@ class Daemon:
                 m.ticks_written.inc(b.n_ticks)
                 m.candles_written.inc(b.n_candles)
                 m.snapshots_written.inc(b.n_snapshots)
-                if b.last_recv_ns:
-                    lat = (time.time_ns() - b.last_recv_ns) / 1e9
+                if b.first_recv_ns:
+                    # the batch's oldest tick: the longest any of its ticks waited
+                    lat = (time.time_ns() - b.first_recv_ns) / 1e9
                     m.tick_to_commit.observe(lat)
                     self.latencies.append(lat)
             self.committed[b.stream] = max(self.committed.get(b.stream, -1), b.last_seq)

@@ -29,7 +29,7 @@ class Metrics:
         self.batches = Counter("ingestor_batches", "Flush transactions by outcome", ["outcome"], registry=r)
         self.flush_latency = Histogram("ingestor_flush_seconds", "Flush transaction duration",
                                        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
-        self.tick_to_commit = Histogram("ingestor_tick_to_commit_seconds", "Receive time to commit of a batch's newest message",
+        self.tick_to_commit = Histogram("ingestor_tick_to_commit_seconds", "Receive time to commit of each batch's oldest tick (the longest wait in the batch)",
                                         buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
         self.spool_bytes = Gauge("ingestor_spool_bytes", "Bytes in the spool", registry=r)
         self.spool_dropped = Gauge("ingestor_spool_dropped_messages", "Messages refused by a full spool", registry=r)

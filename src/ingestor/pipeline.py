@@ -40,6 +40,8 @@ class FlushBatch:
     texts: list = field(default_factory=list)
     #: receive time (ns) of the batch's newest tick, 0 if none
     last_recv_ns: int = 0
+    #: receive time (ns) of the batch's oldest tick, 0 if none
+    first_recv_ns: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -54,6 +56,9 @@ class PipelineSettings:
     snapshot_interval_us: int = 1_000_000
     #: tick rows per flush
     flush_rows: int = 50_000
+    #: the first batch's rows, doubling per batch up to flush_rows (0: all full size), so
+    #: the writer starts early instead of idling while the first full batch is built
+    first_batch_rows: int = 2_000
     #: forming candles of timeframes at least this long are upserted with every batch
     open_candle_min_us: int = 60_000_000
 
@@ -105,6 +110,7 @@ class Pipeline:
         self._first_seq = self.committed + 1
         self._last_seq = self.committed
         self._last_recv_ns = 0
+        self._first_recv_ns = 0
 
     def new_stream(self, stream: str, committed: int = -1) -> None:
         """Continue the same instruments on another stream (a reconnection).
@@ -180,7 +186,8 @@ class Pipeline:
             self._consume(chunk)
             self._last_seq = max(self._last_seq, seq - 1)
             if self.ready():
-                yield self.take()
+                # forming candles are upserted at the caller's cadence, not per batch
+                yield self.take(open_candles=False)
 
     def _consume(self, chunk=None) -> None:
         """Aggregate and encode what the decoder holds, then clear it."""
@@ -198,6 +205,8 @@ class Pipeline:
                     self._texts.append((int(t["seq"]), bytes(mv[off:off + ln])))
         if start < n:
             self._last_recv_ns = max(self._last_recv_ns, int(dec.ticks[n - 1]["recv_ns"]))
+            if not self._first_recv_ns:
+                self._first_recv_ns = int(dec.ticks[start]["recv_ns"])
             t0 = time.perf_counter()
             unknown = eng.unknown_tokens(dec, start)
             if len(unknown):
@@ -244,11 +253,10 @@ class Pipeline:
         self._drain()
 
     def ready(self) -> bool:
-        # The first batches are small and grow to flush_rows: the writer starts
-        # early instead of idling while the first full batch is built.
-        batches = self.totals["batches"]
-        limit = self.settings.flush_rows if batches >= 6 else min(
-            self.settings.flush_rows, 2_000 << batches)
+        s = self.settings
+        limit = s.flush_rows
+        if s.first_batch_rows and self.totals["batches"] < 20:
+            limit = min(limit, s.first_batch_rows << self.totals["batches"])
         return self._n[0] >= limit
 
     def take(self, *, final: bool = False, open_candles: bool = True) -> FlushBatch:
@@ -285,7 +293,8 @@ class Pipeline:
         self.timings["encode"] += time.perf_counter() - t0
         batch = FlushBatch(self.stream, self._first_seq, self._last_seq,
                            payloads[0], self._n[0], payloads[1], self._n[1],
-                           payloads[2], self._n[2], self._texts, self._last_recv_ns)
+                           payloads[2], self._n[2], self._texts, self._last_recv_ns,
+                           self._first_recv_ns)
         self._texts = []
         self.totals["ticks"] += self._n[0]
         self.totals["candles"] += self._n[1]
