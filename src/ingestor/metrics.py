@@ -30,7 +30,8 @@ class Metrics:
         self.flush_latency = Histogram("ingestor_flush_seconds", "Flush transaction duration",
                                        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
         self.tick_to_commit = Histogram("ingestor_tick_to_commit_seconds", "Receive time to commit of each batch's oldest tick (the longest wait in the batch)",
-                                        buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
+                                        buckets=(.01, .025, .05, .1, .15, .2, .25, .3, .35, .4, .45, .5,
+                                                 .6, .75, 1, 1.5, 2.5, 5, 10, 30), registry=r)
         self.spool_bytes = Gauge("ingestor_spool_bytes", "Bytes in the spool", registry=r)
         self.spool_dropped = Gauge("ingestor_spool_dropped_messages", "Messages refused by a full spool", registry=r)
         self.spool_alarm = Gauge("ingestor_spool_alarm", "1 when the spool is near its bound", registry=r)
