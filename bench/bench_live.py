@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+from common import scratch_database, table  # noqa: E402
 
 TITLE = "live: simulator -> daemon -> PostgreSQL over loopback (all on this machine)"
 
@@ -143,29 +142,18 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str) -> dict
 
 def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: int = 500) -> list[dict]:
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     from ingestor.db.migrate import migrate
 
     rates = rates or ([5_000] if quick else [25_000, 50_000, 100_000, 150_000])
     seconds = seconds or (4 if quick else 30)
-    server = os.environ.get("INGESTOR_BENCH_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
-    name = f"ingestor_bench_{secrets.token_hex(3)}"
-    with psycopg.connect(server, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(server)
-    params["dbname"] = name
-    dsn = make_conninfo(**params)
     rows = []
-    try:
+    with scratch_database() as dsn:
         with psycopg.connect(dsn, autocommit=True) as c:
             migrate(c)
         with tempfile.TemporaryDirectory() as tmp:
             for rate in rates:
                 rows.append(run_rate(dsn, rate, seconds, tokens, tmp))
-    finally:
-        with psycopg.connect(server, autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     return rows
 
 

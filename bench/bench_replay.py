@@ -24,30 +24,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
-import secrets
 import sys
 import tempfile
 import time
 from decimal import Decimal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+from common import scratch_database, table  # noqa: E402
 
 TITLE = "replay: capture -> PostgreSQL end to end (ticks/s; same capture, database and run)"
 
 TABLES = "tick_data, ohlc_candles, order_book_snapshots, stream_offsets"
-
-
-def _server_dsn() -> str:
-    return os.environ.get("INGESTOR_BENCH_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
-
-
-def _with_db(dsn: str, name: str) -> str:
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    p = conninfo_to_dict(dsn)
-    p["dbname"] = name
-    return make_conninfo(**p)
 
 
 def _precompute(path: str, ids: dict, settings) -> list:
@@ -183,14 +170,9 @@ def run(quick: bool = False, ticks: int | None = None) -> list[dict]:
 
     n = ticks or (20_000 if quick else 300_000)
     n_conv = min(n, 5_000 if quick else 60_000)
-    server = _server_dsn()
-    name = f"ingestor_bench_{secrets.token_hex(3)}"
-    with psycopg.connect(server, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    dsn = _with_db(server, name)
     rows = []
     settings = PipelineSettings()
-    try:
+    with scratch_database() as dsn:
         with tempfile.TemporaryDirectory() as tmp, psycopg.connect(dsn, autocommit=True) as conn:
             cap = os.path.join(tmp, "bench.cap")
             cap_conv = os.path.join(tmp, "conv.cap")
@@ -234,9 +216,6 @@ def run(quick: bool = False, ticks: int | None = None) -> list[dict]:
             rows.append({"variant": "replay, tick_data without its key", "ticks": r2.ticks,
                          "seconds": r2.seconds, "ticks/s": r2.ticks / r2.seconds,
                          "vs replay": (r2.ticks / r2.seconds) / replay_rate})
-    finally:
-        with psycopg.connect(server, autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     return rows
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import sys
 import time
@@ -151,34 +150,30 @@ def run_variant(conn, ddl: list[str], batches: list[bytes]) -> float:
     return time.perf_counter() - t
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import scratch_database, table  # noqa: E402
+
 TITLE = "schema: COPY BINARY into tick_data, by key/index choice (rows/s)"
 
 
-def run(quick: bool = False) -> list[dict]:
-    n_rows, batch, instruments = (50_000, 10_000, 500) if quick else (500_000, 50_000, 2000)
-    server = resolve_dsn(os.environ.get("INGESTOR_BENCH_DSN"))
-    name = f"ingestor_bench_{os.getpid()}_{secrets.token_hex(3)}"
+def run(quick: bool = False, rows: int | None = None, batch: int | None = None,
+        instruments: int | None = None, repeat: int = 1, dsn: str | None = None) -> list[dict]:
+    n_rows = rows or (50_000 if quick else 500_000)
+    batch = batch or (10_000 if quick else 50_000)
+    instruments = instruments or (500 if quick else 2000)
     out = []
-    with connect(server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-        params = conninfo_to_dict(server)
-        params["dbname"] = name
-        with connect(make_conninfo(**params), autocommit=True) as conn:
+    with scratch_database(resolve_dsn(dsn or os.environ.get("INGESTOR_BENCH_DSN"))) as db:
+        with connect(db, autocommit=True) as conn:
             conn.execute("CREATE TABLE instruments (id integer PRIMARY KEY)")
             conn.execute("INSERT INTO instruments SELECT generate_series(1, %s)", (instruments,))
             batches = payloads(encode(n_rows, instruments), batch)
             base = None
             for label, ddl in VARIANTS:
-                rate = n_rows / run_variant(conn, ddl, batches)
+                secs = statistics.median(run_variant(conn, ddl, batches) for _ in range(repeat))
+                rate = n_rows / secs
                 base = base or rate
                 out.append({"tick_data variant": label, "rows/s": rate, "vs heap": rate / base})
             conn.execute("DROP TABLE IF EXISTS tick_data")
-    finally:
-        with connect(server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     return out
 
 
@@ -191,36 +186,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args(argv)
 
-    server = resolve_dsn(args.dsn)
-    name = f"ingestor_bench_{os.getpid()}_{secrets.token_hex(3)}"
-    with connect(server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-        params = conninfo_to_dict(server)
-        params["dbname"] = name
-        with connect(make_conninfo(**params), autocommit=True) as conn:
-            conn.execute("CREATE TABLE instruments (id integer PRIMARY KEY)")
-            conn.execute("INSERT INTO instruments SELECT generate_series(1, %s)",
-                         (args.instruments,))
-            rows = encode(args.rows, args.instruments)
-            batches = payloads(rows, args.batch)
-            print(f"tick_data COPY BINARY: {args.rows} rows, {args.instruments} instruments, "
-                  f"batches of {args.batch} (one transaction each), "
-                  f"{len(b''.join(batches)) / args.rows:.0f} bytes/row, repeat {args.repeat}")
-            print(f"{'variant':<72} {'rows/s':>10} {'vs heap':>8}")
-            base = None
-            for label, ddl in VARIANTS:
-                secs = statistics.median(
-                    run_variant(conn, ddl, batches) for _ in range(args.repeat))
-                rate = args.rows / secs
-                base = base or rate
-                print(f"{label:<72} {rate:>10,.0f} {rate / base:>7.0%}")
-            conn.execute("DROP TABLE IF EXISTS tick_data")
-    finally:
-        with connect(server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    print(f"tick_data COPY BINARY: {args.rows} rows, {args.instruments} instruments, "
+          f"batches of {args.batch} (one transaction each), repeat {args.repeat}")
+    print(table(run(rows=args.rows, batch=args.batch, instruments=args.instruments,
+                    repeat=args.repeat, dsn=args.dsn), TITLE))
     return 0
 
 

@@ -72,3 +72,35 @@ def machine() -> str:
     import platform
 
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def server_dsn() -> str:
+    """The database server the benchmarks use (``INGESTOR_BENCH_DSN``)."""
+    return os.environ.get("INGESTOR_BENCH_DSN",
+                          "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+
+
+class scratch_database:
+    """``with scratch_database() as dsn:`` a database created for a benchmark, dropped after."""
+
+    def __init__(self, server: str | None = None):
+        self.server = server or server_dsn()
+
+    def __enter__(self) -> str:
+        import secrets
+
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        self.name = f"ingestor_bench_{os.getpid()}_{secrets.token_hex(3)}"
+        with psycopg.connect(self.server, autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{self.name}"')
+        params = conninfo_to_dict(self.server)
+        params["dbname"] = self.name
+        return make_conninfo(**params)
+
+    def __exit__(self, *exc) -> None:
+        import psycopg
+
+        with psycopg.connect(self.server, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')

@@ -8,6 +8,7 @@ never corrupt a shared one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import secrets
@@ -38,34 +39,33 @@ def pg_server_dsn() -> str:
     return ADMIN_DSN
 
 
+@contextlib.contextmanager
+def _scratch_database(server_dsn: str, prefix: str):
+    """A database created for the caller and dropped (with its connections) after."""
+    import psycopg
+
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    try:
+        yield _conninfo(server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
 @pytest.fixture(scope="session")
 def pg_dsn(pg_server_dsn: str):
     """DSN of a database created for this test run and dropped after it."""
-    import psycopg
-
-    name = f"ingestor_test_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        yield _conninfo(pg_server_dsn, dbname=name)
-    finally:
-        with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
+    with _scratch_database(pg_server_dsn, "ingestor_test") as dsn:
+        yield dsn
 
 
 @pytest.fixture
 def fresh_db(pg_server_dsn: str):
     """A database of its own for one test (for tests that need an empty schema)."""
-    import psycopg
-
-    name = f"ingestor_t_{os.getpid()}_{secrets.token_hex(4)}"
-    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    try:
-        yield _conninfo(pg_server_dsn, dbname=name)
-    finally:
-        with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
+    with _scratch_database(pg_server_dsn, "ingestor_t") as dsn:
+        yield dsn
 
 
 @pytest.fixture
