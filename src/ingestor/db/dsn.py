@@ -109,6 +109,22 @@ def error_line(exc: BaseException) -> str:
     return redact(line)
 
 
+def _params(dsn: str, connect_timeout: int) -> dict:
+    """libpq parameters of ``dsn`` (its password registered for redaction), or ``Failure``."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from ingestor.cli import Failure
+
+    register_secret(password_of(dsn))
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        raise Failure(f"invalid database DSN: {error_line(exc)}") from None
+    params.setdefault("connect_timeout", connect_timeout)
+    return params
+
+
 def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 10, **kwargs):
     """Open a psycopg connection, or raise :class:`ingestor.cli.Failure` with one clear line.
 
@@ -128,16 +144,10 @@ def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 10, **
         message names the target without its password.
     """
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict
 
     from ingestor.cli import Failure
 
-    register_secret(password_of(dsn))
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error as exc:
-        raise Failure(f"invalid database DSN: {error_line(exc)}") from None
-    params.setdefault("connect_timeout", connect_timeout)
+    params = _params(dsn, connect_timeout)
     try:
         return psycopg.connect(autocommit=autocommit, **params, **kwargs)
     except psycopg.Error as exc:
@@ -148,16 +158,10 @@ async def connect_async(dsn: str, *, autocommit: bool = False, connect_timeout: 
                         **kwargs):
     """Async twin of :func:`connect` (a :class:`psycopg.AsyncConnection`)."""
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict
 
     from ingestor.cli import Failure
 
-    register_secret(password_of(dsn))
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error as exc:
-        raise Failure(f"invalid database DSN: {error_line(exc)}") from None
-    params.setdefault("connect_timeout", connect_timeout)
+    params = _params(dsn, connect_timeout)
     try:
         return await psycopg.AsyncConnection.connect(autocommit=autocommit, **params, **kwargs)
     except psycopg.Error as exc:
