@@ -119,7 +119,7 @@ def test_sigkill_and_restart_no_duplicates(tmp_path, db):
 def test_feed_dropped_reconnects_and_records_gaps(tmp_path, db):
     sim = Simulator(tmp_path, "--drop-every", "1.5", tokens=10, rate=2000)
     load_instruments(db, sim.csv)
-    d = Daemon(tmp_path, db, sim.url)
+    d = Daemon(tmp_path, db, sim.url, config=f'[record]\ndir = "{tmp_path / "rec"}"\n')
     time.sleep(5)
     sim.stop()
     time.sleep(0.3)
@@ -131,6 +131,20 @@ def test_feed_dropped_reconnects_and_records_gaps(tmp_path, db):
         streams = c.execute("select count(*) from stream_offsets").fetchone()[0]
     assert len(gaps) >= 2 and all(g[2] >= g[1] and len(g[3]) == 10 for g in gaps)
     assert streams >= 3            # a fresh stream per connection
+    # the raw recording: one capture per connection's stream, holding every tick written
+    from ingestor.capture import CaptureReader
+
+    recorded = sorted((tmp_path / "rec").glob("*.cap"))
+    assert len(recorded) == streams
+    total = 0
+    for path in recorded:
+        dec = _core.KiteDecoder()
+        for _ in decode_capture(path, dec):
+            pass
+        total += dec.stats()["packets"]
+        with CaptureReader(path) as rd:
+            assert rd.header.first_seq == 0
+    assert total == n
 
 
 def test_feed_stalled_watchdog_reconnects(tmp_path, db):
@@ -171,3 +185,66 @@ def test_malformed_messages_counted_rest_ingested(tmp_path, db):
     assert st["malformed_messages"] > 0
     n, distinct = tick_summary(db)
     assert n == distinct == st["packets"]
+
+
+def _order_tables(dsn: str) -> dict:
+    with psycopg.connect(dsn) as c:
+        return {
+            "orders": c.execute(
+                "select broker_order_id, current_status, filled_quantity, average_price "
+                "from orders order by 1").fetchall(),
+            "executions": c.execute(
+                "select o.broker_order_id, e.quantity, e.price from executions e "
+                "join orders o on o.id = e.order_id order by 1, 2, 3").fetchall(),
+            "positions": c.execute(
+                "select strategy_id, i.instrument_token, p.quantity, p.average_entry_price, "
+                "p.realized_pnl, p.status from positions p join instruments i on i.id = p.instrument_id "
+                "order by 1, 2, p.status, 3").fetchall(),
+        }
+
+
+def test_postbacks_survive_a_database_restart(tmp_path, private_pg_running, fresh_db):
+    """Order postbacks on the live stream, the database crashed mid-stream: the order tables end
+    exactly as applying the simulator's recorded postbacks, in order, to an empty database."""
+    from ingestor.capture import KIND_TEXT, CaptureReader
+    from ingestor.orders.store import OrderStore
+
+    cluster = private_pg_running
+    dsn = cluster.dsn()
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("truncate tick_data, ohlc_candles, order_book_snapshots, stream_offsets, feed_gaps, "
+                  "orders, order_history, executions, positions, strategies cascade")
+    sim = Simulator(tmp_path, "--postbacks", "100", tokens=15, rate=1000)
+    load_instruments(dsn, sim.csv)
+    d = Daemon(tmp_path, dsn, sim.url)
+
+    def orders() -> int:
+        with psycopg.connect(dsn) as c:
+            return c.execute("select count(*) from orders").fetchone()[0]
+
+    wait_for(lambda: orders() > 20, timeout=30)
+    cluster.stop("immediate")
+    time.sleep(1.5)
+    cluster.start()
+    n = orders()
+    wait_for(lambda: orders() > n + 20, timeout=30)
+    sim.stop()
+    time.sleep(0.5)
+    assert d.terminate() == 0, d.output()
+
+    # the reference: the recorded postbacks applied in order to a fresh database
+    with psycopg.connect(fresh_db, autocommit=True) as c:
+        migrate(c)
+    load_instruments(fresh_db, sim.csv)
+    texts = []
+    with CaptureReader(sim.record) as rd:
+        for rec in rd.records():
+            if rec.kind == KIND_TEXT:
+                texts.append(rec.payload)
+    assert len(texts) > 40
+    with psycopg.connect(fresh_db, autocommit=True) as c:
+        OrderStore().apply_sync(c, texts)
+    got, want = _order_tables(dsn), _order_tables(fresh_db)
+    assert got["orders"] == want["orders"] and len(got["orders"]) > 20
+    assert got["executions"] == want["executions"]
+    assert got["positions"] == want["positions"]

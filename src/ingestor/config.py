@@ -100,7 +100,8 @@ class MetricsConfig(_Base):
 
 
 class RecordConfig(_Base):
-    #: keep every connection's raw stream as capture files here ("" : no recording)
+    #: keep every connection's raw stream as capture files here, rotating at
+    #: spool.segment_bytes ("": no recording; the spool deletes what is committed)
     dir: str = ""
 
 

@@ -80,7 +80,7 @@ class Daemon:
         self.access_token = access_token
         self.metrics = Metrics()
         self.spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.alarm_at,
-                           cfg.spool.segment_bytes)
+                           cfg.spool.segment_bytes, keep_dir=cfg.record.dir)
         self.setup = setup_conn
         self.stop = asyncio.Event()
         self.stopping_since: float | None = None

@@ -11,7 +11,9 @@ last record.  Segments left by a crash are replayed at the next start
 (exactly once, through the stream offsets).
 
 Writing needs nothing from the database: raw messages, no instrument ids.
-The spool is bounded (``max_bytes``): it alarms near the bound and, at it,
+Committed segments are deleted, or, with a ``keep_dir``, moved there: the
+daemon's optional raw recording, rotating capture files.  The spool is
+bounded (``max_bytes``): it alarms near the bound and, at it,
 refuses new messages and counts them (``dropped``), loudly.
 """
 
@@ -149,7 +151,7 @@ class StreamSpool:
         for i, seg in enumerate(self.segments):
             done = seg.closed and seg.end_seq - 1 <= committed_seq and i < self._read_seg
             if done:
-                freed += _remove(seg.path)
+                freed += _remove(seg.path, self.spool.keep_dir)
             else:
                 keep.append(seg)
         self._read_seg -= len(self.segments) - len(keep)
@@ -169,7 +171,7 @@ class StreamSpool:
         seg.closed = True
         if committed_seq >= self.next_seq - 1:
             for s in self.segments:
-                self.spool.bytes -= _remove(s.path)
+                self.spool.bytes -= _remove(s.path, self.spool.keep_dir)
             self.segments = []
 
 
@@ -179,10 +181,14 @@ def _data_offset(path: str) -> int:
     return 12 + int.from_bytes(head[8:12], "little")
 
 
-def _remove(path: str) -> int:
+def _remove(path: str, keep_dir: str | None = None) -> int:
+    """Delete a released segment, or move it into ``keep_dir`` (the raw recording)."""
     try:
         size = os.path.getsize(path)
-        os.unlink(path)
+        if keep_dir:
+            os.replace(path, os.path.join(keep_dir, os.path.basename(path)))
+        else:
+            os.unlink(path)
         return size
     except FileNotFoundError:
         return 0
@@ -192,9 +198,14 @@ class Spool:
     """All streams' spools in one directory, with one size bound."""
 
     def __init__(self, dir: str, max_bytes: int = 2 << 30, alarm_at: float = 0.8,
-                 segment_bytes: int = 64 << 20):
+                 segment_bytes: int = 64 << 20, keep_dir: str | None = None):
         self.dir = dir
         os.makedirs(dir, exist_ok=True)
+        #: where committed segments go instead of being deleted (the raw recording:
+        #: capture files rotating at ``segment_bytes``, one stream per connection)
+        self.keep_dir = keep_dir or None
+        if self.keep_dir:
+            os.makedirs(self.keep_dir, exist_ok=True)
         self.max_bytes = max_bytes
         self.alarm_bytes = int(max_bytes * alarm_at)
         self.segment_bytes = segment_bytes
