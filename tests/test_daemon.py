@@ -247,4 +247,10 @@ def test_postbacks_survive_a_database_restart(tmp_path, private_pg_running, fres
     got, want = _order_tables(dsn), _order_tables(fresh_db)
     assert got["orders"] == want["orders"] and len(got["orders"]) > 20
     assert got["executions"] == want["executions"]
-    assert got["positions"] == want["positions"]
+    # Positions follow the order fills were applied in (batch by batch here, one batch in
+    # the reference), so they are checked as the orders tests check them: equal to an
+    # average-cost replay of this database's own executions.
+    from test_orders import check_consistent
+
+    with psycopg.connect(dsn) as c:
+        check_consistent(c)
