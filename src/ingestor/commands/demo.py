@@ -62,10 +62,12 @@ def run(args) -> int:
                       "--rate", str(args.rate), "--duration", str(args.seconds + 30),
                       "--seed", str(args.seed), "--record", record, "--instruments-csv", csv,
                       "--postbacks", "2"),
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=open(os.path.join(workdir, "simulator.log"), "w"),
+            text=True)
         line = sim.stdout.readline().strip()
         if "ws://" not in line:
-            raise Failure(f"the simulator did not start: {line or 'no output'}")
+            raise Failure(f"the simulator did not start: {line or 'no output'} "
+                          f"(see {os.path.join(args.dir, 'simulator.log')})")
         url = line[line.index("ws://"):].split()[0]
         print(f"simulator: {url}, {args.tokens} instruments, ~{args.rate:,} ticks/s")
         subprocess.run(_ingestor("instruments", "load", csv, "--dsn", dsn), check=True,
@@ -120,7 +122,7 @@ def _report(dsn: str, record: str, seconds: float) -> None:
                                "order by min(extract(epoch from time))").fetchall()
         snaps = conn.execute("select count(*) from order_book_snapshots").fetchone()[0]
         sample = conn.execute(
-            "select i.symbol, c.time, c.open_price, c.high_price, c.low_price, c.close_price, "
+            "select i.exchange || ':' || i.symbol, c.time, c.open_price, c.high_price, c.low_price, c.close_price, "
             "c.volume, c.vwap from ohlc_candles c join instruments i on i.id = c.instrument_id "
             "where c.timeframe = '1m' and c.volume > 0 order by c.time desc, i.symbol limit 3").fetchall()
         orders = conn.execute("select count(*) from orders").fetchone()[0]
@@ -135,5 +137,5 @@ def _report(dsn: str, record: str, seconds: float) -> None:
     if sample:
         print("latest 1m candles:")
         for sym, t, o, h, lo, c, v, vw in sample:
-            print(f"  {sym:<24} {t:%H:%M} O {o.normalize()} H {h.normalize()} L {lo.normalize()} "
+            print(f"  {sym:<28} {t:%H:%M} O {o.normalize()} H {h.normalize()} L {lo.normalize()} "
                   f"C {c.normalize()} V {v:,} VWAP {vw.normalize() if vw is not None else '-'}")
