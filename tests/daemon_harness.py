@@ -49,10 +49,11 @@ class Simulator:
 
 
 class Daemon:
-    def __init__(self, tmp, dsn: str, url: str, *, config: str = "", name: str = "daemon"):
+    def __init__(self, tmp, dsn: str, url: str, *, config: str = "", feed: str = "",
+                 name: str = "daemon"):
         self.cfg = tmp / f"{name}.toml"
         self.cfg.write_text(
-            "[feed]\nmode = \"full\"\nheartbeat_timeout = 2.0\nreconnect_min = 0.1\n"
+            f"[feed]\n{feed}mode = \"full\"\nheartbeat_timeout = 2.0\nreconnect_min = 0.1\n"
             "reconnect_max = 0.5\nrejected_retry = 30.0\n"
             "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
             f"[spool]\ndir = \"{tmp / 'spool'}\"\n"

@@ -254,3 +254,19 @@ def test_postbacks_survive_a_database_restart(tmp_path, private_pg_running, fres
 
     with psycopg.connect(dsn) as c:
         check_consistent(c)
+
+
+def test_tokens_spread_over_several_connections(tmp_path, db):
+    sim = Simulator(tmp_path, tokens=12, rate=2000)
+    load_instruments(db, sim.csv)
+    d = Daemon(tmp_path, db, sim.url, feed="tokens_per_connection = 5\n")
+    wait_for(lambda: count_ticks(db) > 2000, timeout=30)
+    sim.stop()
+    time.sleep(0.5)
+    assert d.terminate() == 0, d.output()
+    assert "3 connection(s)" in d.output()
+    with psycopg.connect(db) as c:
+        streams = [r[0] for r in c.execute("select stream from stream_offsets")]
+    assert sorted({s.rsplit("-", 1)[0] for s in streams}) == ["kite-0", "kite-1", "kite-2"]
+    n, distinct = tick_summary(db)
+    assert n == distinct == sim.sent_packets()
