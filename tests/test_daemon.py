@@ -270,3 +270,22 @@ def test_tokens_spread_over_several_connections(tmp_path, db):
     assert sorted({s.rsplit("-", 1)[0] for s in streams}) == ["kite-0", "kite-1", "kite-2"]
     n, distinct = tick_summary(db)
     assert n == distinct == sim.sent_packets()
+
+
+def test_leftover_spool_replays_in_receive_order(tmp_path):
+    """Stream ids carry a random part: leftovers are ordered by their first receive time,
+    each stream's segments by sequence number, not by name."""
+    from ingestor.capture import CaptureHeader, CaptureWriter
+    from ingestor.commands.run import leftover_order
+
+    def segment(name, stream, first_seq, recv_ns):
+        path = tmp_path / name
+        with CaptureWriter(path, CaptureHeader(stream=stream, first_seq=first_seq)) as w:
+            w.write(b"\x00", 1, recv_ns)
+        return str(path)
+
+    later = segment("kite-0-aaaa.000000000000.cap", "kite-0-aaaa", 0, 2_000)
+    later2 = segment("kite-0-aaaa.000000000100.cap", "kite-0-aaaa", 100, 3_000)
+    earlier2 = segment("kite-0-ffff.000000000050.cap", "kite-0-ffff", 50, 1_500)
+    earlier = segment("kite-0-ffff.000000000000.cap", "kite-0-ffff", 0, 1_000)
+    assert leftover_order([later2, earlier2, later, earlier]) == [earlier, earlier2, later, later2]

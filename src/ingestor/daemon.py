@@ -94,7 +94,6 @@ class Daemon:
         self.gaps: list = []
         self.loop_lag_max = 0.0
         self.latencies: collections.deque = collections.deque(maxlen=100_000)
-        self.db_ok = False
         settings = settings_of(cfg)
         per = cfg.feed.tokens_per_connection
         items = sorted(tokens.items())
@@ -146,6 +145,9 @@ class Daemon:
                 with connect(self.dsn, autocommit=True) as c:
                     return register_tokens(c, tokens)
             except Exception as exc:  # noqa: BLE001 - the database is away: wait for it
+                if self.stop.is_set():
+                    raise RuntimeError("stopping with new instruments unregistered: the spool "
+                                       "keeps their messages for the next start") from None
                 log.warning("cannot register %d new instrument(s) yet: %s", len(tokens), exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -202,6 +204,7 @@ class Daemon:
         await self.queue.put(final)
         for sp in list(conn.streams):
             self._retire(sp)
+        conn.streams.clear()
 
     def _retire(self, sp: StreamSpool) -> None:
         self._retiring.append(sp)
@@ -216,8 +219,6 @@ class Daemon:
                 break
             t0 = time.perf_counter()
             outcome = await self.writer.write(b)
-            self.db_ok = True
-            m.db_up.set(1)
             m.batches.labels(outcome).inc()
             m.flush_latency.observe(time.perf_counter() - t0)
             if outcome == "written":
@@ -287,7 +288,7 @@ class Daemon:
                 if conn is None or conn.closed:
                     conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
                 await amark_to_market(conn, prices)
-            except psycopg.Error as exc:
+            except Exception as exc:  # noqa: BLE001 - retried at the next cadence
                 log.debug("mark to market skipped: %s", exc)
                 conn = None
         if conn is not None:
@@ -311,18 +312,36 @@ class Daemon:
             for conn in self.connections:
                 if conn.feed is not None and conn.feed.stats.last_message_ns:
                     self.metrics.feed_lag.labels(conn.label).set((now_ns - conn.feed.stats.last_message_ns) / 1e9)
+            self.metrics.db_up.set(1 if self.writer.up else 0)
             if time.monotonic() - last_sync >= self.cfg.spool.fsync_interval:
                 last_sync = time.monotonic()
-                streams = [c.streams[-1] for c in self.connections if c.streams]
-                for sp in streams:
-                    sp.flush()
-                fds = [sp.segments[-1].writer._f.fileno() for sp in streams
-                       if sp.segments and not sp.segments[-1].closed]
-                if fds:
-                    await loop.run_in_executor(None, lambda: [os.fsync(fd) for fd in fds])
+                try:
+                    await self._fsync(loop)
+                except OSError as exc:
+                    log.error("spool fsync failed: %s", exc)
             if self.stop.is_set() and self.queue.empty() and all(
                     not c.streams for c in self.connections):
                 return
+
+    async def _fsync(self, loop) -> None:
+        """fsync the open spool segments off the loop (on duplicated descriptors, so a
+        segment the loop rotates or closes meanwhile cannot pull the fd from under it)."""
+        fds = []
+        for c in self.connections:
+            if c.streams and c.streams[-1].segments:
+                seg = c.streams[-1].segments[-1]
+                if not seg.closed:
+                    fds.append(os.dup(seg.writer._f.fileno()))
+
+        def sync():
+            for fd in fds:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+        if fds:
+            await loop.run_in_executor(None, sync)
 
     _seen: dict = {}
 
@@ -345,9 +364,10 @@ class Daemon:
 
     def health(self) -> tuple[bool, dict]:
         feeds = {c.label: bool(c.feed and c.feed.stats.connected) for c in self.connections}
-        ok = all(feeds.values()) and self.db_ok and not self.spool.alarmed
-        return ok, {"feeds": feeds, "database": self.db_ok, "spool_bytes": self.spool.bytes,
-                    "spool_alarm": self.spool.alarmed}
+        db = self.writer.up and self.failed is None
+        ok = all(feeds.values()) and db and not self.spool.alarmed
+        return ok, {"feeds": feeds, "database": self.writer.up, "spool_bytes": self.spool.bytes,
+                    "spool_alarm": self.spool.alarmed, "failed": self.failed}
 
     # -- main ----------------------------------------------------------------
 
@@ -375,8 +395,6 @@ class Daemon:
             host, _, port = self.cfg.metrics.listen.rpartition(":")
             server = await serve(host or "127.0.0.1", int(port), self.metrics, self.health)
             log.info("metrics on http://%s/metrics", self.cfg.metrics.listen)
-        await self.writer.connect()
-        self.db_ok = True
         f = self.cfg.feed
         tasks = []
         for conn in self.connections:
@@ -393,6 +411,9 @@ class Daemon:
         writer = asyncio.ensure_future(self._write())
         side = [asyncio.ensure_future(self._gaps()), asyncio.ensure_future(self._monitor()),
                 asyncio.ensure_future(self._mark_to_market())]
+        for name, t in ([("feed", t) for t in tasks] + [("pipeline", t) for t in consumers]
+                        + [("writer", writer), ("gaps", side[0]), ("monitor", side[1])]):
+            t.add_done_callback(lambda t, name=name: self._task_done(name, t))
         log.info("running: %d connection(s), %d tokens", len(self.connections),
                  sum(len(c.tokens) for c in self.connections))
         await self.stop.wait()
@@ -405,16 +426,28 @@ class Daemon:
                                   f"{reason}; daemon stopped", sorted(c.tokens)))
                 c.gap_start = None
         try:
-            await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+            # (a task that failed was reported by _task_done: waited for, not re-raised)
+            await asyncio.wait(tasks, timeout=5)
             for c in self.connections:
                 c.disconnected = True
-            await asyncio.wait_for(asyncio.gather(*consumers), timeout=budget)
-            await self.queue.put(None)
-            await asyncio.wait_for(writer, timeout=max(1.0, budget - (time.monotonic() - self.stopping_since)))
+
+            def left() -> float:
+                return max(1.0, budget - (time.monotonic() - self.stopping_since))
+
+            _, pending = await asyncio.wait(consumers, timeout=left())
+            if pending:
+                raise asyncio.TimeoutError
+            if not writer.done():
+                await asyncio.wait_for(self.queue.put(None), timeout=left())
+                await asyncio.wait([writer], timeout=left())
+                if not writer.done():
+                    raise asyncio.TimeoutError
             self._release()
         except asyncio.TimeoutError:
             log.error("shutdown took longer than %.0f s; exiting with the spool kept (%d bytes) "
                       "for the next start", budget, self.spool.bytes)
+            for t in tasks + consumers + [writer]:
+                t.cancel()
             return 1
         finally:
             if self.gaps:
@@ -431,4 +464,24 @@ class Daemon:
         s = self.writer.stats
         log.info("stopped: %d ticks, %d candles, %d snapshots in %d transactions", s.ticks,
                  s.candles, s.snapshots, s.batches)
-        return 0
+        return 1 if self.failed else 0
+
+    failed: str | None = None
+
+    def _task_done(self, name: str, task: asyncio.Task) -> None:
+        """A task of the daemon ended: if by an error, say so and stop (nothing is lost:
+        what is not committed stays in the spool for the next start)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        if self.failed is None:
+            self.failed = f"{name}: {type(exc).__name__}: {exc}"
+        log.error("the %s task failed (%s: %s); stopping, the spool keeps what was not "
+                  "committed", name, type(exc).__name__, exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        if not self.stop.is_set():
+            self.stopping_since = time.monotonic()
+            self.stop.set()
+            for c in self.connections:
+                if c.feed is not None:
+                    asyncio.ensure_future(c.feed.close())

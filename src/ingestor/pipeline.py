@@ -142,7 +142,8 @@ class Pipeline:
         """``{instrument_id: Decimal price}`` of the latest tick of every instrument (exact)."""
         from decimal import Decimal
 
-        return {i: Decimal(raw) / div for i, (raw, div) in self.latest.items()}
+        # copy() is atomic under the GIL: the worker thread may be adding instruments
+        return {i: Decimal(raw) / div for i, (raw, div) in self.latest.copy().items()}
 
     @property
     def pending_rows(self) -> int:

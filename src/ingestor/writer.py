@@ -158,6 +158,8 @@ class Writer:
         self.on_texts = on_texts
         self.conn: psycopg.AsyncConnection | None = None
         self.stats = WriterStats()
+        #: False from a lost connection until the next successful flush (health, metrics)
+        self.up = True
 
     async def connect(self) -> None:
         if self.conn is not None and not self.conn.closed:
@@ -182,11 +184,13 @@ class Writer:
                 await self.connect()
                 t0 = time.perf_counter()
                 outcome = await self._transaction(batch)
+                self.up = True
                 self.stats.flush_seconds.append(time.perf_counter() - t0)
                 if len(self.stats.flush_seconds) > 10_000:
                     del self.stats.flush_seconds[:5_000]
                 return outcome
             except _CONNECTION_ERRORS as exc:
+                self.up = False
                 await self._drop()
                 now = time.monotonic()
                 lost_since = lost_since or now

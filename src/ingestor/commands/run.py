@@ -98,6 +98,30 @@ def run(args) -> int:
         setup.close()
 
 
+def leftover_order(paths: list[str]) -> list[str]:
+    """Spool segments in the order they were received: streams by their first record's
+    receive time, each stream's segments by sequence number.  (Stream ids carry a random
+    part, so names alone do not sort by time; replaying a later stream first would stamp
+    the earlier one's ticks after it.)"""
+    from ingestor.capture import RECORD_HEADER, CaptureReader
+
+    info = []
+    for path in paths:
+        try:
+            with CaptureReader(path) as rd, open(path, "rb") as f:
+                f.seek(rd.data_offset)
+                head = f.read(RECORD_HEADER.size)
+                first_ns = RECORD_HEADER.unpack(head)[0] if len(head) == RECORD_HEADER.size else 0
+                info.append((rd.header.stream, rd.header.first_seq, first_ns, path))
+        except (OSError, ValueError) as exc:
+            log.error("spool file %s is unreadable (%s): left in place", path, exc)
+    stream_start: dict[str, int] = {}
+    for stream, first_seq, first_ns, _ in sorted(info, key=lambda x: (x[0], x[1])):
+        stream_start.setdefault(stream, first_ns)
+    return [p for stream, seq, _, p in
+            sorted(info, key=lambda x: (stream_start[x[0]], x[0], x[1]))]
+
+
 def replay_leftovers(cfg, dsn: str) -> None:
     """Spool segments a previous run left (a crash): into the database first, exactly once."""
     import glob
@@ -105,13 +129,18 @@ def replay_leftovers(cfg, dsn: str) -> None:
     from ingestor.daemon import settings_of
     from ingestor.replay import replay
 
-    paths = sorted(glob.glob(os.path.join(cfg.spool.dir, "*.cap")))
+    paths = leftover_order(glob.glob(os.path.join(cfg.spool.dir, "*.cap")))
+    if cfg.record.dir:
+        os.makedirs(cfg.record.dir, exist_ok=True)
     for path in paths:
         r = replay(path, dsn, settings=settings_of(cfg), progress=False,
                    dead_letter_dir=cfg.writer.dead_letter_dir)
         log.info("replayed spool %s left by an earlier run: %d ticks (%d messages already committed)",
                  os.path.basename(path), r.ticks, r.skipped_messages)
-        os.unlink(path)
+        if cfg.record.dir:  # part of the raw recording
+            os.replace(path, os.path.join(cfg.record.dir, os.path.basename(path)))
+        else:
+            os.unlink(path)
 
 
 def probe_feed(url: str, timeout: float) -> None:

@@ -158,18 +158,22 @@ class KiteFeed:
             log.warning("%s: cannot connect: %s", self.label, self.stats.last_error)
             return self.stats.last_error
         self._ws = ws
+        if stop.is_set():  # connected after the daemon began to stop: not a stream
+            ws.transport.abort()
+            self._ws = None
+            return "stopped"
         self.stream = f"{self.label}-{uuid.uuid4().hex[:12]}"
         self.stats.connects += 1
         self.stats.connected = True
         self.stats.last_message_ns = time.time_ns()
-        if self.on_connect:
-            self.on_connect(self.stream)
-        log.info("%s: connected (stream %s), subscribing %d tokens", self.label, self.stream,
-                 len(self.subscriptions))
         on_message = self.on_message
         stats = self.stats
         stream = self.stream
         try:
+            if self.on_connect:
+                self.on_connect(self.stream)
+            log.info("%s: connected (stream %s), subscribing %d tokens", self.label, self.stream,
+                     len(self.subscriptions))
             for req in subscribe_requests(self.subscriptions):
                 await ws.send(req)
             loop = asyncio.get_running_loop()
