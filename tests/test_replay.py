@@ -39,18 +39,11 @@ def capture(tmp_path_factory):
     return path
 
 
-def _decoded(path):
-    """Every packet of the capture: (token, seq, price raw, divisor, length, book or None)."""
-    out = []
-    for _ in decode_capture(path):
-        pass
+def _decoded(path) -> np.ndarray:
+    """Every packet of the capture, decoded (TICK_DTYPE rows, in stream order)."""
     dec = _core.KiteDecoder(capacity=1 << 20, depth_capacity=1 << 20)
-    for b in decode_capture(path, dec):
-        t = dec.ticks[:dec.n_ticks].copy()
-        d = dec.depth[:dec.n_depth].copy()
-        out.append((t, d))
-    ticks = np.concatenate([t for t, _ in out])
-    return ticks, out
+    parts = [dec.ticks[:dec.n_ticks].copy() for _ in decode_capture(path, dec)]
+    return np.concatenate(parts)
 
 
 def _table_digest(conn) -> dict:
@@ -66,7 +59,7 @@ def _table_digest(conn) -> dict:
 def test_replay_rows_exact_and_exactly_once(db, capture):
     settings = PipelineSettings(flush_rows=4_000)
     r1 = replay(str(capture), db, settings=settings, progress=False)
-    ticks, _ = _decoded(capture)
+    ticks = _decoded(capture)
     assert r1.ticks == len(ticks) == 30_000
     assert r1.batches >= 7
     with psycopg.connect(db) as conn:

@@ -93,7 +93,6 @@ class Daemon:
         self.committed: dict[str, int] = {}
         self.gaps: list = []
         self.loop_lag_max = 0.0
-        self.latencies: collections.deque = collections.deque(maxlen=100_000)
         settings = settings_of(cfg)
         per = cfg.feed.tokens_per_connection
         items = sorted(tokens.items())
@@ -162,7 +161,6 @@ class Daemon:
             progressed = False
             if conn.streams:
                 sp = conn.streams[0]
-                sp.flush()
                 got = sp.read()
                 if got is not None:
                     chunk, seq = got
@@ -229,7 +227,6 @@ class Daemon:
                     # the batch's oldest tick: the longest any of its ticks waited
                     lat = (time.time_ns() - b.first_recv_ns) / 1e9
                     m.tick_to_commit.observe(lat)
-                    self.latencies.append(lat)
             self.committed[b.stream] = max(self.committed.get(b.stream, -1), b.last_seq)
             self._release()
 

@@ -155,23 +155,6 @@ class Pipeline:
 
     # -- input ---------------------------------------------------------------
 
-    def feed(self, message, recv_ns: int, seq: int, text: bool = False) -> None:
-        """One live WebSocket message (binary or text) with its place in the stream."""
-        if seq <= self.committed or seq <= self._last_seq:
-            self.totals["skipped_messages"] += 1
-            return
-        if text:
-            self._texts.append((seq, bytes(message)))
-        else:
-            t0 = time.perf_counter()
-            dec = self.decoder
-            if not dec.feed(message, recv_ns, seq):
-                self.timings["decode"] += time.perf_counter() - t0
-                self._consume()
-                dec.feed(message, recv_ns, seq)
-            self.timings["decode"] += time.perf_counter() - t0
-        self._last_seq = seq
-
     def feed_chunk(self, chunk, seq: int) -> Iterator[FlushBatch]:
         """Capture records (whole ones: ``CaptureReader.chunks``), the first with ``seq``.
 
@@ -208,17 +191,17 @@ class Pipeline:
             self._last_recv_ns = max(self._last_recv_ns, int(dec.ticks[n - 1]["recv_ns"]))
             if not self._first_recv_ns:
                 self._first_recv_ns = int(dec.ticks[start]["recv_ns"])
-            t0 = time.perf_counter()
             unknown = eng.unknown_tokens(dec, start)
             if len(unknown):
                 self.set_ids(self.resolve([int(t) for t in unknown]))
             while True:
+                t0 = time.perf_counter()
                 r = eng.process(dec, start)
+                self.timings["aggregate"] += time.perf_counter() - t0
                 self._drain()
                 if r >= n:
                     break
                 start = r
-            self.timings["aggregate"] += time.perf_counter() - t0
         dec.clear()
 
     def _drain(self) -> None:
@@ -241,8 +224,6 @@ class Pipeline:
         self._n[2] += len(snaps)
         eng.clear()
         self.timings["encode"] += time.perf_counter() - t0
-        # the aggregate timer includes this; take it back out
-        self.timings["aggregate"] -= time.perf_counter() - t0
 
     # -- output --------------------------------------------------------------
 

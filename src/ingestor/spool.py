@@ -43,7 +43,7 @@ class Segment:
 
 
 class StreamSpool:
-    """The spool of one stream: append, flush, read back, release."""
+    """The spool of one stream: append (handed to the OS at once), read back, release."""
 
     def __init__(self, spool: "Spool", stream: str, first_seq: int = 0):
         self.spool = spool
@@ -58,7 +58,6 @@ class StreamSpool:
     def _new_segment(self) -> None:
         if self.segments:
             last = self.segments[-1]
-            self._flush_segment(last)
             last.writer.sync()
             last.writer.close()
             last.closed = True
@@ -98,22 +97,6 @@ class StreamSpool:
             log.error("spool at %.0f%% of its limit (%d of %d bytes)", 100 * sp.bytes / sp.max_bytes,
                       sp.bytes, sp.max_bytes)
         return seq
-
-    def _flush_segment(self, seg: Segment) -> None:
-        if seg.writer is not None and not seg.closed:
-            seg.writer.flush()
-            seg.flushed = seg.writer.bytes
-            seg.end_seq = seg.writer.next_seq
-
-    def flush(self) -> None:
-        """Hand what was appended to the OS (readers can then read it)."""
-        self._flush_segment(self.segments[-1])
-
-    def sync(self) -> None:
-        """fsync the open segment (call from a worker thread: it may block)."""
-        seg = self.segments[-1]
-        if not seg.closed:
-            seg.writer.sync()
 
     def read(self, limit: int = 8 << 20) -> tuple[bytes, int] | None:
         """The next flushed whole records not read yet, as ``(chunk, first_seq)``."""
@@ -165,7 +148,6 @@ class StreamSpool:
     def close(self, committed_seq: int) -> None:
         """Close the stream; delete its files if everything in them is committed."""
         seg = self.segments[-1]
-        self._flush_segment(seg)
         seg.writer.sync()
         seg.writer.close()
         seg.closed = True
