@@ -73,25 +73,27 @@ def run(args) -> int:
         subprocess.run(_ingestor("instruments", "load", csv, "--dsn", dsn), check=True,
                        stdout=subprocess.DEVNULL)
         env = dict(os.environ, KITE_API_KEY="demo-key", KITE_ACCESS_TOKEN="demo-token")
+        daemon_log = os.path.join(workdir, "daemon.log")
         daemon = subprocess.Popen(
             _ingestor("run", "--dsn", dsn, "--url", url, "--mode", "full",
                       "--spool-dir", os.path.join(workdir, "spool"), "--metrics", ""),
-            env=env, stderr=subprocess.PIPE, text=True)
+            env=env, stderr=open(daemon_log, "w"), text=True)
         print(f"daemon: running for {args.seconds:g} s ...", flush=True)
         t0 = time.monotonic()
         try:
             daemon.wait(timeout=args.seconds)
-            raise Failure(f"the daemon exited early: {daemon.stderr.read().strip()[-500:]}")
+            raise Failure(f"the daemon exited early: {_tail(daemon_log)}")
         except subprocess.TimeoutExpired:
             pass
-        daemon.send_signal(signal.SIGTERM)
-        rc = daemon.wait(timeout=60)
-        ran = time.monotonic() - t0
-        err = daemon.stderr.read()
-        if rc != 0:
-            raise Failure(f"the daemon exited with {rc}: {err.strip()[-500:]}")
+        # The simulator first: its recording is then complete and everything it sent has
+        # reached the daemon (a closing handshake); then the daemon drains and commits.
         sim.send_signal(signal.SIGTERM)
         sim.wait(timeout=30)
+        ran = time.monotonic() - t0
+        daemon.send_signal(signal.SIGTERM)
+        rc = daemon.wait(timeout=60)
+        if rc != 0:
+            raise Failure(f"the daemon exited with {rc}: {_tail(daemon_log)}")
         _report(dsn, record, ran)
     finally:
         for p in (daemon, sim):
@@ -102,6 +104,11 @@ def run(args) -> int:
             cluster.stop()
             print("stopped the private cluster")
     return 0
+
+
+def _tail(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read().strip()[-500:] + f" (log: {path})"
 
 
 def _report(dsn: str, record: str, seconds: float) -> None:
