@@ -1,1 +1,1 @@
-src/ingestor/sql
+src/ingestor/store/sql

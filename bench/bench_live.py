@@ -85,7 +85,7 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str) -> dict
     import psycopg
 
     from ingestor._core import KiteDecoder
-    from ingestor.batch import decode_capture
+    from ingestor.pipeline.batch import decode_capture
 
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, feed_gaps")
@@ -143,7 +143,7 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str) -> dict
 def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: int = 500) -> list[dict]:
     import psycopg
 
-    from ingestor.db.migrate import migrate
+    from ingestor.store.migrate import migrate
 
     rates = rates or ([5_000] if quick else [25_000, 50_000, 100_000, 150_000])
     seconds = seconds or (4 if quick else 30)

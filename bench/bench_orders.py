@@ -1,6 +1,6 @@
 """Orders stage: order postbacks persisted per second, one transaction each vs batched.
 
-A seeded :class:`ingestor.orders.simulate.OrderFlow` stream (realistic lifecycles with
+A seeded :class:`ingestor.sim.orders.OrderFlow` stream (realistic lifecycles with
 duplicated and late deliveries, on 50 instruments and 3 strategies) is applied to a fresh
 schema by :class:`ingestor.orders.OrderStore`: one postback per transaction, then batches of
 10, 100 and 1000 (sync driver), and batches of 100 through the async driver.  Every variant
@@ -45,7 +45,7 @@ def _with_db(dsn: str, name: str) -> str:
 
 
 def _messages(n: int) -> list[str]:
-    from ingestor.orders.simulate import OrderFlow
+    from ingestor.sim.orders import OrderFlow
 
     instruments = [(256265 + 256 * k + 1, "NSE", f"SYM{k:02d}", 100 + 17 * k) for k in range(50)]
     flow = OrderFlow(instruments, seed=42, concurrent=20)
@@ -104,7 +104,7 @@ def run(quick: bool = False, dsn: str | None = None) -> list[dict]:
     """Rows of the table: one per variant."""
     import psycopg
 
-    from ingestor.db.migrate import migrate
+    from ingestor.store.migrate import migrate
 
     server = dsn or _dsn()
     n = 300 if quick else 3000

@@ -38,7 +38,7 @@ TABLES = "tick_data, ohlc_candles, order_book_snapshots, stream_offsets"
 
 
 def _precompute(path: str, ids: dict, settings) -> list:
-    from ingestor.capture import CaptureReader
+    from ingestor.feed.capture import CaptureReader
     from ingestor.pipeline import Pipeline
 
     out = []
@@ -52,7 +52,7 @@ def _precompute(path: str, ids: dict, settings) -> list:
 
 
 async def _write_all(dsn: str, batches: list) -> None:
-    from ingestor.writer import Writer
+    from ingestor.store.writer import Writer
 
     w = Writer(dsn)
     await w.connect()
@@ -65,11 +65,11 @@ def _conventional(path: str, dsn: str, ids: dict, flush_rows: int) -> int:
     """Struct decode, pure-Python aggregation, psycopg write_row: the usual way."""
     import psycopg
 
-    from ingestor.capture import CaptureReader
-    from ingestor.db.instruments import exchange_of
+    from ingestor.feed.capture import CaptureReader
+    from ingestor.store.instruments import exchange_of
     from ingestor.twin.candles import Engine as PyEngine
     from ingestor.twin.frames import decode_message
-    from ingestor.writer import SQL_STAGE, SQL_UPSERT
+    from ingestor.store.writer import SQL_STAGE, SQL_UPSERT
 
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
     us = dt.timedelta(microseconds=1)
@@ -162,11 +162,11 @@ def _conventional(path: str, dsn: str, ids: dict, flush_rows: int) -> int:
 def run(quick: bool = False, ticks: int | None = None) -> list[dict]:
     import psycopg
 
-    from ingestor.db.instruments import load_ids
-    from ingestor.db.migrate import migrate
+    from ingestor.store.instruments import load_ids
+    from ingestor.store.migrate import migrate
     from ingestor.pipeline import PipelineSettings
-    from ingestor.replay import replay
-    from ingestor.simulator import generate_capture
+    from ingestor.pipeline.replay import replay
+    from ingestor.sim.market import generate_capture
 
     n = ticks or (20_000 if quick else 300_000)
     n_conv = min(n, 5_000 if quick else 60_000)

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
-from ingestor.db.dsn import connect, resolve_dsn  # noqa: E402
+from ingestor.store.dsn import connect, resolve_dsn  # noqa: E402
 
 TABLE = """
 CREATE TABLE tick_data (

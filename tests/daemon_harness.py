@@ -11,7 +11,7 @@ import time
 import psycopg
 
 from ingestor._core import KiteDecoder
-from ingestor.batch import decode_capture
+from ingestor.pipeline.batch import decode_capture
 
 
 def ingestor(*args: str) -> list[str]:

@@ -1,7 +1,7 @@
 """A private PostgreSQL cluster for tests that stop, crash and restart the server.
 
 The machine's shared server must never be stopped or reconfigured, so fault tests get a
-cluster of their own (:class:`ingestor.devdb.PrivateCluster`): started once per test
+cluster of their own (:class:`ingestor.sim.devdb.PrivateCluster`): started once per test
 module, with the database :data:`DBNAME` created and migrated, removed at the end.
 
 Use it from a test module with::
@@ -30,7 +30,7 @@ DBNAME = "ingestor"
 
 def pg_bin_or_skip():
     """The server binaries' directory, or skip the test with the reason."""
-    from ingestor.devdb import PgBinariesNotFound, find_pg_bin
+    from ingestor.sim.devdb import PgBinariesNotFound, find_pg_bin
 
     try:
         return find_pg_bin()
@@ -40,7 +40,7 @@ def pg_bin_or_skip():
 
 @pytest.fixture(scope="module")
 def private_pg():
-    """A started :class:`~ingestor.devdb.PrivateCluster` whose ``dsn()`` is a migrated database.
+    """A started :class:`~ingestor.sim.devdb.PrivateCluster` whose ``dsn()`` is a migrated database.
 
     ``fast=True``: fsync and full_page_writes off (safe against a server crash, which is
     what the tests cause), synchronous_commit on (an acknowledged commit survives
@@ -48,8 +48,8 @@ def private_pg():
     """
     import psycopg
 
-    from ingestor.db.migrate import migrate
-    from ingestor.devdb import PrivateCluster
+    from ingestor.store.migrate import migrate
+    from ingestor.sim.devdb import PrivateCluster
 
     bindir = pg_bin_or_skip()
     with PrivateCluster(bindir=bindir, fast=True, dbname=DBNAME) as pg:

@@ -15,9 +15,9 @@ import struct
 import pytest
 
 from ingestor import KiteDecoder
-from ingestor.capture import (KIND_BINARY, KIND_TEXT, MAGIC, CaptureError, CaptureHeader,
+from ingestor.feed.capture import (KIND_BINARY, KIND_TEXT, MAGIC, CaptureError, CaptureHeader,
                               CaptureReader, CaptureWriter)
-from ingestor.simulator import HEARTBEAT, Market
+from ingestor.sim.market import HEARTBEAT, Market
 from ingestor.twin.frames import TwinStats, decode_message
 from kite_compare import assert_twin_equal, decoder_rows
 
@@ -152,7 +152,7 @@ def test_truncated_last_record_is_ignored_with_a_warning(tmp_path, rng, caplog, 
     cut = last_len - (keep if keep > 0 else last_len - 1)
     data = path.read_bytes()
     path.write_bytes(data[:len(data) - cut])
-    with caplog.at_level(logging.WARNING, logger="ingestor.capture"):
+    with caplog.at_level(logging.WARNING, logger="ingestor.feed.capture"):
         with CaptureReader(path) as r:
             recs = list(r.records())
             assert r.truncated
@@ -169,7 +169,7 @@ def test_truncated_last_record_is_ignored_with_a_warning(tmp_path, rng, caplog, 
 def test_untruncated_file_does_not_warn(tmp_path, rng, caplog):
     path = tmp_path / "ok.cap"
     _write(path, _payloads(rng, 10))
-    with caplog.at_level(logging.WARNING, logger="ingestor.capture"):
+    with caplog.at_level(logging.WARNING, logger="ingestor.feed.capture"):
         with CaptureReader(path, chunk_size=9) as r:
             assert len(list(r.records())) == 10
             assert not r.truncated

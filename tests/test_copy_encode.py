@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingestor._core import CopyEncoder
-from ingestor.copyspec import (
+from ingestor.pipeline.copyspec import (
     PG_END_TIMESTAMP,
     PG_EPOCH_SHIFT_US,
     PG_MIN_TIMESTAMP,

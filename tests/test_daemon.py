@@ -10,8 +10,8 @@ import pytest
 
 from daemon_harness import Daemon, Simulator, count_ticks, load_instruments, tick_summary, wait_for
 from ingestor import _core
-from ingestor.batch import decode_capture
-from ingestor.db.migrate import migrate
+from ingestor.pipeline.batch import decode_capture
+from ingestor.store.migrate import migrate
 from pg_private import private_pg, private_pg_running  # noqa: F401 - fixtures
 
 
@@ -132,7 +132,7 @@ def test_feed_dropped_reconnects_and_records_gaps(tmp_path, db):
     assert len(gaps) >= 2 and all(g[2] >= g[1] and len(g[3]) == 10 for g in gaps)
     assert streams >= 3            # a fresh stream per connection
     # the raw recording: one capture per connection's stream, holding every tick written
-    from ingestor.capture import CaptureReader
+    from ingestor.feed.capture import CaptureReader
 
     recorded = sorted((tmp_path / "rec").glob("*.cap"))
     assert len(recorded) == streams
@@ -206,7 +206,7 @@ def _order_tables(dsn: str) -> dict:
 def test_postbacks_survive_a_database_restart(tmp_path, private_pg_running, fresh_db):
     """Order postbacks on the live stream, the database crashed mid-stream: the order tables end
     exactly as applying the simulator's recorded postbacks, in order, to an empty database."""
-    from ingestor.capture import KIND_TEXT, CaptureReader
+    from ingestor.feed.capture import KIND_TEXT, CaptureReader
     from ingestor.orders.store import OrderStore
 
     cluster = private_pg_running
@@ -275,7 +275,7 @@ def test_tokens_spread_over_several_connections(tmp_path, db):
 def test_leftover_spool_replays_in_receive_order(tmp_path):
     """Stream ids carry a random part: leftovers are ordered by their first receive time,
     each stream's segments by sequence number, not by name."""
-    from ingestor.capture import CaptureHeader, CaptureWriter
+    from ingestor.feed.capture import CaptureHeader, CaptureWriter
     from ingestor.commands.run import leftover_order
 
     def segment(name, stream, first_seq, recv_ns):

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import VECTORS
 from ingestor.cli import main
-from ingestor.db import timescale as ts
-from ingestor.db.dsn import describe, password_of, resolve_dsn
+from ingestor.store import timescale as ts
+from ingestor.store.dsn import describe, password_of, resolve_dsn
 
 @pytest.fixture(autouse=True)
 def _restore_logging():
@@ -245,7 +245,7 @@ def test_parse_version():
 
 
 def test_setup_without_timescaledb_leaves_plain_tables(fresh_db):
-    from ingestor.db.migrate import migrate
+    from ingestor.store.migrate import migrate
 
     with psycopg.connect(fresh_db) as conn:
         migrate(conn)
@@ -274,7 +274,7 @@ def tsdb(fresh_db):
 
 @pytest.mark.timescale
 def test_timescale_setup_creates_hypertables_and_policies(tsdb):
-    from ingestor.db.migrate import migrate
+    from ingestor.store.migrate import migrate
 
     with psycopg.connect(tsdb) as conn:
         migrate(conn)

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from ingestor.db import migrate as mig
+from ingestor.store import migrate as mig
 
 SHIPPED_TABLES = {"instruments", "tick_data", "ohlc_candles", "order_book_snapshots",
                   "stream_offsets", "strategies", "orders", "order_history", "executions",
@@ -23,7 +23,7 @@ def _tables(conn) -> set[str]:
 
 
 def _copy_shipped(dst: Path) -> Path:
-    src = resources.files("ingestor") / "sql"
+    src = resources.files("ingestor.store") / "sql"
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.name.endswith(".sql"):

@@ -11,9 +11,9 @@ import psycopg
 import pytest
 
 from conftest import VECTORS
-from ingestor.db import instruments as ins
-from ingestor.db import offsets, roles
-from ingestor.db.migrate import migrate
+from ingestor.store import instruments as ins
+from ingestor.store import offsets, roles
+from ingestor.store.migrate import migrate
 
 DUMP = os.path.join(VECTORS, "instruments_all.csv")
 

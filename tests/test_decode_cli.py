@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import VECTORS
-from ingestor.capture import KIND_BINARY, KIND_TEXT, CaptureHeader, CaptureWriter
+from ingestor.feed.capture import KIND_BINARY, KIND_TEXT, CaptureHeader, CaptureWriter
 
 
 def _vector_messages() -> list[bytes]:

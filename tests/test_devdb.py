@@ -1,4 +1,4 @@
-"""Private PostgreSQL clusters and the demo's database choice (``ingestor.devdb``).
+"""Private PostgreSQL clusters and the demo's database choice (``ingestor.sim.devdb``).
 
 Every test that stops or crashes a server does it to a cluster it started itself; the
 machine's shared server is only asked for ``CREATE DATABASE``/``DROP DATABASE`` of a
@@ -17,8 +17,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from ingestor import devdb
-from ingestor.devdb import (ClusterError, DatabaseUnavailable, PgBinariesNotFound,
+from ingestor.sim import devdb
+from ingestor.sim.devdb import (ClusterError, DatabaseUnavailable, PgBinariesNotFound,
                             PrivateCluster, ensure_database, find_pg_bin)
 from pg_private import DBNAME, pg_bin_or_skip, private_pg  # noqa: F401 (fixture)
 
@@ -285,7 +285,7 @@ def test_ensure_database_moves_out_of_an_unreachable_workdir():
 
 @needs_binaries
 def test_private_pg_fixture_is_migrated(private_pg):
-    from ingestor.db.migrate import current
+    from ingestor.store.migrate import current
 
     assert private_pg.is_running()
     assert private_pg.port != 5432

@@ -20,7 +20,7 @@ import pytest
 
 import ingestor
 from ingestor import KiteDecoder, decode_kite
-from ingestor.simulator import Market
+from ingestor.sim.market import Market
 from ingestor.twin.frames import TwinStats, decode_message, encode_message, walk_capture
 from kite_compare import assert_twin_equal, decoder_rows, records
 

@@ -1,6 +1,6 @@
 """The official Kite Connect client as the oracle, on large simulated captures.
 
-Captures from ``ingestor.simulator`` (every segment, every mode, mixed modes
+Captures from ``ingestor.sim.market`` (every segment, every mode, mixed modes
 changing mid-stream) are decoded by ``decode_kite``, by the batch path
 (``KiteDecoder.feed_capture``) and by ``KiteTicker._parse_binary``
 (kiteconnect 5.2.2); every field the client produces must equal ours.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from ingestor import KiteDecoder, decode_kite
-from ingestor.capture import CaptureReader
-from ingestor.simulator import Market, generate_capture
+from ingestor.feed.capture import CaptureReader
+from ingestor.sim.market import Market, generate_capture
 from ingestor.twin.frames import decode_message
 from kite_compare import (assert_client_equal, assert_twin_equal, client_parse, decoder_rows,
                           records)

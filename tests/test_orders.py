@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import VECTORS
-from ingestor.db.migrate import migrate
+from ingestor.store.migrate import migrate
 from ingestor.orders import (
     IST,
     OrderStore,
@@ -30,7 +30,7 @@ from ingestor.orders import (
     mark_from_ticks,
     mark_to_market,
 )
-from ingestor.orders.simulate import OrderFlow
+from ingestor.sim.orders import OrderFlow
 from ingestor.orders.store import DERIVED_PLACES, derive_fill_price, mark_to_market_loop
 
 SAMPLE = os.path.join(VECTORS, "postback.json")

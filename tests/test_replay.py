@@ -12,11 +12,11 @@ import psycopg
 import pytest
 
 from ingestor import _core
-from ingestor.batch import decode_capture
-from ingestor.db.migrate import migrate
+from ingestor.pipeline.batch import decode_capture
+from ingestor.store.migrate import migrate
 from ingestor.pipeline import PipelineSettings
-from ingestor.replay import replay
-from ingestor.simulator import generate_capture
+from ingestor.pipeline.replay import replay
+from ingestor.sim.market import generate_capture
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 

@@ -5,7 +5,7 @@ all of it; engine B the first part, its candles "stored" in a dict that
 emulates the writer's upsert by (time, instrument, timeframe); then a fresh
 engine C, seeded with ``seed`` and ``seed_candle`` from B's state (the
 twin's exact forming candles, themselves checked against a recomputation
-from the stored tick rows alone, as ``ingestor.state`` does in SQL),
+from the stored tick rows alone, as ``ingestor.pipeline.state`` does in SQL),
 processes the rest.  The upserted candles must equal A's, core and twin.
 
 Database level (a real PostgreSQL): a simulated capture replayed in two
@@ -128,7 +128,7 @@ def _drive(side, msgs, rng, advance_p=0.15):
 
 
 def state_from_rows(rows: list[dict], eng: twin.Engine) -> list[dict]:
-    """Each instrument's forming candles from stored tick rows alone (``ingestor.state``'s SQL).
+    """Each instrument's forming candles from stored tick rows alone (``ingestor.pipeline.state``'s SQL).
 
     Per instrument and timeframe: the bucket holding its last row; OHLC by
     time, the volume increases (measured from the previous row that carried
@@ -174,7 +174,7 @@ def seed_engine(eng, state: list[dict], ids: dict) -> None:
 
 
 def mark_stored(state: list[dict], store: dict, ref: twin.Engine, rnd) -> int:
-    """``stored``: the store holds exactly the candle the state would write (``ingestor.state``
+    """``stored``: the store holds exactly the candle the state would write (``ingestor.pipeline.state``
     checks the same against ``ohlc_candles``); sometimes left False, which is always safe.
     Returns how many are held exactly."""
     held = 0
@@ -318,7 +318,7 @@ def test_seed_candle_checks():
 # -- database level ---------------------------------------------------------------------------
 
 def _migrated(dsn):
-    from ingestor.db.migrate import migrate
+    from ingestor.store.migrate import migrate
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         migrate(conn)
@@ -351,8 +351,8 @@ def other_db(pg_server_dsn):
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
     """A simulated capture and its records (844 messages, 79 s of a 40-instrument market: minute boundaries)."""
-    from ingestor.capture import CaptureReader
-    from ingestor.simulator import generate_capture
+    from ingestor.feed.capture import CaptureReader
+    from ingestor.sim.market import generate_capture
 
     path = tmp_path_factory.mktemp("restart") / "whole.cap"
     generate_capture(path, ticks=40_000, tokens=40, mode="mixed", seed=5)
@@ -363,7 +363,7 @@ def capture(tmp_path_factory):
 
 def _split(capture, tmp_path, k):
     """Two capture files of the same stream: records [0, k) and [k, end)."""
-    from ingestor.capture import CaptureHeader, CaptureWriter
+    from ingestor.feed.capture import CaptureHeader, CaptureWriter
 
     _, header, records = capture
     paths = []
@@ -424,7 +424,7 @@ def _twin_state(records, upto, **cfg):
 
 
 async def _aquery(dsn, clock):
-    from ingestor.state import aquery_candle_state
+    from ingestor.pipeline.state import aquery_candle_state
 
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         return await aquery_candle_state(conn, clock)
@@ -442,8 +442,8 @@ def _cut(records, rng):
 
 def test_split_capture_equals_sql_and_one_replay(db, other_db, capture, tmp_path, rng):
     from ingestor.pipeline import PipelineSettings
-    from ingestor.replay import replay
-    from ingestor.state import clock_of, query_candle_state
+    from ingestor.pipeline.replay import replay
+    from ingestor.pipeline.state import clock_of, query_candle_state
 
     _, _, records = capture
     k = _cut(records, rng)
@@ -485,14 +485,14 @@ def test_split_capture_equals_sql_and_one_replay(db, other_db, capture, tmp_path
 def test_killed_pipeline_then_whole_replay(db, other_db, capture, rng):
     """A pipeline stops without its final flush (SIGKILL: forming candles never written, the
     short timeframes' not even upserted); the whole capture replayed again continues it."""
-    from ingestor.capture import CaptureReader
-    from ingestor.db.dsn import connect
-    from ingestor.db.instruments import register_tokens
-    from ingestor.db.offsets import committed
+    from ingestor.feed.capture import CaptureReader
+    from ingestor.store.dsn import connect
+    from ingestor.store.instruments import register_tokens
+    from ingestor.store.offsets import committed
     from ingestor.pipeline import Pipeline, PipelineSettings
-    from ingestor.replay import load_state, replay
-    from ingestor.state import clock_of, query_candle_state
-    from ingestor.writer import Writer
+    from ingestor.pipeline.replay import load_state, replay
+    from ingestor.pipeline.state import clock_of, query_candle_state
+    from ingestor.store.writer import Writer
 
     path, header, records = capture
     settings = PipelineSettings(flush_rows=1_000)
@@ -534,8 +534,8 @@ def test_killed_pipeline_then_whole_replay(db, other_db, capture, rng):
 def test_without_candle_seeding_the_stored_candles_go_wrong(db, capture, tmp_path, rng,
                                                             monkeypatch):
     """Control: the same split with only last times and volumes seeded breaks some candle."""
-    import ingestor.replay as rp
-    from ingestor import state
+    import ingestor.pipeline.replay as rp
+    from ingestor.pipeline import state
     from ingestor.pipeline import PipelineSettings
 
     monkeypatch.setattr(rp, "load_state", lambda conn, p: state.load_state(conn, p, candles=False))
@@ -550,7 +550,7 @@ def test_without_candle_seeding_the_stored_candles_go_wrong(db, capture, tmp_pat
 def test_exact_conversions():
     from decimal import Decimal
 
-    from ingestor.state import clock_of, raw_price, vwap_e7
+    from ingestor.pipeline.state import clock_of, raw_price, vwap_e7
 
     # more digits than Decimal's default 28-digit context keeps
     pv = (1 << 32) - 1
@@ -575,11 +575,11 @@ def test_tail_batch_after_the_last_message_is_written_once(db, capture):
     """The final flush right after a batch covers no message: its forming candles and pending
     snapshots are still written (the offset cannot skip it), and writing it twice (a retry
     after a lost acknowledgement) changes nothing."""
-    from ingestor.capture import CaptureReader
-    from ingestor.db.dsn import connect
-    from ingestor.db.instruments import register_tokens
+    from ingestor.feed.capture import CaptureReader
+    from ingestor.store.dsn import connect
+    from ingestor.store.instruments import register_tokens
     from ingestor.pipeline import Pipeline, PipelineSettings
-    from ingestor.writer import Writer
+    from ingestor.store.writer import Writer
 
     path, header, _ = capture
     with connect(db, autocommit=True) as setup:

@@ -24,10 +24,10 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError, Inval
 
 from conftest import VECTORS
 from ingestor import KiteDecoder, decode_kite
-from ingestor.capture import CaptureReader
-from ingestor.simserver import (MAX_TOKENS_PER_CONNECTION, Faults, OrderPostbacks, SimServer,
+from ingestor.feed.capture import CaptureReader
+from ingestor.sim.server import (MAX_TOKENS_PER_CONNECTION, Faults, OrderPostbacks, SimServer,
                                 ThreadedSimServer, damage)
-from ingestor.simulator import HEARTBEAT, Market
+from ingestor.sim.market import HEARTBEAT, Market
 
 QUOTE_LEN = {False: 44, True: 28}   # by is_index
 FULL_LEN = {False: 184, True: 32}
@@ -224,8 +224,8 @@ def test_postbacks_arrive_as_text_with_the_official_keys():
     with open(os.path.join(VECTORS, "postback.json")) as f:
         official = json.load(f)
 
-    from ingestor.simserver import OrderPostbacks
-    from ingestor.simulator import Market
+    from ingestor.sim.server import OrderPostbacks
+    from ingestor.sim.market import Market
 
     market = Market(n_tokens=30, seed=5)
 

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import VECTORS
 from ingestor import KiteDecoder
-from ingestor.capture import CaptureReader
+from ingestor.feed.capture import CaptureReader
 from ingestor.cli import main
-from ingestor.simulator import Market, generate_capture, make_universe
+from ingestor.sim.market import Market, generate_capture, make_universe
 
 IST = dt.timezone(dt.timedelta(hours=5, minutes=30))
 

@@ -27,13 +27,13 @@ import os
 import signal
 import time
 
-from ingestor.capture import KIND_BINARY, KIND_TEXT
+from ingestor.feed.capture import KIND_BINARY, KIND_TEXT
 from ingestor.config import Config
-from ingestor.feeds.kite import KiteFeed
+from ingestor.feed.kite import KiteFeed
 from ingestor.metrics import Metrics, serve
 from ingestor.pipeline import Pipeline, PipelineSettings
-from ingestor.spool import Spool, StreamSpool
-from ingestor.writer import Writer, postback_handler
+from ingestor.feed.spool import Spool, StreamSpool
+from ingestor.store.writer import Writer, postback_handler
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Daemon:
         per = cfg.feed.tokens_per_connection
         items = sorted(tokens.items())
         self.connections = []
-        from ingestor.replay import load_state
+        from ingestor.pipeline.replay import load_state
 
         for i in range(0, len(items), per):
             label = f"kite-{len(self.connections)}"
@@ -135,8 +135,8 @@ class Daemon:
 
     def _resolve(self, tokens: list[int]) -> dict[int, int]:
         """Instrument ids of new tokens (worker thread): retried while the database is away."""
-        from ingestor.db.dsn import connect
-        from ingestor.db.instruments import register_tokens
+        from ingestor.store.dsn import connect
+        from ingestor.store.instruments import register_tokens
 
         delay = 0.2
         while True:

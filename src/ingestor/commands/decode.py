@@ -7,7 +7,7 @@ import time
 
 import msgspec
 
-from ingestor.capture import CaptureError, CaptureReader
+from ingestor.feed.capture import CaptureError, CaptureReader
 
 
 def add_parser(sub) -> None:
@@ -57,7 +57,7 @@ def format_summary(s: dict) -> str:
 
 def run(args) -> int:
     from ingestor._core import KiteDecoder
-    from ingestor.batch import decode_capture
+    from ingestor.pipeline.batch import decode_capture
     from ingestor.cli import UsageError
 
     try:

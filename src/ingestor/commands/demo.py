@@ -37,8 +37,8 @@ def run(args) -> int:
     import psycopg
 
     from ingestor.cli import Failure
-    from ingestor.db.migrate import migrate
-    from ingestor.devdb import ensure_database
+    from ingestor.store.migrate import migrate
+    from ingestor.sim.devdb import ensure_database
 
     os.makedirs(args.dir, exist_ok=True)
     workdir = os.path.abspath(args.dir)
@@ -115,7 +115,7 @@ def _report(dsn: str, record: str, seconds: float) -> None:
     import psycopg
 
     from ingestor._core import KiteDecoder
-    from ingestor.batch import decode_capture
+    from ingestor.pipeline.batch import decode_capture
 
     dec = KiteDecoder()
     for _ in decode_capture(record, dec):

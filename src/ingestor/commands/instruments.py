@@ -2,7 +2,7 @@
 
 Every line is validated first (a malformed one is reported with its line number and
 nothing is loaded, exit 2); then the rows are COPYed to a staging table and upserted by
-``instrument_token`` in one transaction.  See :mod:`ingestor.db.instruments` for what
+``instrument_token`` in one transaction.  See :mod:`ingestor.store.instruments` for what
 happens when a row's (exchange, symbol) is held by another token.
 """
 
@@ -34,8 +34,8 @@ def run_load(args: argparse.Namespace) -> int:
     import psycopg
 
     from ingestor.cli import Failure, UsageError
-    from ingestor.db import instruments, migrate
-    from ingestor.db.dsn import connect, error_line, resolve_dsn
+    from ingestor.store import instruments, migrate
+    from ingestor.store.dsn import connect, error_line, resolve_dsn
 
     try:
         rows = instruments.read_csv(args.file)

@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
 
 def _per_table(values: list[str], flag: str, allow_off: bool) -> dict:
     from ingestor.cli import UsageError
-    from ingestor.db.timescale import TimescaleError, interval_literal
+    from ingestor.store.timescale import TimescaleError, interval_literal
 
     out: dict = {}
     for item in values:
@@ -74,9 +74,9 @@ def _per_table(values: list[str], flag: str, allow_off: bool) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ingestor.cli import Failure, UsageError
-    from ingestor.db import migrate as mig
-    from ingestor.db import roles, timescale
-    from ingestor.db.dsn import connect, error_line, resolve_dsn
+    from ingestor.store import migrate as mig
+    from ingestor.store import roles, timescale
+    from ingestor.store.dsn import connect, error_line, resolve_dsn
 
     import psycopg
 

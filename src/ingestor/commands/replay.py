@@ -20,11 +20,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ingestor.capture import CaptureError
+    from ingestor.feed.capture import CaptureError
     from ingestor.cli import UsageError
-    from ingestor.db.dsn import resolve_dsn
+    from ingestor.store.dsn import resolve_dsn
     from ingestor.pipeline import PipelineSettings
-    from ingestor.replay import replay
+    from ingestor.pipeline.replay import replay
 
     if args.flush_rows < 1 or args.snapshot_interval < 0:
         raise UsageError("--flush-rows must be >= 1 and --snapshot-interval >= 0")

@@ -49,9 +49,9 @@ def run(args) -> int:
 
     from ingestor import config as config_mod
     from ingestor.cli import Failure, UsageError
-    from ingestor.db.dsn import connect, resolve_dsn
-    from ingestor.db.instruments import register_tokens
-    from ingestor.db.migrate import require_current
+    from ingestor.store.dsn import connect, resolve_dsn
+    from ingestor.store.instruments import register_tokens
+    from ingestor.store.migrate import require_current
 
     try:
         cfg = config_mod.load(args.config)
@@ -103,7 +103,7 @@ def leftover_order(paths: list[str]) -> list[str]:
     receive time, each stream's segments by sequence number.  (Stream ids carry a random
     part, so names alone do not sort by time; replaying a later stream first would stamp
     the earlier one's ticks after it.)"""
-    from ingestor.capture import RECORD_HEADER, CaptureReader
+    from ingestor.feed.capture import RECORD_HEADER, CaptureReader
 
     info = []
     for path in paths:
@@ -127,7 +127,7 @@ def replay_leftovers(cfg, dsn: str) -> None:
     import glob
 
     from ingestor.daemon import settings_of
-    from ingestor.replay import replay
+    from ingestor.pipeline.replay import replay
 
     paths = leftover_order(glob.glob(os.path.join(cfg.spool.dir, "*.cap")))
     if cfg.record.dir:

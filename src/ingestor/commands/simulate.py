@@ -2,12 +2,12 @@
 
 ``ingestor simulate --out FILE.cap --ticks N [--tokens K] [--mode M] [--seed S]
 [--instruments-csv FILE.csv]`` writes a deterministic capture (see
-``ingestor.simulator``) and prints a one-line summary.
+``ingestor.sim.market``) and prints a one-line summary.
 
 ``ingestor simulate --listen HOST:PORT [--tokens K] [--rate TICKS_PER_S]
 [--duration S] [--seed S] [--record FILE.cap] [--instruments-csv FILE.csv]
 [--postbacks PER_S]`` plus fault-injection flags serves the Kite ticker
-protocol (``ingestor.simserver``): it writes the instruments CSV first,
+protocol (``ingestor.sim.server``): it writes the instruments CSV first,
 prints ``listening on ws://HOST:PORT`` (the real port when given 0) as one
 line, serves until ``--duration`` passes or SIGTERM/SIGINT, closes the
 connections gracefully and exits 0 with a summary line.
@@ -82,7 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ingestor.simulator import Market, generate_capture
+    from ingestor.sim.market import Market, generate_capture
 
     if args.tokens < 1:
         raise UsageError("simulate: --tokens must be at least 1")
@@ -123,8 +123,8 @@ def _parse_listen(value: str) -> tuple[str, int]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ingestor.simserver import Faults, SimServer, load_postback_source
-    from ingestor.simulator import Market
+    from ingestor.sim.server import Faults, SimServer, load_postback_source
+    from ingestor.sim.market import Market
 
     host, port = _parse_listen(args.listen)
     if args.rate < 0 or args.postbacks < 0:

@@ -21,7 +21,7 @@
 #                   refuses an element OID other than the column's.
 #
 # Rows come from a numpy structured array; what each column is made of is a
-# copy_col_t built from ingestor.copyspec's plans.  The row loop runs without
+# copy_col_t built from ingestor.pipeline.copyspec's plans.  The row loop runs without
 # the GIL and creates no Python object; an error is reported through a
 # copy_err_t and raised by the caller, after truncating the output back to
 # the end of the last complete row (psycopg_c's format_row_binary does the
@@ -34,7 +34,7 @@ from libc.stdint cimport INT64_MAX
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
-from ingestor.copyspec import CopyEncodeError, OIDS, copy_statement, parse_columns
+from ingestor.pipeline.copyspec import CopyEncodeError, OIDS, copy_statement, parse_columns
 
 cdef extern from "Python.h":
     # The raw forms, to build a bytes object in place and shrink it once.
@@ -54,7 +54,7 @@ cdef enum:
     SCRATCH_MAX = 64 << 20          # encode() reuses a buffer up to this size
 
 # PostgreSQL's epoch and timestamp range (src/include/datatype/timestamp.h),
-# in microseconds; see ingestor.copyspec for the same constants.
+# in microseconds; see ingestor.pipeline.copyspec for the same constants.
 cdef const int64_t PG_EPOCH_SHIFT_US = 946684800000000
 cdef const int64_t PG_MIN_TIMESTAMP = -211813488000000000
 cdef const int64_t PG_END_TIMESTAMP = 9223371331200000000
@@ -438,7 +438,7 @@ cdef class CopyEncoder:
         ``null_if_zero``, ``null_unless_flag``, ``null_if_flag``,
         ``divisor_field`` / ``divisor`` / ``scale`` (numeric), ``table`` /
         ``default`` (text_lookup), ``value`` (text).  See
-        :mod:`ingestor.copyspec` for their meaning.
+        :mod:`ingestor.pipeline.copyspec` for their meaning.
 
     Notes
     -----
@@ -456,7 +456,7 @@ cdef class CopyEncoder:
 
     A row that cannot be encoded (an integer out of its column's range, a
     timestamp out of PostgreSQL's range, a divisor that is not a power of ten,
-    a text lookup miss) raises :class:`ingestor.copyspec.CopyEncodeError`
+    a text lookup miss) raises :class:`ingestor.pipeline.copyspec.CopyEncodeError`
     naming the column, the row and the value; the stream buffer then ends
     with the last complete row before it, so the caller may skip the row
     and go on with ``encode_rows(array, err.row + 1, stop)``.

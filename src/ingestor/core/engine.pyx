@@ -415,7 +415,7 @@ cdef class Engine:
         Later ticks of the instrument in the same bucket continue it exactly
         as if the engine had seen the bucket's earlier ticks; a tick in a
         later bucket closes it and writes it out as usual.  It replaces any
-        forming candle of that instrument and timeframe.  ``ingestor.state``
+        forming candle of that instrument and timeframe.  ``ingestor.pipeline.state``
         computes the values from ``tick_data``.
 
         With ``stored`` False the candle counts as not yet written out:

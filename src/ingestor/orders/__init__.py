@@ -9,7 +9,7 @@
 ``mark_to_market(conn, prices)`` / ``mark_from_ticks(conn)``
     Current prices and unrealized P&L of open positions, one statement per call.
 ``OrderFlow(instruments, seed).next_messages(n)``
-    Simulated order lifecycles as postback messages (``ingestor.orders.simulate``).
+    Simulated order lifecycles as postback messages (``ingestor.sim.orders``).
 """
 
 from ingestor.orders.postback import (

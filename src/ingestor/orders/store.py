@@ -35,7 +35,7 @@
    from a list of fills (the tests check the table against their own, separate replay).
 6. The strategy is the order's ``tag`` (:attr:`OrderStore.default_strategy` when absent),
    registered in ``strategies`` if new; unknown instrument tokens are registered in
-   ``instruments`` (:func:`ingestor.db.instruments.register_tokens`, committed on its own
+   ``instruments`` (:func:`ingestor.store.instruments.register_tokens`, committed on its own
    before the batch: ids are shared with the tick writer).
 
 Writers are serialised by a transaction-level advisory lock (:data:`ORDERS_LOCK`): postbacks
@@ -642,7 +642,7 @@ class OrderStore:
                    places: Sequence[tuple[str, int] | None] | None = None, *,
                    _retry: bool = True) -> ApplyResult:
         """Synchronous twin of :meth:`apply` (a :class:`psycopg.Connection`)."""
-        from ingestor.db.instruments import register_tokens
+        from ingestor.store.instruments import register_tokens
 
         good, dead, res = self._decode(messages, places)
         unknown = {pb.instrument_token for pb, _ in good} - self._ids.keys()
@@ -714,7 +714,7 @@ class OrderStore:
             The connection failed: nothing of the batch was committed; retry the same batch
             on a new connection (it is idempotent).
         """
-        from ingestor.db.instruments import aregister_tokens
+        from ingestor.store.instruments import aregister_tokens
 
         good, dead, res = self._decode(messages, places)
         unknown = {pb.instrument_token for pb, _ in good} - self._ids.keys()

@@ -1,6 +1,6 @@
 """Pure-Python twin of the core's binary COPY encoder: the test oracle.
 
-Same column specs (parsed by :mod:`ingestor.copyspec`), same payloads byte for
+Same column specs (parsed by :mod:`ingestor.pipeline.copyspec`), same payloads byte for
 byte, same errors, written the plain way: Python ints read from the numpy
 record, ``struct`` for the wire integers and :class:`decimal.Decimal` for
 numerics (decimal digits regrouped into base-10000 digits from the string
@@ -15,7 +15,7 @@ from decimal import Decimal
 
 import numpy as np
 
-from ingestor.copyspec import (
+from ingestor.pipeline.copyspec import (
     INT_RANGES,
     OIDS,
     PG_END_TIMESTAMP,

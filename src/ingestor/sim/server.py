@@ -16,7 +16,7 @@ section 1) closely enough for the daemon, its tests and the live benchmark:
   limit), get a text ``{"type":"error","data":"..."}``;
 * market data is binary messages of up to ``batch`` packets (a token may
   appear twice in one message when few are subscribed) for the subscribed
-  tokens in their modes, drawn from one shared ``ingestor.simulator.Market``
+  tokens in their modes, drawn from one shared ``ingestor.sim.market.Market``
   at about ``rate`` packets/s in total, shared between connections in
   proportion to their subscriptions; tokens outside the universe get
   nothing, as at the broker;
@@ -68,7 +68,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from websockets.protocol import State
 
-from ingestor.simulator import HEARTBEAT, MODES, Instrument, Market
+from ingestor.sim.market import HEARTBEAT, MODES, Instrument, Market
 
 __all__ = [
     "Faults",
@@ -369,7 +369,7 @@ class SimServer:
     postbacks : float
         Order postbacks per second (0: none).
     postback_source : PostbackSource, optional
-        Default ``ingestor.orders.simulate.postback_source``: order lifecycles
+        Default ``ingestor.sim.orders.postback_source``: order lifecycles
         (``OrderPostbacks`` is the minimal one-shot alternative).
     postbacks_to : {"first", "all"}
         The oldest live connection, or every one.
@@ -443,7 +443,7 @@ class SimServer:
         if self.instruments_csv:
             self.market.write_instruments_csv(self.instruments_csv)
         if self.record_path:
-            from ingestor.capture import CaptureHeader, CaptureWriter
+            from ingestor.feed.capture import CaptureHeader, CaptureWriter
 
             header = CaptureHeader(extra={"source": "ingestor simulate", "seed": self.seed})
             if self.stream:
@@ -452,7 +452,7 @@ class SimServer:
             self.stream = header.stream
         if self.postbacks and self.postback_source is None:
             # realistic lifecycles (partial fills, cancels, duplicates, reordering)
-            from ingestor.orders.simulate import postback_source
+            from ingestor.sim.orders import postback_source
 
             self.postback_source = postback_source(self.market.instruments, self.seed)
         self._server = await serve(

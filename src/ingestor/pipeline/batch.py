@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ingestor._core import KiteDecoder
-from ingestor.capture import CaptureReader
+from ingestor.feed.capture import CaptureReader
 
 
 @dataclass

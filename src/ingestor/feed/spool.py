@@ -24,7 +24,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ingestor.capture import RECORD_HEADER, CaptureHeader, CaptureWriter
+from ingestor.feed.capture import RECORD_HEADER, CaptureHeader, CaptureWriter
 
 log = logging.getLogger(__name__)
 

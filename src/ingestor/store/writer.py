@@ -38,9 +38,9 @@ from typing import Awaitable, Callable
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from ingestor import tables
-from ingestor.db import offsets
-from ingestor.db.dsn import describe, error_line, password_of
+from ingestor.pipeline import tables
+from ingestor.store import offsets
+from ingestor.store.dsn import describe, error_line, password_of
 from ingestor.logs import register_secret
 from ingestor.pipeline import FlushBatch
 

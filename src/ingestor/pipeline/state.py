@@ -57,7 +57,7 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 
-from ingestor.db.instruments import divisor_of
+from ingestor.store.instruments import divisor_of
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -389,7 +389,7 @@ def load_state(conn, pipeline_or_engine, *, candles: bool = True) -> int:
     forming candles start empty).  Returns the number of instruments seeded
     (those with ticks).
     """
-    from ingestor.db.instruments import load_ids
+    from ingestor.store.instruments import load_ids
 
     _set_ids(pipeline_or_engine, load_ids(conn))
     if candles:
@@ -404,7 +404,7 @@ def load_state(conn, pipeline_or_engine, *, candles: bool = True) -> int:
 
 async def aload_state(conn, pipeline_or_engine, *, candles: bool = True) -> int:
     """Async twin of :func:`load_state`."""
-    from ingestor.db.instruments import aload_ids
+    from ingestor.store.instruments import aload_ids
 
     _set_ids(pipeline_or_engine, await aload_ids(conn))
     if candles:

@@ -695,7 +695,7 @@ def generate_capture(path: str | os.PathLike, ticks: int, tokens: int = 100, mod
     Parameters
     ----------
     path : path-like
-        The capture file to write (``ingestor.capture`` format).
+        The capture file to write (``ingestor.feed.capture`` format).
     ticks : int
         Packets to write (heartbeats not counted).
     tokens : int
@@ -717,7 +717,7 @@ def generate_capture(path: str | os.PathLike, ticks: int, tokens: int = 100, mod
         ``packets``, ``bytes`` (file size), ``sessions``, ``stream``,
         ``first_ns`` and ``last_ns`` (the capture's time span).
     """
-    from ingestor.capture import KIND_BINARY, CaptureHeader, CaptureWriter
+    from ingestor.feed.capture import KIND_BINARY, CaptureHeader, CaptureWriter
 
     if ticks < 0:
         raise ValueError("ticks must be >= 0")

@@ -354,7 +354,7 @@ def setup(conn, mode: str = "auto", settings: TimescaleSettings | None = None) -
     """
     import psycopg
 
-    from ingestor.db.migrate import LOCK_KEY
+    from ingestor.store.migrate import LOCK_KEY
 
     if mode not in ("auto", "on", "off"):
         raise TimescaleError(f"--timescale must be auto, on or off, not {mode!r}")

@@ -94,7 +94,7 @@ def checksum(text: str) -> str:
 
 
 def _default_source():
-    return resources.files("ingestor") / "sql"
+    return resources.files("ingestor.store") / "sql"
 
 
 def discover(source: str | Path | None = None) -> list[Migration]:

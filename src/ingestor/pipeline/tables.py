@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ingestor import _core
 from ingestor._core import CopyEncoder
-from ingestor.db.instruments import EXCHANGES
+from ingestor.store.instruments import EXCHANGES
 
 _ROW = _core.TICKROW_DTYPE
 _CANDLE = _core.CANDLE_DTYPE

@@ -20,16 +20,16 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ingestor import state
-from ingestor.capture import CaptureReader
+from ingestor.pipeline import state
+from ingestor.feed.capture import CaptureReader
 from ingestor.pipeline import Pipeline, PipelineSettings
-from ingestor.writer import Writer, postback_handler
+from ingestor.store.writer import Writer, postback_handler
 
 
 def load_state(conn, pipeline: Pipeline) -> int:
     """Give the pipeline every known instrument id, each one's last tick and forming candles.
 
-    See ``ingestor.state.load_state``; returns the number of instruments seeded.
+    See ``ingestor.pipeline.state.load_state``; returns the number of instruments seeded.
     """
     return state.load_state(conn, pipeline)
 
@@ -80,10 +80,10 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
            queue_batches: int = 2, dead_letter_dir: str = "dead-letter",
            progress: bool | None = None, chunk_size: int = 1 << 22) -> ReplayResult:
     """Replay the capture at ``path`` into the database ``dsn`` (see the module docstring)."""
-    from ingestor.db.dsn import connect
-    from ingestor.db.instruments import register_tokens
-    from ingestor.db.migrate import require_current
-    from ingestor.db.offsets import committed
+    from ingestor.store.dsn import connect
+    from ingestor.store.instruments import register_tokens
+    from ingestor.store.migrate import require_current
+    from ingestor.store.offsets import committed
 
     reader = CaptureReader(path, chunk_size=chunk_size)
     setup = connect(dsn, autocommit=True)

@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ingestor import _core, tables
+from ingestor import _core
+from ingestor.pipeline import tables
 from ingestor._core import Engine, KiteDecoder
 
 

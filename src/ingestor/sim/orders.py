@@ -281,9 +281,9 @@ class OrderFlow:
 
 
 def postback_source(instruments, seed: int = 0):
-    """A simulator-server postback source (``ingestor.simserver.PostbackSource``).
+    """A simulator-server postback source (``ingestor.sim.server.PostbackSource``).
 
-    ``instruments`` are ``ingestor.simulator.Instrument`` records; indices
+    ``instruments`` are ``ingestor.sim.market.Instrument`` records; indices
     (not tradable) are left out.  Returns ``OrderFlow.next_messages``.
     """
     from decimal import Decimal

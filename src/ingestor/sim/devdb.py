@@ -542,7 +542,7 @@ class PrivateCluster:
 
     def _write_settings(self, fast: bool) -> None:
         lines = [
-            "# Written by ingestor.devdb: a private cluster for demos and tests.",
+            "# Written by ingestor.sim.devdb: a private cluster for demos and tests.",
             f"port = {self.port}",
             f"listen_addresses = '{self.host}'",
             f"unix_socket_directories = '{self.socket_dir or ''}'",
@@ -558,7 +558,7 @@ class PrivateCluster:
         conf = self.datadir / _CONF_NAME
         conf.write_text("\n".join(lines) + "\n")
         with open(self.datadir / "postgresql.conf", "a") as f:
-            f.write(f"\n# ingestor.devdb\ninclude '{_CONF_NAME}'\n")
+            f.write(f"\n# ingestor.sim.devdb\ninclude '{_CONF_NAME}'\n")
         ids = self._ids()
         if ids is not None:
             os.chown(conf, *ids)

@@ -1,1 +1,0 @@
-"""Database side of ingestor: migrations, TimescaleDB set-up, roles, instruments, offsets."""

@@ -1,1 +1,0 @@
-"""Broker feed clients: connect, subscribe, heartbeat watchdog, reconnect. Protocol only."""
