@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 log = logging.getLogger("ingestor.run")
 
@@ -25,15 +24,29 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def plan_tokens(cfg, setup) -> dict[int, str]:
+def plan_tokens(cfg, dsn: str) -> dict[int, str]:
+    """What to subscribe: the configured tokens, else the database's active instruments, else
+    (the database away at start) the set the last run subscribed, kept beside the spool."""
     from ingestor.cli import Failure
+    from ingestor.daemon import SQL_ACTIVE_TOKENS, load_subscriptions, save_subscriptions
 
     f = cfg.feed
     tokens = list(f.tokens)
     if not tokens:
-        from ingestor.daemon import SQL_ACTIVE_TOKENS
+        from ingestor.store.dsn import connect
 
-        tokens = [int(r[0]) for r in setup.execute(SQL_ACTIVE_TOKENS)]
+        try:
+            with connect(dsn, autocommit=True, connect_timeout=5) as setup:
+                tokens = [int(r[0]) for r in setup.execute(SQL_ACTIVE_TOKENS)]
+        except Exception as exc:  # noqa: BLE001 - the database may come later
+            last = load_subscriptions(cfg.spool.dir)
+            if not last:
+                raise Failure(f"the database is not reachable ({exc}) and no earlier run left its "
+                              f"subscriptions in {cfg.spool.dir}: set feed.tokens, or start once "
+                              f"with the database up") from None
+            log.warning("database not reachable at start: subscribing the %d instruments the "
+                        "last run subscribed", len(last))
+            return last
         if not tokens:
             raise Failure("no instruments to subscribe: load a dump (ingestor instruments load) "
                           "or set feed.tokens")
@@ -41,7 +54,9 @@ def plan_tokens(cfg, setup) -> dict[int, str]:
     if len(tokens) > limit:
         raise Failure(f"{len(tokens)} tokens exceed the broker's limit of {limit} "
                       f"({f.max_connections} connections x {f.tokens_per_connection} tokens)")
-    return {t: f.modes.get(str(t), f.mode) for t in tokens}
+    planned = {t: f.modes.get(str(t), f.mode) for t in tokens}
+    save_subscriptions(cfg.spool.dir, planned)
+    return planned
 
 
 def run(args) -> int:
@@ -49,9 +64,7 @@ def run(args) -> int:
 
     from ingestor import config as config_mod
     from ingestor.cli import Failure, UsageError
-    from ingestor.store.dsn import connect, resolve_dsn
-    from ingestor.store.instruments import register_tokens
-    from ingestor.store.migrate import require_current
+    from ingestor.store.dsn import resolve_dsn
 
     try:
         cfg = config_mod.load(args.config)
@@ -73,13 +86,16 @@ def run(args) -> int:
     except config_mod.ConfigError as exc:
         raise UsageError(str(exc)) from None
     dsn = resolve_dsn(args.dsn, config_dsn=cfg.database.dsn)
-    setup = connect(dsn, autocommit=True)
+    from ingestor.feed.spool import Spool, SpoolInUse
+
+    spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.alarm_at, cfg.spool.segment_bytes,
+                  keep_dir=cfg.record.dir, fsync_interval=cfg.spool.fsync_interval)
     try:
-        require_current(setup)
-        replay_leftovers(cfg, dsn)
-        tokens = plan_tokens(cfg, setup)
-        register_tokens(setup, list(tokens))
-        probe_feed(cfg.feed.url, cfg.feed.connect_timeout)
+        spool.lock()
+    except SpoolInUse as exc:
+        raise Failure(str(exc)) from None
+    try:
+        tokens = plan_tokens(cfg, dsn)
         try:
             import uvloop
 
@@ -90,70 +106,9 @@ def run(args) -> int:
         async def main():
             from ingestor.daemon import Daemon
 
-            d = Daemon(cfg, dsn, cfg.feed.url, api_key, token, tokens, setup)
+            d = Daemon(cfg, dsn, cfg.feed.url, api_key, token, tokens, spool=spool)
             return await d.run()
 
         return runner(main())
     finally:
-        setup.close()
-
-
-def leftover_order(paths: list[str]) -> list[str]:
-    """Spool segments in the order they were received: streams by their first record's
-    receive time, each stream's segments by sequence number.  (Stream ids carry a random
-    part, so names alone do not sort by time; replaying a later stream first would stamp
-    the earlier one's ticks after it.)"""
-    from ingestor.feed.capture import RECORD_HEADER, CaptureReader
-
-    info = []
-    for path in paths:
-        try:
-            with CaptureReader(path) as rd, open(path, "rb") as f:
-                f.seek(rd.data_offset)
-                head = f.read(RECORD_HEADER.size)
-                first_ns = RECORD_HEADER.unpack(head)[0] if len(head) == RECORD_HEADER.size else 0
-                info.append((rd.header.stream, rd.header.first_seq, first_ns, path))
-        except (OSError, ValueError) as exc:
-            log.error("spool file %s is unreadable (%s): left in place", path, exc)
-    stream_start: dict[str, int] = {}
-    for stream, first_seq, first_ns, _ in sorted(info, key=lambda x: (x[0], x[1])):
-        stream_start.setdefault(stream, first_ns)
-    return [p for stream, seq, _, p in
-            sorted(info, key=lambda x: (stream_start[x[0]], x[0], x[1]))]
-
-
-def replay_leftovers(cfg, dsn: str) -> None:
-    """Spool segments a previous run left (a crash): into the database first, exactly once."""
-    import glob
-
-    from ingestor.daemon import settings_of
-    from ingestor.pipeline.replay import replay
-
-    paths = leftover_order(glob.glob(os.path.join(cfg.spool.dir, "*.cap")))
-    if cfg.record.dir:
-        os.makedirs(cfg.record.dir, exist_ok=True)
-    for path in paths:
-        r = replay(path, dsn, settings=settings_of(cfg), progress=False,
-                   dead_letter_dir=cfg.writer.dead_letter_dir)
-        log.info("replayed spool %s left by an earlier run: %d ticks (%d messages already committed)",
-                 os.path.basename(path), r.ticks, r.skipped_messages)
-        if cfg.record.dir:  # part of the raw recording
-            os.replace(path, os.path.join(cfg.record.dir, os.path.basename(path)))
-        else:
-            os.unlink(path)
-
-
-def probe_feed(url: str, timeout: float) -> None:
-    """Fail fast, with one line, when the feed's host does not answer at all."""
-    import socket
-    from urllib.parse import urlsplit
-
-    from ingestor.cli import Failure
-
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "wss" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
-    except OSError as exc:
-        raise Failure(f"cannot reach the feed at {parts.scheme}://{parts.hostname}:{port}: "
-                      f"{exc.strerror or exc}") from None
+        spool.close()

@@ -107,6 +107,13 @@ class CaptureWriter:
         self.bytes += RECORD_HEADER.size + n
         return seq
 
+    def write_raw(self, records: bytes | bytearray | memoryview, count: int) -> None:
+        """Append ``count`` whole records already in the record format (the spool's writer
+        thread: one write for what the feed appended since the last one)."""
+        self._f.write(records)
+        self.records += count
+        self.bytes += len(records)
+
     def flush(self) -> None:
         self._f.flush()
 
