@@ -95,6 +95,40 @@ def load_subscriptions(spool_dir: str) -> dict[int, str] | None:
         return None
 
 
+class SideConnection:
+    """The daemon's one connection for its side work (feed gaps, marks to market, offsets of
+    leftover streams), shared by those tasks and reconnected on demand.  With the writer's
+    own connection and the pipeline thread's, these are the daemon's three database
+    connections, each with one owner."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self.conn = None
+        self.lock = asyncio.Lock()
+
+    async def run(self, fn):
+        """``await fn(conn)`` on the connection (opened if needed; dropped if it failed)."""
+        import psycopg
+
+        async with self.lock:
+            if self.conn is None or self.conn.closed:
+                self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True,
+                                                                  connect_timeout=10)
+            try:
+                return await fn(self.conn)
+            except psycopg.OperationalError:
+                await self.close()
+                raise
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            try:
+                await self.conn.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            self.conn = None
+
+
 class Connection:
     """One feed connection: its feed client, its spool streams (oldest first), its driver."""
 
@@ -139,6 +173,9 @@ class Daemon:
         #: every pipeline this run made (recovery and live): the decoder counters' source
         self.pipelines: list[Pipeline] = []
         self.by_stream: dict[str, StreamSpool] = {}
+        self.side = SideConnection(dsn)
+        #: the pipeline thread's connection (instrument registration), reconnected on demand
+        self._resolve_conn = None
         per = cfg.feed.tokens_per_connection
         items = sorted(tokens.items())
         self.connections = [Connection(f"kite-{i // per}", dict(items[i:i + per]))
@@ -219,10 +256,14 @@ class Daemon:
                     raise RuntimeError("stopping with new instruments unregistered: the spool "
                                        "keeps their messages for the next start")
                 try:
-                    with connect(self.dsn, autocommit=True) as c:
-                        return register_tokens(c, tokens)
+                    if self._resolve_conn is None or self._resolve_conn.closed:
+                        self._resolve_conn = connect(self.dsn, autocommit=True)
+                    return register_tokens(self._resolve_conn, tokens)
                 except Exception as exc:
                     log.warning("cannot register %d new instrument(s) yet: %s", len(tokens), exc)
+                    if self._resolve_conn is not None:
+                        self._resolve_conn.close()
+                        self._resolve_conn = None
                     raise
         raise AssertionError("unreachable")
 
@@ -235,13 +276,9 @@ class Daemon:
         return pl
 
     async def _committed_of(self, stream: str) -> int:
-        from ingestor.store.dsn import connect
-        from ingestor.store.offsets import committed
+        from ingestor.store.offsets import acommitted
 
-        def query() -> int:
-            with connect(self.dsn, autocommit=True) as c:
-                return committed(c, stream)
-        return await asyncio.get_running_loop().run_in_executor(None, query)
+        return await self.side.run(lambda c: acommitted(c, stream))
 
     async def _wait_for_database(self):
         """The set-up connection, once the database answers and the schema is current."""
@@ -338,16 +375,15 @@ class Daemon:
                 self.queue.task_done()
 
     async def _gaps(self) -> None:
-        """Record feed gaps (own connection, retried)."""
-        import psycopg
-
+        """Record feed gaps (retried)."""
         while not (self.stop.is_set() and not self.gaps):
             if self.gaps:
+                async def record(c):
+                    while self.gaps:
+                        await c.execute(SQL_GAP, self.gaps[0])
+                        self.gaps.pop(0)
                 try:
-                    async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
-                        while self.gaps:
-                            await c.execute(SQL_GAP, self.gaps[0])
-                            self.gaps.pop(0)
+                    await self.side.run(record)
                 except Exception as exc:  # noqa: BLE001 - retried
                     log.warning("cannot record feed gap yet: %s", exc)
                     await asyncio.sleep(0.5)
@@ -361,33 +397,23 @@ class Daemon:
 
     async def _mark_to_market(self) -> None:
         """Positions marked to the latest prices every second: one statement, no tick query."""
-        import psycopg
-
         from ingestor.orders.store import amark_to_market
 
-        conn = None
-        try:
-            while not self.stop.is_set():
-                try:
-                    await asyncio.wait_for(self.stop.wait(), self.cfg.pipeline.mark_interval)
-                    break
-                except asyncio.TimeoutError:
-                    pass
-                prices: dict = {}
-                for pl in self.pipelines:
-                    prices.update(pl.latest_prices())
-                if not prices:
-                    continue
-                try:
-                    if conn is None or conn.closed:
-                        conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-                    await amark_to_market(conn, prices)
-                except Exception as exc:  # noqa: BLE001 - retried at the next cadence
-                    log.debug("mark to market skipped: %s", exc)
-                    conn = None
-        finally:
-            if conn is not None:
-                await conn.close()
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), self.cfg.pipeline.mark_interval)
+                break
+            except asyncio.TimeoutError:
+                pass
+            prices: dict = {}
+            for pl in self.pipelines:
+                prices.update(pl.latest_prices())
+            if not prices:
+                continue
+            try:
+                await self.side.run(lambda c: amark_to_market(c, prices))
+            except Exception as exc:  # noqa: BLE001 - retried at the next cadence
+                log.debug("mark to market skipped: %s", exc)
 
     # -- housekeeping --------------------------------------------------------
 
@@ -517,6 +543,9 @@ class Daemon:
             if server is not None:
                 server.close()
             await self.writer.close()
+            await self.side.close()
+            if self._resolve_conn is not None:
+                self._resolve_conn.close()
             await loop.run_in_executor(None, self.spool.close)
             self.pool.shutdown(wait=False)
         s = self.writer.stats

@@ -150,6 +150,11 @@ class StreamSpool:
         """Everything appended was taken, and nothing more will be."""
         return self.ended and self.read_seq >= self.next_seq
 
+    @property
+    def waiting_bytes(self) -> int:
+        """Bytes appended and not yet taken from memory (0 while reading backlog)."""
+        return len(self._mem) if self._live else 1 << 62
+
     def skip_to(self, seq: int) -> None:
         """Start reading at ``seq`` (a leftover's records at or below its committed number
         are not read back at all)."""

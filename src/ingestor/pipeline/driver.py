@@ -143,13 +143,18 @@ async def drive_capture(driver: Driver, reader, committed: int = -1,
 
 async def drive_streams(driver: Driver, streams: Callable[[], Iterable], wakeup: asyncio.Event,
                         stop: asyncio.Event, committed_of: Callable[[str], Awaitable[int]],
-                        on_done: Callable[[object], None] | None = None) -> None:
+                        on_done: Callable[[object], None] | None = None,
+                        linger: float = 0.01, linger_bytes: int = 1 << 20) -> None:
     """Spool streams in order (``streams()``: the current list, oldest first) until ``stop``
     is set and every stream is consumed; flushes on the driver's cadence meanwhile.
 
     ``committed_of(stream)``: a leftover stream's committed number (the database's);
     ``on_done(stream_spool)``: a stream was read to its end (its files go once committed).
+    ``linger``: after a block, the next is taken once ``linger_bytes`` are waiting or
+    ``linger`` seconds passed, so that a busy feed is handed over in blocks of many messages
+    (one worker-thread call each) rather than one call per message.
     """
+    last_feed = 0.0
     while True:
         wakeup.clear()
         progressed = False
@@ -160,6 +165,9 @@ async def drive_streams(driver: Driver, streams: Callable[[], Iterable], wakeup:
                     committed = await committed_of(sp.stream)
                     sp.skip_to(committed + 1)  # what is committed need not be read back
                 await driver.switch(sp.stream, committed)
+            wait = last_feed + linger - time.monotonic()
+            if wait > 0 and not stop.is_set() and sp.waiting_bytes < linger_bytes:
+                await asyncio.sleep(wait)
             got = sp.take()
             if got is None:
                 if sp.consumed:  # read to its end (a leftover finds its end by reading)
@@ -169,6 +177,7 @@ async def drive_streams(driver: Driver, streams: Callable[[], Iterable], wakeup:
                 break  # the oldest stream has nothing yet: later ones must wait for it
             chunk, seq = got
             await driver.feed(sp.stream, chunk, seq)
+            last_feed = time.monotonic()
             progressed = True
             break
         await driver.tick()
