@@ -72,6 +72,12 @@ class CoreCollector:
             msgs.add_metric([c.label, "binary"], c.n_binary)
             msgs.add_metric([c.label, "text"], c.n_text)
         yield msgs
+        big = CounterMetricFamily("ingestor_feed_oversized_messages",
+                                  "Messages over the size limit (refused; the connection reopened)",
+                                  labels=["connection"])
+        for c in d.connections:
+            big.add_metric([c.label], c.feed.stats.oversized if c.feed is not None else 0)
+        yield big
         totals = d.decoder_totals()
         yield CounterMetricFamily("ingestor_ticks_decoded", "Packets decoded",
                                   value=totals.get("packets", 0))
