@@ -94,13 +94,13 @@ class Daemon:
         self.gaps: list = []
         self.loop_lag_max = 0.0
         settings = settings_of(cfg)
-        per = cfg.feed.tokens_per_connection
+        per = cfg.feeds[0].tokens_per_connection
         items = sorted(tokens.items())
         self.connections = []
         from ingestor.pipeline.replay import load_state
 
         for i in range(0, len(items), per):
-            label = f"kite-{len(self.connections)}"
+            label = f"{cfg.feeds[0].name}-{len(self.connections)}"
             pl = Pipeline(f"{label}-idle", resolve=self._resolve, settings=settings)
             load_state(setup_conn, pl)
             self.connections.append(Connection(label, dict(items[i:i + per]), pl))
@@ -392,7 +392,7 @@ class Daemon:
             host, _, port = self.cfg.metrics.listen.rpartition(":")
             server = await serve(host or "127.0.0.1", int(port), self.metrics, self.health)
             log.info("metrics on http://%s/metrics", self.cfg.metrics.listen)
-        f = self.cfg.feed
+        f = self.cfg.feeds[0]
         tasks = []
         for conn in self.connections:
             conn.feed = KiteFeed(

@@ -12,36 +12,65 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run the daemon",
                        description="Connect to the broker's WebSocket, ingest ticks, candles and "
                        "depth into the database, survive disconnects and database outages. "
-                       "Credentials from KITE_API_KEY / KITE_ACCESS_TOKEN or feed.credentials_file.")
+                       "Credentials from KITE_API_KEY / KITE_ACCESS_TOKEN or the feed's "
+                       "credentials_file (each feed its own when there are several).")
     p.add_argument("--config", help="TOML settings file (unknown keys are errors)")
     p.add_argument("--dsn", help="database (else INGESTOR_DSN, DATABASE_URL, the config, libpq defaults)")
-    p.add_argument("--url", help="feed endpoint (default the broker's; the daemon adds api_key "
-                   "and access_token)")
+    p.add_argument("--url", help="the single feed's endpoint (default the broker's; the daemon "
+                   "adds api_key and access_token)")
     p.add_argument("--tokens", help="comma-separated instrument tokens (default: the config's, "
                    "else every active instrument)")
-    p.add_argument("--mode", choices=("ltp", "quote", "full"), help="mode for every token")
+    p.add_argument("--mode", choices=("ltp", "quote", "full"),
+                   help="mode for every token of the single feed")
     p.add_argument("--metrics", help="host:port of /metrics and /healthz ('' disables)")
     p.add_argument("--spool-dir", help="spool directory")
     p.set_defaults(func=run)
 
 
-def plan_tokens(cfg, setup) -> dict[int, str]:
+def plan_tokens(feed, setup) -> dict[int, str]:
+    """Token -> mode of one feed: its configured tokens, else every active instrument."""
     from ingestor.cli import Failure
 
-    f = cfg.feed
-    tokens = list(f.tokens)
+    tokens = list(feed.tokens)
     if not tokens:
         from ingestor.daemon import SQL_ACTIVE_TOKENS
 
         tokens = [int(r[0]) for r in setup.execute(SQL_ACTIVE_TOKENS)]
         if not tokens:
             raise Failure("no instruments to subscribe: load a dump (ingestor instruments load) "
-                          "or set feed.tokens")
-    limit = f.tokens_per_connection * f.max_connections
+                          f"or set the tokens of feed {feed.name!r}")
+    limit = feed.tokens_per_connection * feed.max_connections
     if len(tokens) > limit:
-        raise Failure(f"{len(tokens)} tokens exceed the broker's limit of {limit} "
-                      f"({f.max_connections} connections x {f.tokens_per_connection} tokens)")
-    return {t: f.modes.get(str(t), f.mode) for t in tokens}
+        raise Failure(f"feed {feed.name!r}: {len(tokens)} tokens exceed the broker's limit of "
+                      f"{limit} ({feed.max_connections} connections x "
+                      f"{feed.tokens_per_connection} tokens)")
+    return {t: feed.modes.get(str(t), feed.mode) for t in tokens}
+
+
+def apply_flags(cfg, args) -> None:
+    """``--url`` / ``--tokens`` / ``--mode`` set the single feed's; with several feeds they
+    would be ambiguous: a usage error naming the flag."""
+    from ingestor.cli import UsageError
+
+    for flag, value in (("--url", args.url), ("--tokens", args.tokens), ("--mode", args.mode)):
+        if value and len(cfg.feeds) > 1:
+            raise UsageError(f"{flag}: the config has {len(cfg.feeds)} feeds "
+                             f"({', '.join(f.name for f in cfg.feeds)}); set it in their "
+                             "[[feeds]] tables")
+    f = cfg.feeds[0]
+    if args.url:
+        f.url = args.url
+    if args.tokens:
+        try:
+            f.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+        except ValueError:
+            raise UsageError(f"--tokens: not a list of integers: {args.tokens!r}") from None
+    if args.mode:
+        f.mode = args.mode
+    if args.metrics is not None:
+        cfg.metrics.listen = args.metrics
+    if args.spool_dir:
+        cfg.spool.dir = args.spool_dir
 
 
 def run(args) -> int:
@@ -55,31 +84,26 @@ def run(args) -> int:
 
     try:
         cfg = config_mod.load(args.config)
-        if args.url:
-            cfg.feed.url = args.url
-        if args.tokens:
-            try:
-                cfg.feed.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
-            except ValueError:
-                raise UsageError(f"--tokens: not a list of integers: {args.tokens!r}") from None
-        if args.mode:
-            cfg.feed.mode = args.mode
-        if args.metrics is not None:
-            cfg.metrics.listen = args.metrics
-        if args.spool_dir:
-            cfg.spool.dir = args.spool_dir
+        apply_flags(cfg, args)
         config_mod.validate(cfg)
-        api_key, token = config_mod.credentials(cfg)
+        creds = [config_mod.credentials(cfg, f) for f in cfg.feeds]
     except config_mod.ConfigError as exc:
         raise UsageError(str(exc)) from None
+    if len(cfg.feeds) > 1:
+        # The config is checked (and every feed's credentials read); the daemon runs one
+        # feed's connections so far.
+        raise UsageError(f"feeds: {len(cfg.feeds)} feeds configured; this daemon runs one "
+                         "feed per config so far")
+    feed = cfg.feeds[0]
+    api_key, token = creds[0]
     dsn = resolve_dsn(args.dsn, config_dsn=cfg.database.dsn)
     setup = connect(dsn, autocommit=True)
     try:
         require_current(setup)
         replay_leftovers(cfg, dsn)
-        tokens = plan_tokens(cfg, setup)
+        tokens = plan_tokens(feed, setup)
         register_tokens(setup, list(tokens))
-        probe_feed(cfg.feed.url, cfg.feed.connect_timeout)
+        probe_feed(feed.url, feed.connect_timeout)
         try:
             import uvloop
 
@@ -90,7 +114,7 @@ def run(args) -> int:
         async def main():
             from ingestor.daemon import Daemon
 
-            d = Daemon(cfg, dsn, cfg.feed.url, api_key, token, tokens, setup)
+            d = Daemon(cfg, dsn, feed.url, api_key, token, tokens, setup)
             return await d.run()
 
         return runner(main())
