@@ -28,7 +28,12 @@ def add_parser(sub) -> None:
 
 
 def plan_tokens(feed, setup) -> dict[int, str]:
-    """Token -> mode of one feed: its configured tokens, else every active instrument."""
+    """Token -> mode of one feed: its configured tokens, else every active instrument.
+
+    Configured tokens are not registered as instruments here: a token becomes an
+    instrument (``TOKEN:<n>`` until a dump names it) when the broker sends its first
+    packet (the pipeline's resolve), so a mistyped or expired token in a config never
+    becomes an "active instrument" that every later run subscribes."""
     from ingestor.cli import Failure
 
     tokens = list(feed.tokens)
@@ -79,7 +84,6 @@ def run(args) -> int:
     from ingestor import config as config_mod
     from ingestor.cli import Failure, UsageError
     from ingestor.store.dsn import connect, resolve_dsn
-    from ingestor.store.instruments import register_tokens
     from ingestor.store.migrate import require_current
 
     try:
@@ -102,7 +106,6 @@ def run(args) -> int:
         require_current(setup)
         replay_leftovers(cfg, dsn)
         tokens = plan_tokens(feed, setup)
-        register_tokens(setup, list(tokens))
         probe_feed(feed.url, feed.connect_timeout)
         try:
             import uvloop
