@@ -192,13 +192,27 @@ def load(path: str | None) -> Config:
         try:
             cfg = msgspec.toml.decode(raw, type=Config)
         except msgspec.ValidationError as exc:
-            raise ConfigError(f"{path}: {_one_line(exc)}") from None
+            raise ConfigError(f"{path}: {_validation_line(exc)}") from None
         except RecursionError:
             raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
         except Exception as exc:  # noqa: BLE001 - DecodeError, and whatever a hostile file provokes
             raise ConfigError(f"{path}: not valid TOML: {_one_line(exc)}") from None
     validate(cfg, source=path)
     return cfg
+
+
+def _validation_line(exc: msgspec.ValidationError) -> str:
+    """msgspec's ``Expected `int`, got `float` - at `$.pipeline.flush_rows``` as
+    ``pipeline.flush_rows: expected `int`, got `float```: the key first, as elsewhere."""
+    text = _one_line(exc)
+    m = re.fullmatch(r"(.*) - at `\$\.?(.*)`", text)
+    what, where = m.groups() if m else (text, "")
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", what)
+    if unknown:
+        key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        return f"{key}: unknown key"
+    what = what.replace("`object`", "a table")
+    return f"{where}: {what[:1].lower()}{what[1:]}" if where else what
 
 
 def _one_line(exc: BaseException) -> str:
@@ -268,7 +282,9 @@ def _check_pipeline(p: PipelineConfig) -> None:
     for key, value, signed in (("pipeline.utc_offset", p.utc_offset, True),
                                ("pipeline.origin", p.origin, False)):
         try:
-            if not value.isascii():  # the core's int() would take other scripts' digits
+            if not value.strip() or not value.isascii():
+                # ("" makes the core's parser fail with IndexError; its int() would take
+                # other scripts' digits)
                 raise ValueError
             us = _core._clock_us(value, key, signed)
         except ValueError:
@@ -287,7 +303,7 @@ def _check_pipeline(p: PipelineConfig) -> None:
         _core.Engine(timeframes=tuple(p.timeframes), utc_offset=p.utc_offset, origin=p.origin,
                      snapshot_interval_us=int(p.snapshot_interval * 1e6), tick_capacity=1,
                      candle_capacity=1, snapshot_capacity=1, instrument_capacity=1)
-    except ValueError as exc:
+    except (ValueError, TypeError, IndexError) as exc:
         raise ConfigError(f"pipeline: {exc}") from None
 
 
@@ -383,9 +399,7 @@ def _check_feeds(cfg: Config) -> None:
 def _credential_sources(f: FeedConfig, several: bool, k: str) -> dict[str, tuple]:
     """The feed's credential sources, keyed by the setting that names them (checked)."""
     out = {}
-    if f.credentials_file is not None:
-        if not f.credentials_file:
-            raise ConfigError(f"{k}.credentials_file is empty: name a file or leave it out")
+    if f.credentials_file:  # ("" is none, as it always was)
         out["credentials_file"] = ("file", os.path.realpath(f.credentials_file))
     if (f.api_key_env is None) != (f.access_token_env is None):
         raise ConfigError(f"{k}: api_key_env and access_token_env go together (set both)")
