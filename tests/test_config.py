@@ -214,6 +214,7 @@ FEEDS = [
     ('[[feeds]]\nurl = "ws://"\n', "feeds[0].url"),
     ('[[feeds]]\nurl = "ws://h:99999/"\n', "feeds[0].url"),
     ('[[feeds]]\nurl = "wss://h/?api_key=k&access_token=SECRETTOKEN"\n', "feeds[0].url"),
+    ('[[feeds]]\nurl = "https://h/?token=SECRETTOKEN"\n', "feeds[0].url"),
     ('feeds = []\n', "feeds"),
     ('[feed]\ntokens = [1]\n[[feeds]]\ntokens = [2]\n', "[feed] and [[feeds]]"),
 ]
@@ -322,6 +323,7 @@ def test_old_feed_table_loads_as_one_feed_named_kite(tmp_path):
 
 
 def test_no_config_is_one_default_feed():
+    assert len(config_mod.Config().feeds) == 1  # a list as soon as constructed
     cfg = config_mod.load(None)
     assert [(f.name, f.broker, f.url) for f in cfg.feeds] == \
         [("kite", "kite", "wss://ws.kite.trade")]

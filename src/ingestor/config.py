@@ -156,8 +156,8 @@ class RecordConfig(_Base):
 
 class Config(_Base):
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
-    #: the feeds (``[[feeds]]``); after :func:`load` / :func:`validate` always a list of at
-    #: least one (``None`` only while undecided: the default is one default feed)
+    #: the feeds (``[[feeds]]``): a list once constructed (``None`` in the file's terms is
+    #: "not given": the old ``[feed]``, else one default feed)
     feeds: list[FeedConfig] | None = None
     #: the old single ``[feed]`` table: becomes ``feeds == [feed]`` (the same object); read
     #: ``feeds``
@@ -169,6 +169,10 @@ class Config(_Base):
     record: RecordConfig = msgspec.field(default_factory=RecordConfig)
     #: shutdown budget: seconds to flush and commit after SIGTERM
     shutdown_timeout: float = 30.0
+
+    def __post_init__(self):
+        if self.feeds is None:
+            self.feeds = [self.feed] if self.feed is not None else [FeedConfig()]
 
 
 class ConfigError(ValueError):
@@ -227,8 +231,7 @@ def feed_key(cfg: Config, i: int) -> str:
 
 def validate(cfg: Config, source: str | None = None) -> None:
     """Check every setting (after flags changed some): :class:`ConfigError` with one line
-    naming the key (and ``source``, the file, when given).  Idempotent; settles
-    ``cfg.feeds``."""
+    naming the key (and ``source``, the file, when given)."""
     try:
         _validate(cfg)
     except ConfigError as exc:
@@ -238,13 +241,9 @@ def validate(cfg: Config, source: str | None = None) -> None:
 
 
 def _validate(cfg: Config) -> None:
-    if cfg.feed is not None:
-        if cfg.feeds is not None and not (len(cfg.feeds) == 1 and cfg.feeds[0] is cfg.feed):
-            raise ConfigError("both [feed] and [[feeds]]: keep [[feeds]] (the old [feed] is one "
-                              "feed named kite)")
-        cfg.feeds = [cfg.feed]
-    elif cfg.feeds is None:
-        cfg.feeds = [FeedConfig()]
+    if cfg.feed is not None and not (len(cfg.feeds) == 1 and cfg.feeds[0] is cfg.feed):
+        raise ConfigError("both [feed] and [[feeds]]: keep [[feeds]] (the old [feed] is one "
+                          "feed named kite)")
     if not cfg.feeds:
         raise ConfigError("feeds: at least one [[feeds]] table is needed")
     _check_pipeline(cfg.pipeline)
@@ -344,13 +343,14 @@ def _check_feeds(cfg: Config) -> None:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError as exc:
             raise ConfigError(f"{k}.url: {exc}") from None
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ConfigError(f"{k}.url must be a ws:// or wss:// URL with a host, not {f.url!r}")
+        # (the URL is not echoed: it may carry a secret)
         if parts.username or parts.password or any(
                 q.lower() in ("api_key", "access_token") for q, _ in parse_qsl(parts.query)):
-            # (not echoed: it carries a secret)
             raise ConfigError(f"{k}.url carries credentials: they belong in the environment or "
                               f"{k}.credentials_file (the daemon adds them)")
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ConfigError(f"{k}.url must be a ws:// or wss:// URL with a host (scheme "
+                              f"{parts.scheme[:10]!r}, host {(parts.hostname or '')[:60]!r})")
         seen = set()
         for t in f.tokens:
             _integer(f"{k}.tokens", t, 1, MAX_TOKEN, " (an instrument token)")
@@ -507,8 +507,6 @@ def credentials(cfg: Config, feed: FeedConfig | None = None, environ=None) -> tu
     """``(api_key, access_token)`` of ``feed`` (default the only feed) from its environment
     variables, else its credentials file (the file is read, and checked, whenever it is set)."""
     env = os.environ if environ is None else environ
-    if cfg.feeds is None:
-        validate(cfg)
     f = feed if feed is not None else cfg.feeds[0]
     k = feed_key(cfg, cfg.feeds.index(f))
     names = api_env_names(cfg, f)
