@@ -464,3 +464,9 @@ def test_malformed_dsn_fragment_withheld(capsys, dsn):
     assert rc == 1 and len(lines) == 1, err
     assert "malformed DSN" in lines[0] and "fragment withheld" in lines[0], err
     assert "PW789" not in err and "ab " not in err and "cd" not in err
+
+
+def test_long_values_are_not_echoed_whole(tmp_path, capsys):
+    line = _refused(tmp_path, capsys, f'[pipeline]\ntimeframes = ["{"x" * 5000}"]\n',
+                    "pipeline.timeframes")
+    assert len(line) < 400

@@ -219,6 +219,13 @@ def _validation_line(exc: msgspec.ValidationError) -> str:
     return f"{where}: {what[:1].lower()}{what[1:]}" if where else what
 
 
+def _show(value) -> str:
+    """``repr(value)`` for a message, at most about 60 characters (a hostile file's value
+    is not echoed whole)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:300] or type(exc).__name__
@@ -258,12 +265,12 @@ def _number(key: str, value, lo, hi, *, lo_ok: bool = False, unit: str = " s") -
         and (value >= lo if lo_ok else value > lo) and value <= hi
     if not ok:
         low = f">= {lo}" if lo_ok else f"> {lo}"
-        raise ConfigError(f"{key} = {value!r}: must be a number {low} and <= {hi}{unit}")
+        raise ConfigError(f"{key} = {_show(value)}: must be a number {low} and <= {hi}{unit}")
 
 
 def _integer(key: str, value, lo: int, hi: int, unit: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ConfigError(f"{key} = {value!r}: must be an integer from {lo} to {hi}{unit}")
+        raise ConfigError(f"{key} = {_show(value)}: must be an integer from {lo} to {hi}{unit}")
 
 
 def _check_pipeline(p: PipelineConfig) -> None:
@@ -275,7 +282,7 @@ def _check_pipeline(p: PipelineConfig) -> None:
     for tf in p.timeframes:
         _timeframe("pipeline.timeframes", tf)
         if tf in seen:
-            raise ConfigError(f"pipeline.timeframes: {tf!r} is listed twice")
+            raise ConfigError(f"pipeline.timeframes: {_show(tf)} is listed twice")
         seen.add(tf)
     _timeframe("pipeline.open_candles_from", p.open_candles_from)
     for key, value, signed in (("pipeline.utc_offset", p.utc_offset, True),
@@ -288,11 +295,11 @@ def _check_pipeline(p: PipelineConfig) -> None:
             us = _core._clock_us(value, key, signed)
         except ValueError:
             want = "[+-]HH:MM[:SS], e.g. \"+05:30\"" if signed else "HH:MM[:SS], e.g. \"09:15\""
-            raise ConfigError(f"{key} = {value!r}: want {want}") from None
+            raise ConfigError(f"{key} = {_show(value)}: want {want}") from None
         if signed and not -86_400_000_000 < us < 86_400_000_000:
-            raise ConfigError(f"{key} = {value!r}: not within a day of UTC")
+            raise ConfigError(f"{key} = {_show(value)}: not within a day of UTC")
         if not signed and not 0 <= us < 86_400_000_000:
-            raise ConfigError(f"{key} = {value!r}: not a time of day (00:00 to 23:59:59)")
+            raise ConfigError(f"{key} = {_show(value)}: not a time of day (00:00 to 23:59:59)")
     _integer("pipeline.flush_rows", p.flush_rows, 1, 1_000_000, " rows")
     _number("pipeline.flush_interval", p.flush_interval, 0, 60)
     _number("pipeline.open_candle_interval", p.open_candle_interval, 0, 3600)
@@ -318,7 +325,7 @@ def _timeframe(key: str, tf) -> None:
             hint = f" (write {same[0]!r})"
     except (ValueError, AttributeError):
         pass
-    raise ConfigError(f"{key}: {tf!r} is not one of the stored timeframes "
+    raise ConfigError(f"{key}: {_show(tf)} is not one of the stored timeframes "
                       f"{', '.join(TIMEFRAMES)}{hint}")
 
 
@@ -333,10 +340,10 @@ def _check_feeds(cfg: Config) -> None:
     for i, f in enumerate(cfg.feeds):
         k = feed_key(cfg, i)
         if not isinstance(f.name, str) or not _NAME.fullmatch(f.name):
-            raise ConfigError(f"{k}.name = {f.name!r}: want 1 to 32 of a-z 0-9 _ - "
+            raise ConfigError(f"{k}.name = {_show(f.name)}: want 1 to 32 of a-z 0-9 _ - "
                               "(it names streams, labels and metrics)")
         if f.name in names:
-            raise ConfigError(f"{k}.name = {f.name!r}: also the name of {names[f.name]}")
+            raise ConfigError(f"{k}.name = {_show(f.name)}: also the name of {names[f.name]}")
         names[f.name] = k
         try:
             parts = urlsplit(f.url)
@@ -365,7 +372,7 @@ def _check_feeds(cfg: Config) -> None:
         for key in f.modes:
             if not (key.isascii() and key.isdigit() and key == str(int(key))
                     and 1 <= int(key) <= MAX_TOKEN):
-                raise ConfigError(f"{k}.modes: key {key!r} is not an instrument token "
+                raise ConfigError(f"{k}.modes: key {_show(key)} is not an instrument token "
                                   f"(1 to {MAX_TOKEN}, digits, no leading zero)")
         _integer(f"{k}.tokens_per_connection", f.tokens_per_connection, 1, 3000,
                  " (the broker's limit)")
@@ -406,7 +413,7 @@ def _credential_sources(f: FeedConfig, several: bool, k: str) -> dict[str, tuple
     if f.api_key_env is not None:
         for key in ("api_key_env", "access_token_env"):
             if not _ENV_NAME.fullmatch(getattr(f, key)):
-                raise ConfigError(f"{k}.{key} = {getattr(f, key)!r}: not an environment "
+                raise ConfigError(f"{k}.{key} = {_show(getattr(f, key))}: not an environment "
                                   "variable name")
         if f.api_key_env == f.access_token_env:
             raise ConfigError(f"{k}.access_token_env: the same variable as api_key_env")
@@ -437,7 +444,7 @@ def _check_storage(cfg: Config) -> None:
     for key, d in (("spool.dir", s.dir), ("record.dir", cfg.record.dir),
                    ("writer.dead_letter_dir", w.dead_letter_dir)):
         if d and os.path.exists(d) and not os.path.isdir(d):
-            raise ConfigError(f"{key} = {d!r}: exists and is not a directory")
+            raise ConfigError(f"{key} = {_show(d)}: exists and is not a directory")
     if cfg.record.dir and os.path.realpath(cfg.record.dir) == os.path.realpath(s.dir):
         raise ConfigError("record.dir is spool.dir: the recordings would be replayed as "
                           "leftovers at every start")
@@ -448,7 +455,7 @@ def _check_listen(listen: str) -> None:
     if listen == "":
         return
     host, sep, port = listen.rpartition(":")
-    bad = f"metrics.listen = {listen!r}: want host:port (port 1 to 65535) or \"\" (off)"
+    bad = f"metrics.listen = {_show(listen)}: want host:port (port 1 to 65535) or \"\" (off)"
     if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ConfigError(bad)
     if any(c.isspace() for c in host) or ":" in host or "[" in host:
@@ -459,7 +466,7 @@ def _check_listen(listen: str) -> None:
         socket.getaddrinfo(host or "127.0.0.1", int(port), type=socket.SOCK_STREAM,
                            flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError) as exc:
-        raise ConfigError(f"metrics.listen = {listen!r}: host does not resolve "
+        raise ConfigError(f"metrics.listen = {_show(listen)}: host does not resolve "
                           f"({getattr(exc, 'strerror', None) or exc})") from None
 
 
