@@ -339,6 +339,21 @@ def test_feed_flags_with_several_feeds_are_a_usage_error(tmp_path, capsys, flag)
     assert rc == 2 and len(lines) == 1 and flag[0] in lines[0], lines
 
 
+def test_several_feeds_checked_then_refused_by_the_one_feed_daemon(tmp_path, capsys,
+                                                                   monkeypatch):
+    """Until the daemon runs several feeds, `ingestor run` checks such a config fully (each
+    feed's credentials read) and then says so in one line, before connecting anywhere."""
+    (tmp_path / "main.env").write_text("api_key=mainkey1\naccess_token=maintoken1\n")
+    p = tmp_path / "feeds.toml"
+    p.write_text(TWO_FEEDS.replace("{tmp}", str(tmp_path)))
+    rc, lines = _run(capsys, "--config", str(p))
+    assert rc == 2 and len(lines) == 1 and "feeds[1]" in lines[0] and "KITE2_API_KEY" in lines[0]
+    monkeypatch.setenv("KITE2_API_KEY", "key2222")
+    monkeypatch.setenv("KITE2_ACCESS_TOKEN", "tok2222")
+    rc, lines = _run(capsys, "--config", str(p), "--dsn", "host=127.0.0.1 port=1")
+    assert rc == 2 and len(lines) == 1 and str(p) in lines[0] and "one feed" in lines[0], lines
+
+
 def test_feed_flags_apply_to_the_single_feed(tmp_path, capsys):
     p = tmp_path / "one.toml"
     p.write_text('[[feeds]]\ntokens = [1]\n')

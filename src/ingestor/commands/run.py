@@ -96,7 +96,8 @@ def run(args) -> int:
     if len(cfg.feeds) > 1:
         # The config is checked (and every feed's credentials read); the daemon runs one
         # feed's connections so far.
-        raise UsageError(f"feeds: {len(cfg.feeds)} feeds configured; this daemon runs one "
+        raise UsageError(f"{args.config}: feeds: {len(cfg.feeds)} feeds configured "
+                         f"({', '.join(f.name for f in cfg.feeds)}); this daemon runs one "
                          "feed per config so far")
     feed = cfg.feeds[0]
     api_key, token = creds[0]
