@@ -5,7 +5,7 @@ instruments until the broker sends them; malformed DSNs never echoed."""
 from __future__ import annotations
 
 import csv
-import os
+import logging
 import re
 from pathlib import Path
 
@@ -24,6 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def _no_env_credentials(monkeypatch):
     for k in ("KITE_API_KEY", "KITE_ACCESS_TOKEN", "INGESTOR_DSN", "DATABASE_URL"):
         monkeypatch.delenv(k, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``main()`` points the root logger at this test's captured stderr: put it back, or
+    later tests log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def _run(capsys, *argv) -> tuple[int, list[str]]:
