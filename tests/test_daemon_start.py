@@ -86,7 +86,7 @@ def test_database_down_at_start_spools_then_writes(tmp_path, private_pg_running)
         wait_for(lambda: sum(p.stat().st_size for p in spool_files(tmp_path)) > 100_000,
                  timeout=30)
         assert d2.proc.poll() is None, d2.output()
-        assert "subscribing the 8 instruments the last run subscribed" in d2.output()
+        assert "subscribes the 8 instruments the last run subscribed" in d2.output()
     finally:
         cluster.start()
     wait_for(lambda: count_ticks(dsn) > before + 2000, timeout=60)
@@ -214,3 +214,50 @@ def test_restart_over_a_crash_leftover_receives_at_once(tmp_path, db):
     assert connected_after < 30
     with psycopg.connect(db) as c:
         assert c.execute("select count(*) from stream_offsets").fetchone()[0] == 2
+
+
+def test_two_feeds_in_one_daemon(tmp_path, db):
+    """Two [[feeds]] (two API keys, or two brokers' endpoints): each its own connections,
+    credentials and streams, one pipeline per connection, every tick once."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Simulator(tmp_path / "a", tokens=6, rate=1000, seed=5)
+    b = Simulator(tmp_path / "b", tokens=12, rate=1000, seed=6)
+    load_instruments(db, a.csv)
+    import csv as csv_mod
+
+    def tokens_of(path):
+        with open(path) as f:
+            return [int(r["instrument_token"]) for r in csv_mod.DictReader(f)]
+    ta = tokens_of(a.csv)
+    tb = [t for t in tokens_of(b.csv) if t not in ta]
+    assert tb, "the two simulated universes share every token"
+    (tmp_path / "b.env").write_text("api_key=bkey1234\naccess_token=btoken1234\n")
+    cfg = tmp_path / "two.toml"
+    cfg.write_text(
+        f'[[feeds]]\nname = "alpha"\nurl = "{a.url}"\ntokens = {ta}\nheartbeat_timeout = 2.0\n'
+        f'api_key_env = "KITE_API_KEY"\naccess_token_env = "KITE_ACCESS_TOKEN"\n'
+        f'[[feeds]]\nname = "beta"\nurl = "{b.url}"\ntokens = {tb}\nheartbeat_timeout = 2.0\n'
+        f'credentials_file = "{tmp_path / "b.env"}"\n'
+        f'[spool]\ndir = "{tmp_path / "spool"}"\n[metrics]\nlisten = ""\n')
+    env = dict(os.environ, KITE_API_KEY="akey1234", KITE_ACCESS_TOKEN="atoken1234")
+    log = open(tmp_path / "two.log", "w")
+    proc = subprocess.Popen(ingestor("run", "--config", str(cfg), "--dsn", db), env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def streams():
+            with psycopg.connect(db) as c:
+                return {r[0].rsplit("-", 1)[0] for r in c.execute("select stream from stream_offsets")}
+        wait_for(lambda: streams() >= {"alpha-0", "beta-0"}, timeout=60)
+        a.stop()
+        b.stop()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "two.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    out = (tmp_path / "two.log").read_text()
+    assert "atoken1234" not in out and "btoken1234" not in out
+    n, distinct = tick_summary(db)
+    assert n == distinct == a.sent_packets() + b.sent_packets()

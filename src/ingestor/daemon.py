@@ -38,8 +38,9 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 
-from ingestor.config import Config
+from ingestor.config import Config, FeedConfig
 from ingestor.feed.capture import KIND_BINARY, KIND_TEXT
 from ingestor.feed.kite import KiteFeed
 from ingestor.feed.spool import Spool, StreamSpool
@@ -76,23 +77,38 @@ def settings_of(cfg: Config) -> PipelineSettings:
                             open_candle_min_us=timeframe_us(p.open_candles_from))
 
 
-def save_subscriptions(spool_dir: str, tokens: dict[int, str]) -> None:
+def save_subscriptions(spool_dir: str, feeds: dict[str, dict[int, str]]) -> None:
+    """Each feed's subscribed set, beside the spool (what to subscribe without the database)."""
     os.makedirs(spool_dir, exist_ok=True)
     path = os.path.join(spool_dir, SUBSCRIPTIONS_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({str(t): m for t, m in sorted(tokens.items())}, f)
+        json.dump({name: {str(t): m for t, m in sorted(toks.items())}
+                   for name, toks in feeds.items()}, f)
     os.replace(tmp, path)
 
 
-def load_subscriptions(spool_dir: str) -> dict[int, str] | None:
+def load_subscriptions(spool_dir: str) -> dict[str, dict[int, str]] | None:
+    """What :func:`save_subscriptions` kept (entries that do not check out are left out)."""
     try:
         with open(os.path.join(spool_dir, SUBSCRIPTIONS_FILE), "rb") as f:
             raw = json.loads(f.read(16 << 20))
-        return {int(t): str(m) for t, m in raw.items()
-                if str(t).isdigit() and 0 < int(t) < 1 << 32 and m in ("ltp", "quote", "full")}
-    except (OSError, ValueError, AttributeError):
+        return {str(name): {int(t): str(m) for t, m in toks.items()
+                            if str(t).isdigit() and 0 < int(t) < 1 << 32
+                            and m in ("ltp", "quote", "full")}
+                for name, toks in raw.items() if isinstance(toks, dict)}
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
+
+
+@dataclass
+class FeedPlan:
+    """One configured feed, ready to run: its settings, credentials and subscriptions."""
+
+    feed: FeedConfig
+    api_key: str
+    access_token: str
+    tokens: dict[int, str]
 
 
 class SideConnection:
@@ -132,9 +148,10 @@ class SideConnection:
 class Connection:
     """One feed connection: its feed client, its spool streams (oldest first), its driver."""
 
-    def __init__(self, label: str, tokens: dict[int, str]):
+    def __init__(self, label: str, tokens: dict[int, str], plan: FeedPlan):
         self.label = label
         self.tokens = tokens
+        self.plan = plan
         self.feed: KiteFeed | None = None
         self.streams: list[StreamSpool] = []
         self.wakeup = asyncio.Event()
@@ -145,13 +162,9 @@ class Connection:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, dsn: str, url: str, api_key: str, access_token: str,
-                 tokens: dict[int, str], spool: Spool | None = None):
+    def __init__(self, cfg: Config, dsn: str, plans: list[FeedPlan], spool: Spool | None = None):
         self.cfg = cfg
         self.dsn = dsn
-        self.url = url
-        self.api_key = api_key
-        self.access_token = access_token
         self.metrics = Metrics()
         self.spool = spool or Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.alarm_at,
                                     cfg.spool.segment_bytes, keep_dir=cfg.record.dir,
@@ -176,10 +189,14 @@ class Daemon:
         self.side = SideConnection(dsn)
         #: the pipeline thread's connection (instrument registration), reconnected on demand
         self._resolve_conn = None
-        per = cfg.feed.tokens_per_connection
-        items = sorted(tokens.items())
-        self.connections = [Connection(f"kite-{i // per}", dict(items[i:i + per]))
-                            for i in range(0, len(items), per)]
+        #: each feed's tokens over its connections (labels <feed name>-<n>)
+        self.connections = []
+        for plan in plans:
+            per = plan.feed.tokens_per_connection
+            items = sorted(plan.tokens.items())
+            self.connections += [Connection(f"{plan.feed.name}-{i // per}",
+                                            dict(items[i:i + per]), plan)
+                                 for i in range(0, len(items), per)]
         #: streams an earlier run left (taken before any new stream exists in the folder)
         self.leftovers = self.spool.leftovers()
         self.metrics.attach(self)
@@ -487,10 +504,11 @@ class Daemon:
             server = await serve(host or "127.0.0.1", int(port), self.metrics, self.health)
             log.info("metrics on http://%s/metrics", self.cfg.metrics.listen)
         self.spool.start()
-        f = self.cfg.feed
         for conn in self.connections:
+            p = conn.plan
+            f = p.feed
             conn.feed = KiteFeed(
-                conn.label, self.url, self.api_key, self.access_token, conn.tokens,
+                conn.label, f.url, p.api_key, p.access_token, conn.tokens,
                 on_message=lambda s, p, t, r, c=conn: self._on_message(c, s, p, t, r),
                 on_connect=lambda s, c=conn: self._on_connect(c, s),
                 on_disconnect=lambda s, st, why, c=conn: self._on_disconnect(c, s, st, why),

@@ -11,52 +11,90 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run the daemon",
                        description="Connect to the broker's WebSocket, ingest ticks, candles and "
                        "depth into the database, survive disconnects and database outages. "
-                       "Credentials from KITE_API_KEY / KITE_ACCESS_TOKEN or feed.credentials_file.")
+                       "Credentials from KITE_API_KEY / KITE_ACCESS_TOKEN or the feed's "
+                       "credentials_file (each feed its own when there are several).")
     p.add_argument("--config", help="TOML settings file (unknown keys are errors)")
     p.add_argument("--dsn", help="database (else INGESTOR_DSN, DATABASE_URL, the config, libpq defaults)")
-    p.add_argument("--url", help="feed endpoint (default the broker's; the daemon adds api_key "
-                   "and access_token)")
+    p.add_argument("--url", help="the single feed's endpoint (default the broker's; the daemon "
+                   "adds api_key and access_token)")
     p.add_argument("--tokens", help="comma-separated instrument tokens (default: the config's, "
                    "else every active instrument)")
-    p.add_argument("--mode", choices=("ltp", "quote", "full"), help="mode for every token")
+    p.add_argument("--mode", choices=("ltp", "quote", "full"),
+                   help="mode for every token of the single feed")
     p.add_argument("--metrics", help="host:port of /metrics and /healthz ('' disables)")
     p.add_argument("--spool-dir", help="spool directory")
     p.set_defaults(func=run)
 
 
-def plan_tokens(cfg, dsn: str) -> dict[int, str]:
-    """What to subscribe: the configured tokens, else the database's active instruments, else
-    (the database away at start) the set the last run subscribed, kept beside the spool."""
+def plan_tokens(feed, active: list[int] | None, last: dict[int, str] | None) -> dict[int, str]:
+    """Token -> mode of one feed: its configured tokens, else every active instrument (None:
+    the database was not reachable), else the set the feed subscribed last time (``last``).
+
+    Configured tokens are not registered as instruments here: a token becomes an
+    instrument (``TOKEN:<n>`` until a dump names it) when the broker sends its first
+    packet (the pipeline's resolve), so a mistyped or expired token in a config never
+    becomes an "active instrument" that every later run subscribes."""
     from ingestor.cli import Failure
-    from ingestor.daemon import SQL_ACTIVE_TOKENS, load_subscriptions, save_subscriptions
 
-    f = cfg.feed
-    tokens = list(f.tokens)
+    tokens = list(feed.tokens)
     if not tokens:
-        from ingestor.store.dsn import connect
-
-        try:
-            with connect(dsn, autocommit=True, connect_timeout=5) as setup:
-                tokens = [int(r[0]) for r in setup.execute(SQL_ACTIVE_TOKENS)]
-        except Exception as exc:  # noqa: BLE001 - the database may come later
-            last = load_subscriptions(cfg.spool.dir)
+        if active is None:
             if not last:
-                raise Failure(f"the database is not reachable ({exc}) and no earlier run left its "
-                              f"subscriptions in {cfg.spool.dir}: set feed.tokens, or start once "
-                              f"with the database up") from None
-            log.warning("database not reachable at start: subscribing the %d instruments the "
-                        "last run subscribed", len(last))
-            return last
+                raise Failure(f"feed {feed.name!r}: the database is not reachable and no earlier "
+                              "run left its subscriptions beside the spool: set the feed's "
+                              "tokens, or start once with the database up")
+            log.warning("database not reachable at start: feed %s subscribes the %d instruments "
+                        "the last run subscribed", feed.name, len(last))
+            return dict(last)
+        tokens = active
         if not tokens:
             raise Failure("no instruments to subscribe: load a dump (ingestor instruments load) "
-                          "or set feed.tokens")
-    limit = f.tokens_per_connection * f.max_connections
+                          f"or set the tokens of feed {feed.name!r}")
+    limit = feed.tokens_per_connection * feed.max_connections
     if len(tokens) > limit:
-        raise Failure(f"{len(tokens)} tokens exceed the broker's limit of {limit} "
-                      f"({f.max_connections} connections x {f.tokens_per_connection} tokens)")
-    planned = {t: f.modes.get(str(t), f.mode) for t in tokens}
-    save_subscriptions(cfg.spool.dir, planned)
-    return planned
+        raise Failure(f"feed {feed.name!r}: {len(tokens)} tokens exceed the broker's limit of "
+                      f"{limit} ({feed.max_connections} connections x "
+                      f"{feed.tokens_per_connection} tokens)")
+    return {t: feed.modes.get(str(t), feed.mode) for t in tokens}
+
+
+def active_tokens(dsn: str) -> list[int] | None:
+    """The database's active instruments, or None when it does not answer (yet)."""
+    from ingestor.daemon import SQL_ACTIVE_TOKENS
+    from ingestor.store.dsn import connect
+
+    try:
+        with connect(dsn, autocommit=True, connect_timeout=5) as setup:
+            return [int(r[0]) for r in setup.execute(SQL_ACTIVE_TOKENS)]
+    except Exception as exc:  # noqa: BLE001 - the database may come later: the daemon waits
+        log.warning("database not reachable at start (%s)", exc)
+        return None
+
+
+def apply_flags(cfg, args) -> None:
+    """``--url`` / ``--tokens`` / ``--mode`` set the single feed's; with several feeds they
+    would be ambiguous: a usage error naming the flag."""
+    from ingestor.cli import UsageError
+
+    for flag, value in (("--url", args.url), ("--tokens", args.tokens), ("--mode", args.mode)):
+        if value and len(cfg.feeds) > 1:
+            raise UsageError(f"{flag}: the config has {len(cfg.feeds)} feeds "
+                             f"({', '.join(f.name for f in cfg.feeds)}); set it in their "
+                             "[[feeds]] tables")
+    f = cfg.feeds[0]
+    if args.url:
+        f.url = args.url
+    if args.tokens:
+        try:
+            f.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+        except ValueError:
+            raise UsageError(f"--tokens: not a list of integers: {args.tokens!r}") from None
+    if args.mode:
+        f.mode = args.mode
+    if args.metrics is not None:
+        cfg.metrics.listen = args.metrics
+    if args.spool_dir:
+        cfg.spool.dir = args.spool_dir
 
 
 def run(args) -> int:
@@ -64,30 +102,18 @@ def run(args) -> int:
 
     from ingestor import config as config_mod
     from ingestor.cli import Failure, UsageError
+    from ingestor.daemon import FeedPlan, load_subscriptions, save_subscriptions
+    from ingestor.feed.spool import Spool, SpoolInUse
     from ingestor.store.dsn import resolve_dsn
 
     try:
         cfg = config_mod.load(args.config)
-        if args.url:
-            cfg.feed.url = args.url
-        if args.tokens:
-            try:
-                cfg.feed.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
-            except ValueError:
-                raise UsageError(f"--tokens: not a list of integers: {args.tokens!r}") from None
-        if args.mode:
-            cfg.feed.mode = args.mode
-        if args.metrics is not None:
-            cfg.metrics.listen = args.metrics
-        if args.spool_dir:
-            cfg.spool.dir = args.spool_dir
+        apply_flags(cfg, args)
         config_mod.validate(cfg)
-        api_key, token = config_mod.credentials(cfg)
+        creds = [config_mod.credentials(cfg, f) for f in cfg.feeds]
     except config_mod.ConfigError as exc:
         raise UsageError(str(exc)) from None
     dsn = resolve_dsn(args.dsn, config_dsn=cfg.database.dsn)
-    from ingestor.feed.spool import Spool, SpoolInUse
-
     spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.alarm_at, cfg.spool.segment_bytes,
                   keep_dir=cfg.record.dir, fsync_interval=cfg.spool.fsync_interval)
     try:
@@ -95,7 +121,13 @@ def run(args) -> int:
     except SpoolInUse as exc:
         raise Failure(str(exc)) from None
     try:
-        tokens = plan_tokens(cfg, dsn)
+        active = None if all(f.tokens for f in cfg.feeds) else active_tokens(dsn)
+        last = load_subscriptions(cfg.spool.dir) or {}
+        plans = []
+        for feed, (api_key, token) in zip(cfg.feeds, creds):
+            tokens = plan_tokens(feed, active, last.get(feed.name))
+            plans.append(FeedPlan(feed, api_key, token, tokens))
+        save_subscriptions(cfg.spool.dir, {p.feed.name: p.tokens for p in plans})
         try:
             import uvloop
 
@@ -106,8 +138,7 @@ def run(args) -> int:
         async def main():
             from ingestor.daemon import Daemon
 
-            d = Daemon(cfg, dsn, cfg.feed.url, api_key, token, tokens, spool=spool)
-            return await d.run()
+            return await Daemon(cfg, dsn, plans, spool=spool).run()
 
         return runner(main())
     finally:
