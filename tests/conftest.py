@@ -79,3 +79,27 @@ def rng(request) -> random.Random:
 #: Real Kite frames, decoded expectations, a postback and instruments dumps
 #: (from Zerodha's public repositories; see tests/data/vectors/README.md).
 VECTORS = os.path.join(os.path.dirname(__file__), "data", "vectors")
+
+
+#: A PostgreSQL server with TimescaleDB (what users run), apart from the main test server:
+#: tests marked ``timescale`` run against scratch databases on it, and skip, saying why,
+#: when it is not named.
+TSDB_DSN = os.environ.get("INGESTOR_TEST_TSDB_DSN", "")
+
+
+@pytest.fixture
+def tsdb_db():
+    """A fresh database on the TimescaleDB server (``INGESTOR_TEST_TSDB_DSN``)."""
+    import psycopg
+
+    if not TSDB_DSN:
+        pytest.skip("INGESTOR_TEST_TSDB_DSN names no TimescaleDB server")
+    try:
+        with psycopg.connect(TSDB_DSN, connect_timeout=5, autocommit=True) as conn:
+            if conn.execute("select 1 from pg_available_extensions "
+                            "where name = 'timescaledb'").fetchone() is None:
+                pytest.fail("INGESTOR_TEST_TSDB_DSN names a server without TimescaleDB")
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"INGESTOR_TEST_TSDB_DSN is not reachable: {exc}")
+    with _scratch_database(TSDB_DSN, "ingestor_tsdb") as dsn:
+        yield dsn

@@ -265,18 +265,17 @@ def test_setup_without_timescaledb_leaves_plain_tables(fresh_db):
 
 
 @pytest.fixture
-def tsdb(fresh_db):
-    with psycopg.connect(fresh_db) as conn:
-        if not ts.detect(conn).available:
-            pytest.skip("TimescaleDB is not available on this PostgreSQL server")
-    return fresh_db
+def tsdb(tsdb_db):
+    with psycopg.connect(tsdb_db) as conn:
+        assert ts.detect(conn).available
+    return tsdb_db
 
 
 @pytest.mark.timescale
 def test_timescale_setup_creates_hypertables_and_policies(tsdb):
     from ingestor.store.migrate import migrate
 
-    with psycopg.connect(tsdb) as conn:
+    with psycopg.connect(tsdb, autocommit=True) as conn:
         migrate(conn)
         res = ts.setup(conn, "on", ts.TimescaleSettings(continuous_aggregate=True))
         assert res.enabled
@@ -296,4 +295,3 @@ def test_timescale_setup_creates_hypertables_and_policies(tsdb):
         # the tables still take the writer's rows
         conn.execute("INSERT INTO tick_data (time, instrument_id, exchange, price) "
                      "VALUES (now(), 1, 'NSE', 1.2345678)")
-        conn.commit()
