@@ -22,6 +22,7 @@ import numpy as np
 from ingestor import _core
 from ingestor.pipeline import tables
 from ingestor._core import Engine, KiteDecoder
+from ingestor.pipeline.state import encode_state
 
 
 @dataclass
@@ -43,10 +44,18 @@ class FlushBatch:
     last_recv_ns: int = 0
     #: receive time (ns) of the batch's oldest tick, 0 if none
     first_recv_ns: int = 0
+    #: the engine's continuation state of the instruments this batch changed (binary COPY
+    #: of ``engine_state``, see ``ingestor.pipeline.state.encode_state``): committed with the
+    #: rows, so a restart at this batch's offset continues exactly
+    state: bytes = b""
+    n_state: int = 0
+    #: snapshot rows to delete first, ``(time_us, instrument_id)``: books ``flush()`` wrote
+    #: mid-interval (a shutdown), superseded by a later book of the interval after a restart
+    retracted: list = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
-        return len(self.ticks) + len(self.candles) + len(self.snapshots)
+        return len(self.ticks) + len(self.candles) + len(self.snapshots) + len(self.state)
 
 
 @dataclass
@@ -98,6 +107,7 @@ class Pipeline:
         self.timings = {"decode": 0.0, "aggregate": 0.0, "encode": 0.0}
         self.totals = {"ticks": 0, "candles": 0, "snapshots": 0, "batches": 0, "skipped_messages": 0}
         self._texts: list = []
+        self._retracted: list = []
         #: latest price of every instrument: {instrument_id: (raw, divisor)} (for positions)
         self.latest: dict[int, tuple[int, int]] = {}
         self._begin()
@@ -118,7 +128,8 @@ class Pipeline:
 
         Call right after ``take()``: the current batch must be empty.
         """
-        if self._n != [0, 0, 0] or self._texts or self._last_seq != self.committed:
+        if (self._n != [0, 0, 0] or self._texts or self._retracted
+                or self._last_seq != self.committed):
             raise RuntimeError("new_stream() with a batch pending: take() it first")
         self.stream = stream
         self.committed = committed
@@ -127,7 +138,7 @@ class Pipeline:
     @property
     def has_pending(self) -> bool:
         """Rows, texts or messages not yet handed out in a batch."""
-        return bool(self._n[0] or self._n[1] or self._n[2] or self._texts
+        return bool(self._n[0] or self._n[1] or self._n[2] or self._texts or self._retracted
                     or self._last_seq != self.committed or self.decoder.n_ticks)
 
     def set_ids(self, ids: dict[int, int]) -> None:
@@ -220,6 +231,9 @@ class Pipeline:
             self._enc_candles.encode_rows(candles)
         if len(snaps):
             self._enc_snaps.encode_rows(snaps)
+        if eng.n_retractions:
+            r = eng.retracted()
+            self._retracted.extend(zip(r["time_us"].tolist(), r["instrument_id"].tolist()))
         self._n[0] += len(rows)
         self._n[1] += len(candles)
         self._n[2] += len(snaps)
@@ -273,12 +287,16 @@ class Pipeline:
             else:
                 enc.clear()
                 payloads.append(b"")
+        # the state of the instruments this batch changed: O(instruments touched), not ticks
+        st = self.engine.take_state()
+        state_payload = encode_state(st, self.stream, max(self._last_seq, self.committed))
         self.timings["encode"] += time.perf_counter() - t0
         batch = FlushBatch(self.stream, self._first_seq, self._last_seq,
                            payloads[0], self._n[0], payloads[1], self._n[1],
                            payloads[2], self._n[2], self._texts, self._last_recv_ns,
-                           self._first_recv_ns)
+                           self._first_recv_ns, state_payload, len(st), self._retracted)
         self._texts = []
+        self._retracted = []
         self.totals["ticks"] += self._n[0]
         self.totals["candles"] += self._n[1]
         self.totals["snapshots"] += self._n[2]
