@@ -97,13 +97,16 @@ class Daemon:
         per = cfg.feed.tokens_per_connection
         items = sorted(tokens.items())
         self.connections = []
-        from ingestor.pipeline.replay import load_state
+        from ingestor.pipeline.state import load_state
 
         for i in range(0, len(items), per):
             label = f"kite-{len(self.connections)}"
             pl = Pipeline(f"{label}-idle", resolve=self._resolve, settings=settings)
-            load_state(setup_conn, pl)
-            self.connections.append(Connection(label, dict(items[i:i + per]), pl))
+            mine = dict(items[i:i + per])
+            # each engine continues only its connection's instruments: another's pending
+            # candles and books are not its to write at shutdown
+            load_state(setup_conn, pl, tokens=mine)
+            self.connections.append(Connection(label, mine, pl))
 
     # -- feed side (event loop) ----------------------------------------------
 

@@ -245,6 +245,17 @@ cdef class Engine:
     ``flush`` return False when the candle or snapshot buffer fills: drain,
     clear and call them again (they continue where they stopped).
 
+    Restart state: ``take_state()`` gives the continuation state of the
+    instruments changed since its last call (commit it with the batch it
+    belongs to); a fresh engine seeded from it (``seed``, ``seed_candle``,
+    ``seed_book``: ``ingestor.pipeline.state``) goes on exactly, snapshots
+    included.
+
+    Threads: the per-tick loops (``process``, ``advance``, ``flush``) run
+    without the GIL, on data validated beforehand.  One thread at a time
+    may use an engine; a call while another thread is inside one of those
+    loops raises RuntimeError.
+
     Parameters
     ----------
     timeframes : sequence of str
@@ -259,7 +270,11 @@ cdef class Engine:
     snapshot_interval_us : int
         At most one book snapshot per instrument per interval of this many
         microseconds (aligned like the candles), holding the interval's last
-        book with its tick's time; 0 writes one per full packet.
+        book with its tick's time, written when a later interval's book
+        arrives or by ``advance``/``flush``; 0 writes one per full packet.
+        ``flush`` writes an open interval's book so far and keeps it
+        pending: if the interval goes on (after a restart from
+        ``take_state``), the later book replaces that row (``retracted``).
     tick_capacity, candle_capacity, snapshot_capacity : int
         Output buffer sizes (rows).
     instrument_capacity : int

@@ -371,10 +371,16 @@ def decode_state(blobs) -> np.ndarray:
 
 
 #: The committed state of every instrument; ``state`` NULL: a row the migration added for an
-#: instrument with ticks from before engine_state (seeded from tick_data instead).
+#: instrument with ticks from before engine_state (seeded from tick_data instead).  A row is
+#: written in the transaction that advances its stream's offset to ``last_seq``, so a row whose
+#: stream is no longer committed that far belongs to offsets someone reset (emptied tables, to
+#: ingest again): it is stale and ignored.  One probe of stream_offsets' key per row.
 SQL_LOAD_STATE = """
 SELECT i.instrument_token, e.instrument_id, e.last_time, e.last_volume, e.state
 FROM engine_state e JOIN instruments i ON i.id = e.instrument_id
+WHERE e.state IS NULL
+   OR EXISTS (SELECT FROM stream_offsets o
+              WHERE o.stream = e.stream AND o.committed_seq >= e.last_seq)
 """
 
 
