@@ -265,3 +265,134 @@ def test_take_state_roundtrip_and_retraction():
     # the 1s candle of the first second: all four ticks, as without the restart
     one = [c for c in fresh.output()[1] if c["timeframe"] == 0]
     assert len(one) == 1 and one[0]["trade_count"] == 4 and one[0]["volume"] == 40
+
+
+def test_candles_never_stored_are_told_apart():
+    """A closed candle written for the first time is flagged new; one a version of which was
+    written (advance() then a reopening tick, or seeded after a restart) must be upserted."""
+    tok = 408065
+    eng = _core.Engine(timeframes=("1s", "1m"), snapshot_interval_us=0)
+    eng.set_instrument(tok, 3)
+    t0 = 1_700_000_000_000_000
+
+    def tick(t_us, price):
+        a = np.zeros(1, _core.TICK_DTYPE)
+        a["recv_ns"], a["seq"], a["instrument_token"], a["last_price"] = t_us * 1000, t_us, tok, price
+        a["divisor"], a["length"], a["mode"], a["segment"], a["depth_row"] = 100, 8, 1, 1, -1
+        eng.process(a)
+
+    tick(t0 + 1, 100)
+    tick(t0 + 1_000_001, 101)            # closes the first 1s bucket: new
+    c = eng.output()[1]
+    assert c["timeframe"].tolist() == [0] and not c["flags"][0] & _core.CANDLE_REWRITE
+    eng.clear()
+    assert eng.advance(t0 + 2_000_000)   # writes the second 1s bucket out: new
+    c = eng.output()[1]
+    assert c["time_us"].tolist() == [t0 + 1_000_000] and not c["flags"][0] & _core.CANDLE_REWRITE
+    eng.clear()
+    tick(t0 + 1_500_000, 102)            # lands in it (advance ran ahead): reopened
+    tick(t0 + 2_000_001, 103)            # ...closed again: a version is stored, upsert
+    c = eng.output()[1]
+    assert c["time_us"].tolist() == [t0 + 1_000_000] and c["flags"][0] & _core.CANDLE_REWRITE
+    assert c["trade_count"][0] == 2
+
+
+# -- engine level, random streams --------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from test_restart import ENGINE_CONFIGS, _decode  # noqa: E402
+from kite_stream import messages, random_stream  # noqa: E402
+
+
+class _Store:
+    """What the writer leaves in the tables: rows, upserted candles, snapshots less retractions."""
+
+    def __init__(self):
+        self.rows, self.candles, self.snaps = [], {}, {}
+
+    def drain(self, eng):
+        rows, cands, snaps = eng.output()
+        for t, i in zip(eng.retracted()["time_us"].tolist(),
+                        eng.retracted()["instrument_id"].tolist()):
+            assert self.snaps.pop((t, i), None) is not None, "retracted a row never written"
+        self.rows.extend(rows.tolist())
+        rewrite = (cands["flags"] & _core.CANDLE_REWRITE).tolist()
+        cands = cands.copy()
+        cands["flags"] &= 0xff ^ _core.CANDLE_REWRITE
+        for c, rw in zip(cands, rewrite):
+            key = (int(c["time_us"]), int(c["instrument_id"]), int(c["timeframe"]))
+            assert rw or key not in self.candles, "a candle flagged new was stored before"
+            self.candles[key] = c.item()    # values (a copy's padding bytes are undefined)
+        for s in snaps:
+            key = (int(s["time_us"]), int(s["instrument_id"]))
+            assert key not in self.snaps, "a snapshot written twice"
+            self.snaps[key] = s.tobytes()
+        eng.clear()
+
+
+def _feed(eng, store, msgs, ids):
+    dec = _decode(msgs)
+    for tok in eng.unknown_tokens(dec).tolist():
+        eng.set_instrument(tok, ids[tok])
+    pos = 0
+    while True:
+        pos = eng.process(dec, pos)
+        store.drain(eng)
+        if pos == dec.n_ticks:
+            return
+
+
+def _flush(eng, store):
+    while not eng.flush():
+        store.drain(eng)
+    store.drain(eng)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), cfg=ENGINE_CONFIGS, n_ticks=st.integers(2, 200),
+       n_inst=st.integers(1, 8), flushed=st.booleans(),
+       interval=st.sampled_from([0, 1_000_000, 60_000_000]),
+       max_step=st.sampled_from([1_000, 300_000_000, 3_000_000_000]))
+def test_split_stream_with_state_equals_one_run(seed, cfg, n_ticks, n_inst, flushed, interval,
+                                                max_step):
+    """Engine A runs a stream whole; B runs its first part (then a final flush, or not: an
+    interruption), hands out take_state; a fresh C seeded from those bytes alone runs the rest.
+    Tick rows, candles and snapshots (retractions applied) equal A's, byte for byte."""
+    import random
+
+    from ingestor.pipeline.state import Loaded, _seed_records, decode_state
+
+    rnd = random.Random(seed)
+    msgs = messages(rnd, random_stream(rnd, n_ticks, n_inst, max_step_ns=max_step))
+    cut = rnd.randrange(1, len(msgs)) if len(msgs) > 1 else 1
+    tokens = sorted({tok for tok in _decode(msgs).ticks["instrument_token"][:].tolist() if tok})
+    ids = {tok: k + 1 for k, tok in enumerate(tokens)}
+    small = {"tick_capacity": 5, "candle_capacity": 30, "snapshot_capacity": 3}
+
+    def engine():
+        return _core.Engine(**cfg, snapshot_interval_us=interval, **small)
+
+    a, whole = engine(), _Store()
+    _feed(a, whole, msgs, ids)
+    _flush(a, whole)
+
+    b, parts = engine(), _Store()
+    _feed(b, parts, msgs[:cut], ids)
+    if flushed:
+        _flush(b, parts)
+    blobs = [r.tobytes() for r in b.take_state()]
+
+    c = engine()
+    for tok, iid in ids.items():
+        c.set_instrument(tok, iid)
+    recs = decode_state(blobs)
+    out = Loaded()
+    _seed_records(c, recs["token"].tolist(), recs, out, True)
+    assert out.dropped == 0
+    _feed(c, parts, msgs[cut:], ids)
+    _flush(c, parts)
+    assert parts.rows == whole.rows
+    assert parts.candles == whole.candles
+    assert parts.snaps == whole.snaps

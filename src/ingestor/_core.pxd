@@ -403,5 +403,6 @@ cdef class Engine:
     cdef Py_ssize_t _run(self, const tick_t *ticks, Py_ssize_t start, Py_ssize_t n,
                          const depth_t *depth) except -1
     cdef Py_ssize_t _run_nogil(self, const tick_t *ticks, Py_ssize_t start, Py_ssize_t n,
-                               const depth_t *depth, Py_ssize_t *need) noexcept nogil
+                               const depth_t *depth, Py_ssize_t base,
+                               Py_ssize_t *need) noexcept nogil
     cdef int _close(self, int64_t now_us, bint all) noexcept nogil

@@ -38,11 +38,13 @@ cdef enum:
     # candle_t.flags
     CANDLE_HAS_VWAP_ = 1
     CANDLE_HAS_OI_ = 2
+    CANDLE_REWRITE_ = 4     # a version of this candle may be stored already: upsert it
     # acc_t.flags
     ACC_OPEN = 1        # holds at least one tick
     ACC_EMITTED = 2     # already written out by advance()/flush()
     ACC_OI = 4          # oi holds a value
     ACC_STORED = 8      # seeded as already stored (with ACC_EMITTED): not a reopening
+    ACC_WRITTEN = 16    # a version was written out (or seeded): its next one replaces it
     # statehead_t.flags
     STATE_HAS_VOLUME_ = 1
     STATE_SNAP_PENDING_ = 2
@@ -64,6 +66,7 @@ ROW_HAS_BOOK = ROW_HAS_BOOK_
 ROW_HAS_EXCHANGE_TIME = ROW_HAS_EXCHANGE_TIME_
 CANDLE_HAS_VWAP = CANDLE_HAS_VWAP_
 CANDLE_HAS_OI = CANDLE_HAS_OI_
+CANDLE_REWRITE = CANDLE_REWRITE_
 STATE_HAS_VOLUME = STATE_HAS_VOLUME_
 STATE_SNAP_PENDING = STATE_SNAP_PENDING_
 STATE_SNAP_STORED = STATE_SNAP_STORED_
@@ -191,7 +194,7 @@ cdef inline void _emit_candle(candle_t *c, const acc_t *a, const inst_t *inst,
     c.close = a.close
     c.divisor = inst.divisor
     c.timeframe = <uint8_t>tf
-    c.flags = 0
+    c.flags = CANDLE_REWRITE_ if a.flags & ACC_WRITTEN else 0
     if a.volume:
         # The divisor divides 10^7 (100, 10^4 or 10^7): vwap * 10^7 is
         # pv * (10^7 / divisor) / volume, rounded once.
@@ -584,7 +587,8 @@ cdef class Engine:
         a.volume = <uint64_t>volume
         a.pv_lo = <uint64_t>(pv & 0xffffffffffffffff)
         a.pv_hi = <uint64_t>(pv >> 64)
-        a.flags = ACC_OPEN | (ACC_EMITTED | ACC_STORED if stored else 0)
+        # seeded: some version may be stored (upserted while forming), so it is rewritten
+        a.flags = ACC_OPEN | ACC_WRITTEN | (ACC_EMITTED | ACC_STORED if stored else 0)
         if oi is None:
             a.oi = 0
         else:
@@ -794,20 +798,28 @@ cdef class Engine:
             self._scratch = p
             self._cap_scratch = cap
         p = self._scratch
-        for i in range(start, n):
-            tk = &ticks[i]
-            s = self._slot(tk.instrument_token)
-            if s < 0 or self._inst[s].instrument_id < 0:
-                missing += 1
-                continue
-            p[i - start] = <int32_t>s
-            if tk.length == 184:
-                if tk.depth_row < 0 or tk.depth_row >= n_depth:
-                    raise ValueError(f"tick row {i}: depth_row {tk.depth_row} outside "
-                                     f"the {n_depth} depth rows")
-            if tk.divisor != self._inst[s].divisor:
-                raise ValueError(f"tick row {i}: divisor {tk.divisor} is not the segment's "
-                                 f"{self._inst[s].divisor}")
+        cdef Py_ssize_t bad = -1
+        cdef int why = 0
+        with nogil:
+            for i in range(start, n):
+                tk = &ticks[i]
+                s = self._slot(tk.instrument_token)
+                if s < 0 or self._inst[s].instrument_id < 0:
+                    missing += 1
+                    continue
+                p[i - start] = <int32_t>s
+                if tk.length == 184 and (tk.depth_row < 0 or tk.depth_row >= n_depth):
+                    bad, why = i, 1
+                    break
+                if tk.divisor != self._inst[s].divisor:
+                    bad, why = i, 2
+                    break
+        if why == 1:
+            raise ValueError(f"tick row {bad}: depth_row {ticks[bad].depth_row} outside "
+                             f"the {n_depth} depth rows")
+        if why == 2:
+            raise ValueError(f"tick row {bad}: divisor {ticks[bad].divisor} is not the "
+                             f"segment's {self._inst[p[bad - start]].divisor}")
         if missing:
             raise LookupError(f"{missing} ticks of instruments without an id: "
                               f"call unknown_tokens() and set_instrument() first")
@@ -892,7 +904,7 @@ cdef class Engine:
         try:
             while True:
                 with nogil:
-                    i = self._run_nogil(ticks, i, n, depth, &need)
+                    i = self._run_nogil(ticks, i, n, depth, start, &need)
                 if not need:
                     return i
                 self._grow_outputs(need, need * self._ntf, need)
@@ -903,7 +915,9 @@ cdef class Engine:
     @cython.boundscheck(False)
     @cython.wraparound(False)
     cdef Py_ssize_t _run_nogil(self, const tick_t *ticks, Py_ssize_t start, Py_ssize_t n,
-                               const depth_t *depth, Py_ssize_t *need) noexcept nogil:
+                               const depth_t *depth, Py_ssize_t base,
+                               Py_ssize_t *need) noexcept nogil:
+        # ``base``: the row ``_resolve`` mapped into the scratch array's first slot
         cdef Py_ssize_t i = start
         cdef Py_ssize_t j, k, m
         cdef int f
@@ -919,7 +933,7 @@ cdef class Engine:
         cdef acc_t *acc = self._acc
         cdef tickrow_t *row
         cdef snapshot_t *bk
-        cdef const int32_t *slots = self._scratch - start
+        cdef const int32_t *slots = self._scratch - base
         cdef int32_t s
         cdef uint32_t price, vol, dv
         cdef uint64_t pv
@@ -1110,7 +1124,7 @@ cdef class Engine:
                     _emit_candle(&self._candles[self.n_candles], a, inst, f)
                     self.n_candles += 1
                     self._stats[<int>ST_CANDLES] += 1
-                    a.flags |= ACC_EMITTED
+                    a.flags |= ACC_EMITTED | ACC_WRITTEN
                     inst.dirty = 1
                 a += 1
             if not inst.snap_pending:

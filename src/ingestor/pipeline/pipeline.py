@@ -34,8 +34,9 @@ class FlushBatch:
     last_seq: int
     ticks: bytes = b""
     n_ticks: int = 0
-    candles: bytes = b""            # closed and forming candles: upserted
-    n_candles: int = 0
+    candles: bytes = b""            # forming candles and candles a version of which may be
+                                    # stored already: upserted
+    n_candles: int = 0              # rows of ``candles`` and ``new_candles`` together
     snapshots: bytes = b""
     n_snapshots: int = 0
     #: text messages (seq, payload) of the batch's range, in order (postbacks)
@@ -52,10 +53,15 @@ class FlushBatch:
     #: snapshot rows to delete first, ``(time_us, instrument_id)``: books ``flush()`` wrote
     #: mid-interval (a shutdown), superseded by a later book of the interval after a restart
     retracted: list = field(default_factory=list)
+    #: closed candles never stored in any version (not upserted while forming, not written
+    #: before a reopening or a restart): a plain insert would do; the writer upserts them too
+    new_candles: bytes = b""
+    n_new_candles: int = 0
 
     @property
     def nbytes(self) -> int:
-        return len(self.ticks) + len(self.candles) + len(self.snapshots) + len(self.state)
+        return (len(self.ticks) + len(self.candles) + len(self.new_candles)
+                + len(self.snapshots) + len(self.state))
 
 
 @dataclass
@@ -100,6 +106,7 @@ class Pipeline:
                              candle_capacity=16384, snapshot_capacity=8192)
         self._enc_ticks = tables.tick_encoder()
         self._enc_candles = tables.candle_encoder(s.timeframes)
+        self._enc_new_candles = tables.candle_encoder(s.timeframes)
         self._enc_snaps = tables.snapshot_encoder()
         lengths = [_core.timeframe_us(tf) for tf in s.timeframes]
         self._open_tf = np.array([ln >= s.open_candle_min_us for ln in lengths], dtype=bool)
@@ -115,9 +122,10 @@ class Pipeline:
     # -- state ---------------------------------------------------------------
 
     def _begin(self) -> None:
-        for enc in (self._enc_ticks, self._enc_candles, self._enc_snaps):
+        for enc in (self._enc_ticks, self._enc_candles, self._enc_snaps, self._enc_new_candles):
             enc.begin()
         self._n = [0, 0, 0]
+        self._n_new = 0
         self._first_seq = self.committed + 1
         self._last_seq = self.committed
         self._last_recv_ns = 0
@@ -228,7 +236,19 @@ class Pipeline:
             last = rows[len(rows) - 1 - first]
             self.latest.update(zip(uniq.tolist(), zip(last["price"].tolist(), last["divisor"].tolist())))
         if len(candles):
-            self._enc_candles.encode_rows(candles)
+            # never stored in any version: a closed candle of a timeframe not upserted while
+            # forming, written for the first time
+            new = (candles["flags"] & _core.CANDLE_REWRITE) == 0
+            new &= ~self._open_tf[candles["timeframe"]]
+            k = int(new.sum())
+            if k == len(candles):
+                self._enc_new_candles.encode_rows(candles)
+            elif k == 0:
+                self._enc_candles.encode_rows(candles)
+            else:
+                self._enc_new_candles.encode_rows(candles[new])
+                self._enc_candles.encode_rows(candles[~new])
+            self._n_new += k
         if len(snaps):
             self._enc_snaps.encode_rows(snaps)
         if eng.n_retractions:
@@ -280,7 +300,9 @@ class Pipeline:
                 self.timings["encode"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         payloads = []
-        for enc, n in zip((self._enc_ticks, self._enc_candles, self._enc_snaps), self._n):
+        for enc, n in zip((self._enc_ticks, self._enc_candles, self._enc_snaps,
+                           self._enc_new_candles),
+                          (self._n[0], self._n[1] - self._n_new, self._n[2], self._n_new)):
             if n:
                 enc.end()
                 payloads.append(enc.take())
@@ -294,7 +316,9 @@ class Pipeline:
         batch = FlushBatch(self.stream, self._first_seq, self._last_seq,
                            payloads[0], self._n[0], payloads[1], self._n[1],
                            payloads[2], self._n[2], self._texts, self._last_recv_ns,
-                           self._first_recv_ns, state_payload, len(st), self._retracted)
+                           self._first_recv_ns, state=state_payload, n_state=len(st),
+                           retracted=self._retracted, new_candles=payloads[3],
+                           n_new_candles=self._n_new)
         self._texts = []
         self._retracted = []
         self.totals["ticks"] += self._n[0]

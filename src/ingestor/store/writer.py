@@ -129,7 +129,7 @@ class DeadLetters:
         os.makedirs(self.path, exist_ok=True)
         base = os.path.join(self.path, f"{batch.stream}-{batch.first_seq}-{batch.last_seq}")
         for name, data in (("ticks", batch.ticks), ("candles", batch.candles),
-                           ("snapshots", batch.snapshots)):
+                           ("new_candles", batch.new_candles), ("snapshots", batch.snapshots)):
             if data:
                 with open(f"{base}.{name}.copy", "wb") as f:
                     f.write(data)
@@ -255,8 +255,7 @@ class Writer:
                     async with cur.copy(SQL_COPY_TICKS) as cp:
                         await cp.write(b.ticks)
                 if b.n_candles:
-                    async with cur.copy(SQL_COPY_STAGE) as cp:
-                        await cp.write(b.candles)
+                    await _stage_candles(cur, b)
                     await cur.execute(SQL_UPSERT)
                 if b.retracted:
                     await _retract(cur, b)
@@ -293,8 +292,7 @@ class Writer:
                 return "skipped"
             async with conn.cursor() as cur:
                 if b.n_candles:
-                    async with cur.copy(SQL_COPY_STAGE) as cp:
-                        await cp.write(b.candles)
+                    await _stage_candles(cur, b)
                     await cur.execute(SQL_UPSERT)
                 if b.retracted:
                     await _retract(cur, b)
@@ -336,6 +334,15 @@ class Writer:
                 pass
             self.conn = None
             self.stats.reconnects += 1
+
+
+async def _stage_candles(cur, b: FlushBatch) -> None:
+    # Both parts are upserted for now; ``new_candles`` (never stored) could be inserted
+    # plainly.  Staged first: a key in both (none is, by construction) would keep ``candles``.
+    for payload in (b.new_candles, b.candles):
+        if payload:
+            async with cur.copy(SQL_COPY_STAGE) as cp:
+                await cp.write(payload)
 
 
 async def _retract(cur, b: FlushBatch) -> None:
