@@ -13,7 +13,8 @@ earlier ticks of the same instruments -- and times ``load_state``:
   start-up did before; about a minute after 20M ticks).
 
 Run: ``python bench/bench_startup.py [--ticks N] [--instruments K] [--legacy] [--quick]``
-(default 20,000,000 ticks over 3,000 instruments; ``--quick``: 1,000,000).  The database server
+(default 20,000,000 ticks over 3,000 instruments; ``--quick``: 300,000 over 300), or
+``ingestor bench --only startup``.  The database server
 is ``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the benchmark creates and
 drops its own database.  Building the 20M-tick day takes a few minutes; the timings are of
 ``load_state`` alone.
@@ -55,7 +56,8 @@ def _load(dsn: str, repeat: int = 3) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def run(ticks: int = 20_000_000, instruments: int = 3_000, legacy: bool = False) -> list[dict]:
+def run(quick: bool = False, ticks: int | None = None, instruments: int = 3_000,
+        legacy: bool = False) -> list[dict]:
     import psycopg
 
     from ingestor.pipeline import PipelineSettings
@@ -63,6 +65,9 @@ def run(ticks: int = 20_000_000, instruments: int = 3_000, legacy: bool = False)
     from ingestor.sim.market import generate_capture
     from ingestor.store.migrate import migrate
 
+    ticks = ticks or (300_000 if quick else 20_000_000)
+    if quick:
+        instruments = min(instruments, 300)
     rows = []
     with scratch_database() as dsn, tempfile.TemporaryDirectory() as tmp:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -106,6 +111,6 @@ def run(ticks: int = 20_000_000, instruments: int = 3_000, legacy: bool = False)
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
-    print(table(run(ticks=_arg("--ticks", 1_000_000 if quick else 20_000_000),
+    print(table(run(quick=quick, ticks=_arg("--ticks", 0) or None,
                     instruments=_arg("--instruments", 3_000), legacy="--legacy" in sys.argv),
                 TITLE))
