@@ -396,3 +396,48 @@ def test_split_stream_with_state_equals_one_run(seed, cfg, n_ticks, n_inst, flus
     assert parts.rows == whole.rows
     assert parts.candles == whole.candles
     assert parts.snaps == whole.snaps
+
+
+def test_process_runs_without_the_gil():
+    """While one thread aggregates, another runs Python: it sees the engine busy (a call into
+    it then is refused instead of racing).  Holding the GIL, the loop could never be seen."""
+    import threading
+    import time
+
+    tok = 408065
+    n = 200_000
+    a = np.zeros(n, _core.TICK_DTYPE)
+    a["recv_ns"] = (1_700_000_000_000_000 + np.arange(n) * 1000) * 1000
+    a["seq"] = np.arange(n)
+    a["instrument_token"], a["last_price"], a["divisor"] = tok, 100, 100
+    a["length"], a["mode"], a["segment"], a["depth_row"] = 8, 1, 1, -1
+    eng = _core.Engine(tick_capacity=n, candle_capacity=n * 7, snapshot_capacity=16)
+    eng.set_instrument(tok, 1)
+    stop = threading.Event()
+    errors = []
+
+    def work():
+        try:
+            while not stop.is_set():
+                assert eng.process(a) == n
+                eng.clear()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    th = threading.Thread(target=work)
+    th.start()
+    seen = False
+    deadline = time.monotonic() + 20
+    try:
+        while not seen and time.monotonic() < deadline and th.is_alive():
+            try:
+                eng.stats()
+                eng.take_state()
+            except RuntimeError as exc:
+                assert "another thread" in str(exc)
+                seen = True
+    finally:
+        stop.set()
+        th.join()
+    assert not errors, errors
+    assert seen, "the main thread never ran while the engine aggregated"

@@ -867,8 +867,12 @@ cdef class Engine:
         else:
             while end < n and ticks[end].seq == ticks[end - 1].seq:
                 end += 1
-        self._resolve(ticks, start, end, nd)
-        return self._run(ticks, start, end, <const depth_t *>dp.p)
+        self._enter()
+        try:
+            self._resolve(ticks, start, end, nd)
+            return self._run(ticks, start, end, <const depth_t *>dp.p)
+        finally:
+            self._busy = False
 
     cdef int _grow_outputs(self, Py_ssize_t rows, Py_ssize_t candles,
                            Py_ssize_t snaps) except -1:
@@ -898,19 +902,16 @@ cdef class Engine:
         # The loop runs without the GIL (the event loop and the pipeline thread use both
         # cores); ``_resolve`` validated what it reads.  It returns early only when one
         # message is larger than the empty output buffers: grow them here and go on.
+        # (the caller holds the engine: ``_enter``)
         cdef Py_ssize_t need = 0
         cdef Py_ssize_t i = start
-        self._enter()
-        try:
-            while True:
-                with nogil:
-                    i = self._run_nogil(ticks, i, n, depth, start, &need)
-                if not need:
-                    return i
-                self._grow_outputs(need, need * self._ntf, need)
-                need = 0
-        finally:
-            self._busy = False
+        while True:
+            with nogil:
+                i = self._run_nogil(ticks, i, n, depth, start, &need)
+            if not need:
+                return i
+            self._grow_outputs(need, need * self._ntf, need)
+            need = 0
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
