@@ -441,3 +441,18 @@ def test_process_runs_without_the_gil():
         th.join()
     assert not errors, errors
     assert seen, "the main thread never ran while the engine aggregated"
+
+
+def test_state_of_reset_offsets_is_not_used(db, capture, clean, tmp_path, rng):  # noqa: F811
+    """Tables emptied to ingest again (ticks, candles, snapshots and offsets, but not
+    engine_state): the stale state rows are not seeded, the new replay equals a clean one."""
+    from ingestor.pipeline.replay import replay
+
+    _, _, records = capture
+    part1, _ = _split(capture, tmp_path, _cut_at(records, 0.5, rng))
+    replay(str(part1), db, settings=_settings(), progress=False)
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("truncate tick_data, ohlc_candles, order_book_snapshots, stream_offsets")
+        assert conn.execute("select count(*) from engine_state").fetchone()[0] > 0
+    replay(str(capture[0]), db, settings=_settings(), progress=False)
+    _assert_same(db, clean)

@@ -370,17 +370,19 @@ def decode_state(blobs) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), _core.state_dtype(int(head["ntf"])))
 
 
-#: The committed state of every instrument; ``state`` NULL: a row the migration added for an
-#: instrument with ticks from before engine_state (seeded from tick_data instead).  A row is
-#: written in the transaction that advances its stream's offset to ``last_seq``, so a row whose
-#: stream is no longer committed that far belongs to offsets someone reset (emptied tables, to
-#: ingest again): it is stale and ignored.  One probe of stream_offsets' key per row.
+#: The committed state of every instrument.  ``state`` NULL: a row the migration added for an
+#: instrument with ticks from before engine_state.  A row is written in the transaction that
+#: advances its stream's offset to ``last_seq``, so one whose stream is no longer committed that
+#: far belongs to offsets someone reset (tables emptied to ingest again): stale.  Both kinds are
+#: seeded from tick_data instead (as before engine_state; nothing when the ticks were emptied
+#: too).  One probe of stream_offsets' key per row.
 SQL_LOAD_STATE = """
-SELECT i.instrument_token, e.instrument_id, e.last_time, e.last_volume, e.state
+SELECT i.instrument_token, e.instrument_id, e.last_time, e.last_volume,
+       CASE WHEN EXISTS (SELECT FROM stream_offsets o
+                         WHERE o.stream = e.stream AND o.committed_seq >= e.last_seq)
+            THEN e.state END,
+       e.state IS NULL
 FROM engine_state e JOIN instruments i ON i.id = e.instrument_id
-WHERE e.state IS NULL
-   OR EXISTS (SELECT FROM stream_offsets o
-              WHERE o.stream = e.stream AND o.committed_seq >= e.last_seq)
 """
 
 
@@ -439,7 +441,7 @@ def _seed_records(eng, tokens: list, recs: np.ndarray, out: Loaded, candles: boo
                     out.candles += 1
                 except ValueError:
                     out.dropped += 1        # misaligned under another origin/utc_offset
-        if seed_book is not None and book_time[r]:
+        if candles and seed_book is not None and book_time[r]:
             seed_book(token, books[r], bool(fl & _core.STATE_SNAP_PENDING),
                       bool(fl & _core.STATE_SNAP_STORED))
 
@@ -451,14 +453,13 @@ def _seed_rows(target, rows, candles: bool, tokens) -> tuple[Loaded, list]:
     wanted = None if tokens is None else {int(t) for t in tokens}
     groups: dict[int, tuple[list, list]] = {}
     legacy = []
-    for token, iid, last_time, last_volume, blob in rows:
+    for token, iid, last_time, last_volume, blob, migrated in rows:
         token = int(token)
         if wanted is not None and token not in wanted:
             continue
         if blob is None:
-            if candles:
-                legacy.append((token, int(iid)))
-            else:
+            legacy.append((token, int(iid)))
+            if not candles and migrated:
                 eng.seed(token, to_us(last_time), None if last_volume is None else int(last_volume))
                 out.instruments += 1
             continue
@@ -470,7 +471,7 @@ def _seed_rows(target, rows, candles: bool, tokens) -> tuple[Loaded, list]:
     return out, legacy
 
 
-def _seeded_legacy(target, state: list[dict], legacy: list, out: Loaded) -> None:
+def _seeded_legacy(target, state: list[dict], out: Loaded) -> None:
     eng = _engine_of(target)
     out.legacy = seed_engine(target, state)
     out.instruments += out.legacy
@@ -509,10 +510,10 @@ def load_state(conn, pipeline_or_engine, *, candles: bool = True, tokens=None) -
     _set_ids(pipeline_or_engine, load_ids(conn))
     out, legacy = _seed_rows(pipeline_or_engine, conn.execute(SQL_LOAD_STATE).fetchall(),
                              candles, tokens)
-    if legacy:
+    if legacy and candles:
         clock = clock_of(pipeline_or_engine)
         _seeded_legacy(pipeline_or_engine,
-                       query_candle_state(conn, clock, [i for _, i in legacy]), legacy, out)
+                       query_candle_state(conn, clock, [i for _, i in legacy]), out)
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -525,10 +526,10 @@ async def aload_state(conn, pipeline_or_engine, *, candles: bool = True, tokens=
     _set_ids(pipeline_or_engine, await aload_ids(conn))
     cur = await conn.execute(SQL_LOAD_STATE)
     out, legacy = _seed_rows(pipeline_or_engine, await cur.fetchall(), candles, tokens)
-    if legacy:
+    if legacy and candles:
         clock = clock_of(pipeline_or_engine)
         _seeded_legacy(pipeline_or_engine,
-                       await aquery_candle_state(conn, clock, [i for _, i in legacy]), legacy, out)
+                       await aquery_candle_state(conn, clock, [i for _, i in legacy]), out)
     out.seconds = time.perf_counter() - t0
     return out
 
