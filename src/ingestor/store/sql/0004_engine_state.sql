@@ -30,6 +30,9 @@ CREATE TABLE engine_state (
     instrument_id integer     PRIMARY KEY,   -- the upsert's conflict target; start-up reads all
     -- the stream and sequence number of the batch that wrote the row (inspection: which
     -- connection or capture last moved this instrument)
+    -- Start-up trusts a row only while stream_offsets still commits that stream this far (else
+    -- the offsets were reset to ingest again, and the instrument is recomputed from tick_data):
+    -- a stream's offset row must outlive the state rows that name it.
     stream        text        NOT NULL,
     last_seq      bigint      NOT NULL,
     -- the instrument's last tick_data.time and cumulative volume (NULL: no tick carried one),
