@@ -50,7 +50,7 @@ class Simulator:
 
 class Daemon:
     def __init__(self, tmp, dsn: str, url: str, *, config: str = "", feed: str = "",
-                 name: str = "daemon"):
+                 name: str = "daemon", metrics_port: int | None = None):
         self.cfg = tmp / f"{name}.toml"
         self.cfg.write_text(
             f"[feed]\n{feed}mode = \"full\"\nheartbeat_timeout = 2.0\nreconnect_min = 0.1\n"
@@ -58,7 +58,8 @@ class Daemon:
             "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
             f"[spool]\ndir = \"{tmp / 'spool'}\"\n"
             f"[writer]\ndead_letter_dir = \"{tmp / 'dead'}\"\n"
-            "[metrics]\nlisten = \"\"\n" + config)
+            f"[metrics]\nlisten = \"{f'127.0.0.1:{metrics_port}' if metrics_port else ''}\"\n"
+            + config)
         self.log = open(tmp / f"{name}.log", "w")
         env = dict(os.environ, KITE_API_KEY="test-key", KITE_ACCESS_TOKEN="test-token-secret")
         self.proc = subprocess.Popen(ingestor("run", "--config", str(self.cfg), "--dsn", dsn,

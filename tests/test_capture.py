@@ -234,3 +234,45 @@ def test_unknown_record_kind_is_counted(tmp_path, rng):
     assert st["bad_records"] == bad
     assert st["messages"] == kinds.count(1)
     assert st["text_messages"] == kinds.count(2)
+
+
+HOSTILE_HEADERS = [
+    ("first_seq 2^63-1", {"broker": "kite", "stream": "s", "first_seq": (1 << 63) - 1}),
+    ("first_seq 2^63", {"broker": "kite", "stream": "s", "first_seq": 1 << 63}),
+    ("stream with NUL", {"broker": "kite", "stream": "a\x00b", "first_seq": 0}),
+    ("stream as a path", {"broker": "kite", "stream": "../../../x", "first_seq": 0}),
+    ("stream 20 KB", {"broker": "kite", "stream": "s" * 20_000, "first_seq": 0}),
+    ("stream not a string", {"broker": "kite", "stream": 5, "first_seq": 0}),
+]
+
+
+@pytest.mark.parametrize("what,header", HOSTILE_HEADERS, ids=[h[0] for h in HOSTILE_HEADERS])
+def test_hostile_capture_header_is_one_line_exit_2(tmp_path, what, header):
+    """A header that would wrap the sequence negative, build paths out of the dead-letter folder
+    or reach the database with a NUL is refused before anything is read or written."""
+    import json
+    import subprocess
+    import sys
+
+    raw = json.dumps(header).encode()
+    path = tmp_path / "h.cap"
+    path.write_bytes(b"INGCAP01" + len(raw).to_bytes(4, "little") + raw)
+    for args in (["decode", str(path)], ["replay", str(path), "--dsn", "host=127.0.0.1 port=1"]):
+        r = subprocess.run([sys.executable, "-m", "ingestor", *args], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_deeply_nested_capture_header_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    raw = b"[" * 200_000 + b"]" * 200_000
+    path = tmp_path / "deep.cap"
+    path.write_bytes(b"INGCAP01" + len(raw).to_bytes(4, "little") + raw)
+    r = subprocess.run([sys.executable, "-m", "ingestor", "decode", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "nested too deeply" in r.stderr or "not" in r.stderr

@@ -276,7 +276,7 @@ def test_leftover_spool_replays_in_receive_order(tmp_path):
     """Stream ids carry a random part: leftovers are ordered by their first receive time,
     each stream's segments by sequence number, not by name."""
     from ingestor.feed.capture import CaptureHeader, CaptureWriter
-    from ingestor.commands.run import leftover_order
+    from ingestor.feed.spool import Spool
 
     def segment(name, stream, first_seq, recv_ns):
         path = tmp_path / name
@@ -288,4 +288,6 @@ def test_leftover_spool_replays_in_receive_order(tmp_path):
     later2 = segment("kite-0-aaaa.000000000100.cap", "kite-0-aaaa", 100, 3_000)
     earlier2 = segment("kite-0-ffff.000000000050.cap", "kite-0-ffff", 50, 1_500)
     earlier = segment("kite-0-ffff.000000000000.cap", "kite-0-ffff", 0, 1_000)
-    assert leftover_order([later2, earlier2, later, earlier]) == [earlier, earlier2, later, later2]
+    streams = Spool(str(tmp_path)).leftovers()
+    assert [sp.stream for sp in streams] == ["kite-0-ffff", "kite-0-aaaa"]
+    assert [[s.path for s in sp.segments] for sp in streams] == [[earlier, earlier2], [later, later2]]

@@ -1,23 +1,43 @@
 """Daemon settings: a TOML file decoded with msgspec, then environment, then flags.
 
 Unknown keys are rejected with their name (``forbid_unknown_fields``), so a
-typo is an error, not a silently ignored setting.  Secrets (the Kite API key
-and access token) come from the environment (``KITE_API_KEY``,
-``KITE_ACCESS_TOKEN``) or a file named by ``feed.credentials_file`` (two
-lines ``api_key=...`` / ``access_token=...``, or a TOML table with those
-keys), never from the main config, and are registered for redaction.
+typo is an error, not a silently ignored setting.  Every other setting is
+checked at load too (:func:`validate`): a value the daemon would trip over
+minutes later (an offset it cannot parse, a port out of range, a NaN interval)
+is one line naming the key and the file, exit status 2, before anything
+connects.
+
+Feeds.  ``[[feeds]]`` tables, one per broker connection set (a broker and one
+API key), so that two brokers or several keys fit one file.  The old single
+``[feed]`` table still loads, as the one feed named ``kite``; both at once is
+an error.  An instrument is fed by exactly one stream (which keeps ``time``
+unique per instrument), so no two feeds of a broker may subscribe the same
+token, and an empty ``tokens`` (every active instrument) is allowed only for a
+broker's only feed.
+
+Secrets (the API key and access token) never come from the main config: a
+feed reads them from the environment or from its ``credentials_file`` (lines
+``api_key=...`` / ``access_token=...``; comments and blank lines allowed,
+nothing else), and they are registered for redaction.  With one feed the
+environment variables are ``KITE_API_KEY`` / ``KITE_ACCESS_TOKEN`` unless the
+feed names others (``api_key_env`` / ``access_token_env``).  With several
+feeds nothing is implicit: each feed names its own credentials file or its own
+pair of variables, and no two feeds share a source (two feeds on one key would
+share, and exceed, the broker's per-key connection limit).
 
 Example (every key optional)::
 
     [database]
     dsn = "host=127.0.0.1 dbname=market"
 
-    [feed]
+    [[feeds]]
+    name = "kite"                      # [a-z0-9_-]{1,32}: stream ids, labels, metrics
+    broker = "kite"
     url = "wss://ws.kite.trade"
-    tokens = [256265, 408065]        # empty: every active instrument
+    tokens = [256265, 408065]          # empty: every active instrument
     mode = "full"                      # ltp | quote | full
     modes = { "408065" = "quote" }     # per token
-    credentials_file = "/etc/ingestor/kite.toml"
+    credentials_file = "/etc/ingestor/kite.env"
 
     [pipeline]
     flush_rows = 50000
@@ -26,7 +46,9 @@ Example (every key optional)::
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from typing import Literal
 
 import msgspec
@@ -34,6 +56,26 @@ import msgspec
 from ingestor.logs import register_secret
 
 Mode = Literal["ltp", "quote", "full"]
+#: Brokers with a feed client.  Angel One's SmartAPI ("smartapi") joins here with its client.
+Broker = Literal["kite"]
+
+#: The candle timeframes the schema stores: exactly the set of ``ohlc_candles_timeframe_check``
+#: (``store/sql/0001_market_data.sql``; a test keeps the two equal).  A label outside it would
+#: pass the engine and fail at the database with every flush.
+TIMEFRAMES = ("1s", "5s", "1m", "5m", "15m", "1h", "1d")
+
+#: A config file is a few kilobytes; reading stops here (``--config /dev/zero`` is an error,
+#: not an out-of-memory).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_TOKEN = (1 << 32) - 1
+#: Credentials used when a single feed names none.
+DEFAULT_API_KEY_ENV = "KITE_API_KEY"
+DEFAULT_ACCESS_TOKEN_ENV = "KITE_ACCESS_TOKEN"
+CREDENTIAL_KEYS = ("api_key", "access_token")
+
+_NAME = re.compile(r"[a-z0-9_-]{1,32}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_MiB = 1 << 20
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -45,11 +87,18 @@ class DatabaseConfig(_Base):
 
 
 class FeedConfig(_Base):
+    #: short identifier in stream ids, connection labels and metrics; unique among feeds
+    name: str = "kite"
+    broker: Broker = "kite"
     url: str = "wss://ws.kite.trade"
     tokens: list[int] = []
     mode: Mode = "full"
     modes: dict[str, Mode] = {}
     credentials_file: str | None = None
+    #: environment variables holding the credentials (one feed: KITE_API_KEY /
+    #: KITE_ACCESS_TOKEN when unset; several feeds: no default)
+    api_key_env: str | None = None
+    access_token_env: str | None = None
     #: the broker's limits (Kite Connect docs: 3000 instruments per connection, 3 connections)
     tokens_per_connection: int = 3000
     max_connections: int = 3
@@ -68,7 +117,7 @@ class PipelineConfig(_Base):
     flush_interval: float = 0.2
     #: seconds between upserts of the forming candles (readers see them grow)
     open_candle_interval: float = 1.0
-    timeframes: list[str] = msgspec.field(default_factory=lambda: ["1s", "5s", "1m", "5m", "15m", "1h", "1d"])
+    timeframes: list[str] = msgspec.field(default_factory=lambda: list(TIMEFRAMES))
     utc_offset: str = "+05:30"
     origin: str = "00:00"
     snapshot_interval: float = 1.0
@@ -107,7 +156,12 @@ class RecordConfig(_Base):
 
 class Config(_Base):
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
-    feed: FeedConfig = msgspec.field(default_factory=FeedConfig)
+    #: the feeds (``[[feeds]]``): a list once constructed (``None`` in the file's terms is
+    #: "not given": the old ``[feed]``, else one default feed)
+    feeds: list[FeedConfig] | None = None
+    #: the old single ``[feed]`` table: becomes ``feeds == [feed]`` (the same object); read
+    #: ``feeds``
+    feed: FeedConfig | None = None
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
@@ -116,84 +170,366 @@ class Config(_Base):
     #: shutdown budget: seconds to flush and commit after SIGTERM
     shutdown_timeout: float = 30.0
 
+    def __post_init__(self):
+        if self.feeds is None:
+            self.feeds = [self.feed] if self.feed is not None else [FeedConfig()]
+
 
 class ConfigError(ValueError):
     """A bad config file or setting: one line, exit status 2."""
 
 
 def load(path: str | None) -> Config:
+    """The settings of ``path`` (``None``: the defaults), checked: :class:`ConfigError` names
+    the file and the key."""
     if path is None:
         cfg = Config()
     else:
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"{path}: {exc.strerror}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: "
+                              "not a config file")
         try:
             cfg = msgspec.toml.decode(raw, type=Config)
         except msgspec.ValidationError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        except msgspec.DecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    validate(cfg)
+            raise ConfigError(f"{path}: {_validation_line(exc)}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
+        except Exception as exc:  # noqa: BLE001 - DecodeError, and whatever a hostile file provokes
+            raise ConfigError(f"{path}: not valid TOML: {_one_line(exc)}") from None
+    validate(cfg, source=path)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    from ingestor._core import timeframe_us
+def _validation_line(exc: msgspec.ValidationError) -> str:
+    """msgspec's ``Expected `int`, got `float` - at `$.pipeline.flush_rows``` as
+    ``pipeline.flush_rows: expected `int`, got `float```: the key first, as elsewhere."""
+    text = _one_line(exc)
+    m = re.fullmatch(r"(.*) - at `\$\.?(.*)`", text)
+    what, where = m.groups() if m else (text, "")
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", what)
+    if unknown:
+        key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        return f"{key}: unknown key"
+    what = what.replace("`object`", "a table")
+    return f"{where}: {what[:1].lower()}{what[1:]}" if where else what
 
-    p, f, s = cfg.pipeline, cfg.feed, cfg.spool
-    for tf in p.timeframes + [p.open_candles_from]:
+
+def _show(value) -> str:
+    """``repr(value)`` for a message, at most about 60 characters (a hostile file's value
+    is not echoed whole)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
+
+
+def feed_key(cfg: Config, i: int) -> str:
+    """How messages name feed ``i``: ``feed`` for the old single table, else ``feeds[i]``."""
+    return "feed" if cfg.feed is not None else f"feeds[{i}]"
+
+
+def validate(cfg: Config, source: str | None = None) -> None:
+    """Check every setting (after flags changed some): :class:`ConfigError` with one line
+    naming the key (and ``source``, the file, when given)."""
+    try:
+        _validate(cfg)
+    except ConfigError as exc:
+        if source is not None:
+            raise ConfigError(f"{source}: {exc}") from None
+        raise
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.feed is not None and not (len(cfg.feeds) == 1 and cfg.feeds[0] is cfg.feed):
+        raise ConfigError("both [feed] and [[feeds]]: keep [[feeds]] (the old [feed] is one "
+                          "feed named kite)")
+    if not cfg.feeds:
+        raise ConfigError("feeds: at least one [[feeds]] table is needed")
+    _check_pipeline(cfg.pipeline)
+    _check_feeds(cfg)
+    _check_storage(cfg)
+    _number("shutdown_timeout", cfg.shutdown_timeout, 0, 3600)
+
+
+def _number(key: str, value, lo, hi, *, lo_ok: bool = False, unit: str = " s") -> None:
+    """``value`` a finite number in (lo, hi] (``lo_ok``: [lo, hi])."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value >= lo if lo_ok else value > lo) and value <= hi
+    if not ok:
+        low = f">= {lo}" if lo_ok else f"> {lo}"
+        raise ConfigError(f"{key} = {_show(value)}: must be a number {low} and <= {hi}{unit}")
+
+
+def _integer(key: str, value, lo: int, hi: int, unit: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(f"{key} = {_show(value)}: must be an integer from {lo} to {hi}{unit}")
+
+
+def _check_pipeline(p: PipelineConfig) -> None:
+    from ingestor import _core
+
+    if not p.timeframes:
+        raise ConfigError("pipeline.timeframes is empty: at least one of " + ", ".join(TIMEFRAMES))
+    seen = set()
+    for tf in p.timeframes:
+        _timeframe("pipeline.timeframes", tf)
+        if tf in seen:
+            raise ConfigError(f"pipeline.timeframes: {_show(tf)} is listed twice")
+        seen.add(tf)
+    _timeframe("pipeline.open_candles_from", p.open_candles_from)
+    for key, value, signed in (("pipeline.utc_offset", p.utc_offset, True),
+                               ("pipeline.origin", p.origin, False)):
         try:
-            timeframe_us(tf)
+            if not value.strip() or not value.isascii():
+                # ("" makes the core's parser fail with IndexError; its int() would take
+                # other scripts' digits)
+                raise ValueError
+            us = _core._clock_us(value, key, signed)
+        except ValueError:
+            want = "[+-]HH:MM[:SS], e.g. \"+05:30\"" if signed else "HH:MM[:SS], e.g. \"09:15\""
+            raise ConfigError(f"{key} = {_show(value)}: want {want}") from None
+        if signed and not -86_400_000_000 < us < 86_400_000_000:
+            raise ConfigError(f"{key} = {_show(value)}: not within a day of UTC")
+        if not signed and not 0 <= us < 86_400_000_000:
+            raise ConfigError(f"{key} = {_show(value)}: not a time of day (00:00 to 23:59:59)")
+    _integer("pipeline.flush_rows", p.flush_rows, 1, 1_000_000, " rows")
+    _number("pipeline.flush_interval", p.flush_interval, 0, 60)
+    _number("pipeline.open_candle_interval", p.open_candle_interval, 0, 3600)
+    _number("pipeline.snapshot_interval", p.snapshot_interval, 0, 86400, lo_ok=True)
+    _number("pipeline.mark_interval", p.mark_interval, 0, 3600)
+    try:  # what the daemon will build: anything the core refuses is refused now
+        _core.Engine(timeframes=tuple(p.timeframes), utc_offset=p.utc_offset, origin=p.origin,
+                     snapshot_interval_us=int(p.snapshot_interval * 1e6), tick_capacity=1,
+                     candle_capacity=1, snapshot_capacity=1, instrument_capacity=1)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ConfigError(f"pipeline: {exc}") from None
+
+
+def _timeframe(key: str, tf) -> None:
+    if tf in TIMEFRAMES:
+        return
+    hint = ""
+    try:
+        from ingestor._core import timeframe_us
+
+        same = [t for t in TIMEFRAMES if tf.isascii() and timeframe_us(t) == timeframe_us(tf)]
+        if same:
+            hint = f" (write {same[0]!r})"
+    except (ValueError, AttributeError):
+        pass
+    raise ConfigError(f"{key}: {_show(tf)} is not one of the stored timeframes "
+                      f"{', '.join(TIMEFRAMES)}{hint}")
+
+
+def _check_feeds(cfg: Config) -> None:
+    from urllib.parse import parse_qsl, urlsplit
+
+    several = len(cfg.feeds) > 1
+    names: dict[str, str] = {}
+    owners: dict[tuple[str, int], str] = {}
+    sources: dict[tuple, str] = {}
+    all_tokens: dict[str, list[str]] = {}
+    for i, f in enumerate(cfg.feeds):
+        k = feed_key(cfg, i)
+        if not isinstance(f.name, str) or not _NAME.fullmatch(f.name):
+            raise ConfigError(f"{k}.name = {_show(f.name)}: want 1 to 32 of a-z 0-9 _ - "
+                              "(it names streams, labels and metrics)")
+        if f.name in names:
+            raise ConfigError(f"{k}.name = {_show(f.name)}: also the name of {names[f.name]}")
+        names[f.name] = k
+        try:
+            parts = urlsplit(f.url)
+            parts.port  # noqa: B018 - raises on a bad port
         except ValueError as exc:
-            raise ConfigError(f"pipeline: {exc}") from None
-    for k in f.modes:
-        if not k.isdigit():
-            raise ConfigError(f"feed.modes: key {k!r} is not an instrument token")
-    checks = [
-        (p.flush_rows >= 1, "pipeline.flush_rows must be >= 1"),
-        (p.flush_interval > 0, "pipeline.flush_interval must be > 0"),
-        (p.open_candle_interval > 0, "pipeline.open_candle_interval must be > 0"),
-        (p.snapshot_interval >= 0, "pipeline.snapshot_interval must be >= 0"),
-        (1 <= f.tokens_per_connection <= 3000, "feed.tokens_per_connection must be 1..3000 (the broker's limit)"),
-        (1 <= f.max_connections <= 3, "feed.max_connections must be 1..3 (the broker's limit)"),
-        (f.heartbeat_timeout > 0, "feed.heartbeat_timeout must be > 0"),
-        (0 < f.reconnect_min <= f.reconnect_max, "feed.reconnect_min must be > 0 and <= reconnect_max"),
-        (s.max_bytes > 0 and 0 < s.alarm_at <= 1, "spool.max_bytes must be > 0 and spool.alarm_at in (0, 1]"),
-        (s.segment_bytes > 0, "spool.segment_bytes must be > 0"),
-        (cfg.shutdown_timeout > 0, "shutdown_timeout must be > 0"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
-    if not f.url.startswith(("ws://", "wss://")):
-        raise ConfigError(f"feed.url must be a ws:// or wss:// URL, not {f.url!r}")
+            raise ConfigError(f"{k}.url: {exc}") from None
+        # (the URL is not echoed: it may carry a secret)
+        if parts.username or parts.password or any(
+                q.lower() in ("api_key", "access_token") for q, _ in parse_qsl(parts.query)):
+            raise ConfigError(f"{k}.url carries credentials: they belong in the environment or "
+                              f"{k}.credentials_file (the daemon adds them)")
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ConfigError(f"{k}.url must be a ws:// or wss:// URL with a host (scheme "
+                              f"{parts.scheme[:10]!r}, host {(parts.hostname or '')[:60]!r})")
+        seen = set()
+        for t in f.tokens:
+            _integer(f"{k}.tokens", t, 1, MAX_TOKEN, " (an instrument token)")
+            if t in seen:
+                raise ConfigError(f"{k}.tokens: {t} is listed twice")
+            seen.add(t)
+            owner = owners.setdefault((f.broker, t), k)
+            if owner != k:
+                raise ConfigError(f"{k}.tokens: {t} is also subscribed by {owner} (broker "
+                                  f"{f.broker!r}): an instrument is fed by one stream")
+        all_tokens.setdefault(f.broker, []).append(k)
+        for key in f.modes:
+            if not (key.isascii() and key.isdigit() and key == str(int(key))
+                    and 1 <= int(key) <= MAX_TOKEN):
+                raise ConfigError(f"{k}.modes: key {_show(key)} is not an instrument token "
+                                  f"(1 to {MAX_TOKEN}, digits, no leading zero)")
+        _integer(f"{k}.tokens_per_connection", f.tokens_per_connection, 1, 3000,
+                 " (the broker's limit)")
+        _integer(f"{k}.max_connections", f.max_connections, 1, 3, " (the broker's limit)")
+        limit = f.tokens_per_connection * f.max_connections
+        if len(f.tokens) > limit:
+            raise ConfigError(f"{k}.tokens: {len(f.tokens)} tokens exceed {limit} "
+                              f"({f.max_connections} connections x {f.tokens_per_connection})")
+        _number(f"{k}.heartbeat_timeout", f.heartbeat_timeout, 1, 3600, lo_ok=True)
+        _number(f"{k}.reconnect_min", f.reconnect_min, 0, 3600)
+        _number(f"{k}.reconnect_max", f.reconnect_max, 0, 3600)
+        if f.reconnect_max < f.reconnect_min:
+            raise ConfigError(f"{k}.reconnect_max = {f.reconnect_max!r}: less than "
+                              f"reconnect_min = {f.reconnect_min!r}")
+        _number(f"{k}.rejected_retry", f.rejected_retry, 0, 86400)
+        _number(f"{k}.connect_timeout", f.connect_timeout, 0, 600)
+        for source_key, source in _credential_sources(f, several, k).items():
+            if source in sources:
+                raise ConfigError(f"{k}.{source_key}: the same credentials as {sources[source]}: "
+                                  "each feed needs its own (the broker limits connections per key)")
+            sources[source] = k
+    for broker, keys in all_tokens.items():
+        if len(keys) > 1:
+            for i, f in enumerate(cfg.feeds):
+                if f.broker == broker and not f.tokens:
+                    raise ConfigError(f"{feed_key(cfg, i)}.tokens is empty (every active "
+                                      f"instrument) but {broker!r} has {len(keys)} feeds: list "
+                                      "each feed's tokens")
 
 
-def credentials(cfg: Config, environ=None) -> tuple[str, str]:
-    """``(api_key, access_token)`` from the environment or the credentials file."""
+def _credential_sources(f: FeedConfig, several: bool, k: str) -> dict[str, tuple]:
+    """The feed's credential sources, keyed by the setting that names them (checked)."""
+    out = {}
+    if f.credentials_file:  # ("" is none, as it always was)
+        out["credentials_file"] = ("file", os.path.realpath(f.credentials_file))
+    if (f.api_key_env is None) != (f.access_token_env is None):
+        raise ConfigError(f"{k}: api_key_env and access_token_env go together (set both)")
+    if f.api_key_env is not None:
+        for key in ("api_key_env", "access_token_env"):
+            if not _ENV_NAME.fullmatch(getattr(f, key)):
+                raise ConfigError(f"{k}.{key} = {_show(getattr(f, key))}: not an environment "
+                                  "variable name")
+        if f.api_key_env == f.access_token_env:
+            raise ConfigError(f"{k}.access_token_env: the same variable as api_key_env")
+        out["api_key_env"] = ("env", f.api_key_env)
+        out["access_token_env"] = ("env", f.access_token_env)
+    if several and not out:
+        raise ConfigError(f"{k}: with several feeds each names its credentials: set "
+                          "credentials_file, or api_key_env and access_token_env")
+    return out
+
+
+def _check_storage(cfg: Config) -> None:
+    s, w = cfg.spool, cfg.writer
+    _integer("spool.segment_bytes", s.segment_bytes, _MiB, 4 << 30, " bytes (1 MiB to 4 GiB)")
+    _integer("spool.max_bytes", s.max_bytes, 16 * _MiB, 1 << 50, " bytes (16 MiB to 1 PiB)")
+    if s.max_bytes < s.segment_bytes:
+        raise ConfigError(f"spool.max_bytes = {s.max_bytes}: less than spool.segment_bytes = "
+                          f"{s.segment_bytes}")
+    _number("spool.alarm_at", s.alarm_at, 0, 1, unit=" (a fraction of spool.max_bytes)")
+    _number("spool.fsync_interval", s.fsync_interval, 0, 60)
+    _integer("writer.max_rejects", w.max_rejects, 1, 100)
+    _integer("writer.queue_batches", w.queue_batches, 1, 64)
+    if not s.dir:
+        raise ConfigError("spool.dir is empty: name a directory (leftovers in it are replayed "
+                          "at start)")
+    if not w.dead_letter_dir:
+        raise ConfigError("writer.dead_letter_dir is empty: name a directory")
+    for key, d in (("spool.dir", s.dir), ("record.dir", cfg.record.dir),
+                   ("writer.dead_letter_dir", w.dead_letter_dir)):
+        if d and os.path.exists(d) and not os.path.isdir(d):
+            raise ConfigError(f"{key} = {_show(d)}: exists and is not a directory")
+    if cfg.record.dir and os.path.realpath(cfg.record.dir) == os.path.realpath(s.dir):
+        raise ConfigError("record.dir is spool.dir: the recordings would be replayed as "
+                          "leftovers at every start")
+    _check_listen(cfg.metrics.listen)
+
+
+def _check_listen(listen: str) -> None:
+    if listen == "":
+        return
+    host, sep, port = listen.rpartition(":")
+    bad = f"metrics.listen = {_show(listen)}: want host:port (port 1 to 65535) or \"\" (off)"
+    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ConfigError(bad)
+    if any(c.isspace() for c in host) or ":" in host or "[" in host:
+        raise ConfigError(bad + "; an IPv4 address or a host name")
+    import socket
+
+    try:
+        socket.getaddrinfo(host or "127.0.0.1", int(port), type=socket.SOCK_STREAM,
+                           flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"metrics.listen = {_show(listen)}: host does not resolve "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def api_env_names(cfg: Config, f: FeedConfig) -> tuple[str, str] | None:
+    """The environment variables feed ``f`` reads its credentials from (``None``: none)."""
+    if f.api_key_env is not None:
+        return f.api_key_env, f.access_token_env
+    if len(cfg.feeds) == 1:
+        return DEFAULT_API_KEY_ENV, DEFAULT_ACCESS_TOKEN_ENV
+    return None
+
+
+def read_credentials_file(path: str, key: str = "credentials_file") -> dict[str, str]:
+    """``api_key`` / ``access_token`` of a credentials file.  An unknown key or a line that is
+    not ``key=value`` is a :class:`ConfigError` naming the file, the line and the key, never
+    a value (values are secrets)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 * 1024 + 1)
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: {exc.strerror}") from None
+    if len(raw) > 64 * 1024:
+        raise ConfigError(f"{key} {path}: larger than 64 KiB: not a credentials file")
+    values: dict[str, str] = {}
+    for n, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ConfigError(f"{key} {path}: line {n} is not key=value (api_key=... or "
+                              "access_token=...)")
+        k, v = line.split("=", 1)
+        k = k.strip()
+        if k not in CREDENTIAL_KEYS:
+            shown = k if len(k) <= 40 else k[:40] + "..."
+            raise ConfigError(f"{key} {path}: line {n}: unknown key {shown!r} (want api_key "
+                              "or access_token)")
+        if k in values:
+            raise ConfigError(f"{key} {path}: line {n}: {k} given twice")
+        values[k] = v.strip().strip('"').strip("'")
+    return values
+
+
+def credentials(cfg: Config, feed: FeedConfig | None = None, environ=None) -> tuple[str, str]:
+    """``(api_key, access_token)`` of ``feed`` (default the only feed) from its environment
+    variables, else its credentials file (the file is read, and checked, whenever it is set)."""
     env = os.environ if environ is None else environ
-    key, token = env.get("KITE_API_KEY"), env.get("KITE_ACCESS_TOKEN")
-    path = cfg.feed.credentials_file
-    if (not key or not token) and path:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as exc:
-            raise ConfigError(f"feed.credentials_file {path}: {exc.strerror}") from None
-        values = {}
-        for line in raw.decode("utf-8", "replace").splitlines():
-            line = line.strip()
-            if "=" in line and not line.startswith("#"):
-                k, v = line.split("=", 1)
-                values[k.strip()] = v.strip().strip('"').strip("'")
+    f = feed if feed is not None else cfg.feeds[0]
+    k = feed_key(cfg, cfg.feeds.index(f))
+    names = api_env_names(cfg, f)
+    key = token = None
+    if names is not None:
+        key, token = env.get(names[0]), env.get(names[1])
+    if f.credentials_file:
+        values = read_credentials_file(f.credentials_file, f"{k}.credentials_file")
         key = key or values.get("api_key")
         token = token or values.get("access_token")
     if not key or not token:
-        raise ConfigError("the Kite API key and access token are needed: set KITE_API_KEY and "
-                          "KITE_ACCESS_TOKEN, or feed.credentials_file")
+        ways = [f"{names[0]} and {names[1]}"] if names else []
+        ways.append(f"api_key and access_token in {f.credentials_file}" if f.credentials_file
+                    else f"{k}.credentials_file")
+        raise ConfigError(f"{k} ({f.name}): the API key and access token are needed: set "
+                          + ", or ".join(ways))
     register_secret(key)
     register_secret(token)
     return key, token

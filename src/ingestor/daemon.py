@@ -1,38 +1,52 @@
 """``ingestor run``: the daemon.
 
-    feed (KiteFeed, one per connection) -> spool (raw messages, on disk first)
-      -> pipeline (decode, aggregate, encode; worker thread) -> bounded queue
-      -> writer (one transaction per batch, stream offsets) -> spool released
+    feed (KiteFeed, one per connection) -> spool (write-ahead log: memory + disk)
+      -> Driver (pipeline in a worker thread: decode, aggregate, encode)
+      -> bounded queue -> writer (one transaction per batch, stream offsets)
+      -> spool released
 
-Everything the feed delivers is in the spool before it is processed, so the
-feed never waits for the database: while the database is away the writer
-retries, the queue fills, the pipeline stops reading the spool, and the spool
-grows (bounded, alarmed); on recovery the pipeline drains it in order before
+Every message is appended to the spool as it arrives and handed to the
+pipeline from memory; the spool's own thread writes it to disk.  The feed
+never waits for the database: while the database is away the writer retries,
+the queue fills, the driver waits, the spool's memory tail overflows to disk
+only, and on recovery the driver reads the backlog back in order before
 anything newer.  The stream offsets make every batch exactly once, across
-retries, reconnections and restarts (a crash's spool is replayed at start).
+retries, reconnections and restarts.
+
+Start-up needs neither the database nor the feed: the feeds connect (and
+retry, as after a drop) and spool at once; the pipeline waits for the
+database, checks the schema, replays what an earlier run left in the spool
+(a crash, a stop with the database away) and then takes the live streams.
+The instruments to subscribe come from the configuration, else the
+database's active instruments, else the set the last run subscribed (kept
+beside the spool), else it is an error.
 
 SIGTERM/SIGINT: stop reading, drain the spool through the pipeline, flush
 every forming candle, commit, exit 0 (within ``shutdown_timeout``, else exit
-1 with the spool kept for the next start); a second signal exits at once.
+1 with the spool kept for the next start).  The same signal again within
+``SIGNAL_REPEAT`` seconds is the same request (``timeout`` and process
+managers send more than one); a later one exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import datetime as dt
+import json
 import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 
+from ingestor.config import Config, FeedConfig
 from ingestor.feed.capture import KIND_BINARY, KIND_TEXT
-from ingestor.config import Config
 from ingestor.feed.kite import KiteFeed
-from ingestor.metrics import Metrics, serve
-from ingestor.pipeline import Pipeline, PipelineSettings
 from ingestor.feed.spool import Spool, StreamSpool
+from ingestor.metrics import Metrics, serve
+from ingestor.pipeline.driver import Driver, drive_streams
+from ingestor.pipeline.pipeline import FlushBatch, Pipeline, PipelineSettings
 from ingestor.store.writer import Writer, postback_handler
 
 log = logging.getLogger(__name__)
@@ -40,6 +54,13 @@ log = logging.getLogger(__name__)
 SQL_ACTIVE_TOKENS = "SELECT instrument_token FROM instruments WHERE is_active ORDER BY instrument_token"
 SQL_GAP = ("INSERT INTO feed_gaps (connection, stream, started_at, ended_at, reason, tokens) "
            "VALUES (%s, %s, %s, %s, %s, %s)")
+#: connection errors that waiting will not cure (the server answered: the DSN is wrong)
+_NOT_TRANSIENT = ("authentication failed", "does not exist", "no pg_hba.conf entry",
+                  "permission denied")
+#: seconds within which a repeated stop signal is the same request
+SIGNAL_REPEAT = 2.0
+#: the last subscribed set, kept beside the spool (subscribing without the database)
+SUBSCRIPTIONS_FILE = "subscriptions.json"
 
 
 def _ts(ns: int) -> dt.datetime:
@@ -56,32 +77,98 @@ def settings_of(cfg: Config) -> PipelineSettings:
                             open_candle_min_us=timeframe_us(p.open_candles_from))
 
 
-class Connection:
-    """One feed connection: its feed client, its spool streams, its pipeline."""
+def save_subscriptions(spool_dir: str, feeds: dict[str, dict[int, str]]) -> None:
+    """Each feed's subscribed set, beside the spool (what to subscribe without the database)."""
+    os.makedirs(spool_dir, exist_ok=True)
+    path = os.path.join(spool_dir, SUBSCRIPTIONS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({name: {str(t): m for t, m in sorted(toks.items())}
+                   for name, toks in feeds.items()}, f)
+    os.replace(tmp, path)
 
-    def __init__(self, label: str, tokens: dict[int, str], pipeline: Pipeline):
+
+def load_subscriptions(spool_dir: str) -> dict[str, dict[int, str]] | None:
+    """What :func:`save_subscriptions` kept (entries that do not check out are left out)."""
+    try:
+        with open(os.path.join(spool_dir, SUBSCRIPTIONS_FILE), "rb") as f:
+            raw = json.loads(f.read(16 << 20))
+        return {str(name): {int(t): str(m) for t, m in toks.items()
+                            if str(t).isdigit() and 0 < int(t) < 1 << 32
+                            and m in ("ltp", "quote", "full")}
+                for name, toks in raw.items() if isinstance(toks, dict)}
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+
+
+@dataclass
+class FeedPlan:
+    """One configured feed, ready to run: its settings, credentials and subscriptions."""
+
+    feed: FeedConfig
+    api_key: str
+    access_token: str
+    tokens: dict[int, str]
+
+
+class SideConnection:
+    """The daemon's one connection for its side work (feed gaps, marks to market, offsets of
+    leftover streams), shared by those tasks and reconnected on demand.  With the writer's
+    own connection and the pipeline thread's, these are the daemon's three database
+    connections, each with one owner."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self.conn = None
+        self.lock = asyncio.Lock()
+
+    async def run(self, fn):
+        """``await fn(conn)`` on the connection (opened if needed; dropped if it failed)."""
+        import psycopg
+
+        async with self.lock:
+            if self.conn is None or self.conn.closed:
+                self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True,
+                                                                  connect_timeout=10)
+            try:
+                return await fn(self.conn)
+            except psycopg.OperationalError:
+                await self.close()
+                raise
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            try:
+                await self.conn.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            self.conn = None
+
+
+class Connection:
+    """One feed connection: its feed client, its spool streams (oldest first), its driver."""
+
+    def __init__(self, label: str, tokens: dict[int, str], plan: FeedPlan):
         self.label = label
         self.tokens = tokens
-        self.pipeline = pipeline
+        self.plan = plan
         self.feed: KiteFeed | None = None
-        #: spool streams in order; the pipeline reads the first, the feed appends to the last
-        self.streams: collections.deque[StreamSpool] = collections.deque()
+        self.streams: list[StreamSpool] = []
+        self.wakeup = asyncio.Event()
+        self.driver: Driver | None = None
         self.gap_start: tuple[str, int, str] | None = None
-        self.disconnected = True
+        self.n_binary = 0
+        self.n_text = 0
 
 
 class Daemon:
-    def __init__(self, cfg: Config, dsn: str, url: str, api_key: str, access_token: str,
-                 tokens: dict[int, str], setup_conn):
+    def __init__(self, cfg: Config, dsn: str, plans: list[FeedPlan], spool: Spool | None = None):
         self.cfg = cfg
         self.dsn = dsn
-        self.url = url
-        self.api_key = api_key
-        self.access_token = access_token
         self.metrics = Metrics()
-        self.spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.alarm_at,
-                           cfg.spool.segment_bytes, keep_dir=cfg.record.dir)
-        self.setup = setup_conn
+        self.spool = spool or Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.alarm_at,
+                                    cfg.spool.segment_bytes, keep_dir=cfg.record.dir,
+                                    fsync_interval=cfg.spool.fsync_interval)
         self.stop = asyncio.Event()
         self.stopping_since: float | None = None
         self.writer = Writer(dsn, dead_letter_dir=cfg.writer.dead_letter_dir,
@@ -90,30 +177,45 @@ class Daemon:
         self._on_texts = postback_handler()
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.writer.queue_batches)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeline")
-        self.committed: dict[str, int] = {}
+        self.settings = settings_of(cfg)
         self.gaps: list = []
         self.loop_lag_max = 0.0
-        settings = settings_of(cfg)
-        per = cfg.feed.tokens_per_connection
-        items = sorted(tokens.items())
+        self.failed: str | None = None
+        #: False until the database answered and the schema checked (start-up)
+        self.pipeline_ready = False
+        #: every pipeline this run made (recovery and live): the decoder counters' source
+        self.pipelines: list[Pipeline] = []
+        self.by_stream: dict[str, StreamSpool] = {}
+        self.side = SideConnection(dsn)
+        #: the pipeline thread's connection (instrument registration), reconnected on demand
+        self._resolve_conn = None
+        #: each feed's tokens over its connections (labels <feed name>-<n>)
         self.connections = []
-        from ingestor.pipeline.state import load_state
-
-        for i in range(0, len(items), per):
-            label = f"kite-{len(self.connections)}"
-            pl = Pipeline(f"{label}-idle", resolve=self._resolve, settings=settings)
-            mine = dict(items[i:i + per])
-            # each engine continues only its connection's instruments: another's pending
-            # candles and books are not its to write at shutdown
-            load_state(setup_conn, pl, tokens=mine)
-            self.connections.append(Connection(label, mine, pl))
+        for plan in plans:
+            per = plan.feed.tokens_per_connection
+            items = sorted(plan.tokens.items())
+            self.connections += [Connection(f"{plan.feed.name}-{i // per}",
+                                            dict(items[i:i + per]), plan)
+                                 for i in range(0, len(items), per)]
+        #: streams an earlier run left (taken before any new stream exists in the folder)
+        self.leftovers = self.spool.leftovers()
+        self.metrics.attach(self)
+        for c in self.connections:  # every series exists from the start
+            self.metrics.feed_connected.labels(c.label).set(0)
+            self.metrics.reconnects.labels(c.label)
+            self.metrics.feed_lag.labels(c.label)
+        self.metrics.db_up.set(0)
 
     # -- feed side (event loop) ----------------------------------------------
 
     def _on_connect(self, conn: Connection, stream: str) -> None:
         now = time.time_ns()
-        conn.streams.append(self.spool.stream(stream))
-        conn.disconnected = False
+        if conn.streams and not conn.streams[-1].ended:
+            conn.streams[-1].end()
+        sp = self.spool.stream(stream)
+        sp.wakeup = self._waker(conn)
+        conn.streams.append(sp)
+        self.by_stream[stream] = sp
         self.metrics.feed_connected.labels(conn.label).set(1)
         if conn.gap_start is not None:
             old_stream, started, reason = conn.gap_start
@@ -121,94 +223,148 @@ class Daemon:
                               sorted(conn.tokens)))
             conn.gap_start = None
 
+    def _waker(self, conn: Connection):
+        loop = asyncio.get_running_loop()
+        ev = conn.wakeup
+
+        def wake() -> None:
+            # the feed appends on the loop; the spool's thread wakes from elsewhere
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                ev.set()
+            else:
+                loop.call_soon_threadsafe(ev.set)
+        return wake
+
     def _on_disconnect(self, conn: Connection, stream: str, started_ns: int, reason: str) -> None:
         if conn.gap_start is None:
             conn.gap_start = (stream, time.time_ns(), reason)
-        conn.disconnected = True
+        if conn.streams and conn.streams[-1].stream == stream:
+            conn.streams[-1].end()
         self.metrics.feed_connected.labels(conn.label).set(0)
         self.metrics.reconnects.labels(conn.label).inc()
 
     def _on_message(self, conn: Connection, stream: str, payload: bytes, is_text: bool,
                     recv_ns: int) -> None:
-        sp = conn.streams[-1]
-        seq = sp.append(payload, KIND_TEXT if is_text else KIND_BINARY, recv_ns)
-        self.metrics.messages.labels(conn.label, "text" if is_text else "binary").inc()
+        if is_text:
+            conn.n_text += 1
+            conn.streams[-1].append(payload, KIND_TEXT, recv_ns)
+        else:
+            conn.n_binary += 1
+            conn.streams[-1].append(payload, KIND_BINARY, recv_ns)
 
     # -- pipeline side -------------------------------------------------------
 
     def _resolve(self, tokens: list[int]) -> dict[int, int]:
         """Instrument ids of new tokens (worker thread): retried while the database is away."""
+        import stamina
+
         from ingestor.store.dsn import connect
         from ingestor.store.instruments import register_tokens
 
-        delay = 0.2
+        for attempt in stamina.retry_context(on=Exception, attempts=None, timeout=None,
+                                             wait_initial=0.2, wait_max=5.0):
+            with attempt:
+                if self.stop.is_set() and self.stopping_since is not None and \
+                        time.monotonic() - self.stopping_since > self.cfg.shutdown_timeout:
+                    raise RuntimeError("stopping with new instruments unregistered: the spool "
+                                       "keeps their messages for the next start")
+                try:
+                    if self._resolve_conn is None or self._resolve_conn.closed:
+                        self._resolve_conn = connect(self.dsn, autocommit=True)
+                    return register_tokens(self._resolve_conn, tokens)
+                except Exception as exc:
+                    log.warning("cannot register %d new instrument(s) yet: %s", len(tokens), exc)
+                    if self._resolve_conn is not None:
+                        self._resolve_conn.close()
+                        self._resolve_conn = None
+                    raise
+        raise AssertionError("unreachable")
+
+    def _new_pipeline(self, label: str, setup, tokens=None) -> Pipeline:
+        from ingestor.pipeline.state import load_state
+
+        pl = Pipeline(f"{label}-idle", resolve=self._resolve, settings=self.settings)
+        # a connection's engine continues only its instruments (tokens): another engine's
+        # pending candles and books are not its to write at shutdown; recovery takes them all
+        load_state(setup, pl, tokens=tokens)
+        self.pipelines.append(pl)
+        return pl
+
+    async def _committed_of(self, stream: str) -> int:
+        from ingestor.store.offsets import acommitted
+
+        return await self.side.run(lambda c: acommitted(c, stream))
+
+    async def _wait_for_database(self):
+        """The set-up connection, once the database answers and the schema is current."""
+        from ingestor.store.dsn import connect
+        from ingestor.store.migrate import require_current
+
+        loop = asyncio.get_running_loop()
+        delay, said = 0.2, False
         while True:
             try:
-                with connect(self.dsn, autocommit=True) as c:
-                    return register_tokens(c, tokens)
-            except Exception as exc:  # noqa: BLE001 - the database is away: wait for it
-                if self.stop.is_set():
-                    raise RuntimeError("stopping with new instruments unregistered: the spool "
-                                       "keeps their messages for the next start") from None
-                log.warning("cannot register %d new instrument(s) yet: %s", len(tokens), exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _consume(self, conn: Connection) -> None:
-        loop = asyncio.get_running_loop()
-        pl = conn.pipeline
-        interval = self.cfg.pipeline.flush_interval
-        open_every = self.cfg.pipeline.open_candle_interval
-        last_take = last_open = time.monotonic()
-        while True:
-            progressed = False
-            if conn.streams:
-                sp = conn.streams[0]
-                got = sp.read()
-                if got is not None:
-                    chunk, seq = got
-                    if pl.stream != sp.stream:
-                        if pl.has_pending:
-                            await self.queue.put(await loop.run_in_executor(self.pool, pl.take))
-                        pl.new_stream(sp.stream)
-                    batches = await loop.run_in_executor(
-                        self.pool, lambda: list(pl.feed_chunk(chunk, seq)))
-                    for b in batches:
-                        await self.queue.put(b)
-                    progressed = True
-                elif len(conn.streams) > 1 or (self.stop.is_set() and conn.disconnected):
-                    # this stream ended and is read to its end
-                    if len(conn.streams) > 1:
-                        conn.streams.popleft()
-                        self._retire(sp)
-                        continue
-            now = time.monotonic()
-            if self.stop.is_set() and not progressed and conn.disconnected:
+                setup = await loop.run_in_executor(None, lambda: connect(self.dsn, autocommit=True))
                 break
-            if now - last_take >= interval:
-                last_take = now
-                upsert_open = now - last_open >= open_every
-                if pl.has_pending or pl.pending_rows or upsert_open:
-                    now_us = time.time_ns() // 1000
-                    if upsert_open:
-                        last_open = now
+            except Exception as exc:  # noqa: BLE001 - away at start: spool meanwhile, retry
+                if self.stop.is_set():
+                    return None
+                if any(m in str(exc) for m in _NOT_TRANSIENT):
+                    raise  # a wrong DSN, not an absent server: say so and stop
+                if not said:
+                    log.warning("database not reachable yet (%s): receiving and spooling; the "
+                                "pipeline starts when it answers", exc)
+                    said = True
+                try:
+                    await asyncio.wait_for(self.stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(delay * 2, 5.0)
+        await loop.run_in_executor(None, require_current, setup)
+        return setup
 
-                    def tick():
-                        pl.advance(now_us)
-                        return pl.take(open_candles=upsert_open)
-                    b = await loop.run_in_executor(self.pool, tick)
-                    if b.n_ticks or b.n_candles or b.n_snapshots or b.texts or b.last_seq >= b.first_seq:
-                        await self.queue.put(b)
-            if not progressed:
-                await asyncio.sleep(0.02)
-        final = await loop.run_in_executor(self.pool, lambda: pl.take(final=True))
-        await self.queue.put(final)
-        for sp in list(conn.streams):
-            self._retire(sp)
-        conn.streams.clear()
-
-    def _retire(self, sp: StreamSpool) -> None:
-        self._retiring.append(sp)
+    async def _pipelines(self) -> None:
+        """Wait for the database, replay leftovers, then drive every connection's streams."""
+        loop = asyncio.get_running_loop()
+        setup = await self._wait_for_database()
+        if setup is None:
+            return
+        try:
+            self.pipeline_ready = True
+            leftovers = self.leftovers
+            if leftovers:
+                size = self.spool.bytes
+                log.info("replaying %d stream(s) an earlier run left in the spool (%d bytes)",
+                         len(leftovers), size)
+                pl = await loop.run_in_executor(None, self._new_pipeline, "recovery", setup)
+                for sp in leftovers:
+                    self.by_stream[sp.stream] = sp
+                rec = Driver(pl, self.queue, self.pool)
+                done_now = asyncio.Event()
+                done_now.set()
+                await drive_streams(rec, lambda: leftovers, asyncio.Event(), done_now,
+                                    self._committed_of)
+                await self.queue.join()  # committed before the live pipelines seed from it
+                log.info("replayed spool left by an earlier run: %d stream(s), %d ticks",
+                         len(leftovers), pl.totals["ticks"])
+            for conn in self.connections:
+                pl = await loop.run_in_executor(None, self._new_pipeline, conn.label, setup,
+                                                conn.tokens)
+                conn.driver = Driver(pl, self.queue, self.pool,
+                                     flush_interval=self.cfg.pipeline.flush_interval,
+                                     open_candle_interval=self.cfg.pipeline.open_candle_interval)
+        finally:
+            await loop.run_in_executor(None, setup.close)
+        async with asyncio.TaskGroup() as tg:
+            for conn in self.connections:
+                tg.create_task(drive_streams(conn.driver, lambda c=conn: c.streams, conn.wakeup,
+                                             self.stop, self._committed_of,
+                                             on_done=lambda sp, c=conn: c.streams.remove(sp)),
+                               name=f"pipeline-{conn.label}")
 
     # -- writer side ---------------------------------------------------------
 
@@ -216,208 +372,224 @@ class Daemon:
         m = self.metrics
         while True:
             b = await self.queue.get()
-            if b is None:
-                break
-            t0 = time.perf_counter()
-            outcome = await self.writer.write(b)
-            m.batches.labels(outcome).inc()
-            m.flush_latency.observe(time.perf_counter() - t0)
-            if outcome == "written":
-                m.ticks_written.inc(b.n_ticks)
-                m.candles_written.inc(b.n_candles)
-                m.snapshots_written.inc(b.n_snapshots)
-                if b.first_recv_ns:
-                    # the batch's oldest tick: the longest any of its ticks waited
-                    lat = (time.time_ns() - b.first_recv_ns) / 1e9
-                    m.tick_to_commit.observe(lat)
-            self.committed[b.stream] = max(self.committed.get(b.stream, -1), b.last_seq)
-            self._release()
-
-    def _release(self) -> None:
-        for conn in self.connections:
-            for sp in conn.streams:
-                c = self.committed.get(sp.stream)
-                if c is not None:
-                    sp.release(c)
-        keep = []
-        for sp in self._retiring:
-            c = self.committed.get(sp.stream, -1)
-            if c >= sp.next_seq - 1:
-                sp.close(c)
-            else:
-                keep.append(sp)
-        self._retiring = keep
-        self.metrics.spool_bytes.set(self.spool.bytes)
-        self.metrics.spool_dropped.set(self.spool.dropped)
-        self.metrics.spool_alarm.set(1 if self.spool.alarmed else 0)
+            try:
+                if b is None:
+                    return
+                t0 = time.perf_counter()
+                outcome = await self.writer.write(b)
+                m.batches.labels(outcome).inc()
+                m.flush_latency.observe(time.perf_counter() - t0)
+                if outcome == "written":
+                    m.ticks_written.inc(b.n_ticks)
+                    m.candles_written.inc(b.n_candles)
+                    m.snapshots_written.inc(b.n_snapshots)
+                    m.postbacks.inc(len(b.texts))
+                    if b.first_recv_ns:
+                        # the batch's oldest tick: the longest any of its ticks waited
+                        m.tick_to_commit.observe((time.time_ns() - b.first_recv_ns) / 1e9)
+                sp = self.by_stream.get(b.stream)
+                if sp is not None:
+                    sp.release(b.last_seq)
+                m.db_up.set(1)
+            finally:
+                self.queue.task_done()
 
     async def _gaps(self) -> None:
-        """Record feed gaps (own connection, retried)."""
-        import psycopg
-
+        """Record feed gaps (retried)."""
         while not (self.stop.is_set() and not self.gaps):
             if self.gaps:
+                async def record(c):
+                    while self.gaps:
+                        await c.execute(SQL_GAP, self.gaps[0])
+                        self.gaps.pop(0)
                 try:
-                    async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
-                        while self.gaps:
-                            await c.execute(SQL_GAP, self.gaps[0])
-                            self.gaps.pop(0)
+                    await self.side.run(record)
                 except Exception as exc:  # noqa: BLE001 - retried
                     log.warning("cannot record feed gap yet: %s", exc)
-            await asyncio.sleep(0.5)
+                    await asyncio.sleep(0.5)
+            try:
+                await asyncio.wait_for(self.stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
 
-    async def _postbacks(self, conn, batch) -> None:
-        self.metrics.postbacks.inc(len(batch.texts))
+    async def _postbacks(self, conn, batch: FlushBatch) -> None:
         await self._on_texts(conn, batch)
 
     async def _mark_to_market(self) -> None:
         """Positions marked to the latest prices every second: one statement, no tick query."""
-        import psycopg
-
         from ingestor.orders.store import amark_to_market
 
-        conn = None
         while not self.stop.is_set():
-            await asyncio.sleep(self.cfg.pipeline.mark_interval)
+            try:
+                await asyncio.wait_for(self.stop.wait(), self.cfg.pipeline.mark_interval)
+                break
+            except asyncio.TimeoutError:
+                pass
             prices: dict = {}
-            for c in self.connections:
-                prices.update(c.pipeline.latest_prices())
+            for pl in self.pipelines:
+                prices.update(pl.latest_prices())
             if not prices:
                 continue
             try:
-                if conn is None or conn.closed:
-                    conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-                await amark_to_market(conn, prices)
+                await self.side.run(lambda c: amark_to_market(c, prices))
             except Exception as exc:  # noqa: BLE001 - retried at the next cadence
                 log.debug("mark to market skipped: %s", exc)
-                conn = None
-        if conn is not None:
-            await conn.close()
 
     # -- housekeeping --------------------------------------------------------
 
     async def _monitor(self) -> None:
         loop = asyncio.get_running_loop()
-        last_sync = time.monotonic()
+        m = self.metrics
         while True:
             t0 = loop.time()
             await asyncio.sleep(0.1)
             lag = max(0.0, loop.time() - t0 - 0.1)
-            self.metrics.loop_lag.set(lag)
+            m.loop_lag.set(lag)
             if lag > self.loop_lag_max:
                 self.loop_lag_max = lag
-                self.metrics.loop_lag_max.set(lag)
-            self._decoder_metrics()
+                m.loop_lag_max.set(lag)
             now_ns = time.time_ns()
             for conn in self.connections:
                 if conn.feed is not None and conn.feed.stats.last_message_ns:
-                    self.metrics.feed_lag.labels(conn.label).set((now_ns - conn.feed.stats.last_message_ns) / 1e9)
-            self.metrics.db_up.set(1 if self.writer.up else 0)
-            if time.monotonic() - last_sync >= self.cfg.spool.fsync_interval:
-                last_sync = time.monotonic()
-                try:
-                    await self._fsync(loop)
-                except OSError as exc:
-                    log.error("spool fsync failed: %s", exc)
-            if self.stop.is_set() and self.queue.empty() and all(
-                    not c.streams for c in self.connections):
-                return
+                    m.feed_lag.labels(conn.label).set((now_ns - conn.feed.stats.last_message_ns) / 1e9)
+            m.db_up.set(1 if self.writer.up and self.pipeline_ready else 0)
+            m.spool_bytes.set(self.spool.bytes)
+            m.spool_dropped.set(self.spool.dropped)
+            m.spool_alarm.set(1 if self.spool.alarmed else 0)
 
-    async def _fsync(self, loop) -> None:
-        """fsync the open spool segments off the loop (on duplicated descriptors, so a
-        segment the loop rotates or closes meanwhile cannot pull the fd from under it)."""
-        fds = []
-        for c in self.connections:
-            if c.streams and c.streams[-1].segments:
-                seg = c.streams[-1].segments[-1]
-                if not seg.closed:
-                    fds.append(os.dup(seg.writer._f.fileno()))
-
-        def sync():
-            for fd in fds:
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-
-        if fds:
-            await loop.run_in_executor(None, sync)
-
-    _seen: dict = {}
-
-    def _decoder_metrics(self) -> None:
-        """Decoder counters (per connection's pipeline) into the Prometheus counters."""
-        totals: dict = {}
-        for c in self.connections:
-            for k, v in c.pipeline.decoder.stats().items():
+    def decoder_totals(self) -> dict[str, int]:
+        """Decoder counters summed over every pipeline of this run (read at scrape time)."""
+        totals: dict[str, int] = {}
+        for pl in list(self.pipelines):
+            for k, v in pl.decoder.stats().items():
                 totals[k] = totals.get(k, 0) + v
-        seen = self._seen
-        m = self.metrics
-        d = totals.get("packets", 0) - seen.get("packets", 0)
-        if d > 0:
-            m.ticks_decoded.inc(d)
-        for reason in ("empty_message", "unknown_length", "truncated", "trailing_bytes", "bad_records"):
-            d = totals.get(reason, 0) - seen.get(reason, 0)
-            if d > 0:
-                m.malformed.labels(reason).inc(d)
-        self._seen = totals
+        return totals
 
     def health(self) -> tuple[bool, dict]:
         feeds = {c.label: bool(c.feed and c.feed.stats.connected) for c in self.connections}
-        db = self.writer.up and self.failed is None
-        ok = all(feeds.values()) and db and not self.spool.alarmed
-        return ok, {"feeds": feeds, "database": self.writer.up, "spool_bytes": self.spool.bytes,
-                    "spool_alarm": self.spool.alarmed, "failed": self.failed}
+        db = self.writer.up and self.pipeline_ready and self.failed is None
+        ok = all(feeds.values()) and db and not self.spool.alarmed and self.spool.error is None
+        return ok, {"feeds": feeds, "database": bool(self.writer.up and self.pipeline_ready),
+                    "spool_bytes": self.spool.bytes, "spool_alarm": self.spool.alarmed,
+                    "spool_error": self.spool.error, "failed": self.failed}
 
     # -- main ----------------------------------------------------------------
 
+    def _request_stop(self, why: str) -> None:
+        if self.stop.is_set():
+            return
+        self.stopping_since = time.monotonic()
+        self.stop.set()
+        for c in self.connections:
+            if c.feed is not None:
+                asyncio.ensure_future(c.feed.close())
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self._retiring: list[StreamSpool] = []
-        signals = []
 
         def on_signal(signame):
             if self.stop.is_set():
-                log.error("second %s: exiting at once (the spool keeps what was not committed)", signame)
+                if time.monotonic() - (self.stopping_since or 0) < SIGNAL_REPEAT:
+                    log.info("%s again: already stopping", signame)
+                    return
+                log.error("second %s: exiting at once (the spool keeps what was not committed)",
+                          signame)
+                self.spool.close()
                 os._exit(1)
             log.info("%s: stopping: draining the spool, flushing candles, committing", signame)
-            self.stopping_since = time.monotonic()
-            self.stop.set()
-            for c in self.connections:
-                if c.feed is not None:
-                    asyncio.ensure_future(c.feed.close())
+            self._request_stop(signame)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
-            signals.append(sig)
         server = None
         if self.cfg.metrics.listen:
             host, _, port = self.cfg.metrics.listen.rpartition(":")
             server = await serve(host or "127.0.0.1", int(port), self.metrics, self.health)
             log.info("metrics on http://%s/metrics", self.cfg.metrics.listen)
-        f = self.cfg.feed
-        tasks = []
+        self.spool.start()
         for conn in self.connections:
+            p = conn.plan
+            f = p.feed
             conn.feed = KiteFeed(
-                conn.label, self.url, self.api_key, self.access_token, conn.tokens,
+                conn.label, f.url, p.api_key, p.access_token, conn.tokens,
                 on_message=lambda s, p, t, r, c=conn: self._on_message(c, s, p, t, r),
                 on_connect=lambda s, c=conn: self._on_connect(c, s),
                 on_disconnect=lambda s, st, why, c=conn: self._on_disconnect(c, s, st, why),
                 heartbeat_timeout=f.heartbeat_timeout, reconnect_min=f.reconnect_min,
                 reconnect_max=f.reconnect_max, rejected_retry=f.rejected_retry,
                 connect_timeout=f.connect_timeout)
-            tasks.append(asyncio.ensure_future(conn.feed.run(self.stop)))
-        consumers = [asyncio.ensure_future(self._consume(c)) for c in self.connections]
-        writer = asyncio.ensure_future(self._write())
-        side = [asyncio.ensure_future(self._gaps()), asyncio.ensure_future(self._monitor()),
-                asyncio.ensure_future(self._mark_to_market())]
-        for name, t in ([("feed", t) for t in tasks] + [("pipeline", t) for t in consumers]
-                        + [("writer", writer), ("gaps", side[0]), ("monitor", side[1])]):
-            t.add_done_callback(lambda t, name=name: self._task_done(name, t))
         log.info("running: %d connection(s), %d tokens", len(self.connections),
                  sum(len(c.tokens) for c in self.connections))
-        await self.stop.wait()
-        budget = self.cfg.shutdown_timeout
+        timed_out = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                def task(coro, name):
+                    return tg.create_task(self._guard(name, coro), name=name)
+
+                feeds = [task(c.feed.run(self.stop), f"feed-{c.label}") for c in self.connections]
+                pipes = task(self._pipelines(), "pipeline")
+                writer = task(self._write(), "writer")
+                side = [task(self._gaps(), "gaps"), task(self._mark_to_market(), "mark-to-market")]
+                monitor = task(self._monitor(), "monitor")
+                await self.stop.wait()
+                self._end_gaps()
+                budget = self.cfg.shutdown_timeout
+
+                def left() -> float:
+                    return max(0.5, budget - (time.monotonic() - self.stopping_since))
+
+                await asyncio.wait(feeds, timeout=5)
+                for c in self.connections:
+                    if c.streams:
+                        c.streams[-1].end()
+                    c.wakeup.set()
+                _, pending = await asyncio.wait([pipes], timeout=left())
+                if not pending and not writer.done():
+                    await asyncio.wait_for(self.queue.put(None), timeout=left())
+                    _, pending = await asyncio.wait([writer], timeout=left())
+                if pending:
+                    timed_out = True
+                    log.error("shutdown took longer than %.0f s; exiting with the spool kept "
+                              "(%d bytes) for the next start", budget, self.spool.bytes)
+                    for t in [*feeds, pipes, writer]:
+                        t.cancel()
+                await asyncio.wait(side, timeout=5 if not timed_out else 0.1)
+                for t in [*side, monitor]:
+                    t.cancel()
+        except* Exception:
+            pass  # each failure was reported by _guard; self.failed makes the exit status 1
+        finally:
+            if self.gaps:
+                log.error("%d feed gap(s) could not be recorded", len(self.gaps))
+            if server is not None:
+                server.close()
+            await self.writer.close()
+            await self.side.close()
+            if self._resolve_conn is not None:
+                self._resolve_conn.close()
+            await loop.run_in_executor(None, self.spool.close)
+            self.pool.shutdown(wait=False)
+        s = self.writer.stats
+        log.info("stopped: %d ticks, %d candles, %d snapshots in %d transactions", s.ticks,
+                 s.candles, s.snapshots, s.batches)
+        return 1 if (self.failed or timed_out) else 0
+
+    async def _guard(self, name: str, coro):
+        """Run one of the daemon's tasks; a failure is said once, loudly, with the task's name,
+        and stops the daemon with exit status 1 (nothing is lost: what is not committed stays
+        in the spool for the next start)."""
+        try:
+            return await coro
+        except Exception as exc:
+            if self.failed is None:
+                self.failed = f"{name}: {type(exc).__name__}: {exc}"
+            log.error("the %s task failed (%s: %s); stopping, the spool keeps what was not "
+                      "committed", name, type(exc).__name__, exc,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+            self._request_stop(name)
+            raise
+
+    def _end_gaps(self) -> None:
         now = time.time_ns()
         for c in self.connections:
             if c.gap_start is not None:  # stopped while disconnected: the gap ends here
@@ -425,63 +597,3 @@ class Daemon:
                 self.gaps.append((c.label, stream, _ts(started), _ts(now),
                                   f"{reason}; daemon stopped", sorted(c.tokens)))
                 c.gap_start = None
-        try:
-            # (a task that failed was reported by _task_done: waited for, not re-raised)
-            await asyncio.wait(tasks, timeout=5)
-            for c in self.connections:
-                c.disconnected = True
-
-            def left() -> float:
-                return max(1.0, budget - (time.monotonic() - self.stopping_since))
-
-            _, pending = await asyncio.wait(consumers, timeout=left())
-            if pending:
-                raise asyncio.TimeoutError
-            if not writer.done():
-                await asyncio.wait_for(self.queue.put(None), timeout=left())
-                await asyncio.wait([writer], timeout=left())
-                if not writer.done():
-                    raise asyncio.TimeoutError
-            self._release()
-        except asyncio.TimeoutError:
-            log.error("shutdown took longer than %.0f s; exiting with the spool kept (%d bytes) "
-                      "for the next start", budget, self.spool.bytes)
-            for t in tasks + consumers + [writer]:
-                t.cancel()
-            return 1
-        finally:
-            if self.gaps:
-                try:
-                    await asyncio.wait_for(side[0], timeout=5)
-                except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - logged by _gaps
-                    log.error("%d feed gap(s) could not be recorded", len(self.gaps))
-            for t in side:
-                t.cancel()
-            if server is not None:
-                server.close()
-            await self.writer.close()
-            self.pool.shutdown(wait=False)
-        s = self.writer.stats
-        log.info("stopped: %d ticks, %d candles, %d snapshots in %d transactions", s.ticks,
-                 s.candles, s.snapshots, s.batches)
-        return 1 if self.failed else 0
-
-    failed: str | None = None
-
-    def _task_done(self, name: str, task: asyncio.Task) -> None:
-        """A task of the daemon ended: if by an error, say so and stop (nothing is lost:
-        what is not committed stays in the spool for the next start)."""
-        if task.cancelled() or task.exception() is None:
-            return
-        exc = task.exception()
-        if self.failed is None:
-            self.failed = f"{name}: {type(exc).__name__}: {exc}"
-        log.error("the %s task failed (%s: %s); stopping, the spool keeps what was not "
-                  "committed", name, type(exc).__name__, exc,
-                  exc_info=(type(exc), exc, exc.__traceback__))
-        if not self.stop.is_set():
-            self.stopping_since = time.monotonic()
-            self.stop.set()
-            for c in self.connections:
-                if c.feed is not None:
-                    asyncio.ensure_future(c.feed.close())

@@ -14,19 +14,19 @@ import json
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.messages = Counter("ingestor_messages_received", "WebSocket messages received", ["connection", "kind"], registry=r)
-        self.ticks_decoded = Counter("ingestor_ticks_decoded", "Packets decoded", registry=r)
         self.ticks_written = Counter("ingestor_ticks_written", "Tick rows committed to tick_data", registry=r)
         self.candles_written = Counter("ingestor_candles_written", "Candle rows upserted", registry=r)
         self.snapshots_written = Counter("ingestor_snapshots_written", "Order-book snapshots committed", registry=r)
-        self.malformed = Counter("ingestor_malformed_messages", "Malformed messages by reason", ["reason"], registry=r)
         self.batches = Counter("ingestor_batches", "Flush transactions by outcome", ["outcome"], registry=r)
+        for outcome in BATCH_OUTCOMES:
+            self.batches.labels(outcome)
         self.flush_latency = Histogram("ingestor_flush_seconds", "Flush transaction duration",
                                        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
         self.tick_to_commit = Histogram("ingestor_tick_to_commit_seconds", "Receive time to commit of each batch's oldest tick (the longest wait in the batch)",
@@ -43,8 +43,52 @@ class Metrics:
         self.db_up = Gauge("ingestor_database_up", "1 when the last flush reached the database", registry=r)
         self.postbacks = Counter("ingestor_postbacks", "Text messages (order postbacks) handed on", registry=r)
 
+    def attach(self, daemon) -> None:
+        """Read the daemon's own counters at scrape time (see ``CoreCollector``)."""
+        self.registry.register(CoreCollector(daemon))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+BATCH_OUTCOMES = ("written", "skipped", "dead-letter")
+MALFORMED_REASONS = ("empty_message", "unknown_length", "truncated", "trailing_bytes", "bad_records")
+
+
+class CoreCollector:
+    """Counters the daemon keeps anyway, read when Prometheus scrapes instead of copied into
+    ``Counter`` objects on a timer: the decoders' statistics (summed over every pipeline of
+    the run, so they can never lag behind or disagree with what was written) and the messages
+    each connection received.  Every series exists from the start, at 0."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def collect(self):
+        d = self.daemon
+        msgs = CounterMetricFamily("ingestor_messages_received", "WebSocket messages received",
+                                   labels=["connection", "kind"])
+        for c in d.connections:
+            msgs.add_metric([c.label, "binary"], c.n_binary)
+            msgs.add_metric([c.label, "text"], c.n_text)
+        yield msgs
+        big = CounterMetricFamily("ingestor_feed_oversized_messages",
+                                  "Messages over the size limit (refused; the connection reopened)",
+                                  labels=["connection"])
+        for c in d.connections:
+            big.add_metric([c.label], c.feed.stats.oversized if c.feed is not None else 0)
+        yield big
+        totals = d.decoder_totals()
+        yield CounterMetricFamily("ingestor_ticks_decoded", "Packets decoded",
+                                  value=totals.get("packets", 0))
+        bad = CounterMetricFamily("ingestor_malformed_messages", "Malformed messages by reason",
+                                  labels=["reason"])
+        for reason in MALFORMED_REASONS:
+            bad.add_metric([reason], totals.get(reason, 0))
+        yield bad
+
+    def describe(self):
+        return []
 
 
 async def serve(host: str, port: int, metrics: Metrics, health: Callable[[], tuple[bool, dict]]):

@@ -19,6 +19,7 @@ chunks, so files of any size are read in bounded memory.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import struct
@@ -35,6 +36,11 @@ RECORD_HEADER = struct.Struct("<QBI")  # recv_ns, kind, length: 13 bytes
 _HLEN = struct.Struct("<I")
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 1 << 28  # a WebSocket message of 256 MiB is not a real one
+#: sequence numbers stay far from int64's end (record k is first_seq + k)
+MAX_FIRST_SEQ = 1 << 62
+#: stream and broker names: they become file names (spool segments, dead letters) and
+#: database keys, so no path separators, NULs or unbounded lengths
+STREAM_NAME = re.compile(r"[A-Za-z0-9_:\-][A-Za-z0-9._:\-]{0,127}")
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,8 @@ class CaptureHeader:
     def from_json(cls, raw: bytes) -> "CaptureHeader":
         try:
             obj = json.loads(raw.decode("utf-8"))
+        except RecursionError:
+            raise CaptureError("capture header is nested too deeply") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise CaptureError(f"capture header is not UTF-8 JSON: {exc}") from None
         if not isinstance(obj, dict):
@@ -67,10 +75,18 @@ class CaptureHeader:
         if missing:
             raise CaptureError(f"capture header lacks {', '.join(missing)}")
         first_seq = obj.pop("first_seq")
-        if not isinstance(first_seq, int) or isinstance(first_seq, bool) or first_seq < 0:
-            raise CaptureError(f"capture header first_seq must be a non-negative integer, not {first_seq!r}")
-        return cls(broker=str(obj.pop("broker")), stream=str(obj.pop("stream")),
-                   first_seq=first_seq, extra=obj)
+        if (not isinstance(first_seq, int) or isinstance(first_seq, bool)
+                or not 0 <= first_seq <= MAX_FIRST_SEQ):
+            shown = repr(first_seq)[:40]
+            raise CaptureError(f"capture header first_seq must be an integer in 0..2^62, not "
+                               f"{shown}")
+        broker, stream = obj.pop("broker"), obj.pop("stream")
+        for key, value in (("broker", broker), ("stream", stream)):
+            if not isinstance(value, str) or not STREAM_NAME.fullmatch(value):
+                shown = repr(value)[:40]
+                raise CaptureError(f"capture header {key} {shown} is not a name (1 to 128 of "
+                                   f"A-Z a-z 0-9 . _ : -, not starting with a dot)")
+        return cls(broker=broker, stream=stream, first_seq=first_seq, extra=obj)
 
 
 class CaptureWriter:
@@ -106,6 +122,13 @@ class CaptureWriter:
         self.records += 1
         self.bytes += RECORD_HEADER.size + n
         return seq
+
+    def write_raw(self, records: bytes | bytearray | memoryview, count: int) -> None:
+        """Append ``count`` whole records already in the record format (the spool's writer
+        thread: one write for what the feed appended since the last one)."""
+        self._f.write(records)
+        self.records += count
+        self.bytes += len(records)
 
     def flush(self) -> None:
         self._f.flush()

@@ -56,6 +56,11 @@ def subscribe_requests(subscriptions: dict[int, str]) -> list[str]:
     return out
 
 
+#: The largest WebSocket message accepted.  A Kite message of 3000 full packets is ~550 KB;
+#: 16 MiB is far above any real frame, and far below what a spool record can hold (2^32).
+MAX_MESSAGE_BYTES = 16 << 20
+
+
 @dataclass
 class FeedStats:
     connects: int = 0
@@ -67,6 +72,8 @@ class FeedStats:
     connected: bool = False
     last_error: str = ""
     gaps: list = field(default_factory=list)
+    #: messages over ``max_message_bytes`` (the connection is closed with 1009 and reopened)
+    oversized: int = 0
 
 
 class KiteFeed:
@@ -93,7 +100,7 @@ class KiteFeed:
                  on_connect: Callable | None = None, on_disconnect: Callable | None = None,
                  heartbeat_timeout: float = 10.0, reconnect_min: float = 0.5,
                  reconnect_max: float = 30.0, rejected_retry: float = 60.0,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.label = label
         self._url = feed_url(url, api_key, access_token)
         self.subscriptions = dict(subscriptions)
@@ -105,6 +112,7 @@ class KiteFeed:
         self.reconnect_max = reconnect_max
         self.rejected_retry = rejected_retry
         self.connect_timeout = connect_timeout
+        self.max_message_bytes = max_message_bytes
         self.stats = FeedStats()
         self.stream: str | None = None
         self._ws = None
@@ -139,7 +147,8 @@ class KiteFeed:
     async def _session(self, stop: asyncio.Event) -> str:
         """One connection, until it fails; returns why it ended."""
         try:
-            ws = await connect(self._url, open_timeout=self.connect_timeout, max_size=None,
+            ws = await connect(self._url, open_timeout=self.connect_timeout,
+                               max_size=self.max_message_bytes,
                                compression=None, ping_interval=None,
                                additional_headers={"X-Kite-Version": "3"})
         except InvalidStatus as exc:
@@ -198,6 +207,12 @@ class KiteFeed:
         except websockets.exceptions.ConnectionClosed as exc:
             if stop.is_set():
                 return "stopped"
+            if exc.sent is not None and exc.sent.code == 1009:
+                stats.oversized += 1
+                stats.last_error = (f"a message over {self.max_message_bytes} bytes (no real "
+                                    f"frame is near that): refused, reconnecting")
+                log.error("%s: %s", self.label, stats.last_error)
+                return "oversized"
             stats.last_error = redact(f"connection closed: {exc}")
             log.warning("%s: %s", self.label, stats.last_error)
             return "closed"

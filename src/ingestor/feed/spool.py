@@ -1,74 +1,108 @@
-"""The spool: every message the daemon receives, on disk before anything else.
+"""The spool: a write-ahead log of every message the daemon receives.
 
-Each connection's stream is appended, as received, to segmented capture files
-(``<dir>/<stream>.<first_seq>.cap``, the capture format, so ``ingestor
-replay`` and ``ingestor decode`` read them).  The pipeline reads the stream
-back from the spool, never from the socket: while the database is away the
-pipeline stops (the writer's queue is full) and the spool simply grows, and
-on recovery the pipeline drains it in order before anything newer.  The
-writer releases a segment once its stream is committed past the segment's
-last record.  Segments left by a crash are replayed at the next start
-(exactly once, through the stream offsets).
+The feed appends each message as it arrives (``StreamSpool.append``, on the
+event loop: a memory copy, no system call).  From there it goes two ways:
 
-Writing needs nothing from the database: raw messages, no instrument ids.
-Committed segments are deleted, or, with a ``keep_dir``, moved there: the
-daemon's optional raw recording, rotating capture files.  The spool is
-bounded (``max_bytes``): it alarms near the bound and, at it,
-refuses new messages and counts them (``dropped``), loudly.
+* to disk, by the spool's own thread (``Spool``'s writer thread): segmented
+  capture files ``<dir>/<stream>.<first_seq>.cap`` (the capture format, so
+  ``ingestor replay`` and ``ingestor decode`` read them), handed to the OS
+  every few milliseconds, fsynced at a cadence, rotated at ``segment_bytes``
+  (the closed segment fsynced first) -- no file I/O on the event loop;
+* to the pipeline, in memory (``StreamSpool.take``): what was appended since
+  the last take, as one chunk of capture records, so the pipeline's C walk
+  reads it without a Python call per message.
+
+The disk is read back only for backlog.  The in-memory tail is bounded
+(``memory_bytes``): when the pipeline falls behind (the database is away, the
+pipeline pauses) the tail is dropped and the stream goes on disk-only; the
+consumer then reads the segments from where it stands and, once it has
+caught up with what is on disk, takes the memory tail again.  Segments left
+by a crash are read back the same way at the next start (``leftovers``),
+while the feed is already connected and appending to new streams.
+
+The writer releases a stream up to its committed sequence number: closed
+segments wholly at or below it are deleted (or, with ``keep_dir``, moved
+there: the raw recording), by the writer thread.  The spool is bounded
+(``max_bytes``): it alarms near the bound and, at it, refuses new messages
+and counts them (``dropped``), loudly.
+
+Locking: one daemon per spool folder (``lock``): the folder holds a lock file
+with the holder's pid, held with ``flock`` for the daemon's life; a second
+daemon gets one line naming that pid.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 
-from ingestor.feed.capture import RECORD_HEADER, CaptureHeader, CaptureWriter
+from ingestor.feed.capture import RECORD_HEADER, CaptureHeader, CaptureReader, CaptureWriter
 
 log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+
+
+class SpoolInUse(Exception):
+    """Another process holds the spool folder."""
 
 
 @dataclass
 class Segment:
     path: str
-    stream: str
     first_seq: int
-    writer: CaptureWriter | None
-    #: bytes of whole records handed to the OS (what a reader may read)
-    flushed: int = 0
-    #: sequence number after the last record flushed
-    end_seq: int = 0
+    #: sequence number after the last record written to the file
+    end_seq: int
+    #: bytes written (header included)
+    size: int
     closed: bool = False
 
 
 class StreamSpool:
-    """The spool of one stream: append (handed to the OS at once), read back, release."""
+    """One stream (a connection's life) in the spool: append, take, release.
 
-    def __init__(self, spool: "Spool", stream: str, first_seq: int = 0):
+    ``append`` runs on the event loop; the spool's writer thread moves what
+    was appended to disk; ``take`` (the pipeline's side, on the loop) gets the
+    next records in order, from memory or, for backlog, from disk.
+    """
+
+    def __init__(self, spool: "Spool", stream: str, first_seq: int = 0, *,
+                 recovered: list[Segment] | None = None):
         self.spool = spool
         self.stream = stream
+        self._lock = threading.Lock()
+        #: next sequence number to append
         self.next_seq = first_seq
-        self.segments: list[Segment] = []
-        self._read_seg = 0
-        self._read_pos = 0
-        self._read_seq = first_seq
-        self._new_segment()
+        self.segments: list[Segment] = list(recovered or [])
+        #: appended, not yet handed to the writer thread: [_pending_first, next_seq)
+        self._pending = bytearray()
+        self._pending_first = first_seq
+        #: records the writer thread is writing now (neither pending nor readable on disk)
+        self._in_flight = 0
+        #: the in-memory tail for the consumer: [_mem_first, next_seq) when ``_live``
+        self._mem = bytearray()
+        self._mem_first = first_seq
+        self._mem_count = 0
+        self._live = recovered is None
+        #: a leftover of an earlier run (its committed number is the database's)
+        self.recovered = recovered is not None
+        #: next sequence number the consumer takes
+        self.read_seq = recovered[0].first_seq if recovered else first_seq
+        self._cursor: tuple[str, int, int] | None = None  # (segment path, offset, seq)
+        #: no more appends (the connection ended, or a leftover of an earlier run)
+        self.ended = recovered is not None
+        self.committed = -1
+        #: called (from any thread) when records become takeable
+        self.wakeup = None
+        self.closed = False
 
-    def _new_segment(self) -> None:
-        if self.segments:
-            last = self.segments[-1]
-            last.writer.sync()
-            last.writer.close()
-            last.closed = True
-        path = os.path.join(self.spool.dir, f"{self.stream}.{self.next_seq:012d}.cap")
-        w = CaptureWriter(path, CaptureHeader(stream=self.stream, first_seq=self.next_seq),
-                          buffer_size=1 << 20)
-        seg = Segment(path, self.stream, self.next_seq, w, flushed=w.bytes, end_seq=self.next_seq)
-        self.segments.append(seg)
-        self.spool.bytes += w.bytes
-        if self._read_seg == len(self.segments) - 1:
-            self._read_pos = w.bytes
+    # -- the feed's side (event loop) ------------------------------------------
 
     def append(self, payload: bytes, kind: int, recv_ns: int) -> int | None:
         """Spool one message; returns its sequence number (None: the spool is full)."""
@@ -80,81 +114,243 @@ class StreamSpool:
                 log.error("spool full (%d bytes, limit %d): %d message(s) dropped; the database "
                           "has been away too long", sp.bytes, sp.max_bytes, sp.dropped)
             return None
-        seg = self.segments[-1]
-        if seg.writer.bytes + size > sp.segment_bytes and seg.writer.records:
-            self._new_segment()
-            seg = self.segments[-1]
-        seq = seg.writer.write(payload, kind, recv_ns)
-        # Hand it to the OS now: a SIGKILL then loses nothing received (the
-        # page cache outlives the process; fsync at a cadence covers the rest).
-        seg.writer.flush()
-        seg.flushed = seg.writer.bytes
-        seg.end_seq = seq + 1
-        self.next_seq = seq + 1
-        sp.bytes += size
-        if not sp.alarmed and sp.bytes >= sp.alarm_bytes:
-            sp.alarmed = True
-            log.error("spool at %.0f%% of its limit (%d of %d bytes)", 100 * sp.bytes / sp.max_bytes,
-                      sp.bytes, sp.max_bytes)
+        rec = RECORD_HEADER.pack(recv_ns, kind, len(payload))
+        with self._lock:
+            seq = self.next_seq
+            self._pending += rec
+            self._pending += payload
+            self.next_seq = seq + 1
+            if self._live:
+                if len(self._mem) + size > sp.memory_bytes and self._mem_count:
+                    # the consumer is behind: drop the tail, read the disk back later
+                    self._live = False
+                    self._mem = bytearray()
+                    self._mem_count = 0
+                else:
+                    self._mem += rec
+                    self._mem += payload
+                    self._mem_count += 1
+        sp.add_bytes(size)
+        sp.kick()
+        if self.wakeup is not None:
+            self.wakeup()
         return seq
 
-    def read(self, limit: int = 8 << 20) -> tuple[bytes, int] | None:
-        """The next flushed whole records not read yet, as ``(chunk, first_seq)``."""
-        while self._read_seg < len(self.segments):
-            seg = self.segments[self._read_seg]
-            if self._read_pos < seg.flushed:
-                from ingestor._core import capture_span
+    def end(self) -> None:
+        """No more appends: the writer thread closes the last segment."""
+        self.ended = True
+        self.spool.kick()
+        if self.wakeup is not None:
+            self.wakeup()
 
-                with open(seg.path, "rb") as f:
-                    f.seek(self._read_pos)
-                    want = min(limit, seg.flushed - self._read_pos)
-                    data = f.read(want)
-                end, count = capture_span(data, 1 << 28)
-                if count == 0:  # one record larger than limit: read it whole
-                    with open(seg.path, "rb") as f:
-                        f.seek(self._read_pos)
-                        data = f.read(seg.flushed - self._read_pos)
-                    end, count = capture_span(data, 1 << 28)
-                seq = self._read_seq
-                self._read_pos += end
-                self._read_seq = seq + count
-                return data[:end], seq
-            if seg.closed and self._read_seg < len(self.segments) - 1:
-                self._read_seg += 1
-                nxt = self.segments[self._read_seg]
-                self._read_pos = _data_offset(nxt.path)
-                continue
-            return None
+    # -- the consumer's side ----------------------------------------------------
+
+    @property
+    def consumed(self) -> bool:
+        """Everything appended was taken, and nothing more will be."""
+        return self.ended and self.read_seq >= self.next_seq
+
+    @property
+    def waiting_bytes(self) -> int:
+        """Bytes appended and not yet taken from memory (0 while reading backlog)."""
+        return len(self._mem) if self._live else 1 << 62
+
+    def skip_to(self, seq: int) -> None:
+        """Start reading at ``seq`` (a leftover's records at or below its committed number
+        are not read back at all)."""
+        with self._lock:
+            if seq > self.read_seq and not self._live:
+                self.read_seq = seq
+                self._cursor = None
+
+    def take(self, limit: int = 8 << 20) -> tuple[bytes, int] | None:
+        """The next records in order, as ``(chunk of capture records, first_seq)``, or None."""
+        with self._lock:
+            if self._live:
+                if not self._mem_count:
+                    return None
+                chunk, first = bytes(self._mem), self._mem_first
+                self._mem_first += self._mem_count
+                self._mem = bytearray()
+                self._mem_count = 0
+                self.read_seq = self._mem_first
+                return chunk, first
+        # backlog: from the segments, up to what the writer thread has written
+        got = self._read_disk(limit)
+        if got is not None:
+            return got
+        with self._lock:
+            # caught up with the disk: take the memory tail again (what is appended and not
+            # yet written is exactly the pending buffer)
+            if (not self._live and not self._in_flight
+                    and self.read_seq == self._pending_first and not self.ended):
+                self._live = True
+                self._mem = bytearray(self._pending)
+                self._mem_first = self._pending_first
+                self._mem_count = self.next_seq - self._pending_first
+                if self._mem_count:
+                    chunk, first = bytes(self._mem), self._mem_first
+                    self._mem_first = self.next_seq
+                    self._mem = bytearray()
+                    self._mem_count = 0
+                    self.read_seq = self.next_seq
+                    return chunk, first
         return None
 
-    def release(self, committed_seq: int) -> int:
-        """Delete closed segments wholly at or below ``committed_seq``; returns bytes freed."""
-        freed = 0
+    def _read_disk(self, limit: int) -> tuple[bytes, int] | None:
+        from ingestor._core import capture_span
+
+        with self._lock:
+            segs = list(self.segments)
+        for seg in segs:
+            if not (seg.first_seq <= self.read_seq < seg.end_seq):
+                continue
+            _, off, seq = self._seek(seg)
+            if off >= seg.size:
+                if not seg.closed:
+                    return None  # the writer thread has not written further yet
+                seg.end_seq = seq  # a leftover's real end, found by reading it
+                continue
+            want = min(limit, seg.size - off)
+            with open(seg.path, "rb") as f:
+                f.seek(off)
+                data = f.read(want)
+            try:
+                end, count = capture_span(data, self.spool.max_record)
+                if count == 0 and want < seg.size - off:  # one record larger than limit
+                    with open(seg.path, "rb") as f:
+                        f.seek(off)
+                        data = f.read(seg.size - off)
+                    end, count = capture_span(data, self.spool.max_record)
+            except ValueError as exc:
+                end, count = 0, 0
+                log.error("spool segment %s: damaged record at byte %d (%s)", seg.path, off, exc)
+            if count == 0:
+                if not seg.closed:
+                    return None
+                log.warning("spool segment %s ends inside a record at byte %d (%d bytes "
+                            "ignored): a crash while writing?", seg.path, off, seg.size - off)
+                seg.end_seq = seq
+                continue
+            self._cursor = (seg.path, off + end, seq + count)
+            self.read_seq = seq + count
+            return bytes(data[:end]), seq
+        if self.ended and not self._live and self.next_seq >= 1 << 62:
+            # a leftover read to its end
+            last = segs[-1].end_seq if segs else self.read_seq
+            if self.read_seq >= last:
+                self.next_seq = self.read_seq
+        return None
+
+    def _seek(self, seg: Segment) -> tuple[str, int, int]:
+        """File offset of ``read_seq`` in ``seg`` (walking records when not cached)."""
+        from ingestor._core import capture_span
+
+        if self._cursor is not None and self._cursor[0] == seg.path and self._cursor[2] == self.read_seq:
+            return self._cursor
+        off, seq = _data_offset(seg.path), seg.first_seq
+        with open(seg.path, "rb") as f:
+            while seq < self.read_seq:
+                f.seek(off)
+                data = f.read(min(8 << 20, seg.size - off))
+                if not data:
+                    break
+                try:
+                    end, count = capture_span(data, self.spool.max_record)
+                except ValueError:  # damaged: _read_disk reports it
+                    break
+                if seq + count > self.read_seq:  # overshoot: walk record by record
+                    pos = 0
+                    while seq < self.read_seq:
+                        _, _, ln = RECORD_HEADER.unpack_from(data, pos)
+                        pos += RECORD_HEADER.size + ln
+                        seq += 1
+                    off += pos
+                    break
+                if count == 0:
+                    break
+                off += end
+                seq += count
+        return (seg.path, off, seq)
+
+    def release(self, committed_seq: int) -> None:
+        """Everything up to ``committed_seq`` is in the database: the writer thread deletes
+        (or keeps, recording) the segments wholly at or below it."""
+        if committed_seq > self.committed:
+            self.committed = committed_seq
+            self.spool.kick()
+
+    # -- the writer thread's side -------------------------------------------------
+
+    def _write_out(self) -> None:
+        with self._lock:
+            if not self._pending:
+                data = None
+            else:
+                data, first = self._pending, self._pending_first
+                count = self.next_seq - first
+                self._pending = bytearray()
+                self._pending_first = self.next_seq
+                self._in_flight = count
+        if data is not None:
+            sp = self.spool
+            seg = self.segments[-1] if self.segments and not self.segments[-1].closed else None
+            if seg is not None and seg.size >= sp.segment_bytes:
+                self._close_segment(seg)
+                seg = None
+            if seg is None:
+                seg = self._open_segment(first)
+            w = sp._writers[seg.path]
+            w.write_raw(data, count)
+            w.flush()
+            with self._lock:
+                seg.size = w.bytes
+                seg.end_seq = first + count
+                self._in_flight = 0
+            if not self._live and self.wakeup is not None:
+                self.wakeup()  # backlog became readable
+        if self.ended and self.segments and not self.segments[-1].closed and not self._pending:
+            self._close_segment(self.segments[-1])
+        self._release_files()
+
+    def _open_segment(self, first_seq: int) -> Segment:
+        sp = self.spool
+        path = os.path.join(sp.dir, f"{self.stream}.{first_seq:012d}.cap")
+        w = CaptureWriter(path, CaptureHeader(stream=self.stream, first_seq=first_seq),
+                          buffer_size=1 << 20)
+        sp._writers[path] = w
+        seg = Segment(path, first_seq, first_seq, w.bytes)
+        sp.add_bytes(w.bytes)
+        with self._lock:
+            self.segments.append(seg)
+        return seg
+
+    def _close_segment(self, seg: Segment) -> None:
+        w = self.spool._writers.pop(seg.path, None)
+        if w is not None:
+            w.sync()
+            w.close()
+        seg.closed = True
+
+    def _release_files(self) -> None:
         keep = []
-        for i, seg in enumerate(self.segments):
-            done = seg.closed and seg.end_seq - 1 <= committed_seq and i < self._read_seg
-            if done:
-                freed += _remove(seg.path, self.spool.keep_dir)
+        for seg in self.segments:
+            if seg.closed and seg.end_seq - 1 <= self.committed and seg.end_seq <= self.read_seq:
+                self.spool.add_bytes(-_remove(seg.path, self.spool.keep_dir))
             else:
                 keep.append(seg)
-        self._read_seg -= len(self.segments) - len(keep)
-        self.segments = keep
-        self.spool.bytes -= freed
-        if self.spool.alarmed and self.spool.bytes < self.spool.alarm_bytes * 0.9:
-            self.spool.alarmed = False
-            log.warning("spool back under its alarm level (%d bytes)", self.spool.bytes)
-        return freed
+        if len(keep) != len(self.segments):
+            with self._lock:
+                self.segments = keep
+                self._cursor = None
+        if self.ended and not self.segments and not self._pending and self.consumed:
+            self.closed = True
 
-    def close(self, committed_seq: int) -> None:
-        """Close the stream; delete its files if everything in them is committed."""
-        seg = self.segments[-1]
-        seg.writer.sync()
-        seg.writer.close()
-        seg.closed = True
-        if committed_seq >= self.next_seq - 1:
-            for s in self.segments:
-                self.spool.bytes -= _remove(s.path, self.spool.keep_dir)
-            self.segments = []
+    def _fsync(self) -> None:
+        if self.segments and not self.segments[-1].closed:
+            w = self.spool._writers.get(self.segments[-1].path)
+            if w is not None:
+                w.sync()
 
 
 def _data_offset(path: str) -> int:
@@ -177,10 +373,12 @@ def _remove(path: str, keep_dir: str | None = None) -> int:
 
 
 class Spool:
-    """All streams' spools in one directory, with one size bound."""
+    """All streams' spools in one directory, with one size bound and one writer thread."""
 
     def __init__(self, dir: str, max_bytes: int = 2 << 30, alarm_at: float = 0.8,
-                 segment_bytes: int = 64 << 20, keep_dir: str | None = None):
+                 segment_bytes: int = 64 << 20, keep_dir: str | None = None,
+                 fsync_interval: float = 0.2, memory_bytes: int = 64 << 20,
+                 max_record: int = 1 << 28):
         self.dir = dir
         os.makedirs(dir, exist_ok=True)
         #: where committed segments go instead of being deleted (the raw recording:
@@ -191,13 +389,159 @@ class Spool:
         self.max_bytes = max_bytes
         self.alarm_bytes = int(max_bytes * alarm_at)
         self.segment_bytes = segment_bytes
+        self.fsync_interval = fsync_interval
+        self.memory_bytes = memory_bytes
+        self.max_record = max_record
         self.dropped = 0
         self.alarmed = False
-        self.bytes = sum(os.path.getsize(p) for p in self.leftovers())
+        self._bytes_lock = threading.Lock()
+        self.bytes = sum(os.path.getsize(p) for p in self.leftover_files())
+        self.streams: list[StreamSpool] = []
+        self._writers: dict[str, CaptureWriter] = {}
+        self._kick = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+        #: the writer thread's last error (the daemon reports it), None while healthy
+        self.error: str | None = None
 
-    def leftovers(self) -> list[str]:
-        """Segment files already in the directory (a previous run's), in stream order."""
+    # -- one process per folder ---------------------------------------------------
+
+    def lock(self) -> None:
+        """Hold the folder for this process; ``SpoolInUse`` names the holder otherwise."""
+        path = os.path.join(self.dir, LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise SpoolInUse(f"the spool folder {self.dir} is in use by process {holder}: "
+                             f"one daemon per spool folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- streams ------------------------------------------------------------------
+
+    def leftover_files(self) -> list[str]:
         return sorted(glob.glob(os.path.join(self.dir, "*.cap")))
 
+    def leftovers(self) -> list[StreamSpool]:
+        """The streams a previous run left (a crash, a stop with the database away), in the
+        order they were received: streams by their first record's receive time, each
+        stream's segments by sequence number.  (Stream ids carry a random part, so names
+        alone do not sort by time; replaying a later stream first would stamp the earlier
+        one's ticks after it.)  Their records are read back from disk by ``take``."""
+        info = []
+        for path in self.leftover_files():
+            try:
+                with CaptureReader(path) as rd, open(path, "rb") as f:
+                    f.seek(rd.data_offset)
+                    head = f.read(RECORD_HEADER.size)
+                    first_ns = RECORD_HEADER.unpack(head)[0] if len(head) == RECORD_HEADER.size else 0
+                    info.append((rd.header.stream, rd.header.first_seq, first_ns, path,
+                                 os.path.getsize(path)))
+            except (OSError, ValueError) as exc:
+                log.error("spool file %s is unreadable (%s): left in place", path, exc)
+        start: dict[str, int] = {}
+        for stream, _, first_ns, _, _ in sorted(info, key=lambda x: (x[0], x[1])):
+            start.setdefault(stream, first_ns)
+        by_stream: dict[str, list] = {}
+        for item in sorted(info, key=lambda x: (start[x[0]], x[0], x[1])):
+            by_stream.setdefault(item[0], []).append(item)
+        out = []
+        for stream, items in by_stream.items():
+            segs = []
+            for i, (_, first_seq, _, path, size) in enumerate(items):
+                # a segment's end is the next one's start; the last one's is found by reading
+                end = items[i + 1][1] if i + 1 < len(items) else 1 << 62
+                segs.append(Segment(path, first_seq, end, size, closed=True))
+            sp = StreamSpool(self, stream, recovered=segs)
+            sp.next_seq = 1 << 62
+            out.append(sp)
+            self.streams.append(sp)
+        return out
+
     def stream(self, stream: str, first_seq: int = 0) -> StreamSpool:
-        return StreamSpool(self, stream, first_seq)
+        sp = StreamSpool(self, stream, first_seq)
+        self.streams.append(sp)
+        self.start()
+        return sp
+
+    def add_bytes(self, n: int) -> None:
+        with self._bytes_lock:
+            self.bytes += n
+            b = self.bytes
+        if not self.alarmed and b >= self.alarm_bytes:
+            self.alarmed = True
+            log.error("spool at %.0f%% of its limit (%d of %d bytes)", 100 * b / self.max_bytes,
+                      b, self.max_bytes)
+        elif self.alarmed and b < self.alarm_bytes * 0.9:
+            self.alarmed = False
+            log.warning("spool back under its alarm level (%d bytes)", b)
+
+    # -- the writer thread -----------------------------------------------------------
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        last_sync = time.monotonic()
+        while True:
+            self._kick.wait(0.005 if not self._stop.is_set() else 0)
+            self._kick.clear()
+            stopping = self._stop.is_set()
+            try:
+                for sp in list(self.streams):
+                    sp._write_out()
+                    if sp.closed:
+                        self.streams.remove(sp)
+                if time.monotonic() - last_sync >= self.fsync_interval or stopping:
+                    last_sync = time.monotonic()
+                    for sp in list(self.streams):
+                        sp._fsync()
+                self.error = None
+            except OSError as exc:
+                if self.error is None:
+                    log.error("spool: cannot write: %s", exc)
+                self.error = str(exc)
+                time.sleep(0.1)
+            if stopping:
+                return
+            # a short pause batches appends into fewer writes
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        """Write out and fsync everything appended, close the files, stop the thread."""
+        for sp in self.streams:
+            sp.ended = True
+        self._stop.set()
+        self._kick.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        else:
+            for sp in list(self.streams):
+                sp._write_out()
+        for w in list(self._writers.values()):
+            try:
+                w.sync()
+                w.close()
+            except (OSError, ValueError):
+                pass
+        self._writers.clear()
+        self.unlock()

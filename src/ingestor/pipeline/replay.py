@@ -1,10 +1,11 @@
 """``ingestor replay``: a capture through the whole pipeline into the database.
 
-The producer (decode -> aggregate -> encode, ``Pipeline``) runs in a worker
-thread; the writer (``Writer``) runs on the event loop.  Between them a queue
-of at most ``queue_batches`` batches: the producer blocks when the writer
-falls behind (backpressure; memory stays bounded), and encodes the next batch
-while the server ingests the previous one.
+The capture goes through the same ``Driver`` as the live daemon: the pipeline
+(decode -> aggregate -> encode) runs in a worker thread, the writer on the
+event loop, and between them a queue of at most ``queue_batches`` batches:
+the driver waits when the writer falls behind (backpressure; memory stays
+bounded), and encodes the next batch while the server ingests the previous
+one.
 
 Exactly once: records at or below the stream's committed sequence number
 are skipped, so replaying a capture twice leaves the tables as after the
@@ -16,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ingestor.pipeline import state
 from ingestor.feed.capture import CaptureReader
-from ingestor.pipeline import Pipeline, PipelineSettings
+from ingestor.pipeline.driver import Driver, drive_capture
+from ingestor.pipeline.pipeline import FlushBatch, Pipeline, PipelineSettings
 from ingestor.store.writer import Writer, postback_handler
 
 
@@ -90,13 +92,14 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
     try:
         require_current(setup)
         stream = reader.header.stream
+        done = committed(setup, stream)
         pipeline = Pipeline(stream, resolve=lambda toks: register_tokens(setup, toks),
-                            settings=settings, committed=committed(setup, stream))
+                            settings=settings, committed=done)
         load_state(setup, pipeline)
         writer = Writer(dsn, dead_letter_dir=dead_letter_dir, on_texts=postback_handler())
         show = sys.stderr.isatty() if progress is None else progress
         t0 = time.perf_counter()
-        asyncio.run(_run(reader, pipeline, writer, queue_batches, show))
+        asyncio.run(_run(reader, pipeline, writer, queue_batches, show, done))
         seconds = time.perf_counter() - t0
     finally:
         reader.close()
@@ -111,48 +114,44 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
                         reader.truncated_bytes)
 
 
+async def write_batches(queue: asyncio.Queue, writer: Writer,
+                        on_written: Callable[[FlushBatch, str, float], None] | None = None) -> None:
+    """The writer's side of a driver's queue, until it gets None: one transaction per batch."""
+    while True:
+        b = await queue.get()
+        if b is None:
+            return
+        t0 = time.perf_counter()
+        outcome = await writer.write(b)
+        if on_written is not None:
+            on_written(b, outcome, time.perf_counter() - t0)
+
+
 async def _run(reader: CaptureReader, pipeline: Pipeline, writer: Writer, queue_batches: int,
-               show: bool) -> None:
-    loop = asyncio.get_running_loop()
+               show: bool, committed: int) -> None:
     queue: asyncio.Queue = asyncio.Queue(maxsize=queue_batches)
-    stop = threading.Event()
     size = max(1, os.path.getsize(reader.path))
+    driver = Driver(pipeline, queue)
 
-    def put(item) -> None:
-        asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
-
-    def produce() -> None:
-        try:
-            done = reader.data_offset
-            for chunk, seq in reader.chunks():
-                if stop.is_set():
-                    return
-                for batch in pipeline.feed_chunk(chunk, seq):
-                    put(batch)
-                done += len(chunk)
-                if show:
-                    sys.stderr.write(f"\rreplay {done / size:6.1%}  "
-                                     f"{pipeline.totals['ticks']:,} ticks")
-            put(pipeline.take(final=True))
-            put(None)
-        except BaseException as exc:  # hand it to the loop
-            put(exc)
+    def progress(done: int) -> None:
+        if show:
+            sys.stderr.write(f"\rreplay {done / size:6.1%}  {pipeline.totals['ticks']:,} ticks")
 
     await writer.connect()
-    producer = loop.run_in_executor(None, produce)
     try:
-        while True:
-            item = await queue.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            await writer.write(item)
+        async with asyncio.TaskGroup() as tg:
+            write = tg.create_task(write_batches(queue, writer), name="writer")
+
+            async def produce() -> None:
+                try:
+                    await drive_capture(driver, reader, committed, progress)
+                finally:
+                    if not write.done():
+                        await queue.put(None)
+
+            tg.create_task(produce(), name="pipeline")
+    except BaseExceptionGroup as eg:
+        # one failure is the story: re-raise it as itself (the CLI's one line)
+        raise eg.exceptions[0] from None
     finally:
-        stop.set()
-        while not producer.done():  # unblock a producer waiting on a full queue
-            try:
-                queue.get_nowait()
-            except asyncio.QueueEmpty:
-                await asyncio.sleep(0.01)
         await writer.close()

@@ -17,8 +17,8 @@ directory, with trust authentication for the superuser ``postgres``.
 
 ``initdb`` and ``postgres`` refuse to run as root (the manual: "initdb must be run as the
 user that will own the server process").  When this process is root the cluster belongs to
-an unprivileged system user instead -- ``ingestor-pg``, created with ``useradd --system``
-when missing, else ``nobody`` -- and every server program runs as that user (through
+an unprivileged user instead -- ``ingestor-pg`` where an operator created it, else
+``nobody`` (never an account this tool creates) -- and every server program runs as that user (through
 :class:`subprocess.Popen`'s ``user``/``group`` arguments, no ``su`` or ``runuser`` needed).
 Deliberately not the ``postgres`` user: a bug here must not be able to touch the data of
 the machine's own server.  That user must be able to reach the data directory, so every
@@ -200,39 +200,14 @@ def _lookup(user: str):
         return None
 
 
-def cluster_user(create: bool = True) -> str:
+def cluster_user() -> str:
     """The unprivileged user a root process runs its clusters as.
 
-    ``ingestor-pg`` if it exists; else, with ``create``, it is made with
-    ``useradd --system`` (no home, no login shell); if that fails, ``nobody``.
-
-    Parameters
-    ----------
-    create : bool
-        Whether to create ``ingestor-pg`` when it is missing.
-
-    Returns
-    -------
-    str
-        The user name.
+    ``ingestor-pg`` if an operator created it, else ``nobody``.  The tool never creates a
+    system user itself: a test or demo helper has no business adding accounts to a machine.
     """
     if _lookup(CLUSTER_USER):
         return CLUSTER_USER
-    if create and shutil.which("useradd"):
-        nologin = next((p for p in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
-                        if os.path.exists(p)), "/bin/false")
-        proc = subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home",
-             "--home-dir", "/nonexistent", "--shell", nologin,
-             "--comment", "ingestor private PostgreSQL clusters", CLUSTER_USER],
-            capture_output=True, text=True)
-        # Another process may have created it between the lookup and useradd (exit 9).
-        if _lookup(CLUSTER_USER):
-            if proc.returncode == 0:
-                log.info("created system user %s for private PostgreSQL clusters", CLUSTER_USER)
-            return CLUSTER_USER
-        log.warning("could not create user %s (%s); running the cluster as nobody",
-                    CLUSTER_USER, proc.stderr.strip() or f"exit {proc.returncode}")
     if _lookup("nobody"):
         return "nobody"
     raise ClusterError(

@@ -25,6 +25,8 @@ ENV_VARS = ("INGESTOR_DSN", "DATABASE_URL")
 
 _URI_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s:]*:([^@\s/]*)@", re.I)
 _KV_PASSWORD = re.compile(r"(?i)\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+#: a quoted fragment in libpq's parse errors; only bare punctuation (``"="``, ``"]"``) is kept
+_QUOTED = re.compile(r'"([^"]*)"')
 
 
 def resolve_dsn(dsn: str | None = None, *, config_dsn: str | None = None,
@@ -109,6 +111,21 @@ def error_line(exc: BaseException) -> str:
     return redact(line)
 
 
+def malformed_line(exc: BaseException) -> str:
+    """libpq's complaint about a DSN it cannot parse, without the DSN's text.
+
+    libpq quotes the word it stumbled on (``missing "=" after "PW789"``, ``invalid
+    connection option "x"``, or the whole URI), and with an unquoted password containing
+    a space that word is half of the password: no redaction can know it.  So every quoted
+    fragment is withheld and the rest of the reason kept."""
+    text = str(exc).strip() or type(exc).__name__
+    line = " ".join(text.splitlines()[0].split())
+    kept = _QUOTED.sub(lambda m: m.group(0) if re.fullmatch(r"[=\[\]'%]?", m.group(1))
+                       else '"..."', line)
+    hint = " (a value with spaces needs quotes: key='a b')" if "missing \"=\"" in kept else ""
+    return f"malformed DSN: {redact(kept)}{hint} (fragment withheld)"
+
+
 def _params(dsn: str, connect_timeout: int) -> dict:
     """libpq parameters of ``dsn`` (its password registered for redaction), or ``Failure``."""
     import psycopg
@@ -120,7 +137,7 @@ def _params(dsn: str, connect_timeout: int) -> dict:
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
-        raise Failure(f"invalid database DSN: {error_line(exc)}") from None
+        raise Failure(f"invalid database DSN: {malformed_line(exc)}") from None
     params.setdefault("connect_timeout", connect_timeout)
     return params
 

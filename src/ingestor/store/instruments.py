@@ -103,26 +103,42 @@ class InstrumentRow:
     line: int
 
 
-def _int(value: str, what: str, *, required=False, minimum=None):
+#: a cell longer than this is not a number (and is not echoed whole in the error)
+_MAX_NUMBER_CHARS = 40
+#: text cells: far above any real symbol or name, far below an index row's size limit
+MAX_TEXT_CHARS = 256
+#: prices (tick size, strike) are NUMERIC(18,7): 11 integer digits and 7 decimals, exactly
+_MAX_PRICE = Decimal(10) ** 11
+_PRICE_PLACES = 7
+
+
+def _show(value: str) -> str:
+    return repr(value if len(value) <= 24 else value[:24] + "...")
+
+
+def _int(value: str, what: str, *, required=False, minimum=None, below=1 << 63):
     value = value.strip()
     if not value:
         if required:
             raise ValueError(f"{what} is empty")
         return None
+    if len(value) > _MAX_NUMBER_CHARS:
+        raise ValueError(f"{what} {_show(value)} is not an integer ({len(value)} characters)")
     try:
         n = int(value)
     except ValueError:
         try:  # "1.0" as some dumps write integers
             d = Decimal(value)
         except InvalidOperation:
-            raise ValueError(f"{what} {value!r} is not an integer") from None
-        if d != d.to_integral_value():
-            raise ValueError(f"{what} {value!r} is not an integer") from None
+            raise ValueError(f"{what} {_show(value)} is not an integer") from None
+        # the exponent first: int(Decimal("1e99999999")) would build a 100-million-digit number
+        if not d.is_finite() or d.adjusted() > 19 or d != d.to_integral_value():
+            raise ValueError(f"{what} {_show(value)} is not an integer in range") from None
         n = int(d)
     if minimum is not None and n < minimum:
-        raise ValueError(f"{what} {value!r} is below {minimum}")
-    if not -(1 << 63) <= n < (1 << 63):
-        raise ValueError(f"{what} {value!r} is out of range")
+        raise ValueError(f"{what} {_show(value)} is below {minimum}")
+    if not -(1 << 63) <= n < below:
+        raise ValueError(f"{what} {_show(value)} is out of range (at most {below - 1})")
     return n
 
 
@@ -130,15 +146,29 @@ def _dec(value: str, what: str):
     value = value.strip()
     if not value:
         return None
+    if len(value) > _MAX_NUMBER_CHARS:
+        raise ValueError(f"{what} {_show(value)} is not a number ({len(value)} characters)")
     try:
         d = Decimal(value)
     except InvalidOperation:
-        raise ValueError(f"{what} {value!r} is not a number") from None
+        raise ValueError(f"{what} {_show(value)} is not a number") from None
     if not d.is_finite():
-        raise ValueError(f"{what} {value!r} is not a finite number")
+        raise ValueError(f"{what} {_show(value)} is not a finite number")
     if d < 0:
-        raise ValueError(f"{what} {value!r} is negative")
+        raise ValueError(f"{what} {_show(value)} is negative")
+    if d.adjusted() >= 11 or d >= _MAX_PRICE:
+        raise ValueError(f"{what} {_show(value)} is out of range (below 10^11)")
+    if d != d.quantize(Decimal(1).scaleb(-_PRICE_PLACES)):
+        raise ValueError(f"{what} {_show(value)} has more than {_PRICE_PLACES} decimals "
+                         f"(stored exactly or not at all)")
     return d
+
+
+def _text(value: str, what: str) -> str:
+    value = value.strip()
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"{what} is {len(value)} characters long (at most {MAX_TEXT_CHARS})")
+    return value
 
 
 def _date(value: str, what: str):
@@ -146,9 +176,13 @@ def _date(value: str, what: str):
     if not value:
         return None
     try:
-        return dt.date.fromisoformat(value[:10])
+        if len(value) == 10:
+            return dt.date.fromisoformat(value)
+        if len(value) <= 32:  # a timestamp: its date
+            return dt.datetime.fromisoformat(value).date()
     except ValueError:
-        raise ValueError(f"{what} {value!r} is not a date (YYYY-MM-DD)") from None
+        pass
+    raise ValueError(f"{what} {_show(value)} is not a date (YYYY-MM-DD)")
 
 
 def read_csv(path: str | os.PathLike) -> list[InstrumentRow]:
@@ -185,6 +219,9 @@ def _parse(reader, name: str) -> list[InstrumentRow]:
     if header is None:
         raise InstrumentsFileError(f"{name}:1: empty file (expected the instruments CSV header)")
     cols = [h.strip().lower() for h in header]
+    dup = sorted({c for c in cols if c and cols.count(c) > 1})
+    if dup:
+        raise InstrumentsFileError(f"{name}:1: column(s) {', '.join(dup)} appear more than once")
     missing = [c for c in COLUMNS if c not in cols]
     if missing:
         raise InstrumentsFileError(
@@ -200,9 +237,14 @@ def _parse(reader, name: str) -> list[InstrumentRow]:
                 f"{name}:{line}: {len(fields)} fields, the header has {len(cols)}")
         f = {c: fields[i] for c, i in idx.items()}
         try:
-            token = _int(f["instrument_token"], "instrument_token", required=True, minimum=1)
-            symbol = f["tradingsymbol"].strip()
-            exchange = f["exchange"].strip()
+            bad = next((c for c, v in f.items() if "\x00" in v), None)
+            if bad is not None:
+                raise ValueError(f"{bad} contains a NUL character")
+            # Kite tokens are unsigned 32-bit (the feed's packets carry 4 bytes)
+            token = _int(f["instrument_token"], "instrument_token", required=True, minimum=1,
+                         below=1 << 32)
+            symbol = _text(f["tradingsymbol"], "tradingsymbol")
+            exchange = _text(f["exchange"], "exchange")
             if not symbol:
                 raise ValueError("tradingsymbol is empty")
             if not exchange:
@@ -212,11 +254,12 @@ def _parse(reader, name: str) -> list[InstrumentRow]:
                 raise ValueError(f"lot_size {lot} is out of range")
             row = InstrumentRow(
                 instrument_token=token,
-                exchange_token=_int(f["exchange_token"], "exchange_token"),
+                exchange_token=_int(f["exchange_token"], "exchange_token", minimum=0,
+                                    below=1 << 32),
                 exchange=exchange, symbol=symbol,
-                name=f["name"].strip() or None,
-                instrument_type=f["instrument_type"].strip() or None,
-                segment=f["segment"].strip() or None,
+                name=_text(f["name"], "name") or None,
+                instrument_type=_text(f["instrument_type"], "instrument_type") or None,
+                segment=_text(f["segment"], "segment") or None,
                 tick_size=_dec(f["tick_size"], "tick_size"),
                 lot_size=lot,
                 expiry_date=_date(f["expiry"], "expiry"),
@@ -383,7 +426,7 @@ def _register_params(tokens: list[int]):
 def _check_tokens(tokens) -> list[int]:
     out = sorted({int(t) for t in tokens})
     for t in out:
-        if not 0 < t < (1 << 63):
+        if not 0 < t < (1 << 32):
             raise ValueError(f"not an instrument token: {t}")
     return out
 

@@ -1,0 +1,104 @@
+"""A hostile feed server (a few lines of ``websockets``): inputs that must not stop ingestion."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import struct
+import threading
+import urllib.request
+
+import psycopg
+import pytest
+from daemon_harness import Daemon, count_ticks, wait_for
+
+from ingestor.store.migrate import migrate
+
+TOKEN = 408065
+
+
+@pytest.fixture
+def db(fresh_db):
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        migrate(conn)
+    return fresh_db
+
+
+def ltp_message(token: int, price: int) -> bytes:
+    return struct.pack(">HHII", 1, 8, token, price)
+
+
+class HostileServer:
+    """Serves Kite-framed messages; ``first`` is sent first on every ``bad_connections``-th
+    connection, then valid LTP packets every 20 ms.  Counts the valid packets it sent."""
+
+    def __init__(self, first: bytes, bad_connections: int = 1):
+        self.first = first
+        self.bad_connections = bad_connections
+        self.connections = 0
+        self.sent = 0
+        self.stop = threading.Event()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.thread.start()
+        assert self._ready.wait(10)
+
+    async def _main(self) -> None:
+        from websockets.asyncio.server import serve
+
+        async def handler(ws):
+            self.connections += 1
+            if self.connections <= self.bad_connections:
+                await ws.send(self.first)
+            price = 10_000
+            while not self.stop.is_set():
+                await ws.send(ltp_message(TOKEN, price))
+                self.sent += 1
+                price += 5
+                await asyncio.sleep(0.02)
+            await ws.close()
+
+        async with serve(handler, "127.0.0.1", self.port, max_size=None):
+            self._ready.set()
+            while not self.stop.is_set():
+                await asyncio.sleep(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def test_oversized_message_is_refused_counted_and_the_rest_flows(tmp_path, db):
+    """One message over the size limit (the client had none: a 256 MiB message was spooled,
+    then killed every start): refused, counted, the connection reopened, the rest ingested."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = HostileServer(b"\x00" * (17 << 20))
+    try:
+        d = Daemon(tmp_path, db, srv.url, feed=f"tokens = [{TOKEN}]\n", metrics_port=port)
+        wait_for(lambda: count_ticks(db) > 20, timeout=60)
+        assert d.proc.poll() is None, d.output()
+
+        def oversized():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            m = re.search(r'^ingestor_feed_oversized_messages_total\{connection="kite-0"\} (\S+)$',
+                          text, re.M)
+            return m and float(m.group(1)) >= 1
+        wait_for(oversized, timeout=30)
+        srv.stop.set()
+        assert d.terminate() == 0, d.output()
+    finally:
+        srv.close()
+    out = d.output()
+    assert "over 16777216 bytes" in out, out
+    assert srv.connections >= 2
+    with psycopg.connect(db) as c:
+        n, distinct = c.execute("select count(*), count(distinct time) from tick_data").fetchone()
+    assert n == distinct == srv.sent
