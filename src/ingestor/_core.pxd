@@ -323,7 +323,32 @@ ctypedef struct inst_t:
     uint32_t last_volume
     uint32_t divisor
     uint8_t has_volume          # last_volume holds a cumulative volume
-    uint8_t snap_pending
+    uint8_t snap_pending        # books[slot] is the open interval's book, not yet final
+    uint8_t snap_stored         # ...and flush() already wrote it (a shutdown mid-interval)
+    uint8_t dirty               # changed since the last take_state()
+
+
+# The head of an instrument's continuation state (``Engine.take_state``,
+# ``STATE_HEAD``): followed in a state record by the timeframe lengths
+# (int64 x ntf) and the forming candles (acc_t x ntf).
+ctypedef struct statehead_t:
+    uint16_t version            # STATE_VERSION
+    uint16_t ntf                # timeframes in the record
+    uint32_t flags              # STATE_* bits
+    int64_t last_time_us
+    int32_t instrument_id
+    uint32_t token
+    uint32_t last_volume
+    uint32_t pad
+    snapshot_t book             # the latest book (the pending one with STATE_SNAP_PENDING)
+
+
+# A snapshot row to delete: written by flush() as the interval's book, then
+# superseded by a later book of the same interval (a restart mid-interval).
+ctypedef struct retraction_t:
+    int64_t time_us
+    int32_t instrument_id
+    uint32_t instrument_token
 
 
 @cython.final
@@ -351,6 +376,9 @@ cdef class Engine:
     cdef readonly object tick_rows
     cdef readonly object candles
     cdef readonly object snapshots
+    cdef readonly object retractions
+    cdef readonly object state_dtype
+    cdef retraction_t *_retr
     cdef tickrow_t *_rows
     cdef candle_t *_candles
     cdef snapshot_t *_snaps
@@ -360,8 +388,10 @@ cdef class Engine:
     cdef readonly Py_ssize_t n_tick_rows
     cdef readonly Py_ssize_t n_candles
     cdef readonly Py_ssize_t n_snapshots
+    cdef readonly Py_ssize_t n_retractions
     cdef readonly int64_t last_seq
     cdef uint64_t _stats[4]
+    cdef bint _busy                     # a loop runs without the GIL (another thread: refuse)
 
     cdef Py_ssize_t _slot(self, uint32_t token) noexcept nogil
     cdef Py_ssize_t _new_slot(self, uint32_t token) except -1
@@ -369,6 +399,10 @@ cdef class Engine:
                            Py_ssize_t snaps) except -1
     cdef int _resolve(self, const tick_t *ticks, Py_ssize_t start, Py_ssize_t n,
                       Py_ssize_t n_depth) except -1
+    cdef int _enter(self) except -1
     cdef Py_ssize_t _run(self, const tick_t *ticks, Py_ssize_t start, Py_ssize_t n,
                          const depth_t *depth) except -1
-    cdef int _close(self, int64_t now_us, bint all) except -1
+    cdef Py_ssize_t _run_nogil(self, const tick_t *ticks, Py_ssize_t start, Py_ssize_t n,
+                               const depth_t *depth, Py_ssize_t base,
+                               Py_ssize_t *need) noexcept nogil
+    cdef int _close(self, int64_t now_us, bint all) noexcept nogil

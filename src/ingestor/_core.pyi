@@ -48,8 +48,19 @@ ROW_HAS_BOOK: int
 ROW_HAS_EXCHANGE_TIME: int
 CANDLE_HAS_VWAP: int
 CANDLE_HAS_OI: int
+CANDLE_REWRITE: int
+ACC_DTYPE: np.dtype
+RETRACTION_DTYPE: np.dtype
+STATE_HAS_VOLUME: int
+STATE_SNAP_PENDING: int
+STATE_SNAP_STORED: int
+STATE_VERSION: int
+ACC_FLAG_OPEN: int
+ACC_FLAG_EMITTED: int
+ACC_FLAG_OI: int
 
 def timeframe_us(label: str) -> int: ...
+def state_dtype(ntf: int) -> np.dtype: ...
 
 class Engine:
     timeframes: tuple[str, ...]
@@ -60,6 +71,9 @@ class Engine:
     candles: npt.NDArray[Any]
     snapshots: npt.NDArray[Any]
     books: npt.NDArray[Any]
+    retractions: npt.NDArray[Any]
+    state_dtype: np.dtype
+    n_retractions: int
     n_tick_rows: int
     n_candles: int
     n_snapshots: int
@@ -77,6 +91,11 @@ class Engine:
     def seed_candle(self, token: int, timeframe_index: int, start_us: int, open: int, high: int,
                     low: int, close: int, volume: int, trade_count: int, pv: int,
                     oi: int | None = None, stored: bool = False) -> None: ...
+    def seed_book(self, token: int, book: Any, pending: bool = False,
+                  stored: bool = False) -> None: ...
+    def touch(self, token: int) -> None: ...
+    def take_state(self, all: bool = False) -> npt.NDArray[Any]: ...
+    def retracted(self) -> npt.NDArray[Any]: ...
     def unknown_tokens(self, source: Any, start: int = 0) -> npt.NDArray[Any]: ...
     def process(self, source: Any, start: int = 0, n_ticks: int | None = None,
                 depth: Any = None, n_depth: int | None = None) -> int: ...

@@ -284,11 +284,13 @@ class Daemon:
                     raise
         raise AssertionError("unreachable")
 
-    def _new_pipeline(self, label: str, setup) -> Pipeline:
+    def _new_pipeline(self, label: str, setup, tokens=None) -> Pipeline:
         from ingestor.pipeline.state import load_state
 
         pl = Pipeline(f"{label}-idle", resolve=self._resolve, settings=self.settings)
-        load_state(setup, pl)
+        # a connection's engine continues only its instruments (tokens): another engine's
+        # pending candles and books are not its to write at shutdown; recovery takes them all
+        load_state(setup, pl, tokens=tokens)
         self.pipelines.append(pl)
         return pl
 
@@ -350,7 +352,8 @@ class Daemon:
                 log.info("replayed spool left by an earlier run: %d stream(s), %d ticks",
                          len(leftovers), pl.totals["ticks"])
             for conn in self.connections:
-                pl = await loop.run_in_executor(None, self._new_pipeline, conn.label, setup)
+                pl = await loop.run_in_executor(None, self._new_pipeline, conn.label, setup,
+                                                conn.tokens)
                 conn.driver = Driver(pl, self.queue, self.pool,
                                      flush_interval=self.cfg.pipeline.flush_interval,
                                      open_candle_interval=self.cfg.pipeline.open_candle_interval)

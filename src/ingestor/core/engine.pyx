@@ -38,11 +38,18 @@ cdef enum:
     # candle_t.flags
     CANDLE_HAS_VWAP_ = 1
     CANDLE_HAS_OI_ = 2
+    CANDLE_REWRITE_ = 4     # a version of this candle may be stored already: upsert it
     # acc_t.flags
     ACC_OPEN = 1        # holds at least one tick
     ACC_EMITTED = 2     # already written out by advance()/flush()
     ACC_OI = 4          # oi holds a value
     ACC_STORED = 8      # seeded as already stored (with ACC_EMITTED): not a reopening
+    ACC_WRITTEN = 16    # a version was written out (or seeded): its next one replaces it
+    # statehead_t.flags
+    STATE_HAS_VOLUME_ = 1
+    STATE_SNAP_PENDING_ = 2
+    STATE_SNAP_STORED_ = 4
+    STATE_VERSION_ = 1
     # statistics
     ST_TICKS = 0
     ST_CANDLES
@@ -59,6 +66,66 @@ ROW_HAS_BOOK = ROW_HAS_BOOK_
 ROW_HAS_EXCHANGE_TIME = ROW_HAS_EXCHANGE_TIME_
 CANDLE_HAS_VWAP = CANDLE_HAS_VWAP_
 CANDLE_HAS_OI = CANDLE_HAS_OI_
+CANDLE_REWRITE = CANDLE_REWRITE_
+STATE_HAS_VOLUME = STATE_HAS_VOLUME_
+STATE_SNAP_PENDING = STATE_SNAP_PENDING_
+STATE_SNAP_STORED = STATE_SNAP_STORED_
+STATE_VERSION = STATE_VERSION_
+ACC_FLAG_OPEN = ACC_OPEN
+ACC_FLAG_EMITTED = ACC_EMITTED
+ACC_FLAG_OI = ACC_OI
+
+cdef acc_t _A
+cdef statehead_t _H
+cdef retraction_t _RT
+
+#: A forming candle as kept by the engine (``acc_t``; ``pv = pv_hi << 64 | pv_lo``).
+ACC_DTYPE = _dtype([
+    ("start_us", "<i8", _off(&_A.start_us, &_A)),
+    ("pv_lo", "<u8", _off(&_A.pv_lo, &_A)),
+    ("pv_hi", "<u8", _off(&_A.pv_hi, &_A)),
+    ("volume", "<u8", _off(&_A.volume, &_A)),
+    ("open", "<u4", _off(&_A.open, &_A)),
+    ("high", "<u4", _off(&_A.high, &_A)),
+    ("low", "<u4", _off(&_A.low, &_A)),
+    ("close", "<u4", _off(&_A.close, &_A)),
+    ("count", "<u4", _off(&_A.count, &_A)),
+    ("oi", "<u4", _off(&_A.oi, &_A)),
+    ("flags", "<u4", _off(&_A.flags, &_A)),
+], sizeof(acc_t))
+
+#: A snapshot row superseded after a restart (``Engine.retracted``): delete it.
+RETRACTION_DTYPE = _dtype([
+    ("time_us", "<i8", _off(&_RT.time_us, &_RT)),
+    ("instrument_id", "<i4", _off(&_RT.instrument_id, &_RT)),
+    ("instrument_token", "<u4", _off(&_RT.instrument_token, &_RT)),
+], sizeof(retraction_t))
+
+
+def state_dtype(int ntf):
+    """The record of ``Engine.take_state`` for ``ntf`` timeframes (little-endian, packed).
+
+    ``version``, ``ntf``, ``flags`` (``STATE_*``), ``last_time_us``,
+    ``instrument_id``, ``token``, ``last_volume``, ``book`` (a
+    ``SNAPSHOT_DTYPE`` row), then per timeframe its length ``tf_us`` and its
+    forming candle ``acc`` (``ACC_DTYPE``; ``flags`` 0: none).  The bytes
+    of a record are what ``engine_state.state`` stores.
+    """
+    if not 1 <= ntf <= MAX_TIMEFRAMES:
+        raise ValueError(f"ntf {ntf} outside 1..{MAX_TIMEFRAMES}")
+    head = sizeof(statehead_t)
+    return _dtype([
+        ("version", "<u2", _off(&_H.version, &_H)),
+        ("ntf", "<u2", _off(&_H.ntf, &_H)),
+        ("flags", "<u4", _off(&_H.flags, &_H)),
+        ("last_time_us", "<i8", _off(&_H.last_time_us, &_H)),
+        ("instrument_id", "<i4", _off(&_H.instrument_id, &_H)),
+        ("token", "<u4", _off(&_H.token, &_H)),
+        ("last_volume", "<u4", _off(&_H.last_volume, &_H)),
+        ("book", SNAPSHOT_DTYPE, _off(&_H.book, &_H)),
+        ("tf_us", ("<i8", (ntf,)), head),
+        ("acc", (ACC_DTYPE, (ntf,)), head + 8 * ntf),
+    ], head + ntf * (8 + sizeof(acc_t)))
 
 #: The timeframes of ``ohlc_candles`` (their labels are stored as ``timeframe``).
 DEFAULT_TIMEFRAMES = ("1s", "5s", "1m", "5m", "15m", "1h", "1d")
@@ -127,7 +194,7 @@ cdef inline void _emit_candle(candle_t *c, const acc_t *a, const inst_t *inst,
     c.close = a.close
     c.divisor = inst.divisor
     c.timeframe = <uint8_t>tf
-    c.flags = 0
+    c.flags = CANDLE_REWRITE_ if a.flags & ACC_WRITTEN else 0
     if a.volume:
         # The divisor divides 10^7 (100, 10^4 or 10^7): vwap * 10^7 is
         # pv * (10^7 / divisor) / volume, rounded once.
@@ -181,6 +248,17 @@ cdef class Engine:
     ``flush`` return False when the candle or snapshot buffer fills: drain,
     clear and call them again (they continue where they stopped).
 
+    Restart state: ``take_state()`` gives the continuation state of the
+    instruments changed since its last call (commit it with the batch it
+    belongs to); a fresh engine seeded from it (``seed``, ``seed_candle``,
+    ``seed_book``: ``ingestor.pipeline.state``) goes on exactly, snapshots
+    included.
+
+    Threads: the per-tick loops (``process``, ``advance``, ``flush``) run
+    without the GIL, on data validated beforehand.  One thread at a time
+    may use an engine; a call while another thread is inside one of those
+    loops raises RuntimeError.
+
     Parameters
     ----------
     timeframes : sequence of str
@@ -195,7 +273,11 @@ cdef class Engine:
     snapshot_interval_us : int
         At most one book snapshot per instrument per interval of this many
         microseconds (aligned like the candles), holding the interval's last
-        book with its tick's time; 0 writes one per full packet.
+        book with its tick's time, written when a later interval's book
+        arrives or by ``advance``/``flush``; 0 writes one per full packet.
+        ``flush`` writes an open interval's book so far and keeps it
+        pending: if the interval goes on (after a restart from
+        ``take_state``), the later book replaces that row (``retracted``).
     tick_capacity, candle_capacity, snapshot_capacity : int
         Output buffer sizes (rows).
     instrument_capacity : int
@@ -224,6 +306,7 @@ cdef class Engine:
         if min(tick_capacity, candle_capacity, snapshot_capacity, instrument_capacity) < 1:
             raise ValueError("capacities must be positive")
         self.snapshot_interval_us = snapshot_interval_us
+        self.state_dtype = state_dtype(len(lengths))
         self._shift = self.utc_offset_us - self.origin_us
         self._ntf = len(lengths)
         self._tf_len = <int64_t *>malloc(self._ntf * sizeof(int64_t))
@@ -504,12 +587,135 @@ cdef class Engine:
         a.volume = <uint64_t>volume
         a.pv_lo = <uint64_t>(pv & 0xffffffffffffffff)
         a.pv_hi = <uint64_t>(pv >> 64)
-        a.flags = ACC_OPEN | (ACC_EMITTED | ACC_STORED if stored else 0)
+        # seeded: some version may be stored (upserted while forming), so it is rewritten
+        a.flags = ACC_OPEN | ACC_WRITTEN | (ACC_EMITTED | ACC_STORED if stored else 0)
         if oi is None:
             a.oi = 0
         else:
             a.oi = <uint32_t>oi
             a.flags |= ACC_OI
+
+    def seed_book(self, uint32_t token, book, bint pending=False, bint stored=False):
+        """Restore an instrument's latest book and its snapshot state (a restarted daemon).
+
+        Parameters
+        ----------
+        token : int
+            The instrument token (``set_instrument`` and ``seed`` first).
+        book : numpy record or array of one ``SNAPSHOT_DTYPE`` row
+            The latest book with its tick's ``time_us`` (its id, token and
+            divisor are the engine's own).
+        pending : bool
+            The book is the open interval's, its snapshot not yet final: a
+            later book of the same interval replaces it, a tick of a later
+            interval (or ``advance``/``flush``) writes it.
+        stored : bool
+            ``flush()`` already wrote it (a shutdown mid-interval): it is not
+            written again, and a later book of the interval retracts that row
+            (``retracted()``).
+        """
+        cdef Py_ssize_t s = self._slot(token)
+        cdef inst_t *inst
+        cdef snapshot_t *bk
+        cdef const snapshot_t *src
+        cdef int64_t ivl = self.snapshot_interval_us
+        if s < 0 or self._inst[s].instrument_id < 0:
+            raise ValueError(f"token {token} has no instrument id: set_instrument() first")
+        b = np.ascontiguousarray(np.asarray(book).reshape(-1))
+        if b.dtype != SNAPSHOT_DTYPE or b.shape[0] != 1:
+            raise TypeError("book must be one SNAPSHOT_DTYPE row")
+        src = <const snapshot_t *>cnp.PyArray_DATA(b)
+        inst = &self._inst[s]
+        if pending and src.time_us > inst.last_time_us:
+            raise ValueError(f"token {token}: the pending book's time {src.time_us} is after "
+                             f"the seeded last time {inst.last_time_us}: seed() first")
+        bk = &self._books[s]
+        bk.time_us = src.time_us
+        bk.total_bid_quantity = src.total_bid_quantity
+        bk.total_ask_quantity = src.total_ask_quantity
+        memcpy(&bk.book, &src.book, sizeof(levels_t))
+        if pending and ivl > 0:
+            inst.snap_pending = 1
+            inst.snap_stored = stored
+            # the interval from the current setting (it may have changed since)
+            inst.snap_end_us = _bucket(src.time_us, ivl, self._shift) + ivl
+        else:
+            inst.snap_pending = 0
+            inst.snap_stored = 0
+
+    def touch(self, uint32_t token):
+        """Include the instrument in the next ``take_state()`` (state seeded from elsewhere)."""
+        cdef Py_ssize_t s = self._slot(token)
+        if s < 0 or self._inst[s].instrument_id < 0:
+            raise ValueError(f"token {token} has no instrument id")
+        self._inst[s].dirty = 1
+
+    def take_state(self, bint all=False):
+        """The continuation state of the instruments changed since the last call.
+
+        What a restarted engine needs to go on exactly as if it had not
+        stopped (``state_dtype``): the last time and cumulative volume, the
+        latest book and whether it is a pending (or flushed) snapshot, and
+        every forming candle with its exact 128-bit price x volume sum.  The
+        pipeline hands it out with each batch, so it is committed with the
+        rows and offset it belongs to; ``ingestor.pipeline.state`` seeds a
+        new engine from it (``seed``, ``seed_candle``, ``seed_book``).
+
+        Parameters
+        ----------
+        all : bool
+            Every instrument with a tick or a seeded time, changed or not.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``state_dtype`` records, one per instrument, in slot order; the
+            instruments' "changed" marks are cleared.
+        """
+        cdef Py_ssize_t s, n = 0, k = 0, size
+        cdef int ntf = self._ntf
+        cdef inst_t *inst
+        cdef statehead_t *h
+        cdef int64_t *tf
+        cdef char *base
+        self._enter()
+        try:
+            for s in range(self._n_slots):
+                inst = &self._inst[s]
+                if inst.instrument_id >= 0 and (inst.dirty or (
+                        all and inst.last_time_us != ING_INT64_MIN)):
+                    n += 1
+            out = np.zeros(n, dtype=self.state_dtype)
+            base = <char *>cnp.PyArray_DATA(out)
+            size = self.state_dtype.itemsize
+            for s in range(self._n_slots):
+                inst = &self._inst[s]
+                if not (inst.instrument_id >= 0 and (inst.dirty or (
+                        all and inst.last_time_us != ING_INT64_MIN))):
+                    continue
+                h = <statehead_t *>(base + k * size)
+                h.version = STATE_VERSION_
+                h.ntf = <uint16_t>ntf
+                h.flags = 0
+                if inst.has_volume:
+                    h.flags |= STATE_HAS_VOLUME_
+                if inst.snap_pending:
+                    h.flags |= STATE_SNAP_PENDING_
+                    if inst.snap_stored:
+                        h.flags |= STATE_SNAP_STORED_
+                h.last_time_us = inst.last_time_us
+                h.instrument_id = inst.instrument_id
+                h.token = inst.token
+                h.last_volume = inst.last_volume
+                h.book = self._books[s]
+                tf = <int64_t *>(base + k * size + sizeof(statehead_t))
+                memcpy(tf, self._tf_len, ntf * sizeof(int64_t))
+                memcpy(tf + ntf, self._acc + s * ntf, ntf * sizeof(acc_t))
+                inst.dirty = 0
+                k += 1
+        finally:
+            self._busy = False
+        return out
 
     @property
     def n_instruments(self):
@@ -592,20 +798,28 @@ cdef class Engine:
             self._scratch = p
             self._cap_scratch = cap
         p = self._scratch
-        for i in range(start, n):
-            tk = &ticks[i]
-            s = self._slot(tk.instrument_token)
-            if s < 0 or self._inst[s].instrument_id < 0:
-                missing += 1
-                continue
-            p[i - start] = <int32_t>s
-            if tk.length == 184:
-                if tk.depth_row < 0 or tk.depth_row >= n_depth:
-                    raise ValueError(f"tick row {i}: depth_row {tk.depth_row} outside "
-                                     f"the {n_depth} depth rows")
-            if tk.divisor != self._inst[s].divisor:
-                raise ValueError(f"tick row {i}: divisor {tk.divisor} is not the segment's "
-                                 f"{self._inst[s].divisor}")
+        cdef Py_ssize_t bad = -1
+        cdef int why = 0
+        with nogil:
+            for i in range(start, n):
+                tk = &ticks[i]
+                s = self._slot(tk.instrument_token)
+                if s < 0 or self._inst[s].instrument_id < 0:
+                    missing += 1
+                    continue
+                p[i - start] = <int32_t>s
+                if tk.length == 184 and (tk.depth_row < 0 or tk.depth_row >= n_depth):
+                    bad, why = i, 1
+                    break
+                if tk.divisor != self._inst[s].divisor:
+                    bad, why = i, 2
+                    break
+        if why == 1:
+            raise ValueError(f"tick row {bad}: depth_row {ticks[bad].depth_row} outside "
+                             f"the {n_depth} depth rows")
+        if why == 2:
+            raise ValueError(f"tick row {bad}: divisor {ticks[bad].divisor} is not the "
+                             f"segment's {self._inst[p[bad - start]].divisor}")
         if missing:
             raise LookupError(f"{missing} ticks of instruments without an id: "
                               f"call unknown_tokens() and set_instrument() first")
@@ -653,8 +867,12 @@ cdef class Engine:
         else:
             while end < n and ticks[end].seq == ticks[end - 1].seq:
                 end += 1
-        self._resolve(ticks, start, end, nd)
-        return self._run(ticks, start, end, <const depth_t *>dp.p)
+        self._enter()
+        try:
+            self._resolve(ticks, start, end, nd)
+            return self._run(ticks, start, end, <const depth_t *>dp.p)
+        finally:
+            self._busy = False
 
     cdef int _grow_outputs(self, Py_ssize_t rows, Py_ssize_t candles,
                            Py_ssize_t snaps) except -1:
@@ -671,6 +889,9 @@ cdef class Engine:
         if snaps > self._cap_snaps:
             self.snapshots = np.zeros(snaps, dtype=SNAPSHOT_DTYPE)
             self._snaps = <snapshot_t *>cnp.PyArray_DATA(self.snapshots)
+            # at most one retraction per snapshot-carrying tick: the same capacity
+            self.retractions = np.zeros(snaps, dtype=RETRACTION_DTYPE)
+            self._retr = <retraction_t *>cnp.PyArray_DATA(self.retractions)
             self._cap_snaps = snaps
         return 0
 
@@ -678,6 +899,26 @@ cdef class Engine:
     @cython.wraparound(False)
     cdef Py_ssize_t _run(self, const tick_t *ticks, Py_ssize_t start, Py_ssize_t n,
                          const depth_t *depth) except -1:
+        # The loop runs without the GIL (the event loop and the pipeline thread use both
+        # cores); ``_resolve`` validated what it reads.  It returns early only when one
+        # message is larger than the empty output buffers: grow them here and go on.
+        # (the caller holds the engine: ``_enter``)
+        cdef Py_ssize_t need = 0
+        cdef Py_ssize_t i = start
+        while True:
+            with nogil:
+                i = self._run_nogil(ticks, i, n, depth, start, &need)
+            if not need:
+                return i
+            self._grow_outputs(need, need * self._ntf, need)
+            need = 0
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    cdef Py_ssize_t _run_nogil(self, const tick_t *ticks, Py_ssize_t start, Py_ssize_t n,
+                               const depth_t *depth, Py_ssize_t base,
+                               Py_ssize_t *need) noexcept nogil:
+        # ``base``: the row ``_resolve`` mapped into the scratch array's first slot
         cdef Py_ssize_t i = start
         cdef Py_ssize_t j, k, m
         cdef int f
@@ -693,7 +934,7 @@ cdef class Engine:
         cdef acc_t *acc = self._acc
         cdef tickrow_t *row
         cdef snapshot_t *bk
-        cdef const int32_t *slots = self._scratch - start
+        cdef const int32_t *slots = self._scratch - base
         cdef int32_t s
         cdef uint32_t price, vol, dv
         cdef uint64_t pv
@@ -702,6 +943,7 @@ cdef class Engine:
         cdef Py_ssize_t nrows = self.n_tick_rows
         cdef Py_ssize_t ncand = self.n_candles
         cdef Py_ssize_t nsnap = self.n_snapshots
+        cdef Py_ssize_t nretr = self.n_retractions
         cdef Py_ssize_t ncand0 = ncand
         cdef Py_ssize_t nsnap0 = nsnap
         cdef Py_ssize_t start0 = start
@@ -714,14 +956,15 @@ cdef class Engine:
                 j += 1
             m = j - i
             if (nrows + m > self._cap_rows or ncand + m * ntf > self._cap_candles
-                    or nsnap + m > self._cap_snaps):
-                if nrows or ncand or nsnap:
-                    break
-                self._grow_outputs(m, m * ntf, m)
+                    or nsnap + m > self._cap_snaps or nretr + m > self._cap_snaps):
+                if not (nrows or ncand or nsnap or nretr):
+                    need[0] = m     # larger than the empty buffers: the caller grows them
+                break
             for k in range(i, j):
                 tk = &ticks[k]
                 s = slots[k]
                 inst = &self._inst[s]
+                inst.dirty = 1
                 length = tk.length
                 # time: receive time in µs, strictly increasing per instrument
                 t = _floordiv(tk.recv_ns, 1000)
@@ -812,10 +1055,22 @@ cdef class Engine:
                 # depth: the latest book in place, snapshots at the cadence
                 if has_oi:
                     bk = &self._books[s]
-                    if ivl > 0 and inst.snap_pending and t >= inst.snap_end_us:
-                        self._snaps[nsnap] = bk[0]
-                        nsnap += 1
-                        inst.snap_pending = 0
+                    if ivl > 0 and inst.snap_pending:
+                        if t >= inst.snap_end_us:
+                            # the interval closed: its last book is final
+                            if not inst.snap_stored:
+                                self._snaps[nsnap] = bk[0]
+                                nsnap += 1
+                            inst.snap_pending = 0
+                            inst.snap_stored = 0
+                        elif inst.snap_stored:
+                            # flush() wrote this interval's book so far (a shutdown
+                            # mid-interval); a later one of the interval replaces it
+                            self._retr[nretr].time_us = bk.time_us
+                            self._retr[nretr].instrument_id = inst.instrument_id
+                            self._retr[nretr].instrument_token = inst.token
+                            nretr += 1
+                            inst.snap_stored = 0
                     bk.time_us = t
                     bk.total_bid_quantity = tk.total_buy_quantity
                     bk.total_ask_quantity = tk.total_sell_quantity
@@ -829,11 +1084,13 @@ cdef class Engine:
             self.last_seq = seq
             i = j
         if INGESTOR_DEBUG:
-            if nrows > self._cap_rows or ncand > self._cap_candles or nsnap > self._cap_snaps:
+            if (nrows > self._cap_rows or ncand > self._cap_candles or nsnap > self._cap_snaps
+                    or nretr > self._cap_snaps):
                 abort()
         self.n_tick_rows = nrows
         self.n_candles = ncand
         self.n_snapshots = nsnap
+        self.n_retractions = nretr
         self._stats[<int>ST_TICKS] += i - start0
         self._stats[<int>ST_CANDLES] += ncand - ncand0
         self._stats[<int>ST_SNAPSHOTS] += nsnap - nsnap0
@@ -842,14 +1099,21 @@ cdef class Engine:
 
     # -- closing buckets ----------------------------------------------------
 
-    cdef int _close(self, int64_t now_us, bint all) except -1:
+    cdef int _close(self, int64_t now_us, bint all) noexcept nogil:
         # Write out the candles whose bucket ended by ``now_us`` (all forming
         # ones when ``all``) and the pending snapshots likewise.  Returns 1
         # when done, 0 when a buffer filled first (call again after draining).
+        #
+        # flush() (``all``) writes a pending book whose interval may still be
+        # open: it stays pending, marked stored, so a restart that continues
+        # the interval (the engine's state is committed with the batch)
+        # replaces that row instead of adding a second one, and one that does
+        # not leaves it as the interval's snapshot.
         cdef Py_ssize_t s
         cdef int f
         cdef acc_t *a
         cdef inst_t *inst
+        cdef bint ended
         for s in range(self._n_slots):
             inst = &self._inst[s]
             a = self._acc + s * self._ntf
@@ -861,15 +1125,26 @@ cdef class Engine:
                     _emit_candle(&self._candles[self.n_candles], a, inst, f)
                     self.n_candles += 1
                     self._stats[<int>ST_CANDLES] += 1
-                    a.flags |= ACC_EMITTED
+                    a.flags |= ACC_EMITTED | ACC_WRITTEN
+                    inst.dirty = 1
                 a += 1
-            if inst.snap_pending and (all or inst.snap_end_us <= now_us):
+            if not inst.snap_pending:
+                continue
+            ended = not all and inst.snap_end_us <= now_us
+            if not (all or ended) or (inst.snap_stored and not ended):
+                continue
+            if not inst.snap_stored:
                 if self.n_snapshots == self._cap_snaps:
                     return 0
                 self._snaps[self.n_snapshots] = self._books[s]
                 self.n_snapshots += 1
                 self._stats[<int>ST_SNAPSHOTS] += 1
+            if ended:
                 inst.snap_pending = 0
+                inst.snap_stored = 0
+            else:
+                inst.snap_stored = 1
+            inst.dirty = 1
         return 1
 
     def advance(self, int64_t now_us):
@@ -881,7 +1156,12 @@ cdef class Engine:
         (upsert it).  Returns True when done, False when a buffer filled
         (drain, ``clear()``, call again).
         """
-        return self._close(now_us, False) == 1
+        cdef int r
+        self._enter()
+        with nogil:
+            r = self._close(now_us, False)
+        self._busy = False
+        return r == 1
 
     def flush(self):
         """Write out every forming candle and pending snapshot (at shutdown).
@@ -889,7 +1169,12 @@ cdef class Engine:
         Returns True when done, False when a buffer filled (drain,
         ``clear()``, call again).
         """
-        return self._close(0, True) == 1
+        cdef int r
+        self._enter()
+        with nogil:
+            r = self._close(0, True)
+        self._busy = False
+        return r == 1
 
     def open_candles(self):
         """The forming candles not yet written out, as a new ``CANDLE_DTYPE`` array.
@@ -926,9 +1211,31 @@ cdef class Engine:
 
     def clear(self):
         """Empty the output buffers (kept for reuse)."""
+        self._enter()
         self.n_tick_rows = 0
         self.n_candles = 0
         self.n_snapshots = 0
+        self.n_retractions = 0
+        self._busy = False
+
+    def retracted(self):
+        """Snapshot rows to delete, a view (``RETRACTION_DTYPE``) valid like ``output()``'s.
+
+        A book ``flush()`` wrote while its interval was still open (a
+        shutdown), superseded after a restart by a later book of the same
+        interval: one snapshot per interval, as without the restart.  Delete
+        these rows (by ``time``, ``instrument_id``) in the batch that writes
+        the output.
+        """
+        return self.retractions[:self.n_retractions]
+
+    cdef int _enter(self) except -1:
+        # The loops run without the GIL: another thread calling in meanwhile
+        # would race on the slots and buffers.
+        if self._busy:
+            raise RuntimeError("Engine is in use by another thread")
+        self._busy = True
+        return 0
 
     def stats(self):
         """Counters: ticks processed, candles and snapshots written, reopened buckets."""

@@ -110,7 +110,8 @@ class Driver:
             return pl.take(open_candles=upsert_open)
 
         b = await self._run(step)
-        if b.n_ticks or b.n_candles or b.n_snapshots or b.texts or b.last_seq >= b.first_seq:
+        if (b.n_ticks or b.n_candles or b.n_snapshots or b.texts or b.n_state or b.retracted
+                or b.last_seq >= b.first_seq):
             await self._put(b)
 
     async def finish(self) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from ingestor import _core
 from ingestor.pipeline import tables
 from ingestor._core import Engine, KiteDecoder
+from ingestor.pipeline.state import encode_state
 
 
 @dataclass
@@ -33,8 +34,9 @@ class FlushBatch:
     last_seq: int
     ticks: bytes = b""
     n_ticks: int = 0
-    candles: bytes = b""            # closed and forming candles: upserted
-    n_candles: int = 0
+    candles: bytes = b""            # forming candles and candles a version of which may be
+                                    # stored already: upserted
+    n_candles: int = 0              # rows of ``candles`` and ``new_candles`` together
     snapshots: bytes = b""
     n_snapshots: int = 0
     #: text messages (seq, payload) of the batch's range, in order (postbacks)
@@ -43,10 +45,23 @@ class FlushBatch:
     last_recv_ns: int = 0
     #: receive time (ns) of the batch's oldest tick, 0 if none
     first_recv_ns: int = 0
+    #: the engine's continuation state of the instruments this batch changed (binary COPY
+    #: of ``engine_state``, see ``ingestor.pipeline.state.encode_state``): committed with the
+    #: rows, so a restart at this batch's offset continues exactly
+    state: bytes = b""
+    n_state: int = 0
+    #: snapshot rows to delete first, ``(time_us, instrument_id)``: books ``flush()`` wrote
+    #: mid-interval (a shutdown), superseded by a later book of the interval after a restart
+    retracted: list = field(default_factory=list)
+    #: closed candles never stored in any version (not upserted while forming, not written
+    #: before a reopening or a restart): a plain insert would do; the writer upserts them too
+    new_candles: bytes = b""
+    n_new_candles: int = 0
 
     @property
     def nbytes(self) -> int:
-        return len(self.ticks) + len(self.candles) + len(self.snapshots)
+        return (len(self.ticks) + len(self.candles) + len(self.new_candles)
+                + len(self.snapshots) + len(self.state))
 
 
 @dataclass
@@ -91,6 +106,7 @@ class Pipeline:
                              candle_capacity=16384, snapshot_capacity=8192)
         self._enc_ticks = tables.tick_encoder()
         self._enc_candles = tables.candle_encoder(s.timeframes)
+        self._enc_new_candles = tables.candle_encoder(s.timeframes)
         self._enc_snaps = tables.snapshot_encoder()
         lengths = [_core.timeframe_us(tf) for tf in s.timeframes]
         self._open_tf = np.array([ln >= s.open_candle_min_us for ln in lengths], dtype=bool)
@@ -98,6 +114,7 @@ class Pipeline:
         self.timings = {"decode": 0.0, "aggregate": 0.0, "encode": 0.0}
         self.totals = {"ticks": 0, "candles": 0, "snapshots": 0, "batches": 0, "skipped_messages": 0}
         self._texts: list = []
+        self._retracted: list = []
         #: latest price of every instrument: {instrument_id: (raw, divisor)} (for positions)
         self.latest: dict[int, tuple[int, int]] = {}
         self._begin()
@@ -105,9 +122,10 @@ class Pipeline:
     # -- state ---------------------------------------------------------------
 
     def _begin(self) -> None:
-        for enc in (self._enc_ticks, self._enc_candles, self._enc_snaps):
+        for enc in (self._enc_ticks, self._enc_candles, self._enc_snaps, self._enc_new_candles):
             enc.begin()
         self._n = [0, 0, 0]
+        self._n_new = 0
         self._first_seq = self.committed + 1
         self._last_seq = self.committed
         self._last_recv_ns = 0
@@ -118,7 +136,8 @@ class Pipeline:
 
         Call right after ``take()``: the current batch must be empty.
         """
-        if self._n != [0, 0, 0] or self._texts or self._last_seq != self.committed:
+        if (self._n != [0, 0, 0] or self._texts or self._retracted
+                or self._last_seq != self.committed):
             raise RuntimeError("new_stream() with a batch pending: take() it first")
         self.stream = stream
         self.committed = committed
@@ -127,7 +146,7 @@ class Pipeline:
     @property
     def has_pending(self) -> bool:
         """Rows, texts or messages not yet handed out in a batch."""
-        return bool(self._n[0] or self._n[1] or self._n[2] or self._texts
+        return bool(self._n[0] or self._n[1] or self._n[2] or self._texts or self._retracted
                     or self._last_seq != self.committed or self.decoder.n_ticks)
 
     def set_ids(self, ids: dict[int, int]) -> None:
@@ -217,9 +236,24 @@ class Pipeline:
             last = rows[len(rows) - 1 - first]
             self.latest.update(zip(uniq.tolist(), zip(last["price"].tolist(), last["divisor"].tolist())))
         if len(candles):
-            self._enc_candles.encode_rows(candles)
+            # never stored in any version: a closed candle of a timeframe not upserted while
+            # forming, written for the first time
+            new = (candles["flags"] & _core.CANDLE_REWRITE) == 0
+            new &= ~self._open_tf[candles["timeframe"]]
+            k = int(new.sum())
+            if k == len(candles):
+                self._enc_new_candles.encode_rows(candles)
+            elif k == 0:
+                self._enc_candles.encode_rows(candles)
+            else:
+                self._enc_new_candles.encode_rows(candles[new])
+                self._enc_candles.encode_rows(candles[~new])
+            self._n_new += k
         if len(snaps):
             self._enc_snaps.encode_rows(snaps)
+        if eng.n_retractions:
+            r = eng.retracted()
+            self._retracted.extend(zip(r["time_us"].tolist(), r["instrument_id"].tolist()))
         self._n[0] += len(rows)
         self._n[1] += len(candles)
         self._n[2] += len(snaps)
@@ -266,19 +300,27 @@ class Pipeline:
                 self.timings["encode"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         payloads = []
-        for enc, n in zip((self._enc_ticks, self._enc_candles, self._enc_snaps), self._n):
+        for enc, n in zip((self._enc_ticks, self._enc_candles, self._enc_snaps,
+                           self._enc_new_candles),
+                          (self._n[0], self._n[1] - self._n_new, self._n[2], self._n_new)):
             if n:
                 enc.end()
                 payloads.append(enc.take())
             else:
                 enc.clear()
                 payloads.append(b"")
+        # the state of the instruments this batch changed: O(instruments touched), not ticks
+        st = self.engine.take_state()
+        state_payload = encode_state(st, self.stream, max(self._last_seq, self.committed))
         self.timings["encode"] += time.perf_counter() - t0
         batch = FlushBatch(self.stream, self._first_seq, self._last_seq,
                            payloads[0], self._n[0], payloads[1], self._n[1],
                            payloads[2], self._n[2], self._texts, self._last_recv_ns,
-                           self._first_recv_ns)
+                           self._first_recv_ns, state=state_payload, n_state=len(st),
+                           retracted=self._retracted, new_candles=payloads[3],
+                           n_new_candles=self._n_new)
         self._texts = []
+        self._retracted = []
         self.totals["ticks"] += self._n[0]
         self.totals["candles"] += self._n[1]
         self.totals["snapshots"] += self._n[2]

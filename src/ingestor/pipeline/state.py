@@ -1,53 +1,40 @@
-"""Seeding the aggregation engine from the database, so a restart continues exactly.
+"""The engine's continuation state: committed with every batch, read back at start.
 
 A restarted daemon (or a later capture of the same instruments, replayed)
-must go on as if it had never stopped.  Per instrument the engine needs:
+must go on as if it had never stopped.  Per instrument the engine needs its
+last ``tick_data.time`` (later ticks get strictly later times), its last
+cumulative volume (the next tick's increase is measured from it), every
+timeframe's forming candle with its exact 128-bit price x volume sum, and
+its latest book with its snapshot state: the open interval's book is not a
+snapshot yet (a later book of the interval replaces it), or was written by a
+shutdown's ``flush()`` already (then a later book of the interval replaces
+that row: ``FlushBatch.retracted``).
 
-* its last ``tick_data.time``, so later ticks get strictly later times;
-* its last cumulative volume, from which the next tick's increase is measured;
-* the forming candle of every timeframe: the bucket holding the instrument's
-  last tick.  Without it the engine would start that bucket empty and the
-  next upsert would overwrite the stored candle (which counts the bucket's
-  earlier ticks) with a partial one.
+The engine hands that out for the instruments each batch changed
+(``Engine.take_state``: one fixed-size record per instrument, see
+``ingestor._core.state_dtype``); ``encode_state`` makes it a binary COPY of
+``engine_state`` and the writer upserts it in the batch's own transaction,
+with the rows and the stream offset.  So the state in the database is always
+that of the committed offset, instrument by instrument, and resuming there
+continues exactly: candles, ticks and order-book snapshots end as after one
+uninterrupted run.  Cost per batch: one ~700-byte row per instrument the
+batch touched, whatever its ticks (see ``sql/0004_engine_state.sql``).
 
-All three are computed in SQL over ``tick_data``, with the definition of
-the candles (issue "In-place candles", the SQL of
-``tests/test_candles_sql.py``): OHLC of ``price`` by time; ``volume`` = sum
-of the volume increases, each measured from the instrument's previous tick
-that carried a volume (for the bucket's first such tick that previous tick
-may lie in an earlier bucket), 0 for the first ever and for ticks without a
-volume, the new value itself when the cumulative volume falls; the tick
-count; ``pv`` = sum(price_raw x increase), exact (``numeric``, then times
-the segment's divisor: an integer); the last OI.
+At start, ``load_state`` reads ``engine_state`` in one query and seeds the
+engine (``seed``, ``seed_candle``, ``seed_book``): O(instruments), whatever
+the day's ticks.  A candle is seeded as stored when the engine had written
+it out unchanged (it is not written again unless a tick continues it); a
+candle whose timeframe is no longer configured, or whose bucket no longer
+aligns (another ``origin``), is dropped.
 
-Already stored?  Each computed candle is compared with the ``ohlc_candles``
-row of its bucket (open/high/low/close, volume, trade count, the VWAP the
-core would round, OI).  Equal: seeded as stored, written again only when a
-tick continues it.  Missing or different (a crash before the upsert, a
-forming 1s candle that was never upserted, a partial candle from an older
-version): seeded as not written, so the engine writes the right one when the
-bucket closes or at the next flush.  A second replay of a committed capture
-therefore writes nothing.
-
-Cost at start.  Per instrument, through the primary key ``(instrument_id,
-time)``: its last tick and last tick carrying a volume (backwards, ``LIMIT
-1``), the cumulative volume before the window (one more backwards probe,
-only when needed), and one range scan of its window -- from the earliest
-start of the buckets holding its last tick (the longest timeframe's, when
-timeframes nest) to the end.  Every bucket here ends with the window, so
-each tick is aggregated once, into the band between consecutive bucket
-starts, and each timeframe combines the bands from its start on.  Then
-point lookups by key per timeframe (open price, last OI, the stored candle).
-No scan of the table: the work is each instrument's last day of ticks (with
-the ``1d`` timeframe), whatever the history.  One caveat: the "last tick
-carrying a volume" of an instrument that never carries one (an LTP-only
-subscription, an index) is searched backwards through all its rows; a
-partial index ``(instrument_id, time) WHERE volume IS NOT NULL`` would make
-it a probe, at an ingest cost.
-
-``load_state`` (ids, last times and volumes, candles) is what ``replay``
-and the daemon call at start; ``query_candle_state`` returns the state
-without seeding (tests, inspection).  Async twins share the SQL.
+The fallback: a database migrated from before ``engine_state`` has rows
+there with ``state`` NULL (the migration adds one per instrument with
+ticks).  Those instruments are seeded by recomputing their forming candles
+from ``tick_data`` in SQL (``SQL_CANDLE_STATE``, below: per instrument one
+range scan of the window from the earliest bucket holding its last tick,
+through the primary key ``(instrument_id, time)``) and marked so that the
+first batch commits their state: each is recomputed once, then read like
+the others.
 """
 
 from __future__ import annotations
@@ -57,21 +44,12 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 
+import numpy as np
+
+from ingestor import _core
 from ingestor.store.instruments import divisor_of
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-
-#: Each known instrument's last tick time and last cumulative volume (None: no tick
-#: carried one).  The plain seeding, without candles.
-SQL_LAST_TICKS = """
-SELECT i.instrument_token, t.time, v.volume
-FROM instruments i
-CROSS JOIN LATERAL (SELECT time FROM tick_data
-                    WHERE instrument_id = i.id ORDER BY time DESC LIMIT 1) t
-LEFT JOIN LATERAL (SELECT volume FROM tick_data
-                   WHERE instrument_id = i.id AND volume IS NOT NULL
-                   ORDER BY time DESC LIMIT 1) v ON true
-"""
 
 # Parameters: strides (text[] of '<n> microseconds', in timeframe order), labels (text[],
 # the same order) and origin (a timestamptz: local midnight + origin, so date_bin's buckets
@@ -98,6 +76,8 @@ WITH last AS (
     LEFT JOIN LATERAL (SELECT time, volume FROM tick_data
                        WHERE instrument_id = i.id AND volume IS NOT NULL
                        ORDER BY time DESC LIMIT 1) lv ON true
+    -- NULL: every instrument; else these ids (the legacy rows of engine_state)
+    WHERE %(ids)s::int[] IS NULL OR i.id = ANY(%(ids)s::int[])
 ), base AS (
     -- edges: the distinct bucket starts, sorted (edges[1] is the window's start);
     -- volume_before: the cumulative volume the window's first increase is measured from,
@@ -254,6 +234,10 @@ def vwap_e7(pv: int, volume: int, divisor: int) -> int:
     return q + (2 * r >= volume)
 
 
+def _params(clock: Clock, ids) -> dict:
+    return {**clock.params, "ids": None if ids is None else [int(i) for i in ids]}
+
+
 def _candle_rows(rows) -> list[dict]:
     out = []
     for (token, iid, last_time, last_volume, tf, start, o, h, lo, c, volume, count, pv_price,
@@ -284,8 +268,12 @@ def _same_candle(st: dict, div: int, o, h, lo, c, volume, count, vwap, oi) -> bo
             and (None if vwap is None else raw_price(vwap, 10_000_000)) == want_vwap)
 
 
-def query_candle_state(conn, clock: Clock) -> list[dict]:
-    """The forming candle state of every instrument with ticks (nothing seeded).
+def query_candle_state(conn, clock: Clock, ids=None) -> list[dict]:
+    """The forming candle state computed from ``tick_data`` (nothing seeded).
+
+    Every instrument with ticks, or those of ``ids`` (instrument ids).  The
+    fallback for instruments without a committed state (see the module
+    docstring).
 
     Returns
     -------
@@ -298,31 +286,20 @@ def query_candle_state(conn, clock: Clock) -> list[dict]:
         (None: no tick carried one), and ``stored``: ``ohlc_candles``
         already holds exactly this candle.
     """
-    return _candle_rows(conn.execute(SQL_CANDLE_STATE, clock.params).fetchall())
+    return _candle_rows(conn.execute(SQL_CANDLE_STATE, _params(clock, ids)).fetchall())
 
 
-async def aquery_candle_state(conn, clock: Clock) -> list[dict]:
+async def aquery_candle_state(conn, clock: Clock, ids=None) -> list[dict]:
     """Async twin of :func:`query_candle_state` (a :class:`psycopg.AsyncConnection`)."""
-    cur = await conn.execute(SQL_CANDLE_STATE, clock.params)
+    cur = await conn.execute(SQL_CANDLE_STATE, _params(clock, ids))
     return _candle_rows(await cur.fetchall())
 
 
-@dataclass
-class Seeded:
-    """What ``load_candle_state`` seeded."""
+def seed_engine(target, state: list[dict]) -> int:
+    """Seed a pipeline or engine with ``query_candle_state``'s rows; returns instruments seeded.
 
-    instruments: int
-    candles: int
-    #: candles the database lacks or holds wrong: the engine writes them again
-    unstored: int
-    seconds: float
-
-
-def seed_engine(target, state: list[dict]) -> Seeded:
-    """Seed a pipeline or engine with ``query_candle_state``'s rows.
-
-    Per instrument: ``set_instrument`` (its id), ``seed`` (last time and
-    cumulative volume), then ``seed_candle`` for each timeframe.
+    Per instrument: ``seed`` (last time and cumulative volume), then
+    ``seed_candle`` for each timeframe (ids are set already).
     """
     eng = _engine_of(target)
     seen = set()
@@ -334,42 +311,225 @@ def seed_engine(target, state: list[dict]) -> Seeded:
         eng.seed_candle(s["token"], s["timeframe_index"], s["start_us"], s["open"], s["high"],
                         s["low"], s["close"], s["volume"], s["trade_count"], s["pv"], s["oi"],
                         stored=s.get("stored", False))
-    return Seeded(len(seen), len(state), sum(not s.get("stored", False) for s in state), 0.0)
+    return len(seen)
 
 
-def load_candle_state(conn, pipeline_or_engine, timeframes=None, utc_offset=None,
-                      origin=None) -> Seeded:
-    """Seed each instrument's last time, last volume and forming candles from ``tick_data``.
+# -- the committed state ----------------------------------------------------------------------
+
+_PG_EPOCH_US = 946_684_800_000_000          # 2000-01-01 UTC, PostgreSQL's timestamp zero
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER = b"\xff\xff"
+#: ``engine_state``'s columns in the order of ``encode_state``'s rows
+STATE_COLUMNS = ("instrument_id", "stream", "last_seq", "last_time", "last_volume", "state")
+
+
+def encode_state(records, stream: str, last_seq: int) -> bytes:
+    """``Engine.take_state`` records as a binary COPY of ``STATE_COLUMNS`` (b"" when none).
+
+    Every field has a fixed size within a batch (the stream is the batch's,
+    the record the engine's), so the rows are one numpy array, built without
+    a per-row loop.  ``last_volume`` -1 stands for "none" (the upsert makes it
+    NULL); ``state`` is the record's bytes.
+    """
+    n = len(records)
+    if not n:
+        return b""
+    sb = stream.encode()
+    size = records.dtype.itemsize
+    fields = [("nf", ">i2"), ("l0", ">i4"), ("instrument_id", ">i4"), ("l1", ">i4")]
+    if sb:
+        fields.append(("stream", f"S{len(sb)}"))
+    fields += [("l2", ">i4"), ("last_seq", ">i8"), ("l3", ">i4"), ("last_time", ">i8"),
+               ("l4", ">i4"), ("last_volume", ">i8"), ("l5", ">i4"), ("state", f"V{size}")]
+    out = np.empty(n, np.dtype(fields))
+    out["nf"] = len(STATE_COLUMNS)
+    out["l0"] = 4
+    out["l1"] = len(sb)
+    out["l2"] = out["l3"] = out["l4"] = 8
+    out["l5"] = size
+    out["instrument_id"] = records["instrument_id"]
+    if sb:
+        out["stream"] = sb
+    out["last_seq"] = last_seq
+    out["last_time"] = records["last_time_us"] - _PG_EPOCH_US
+    out["last_volume"] = np.where(records["flags"] & _core.STATE_HAS_VOLUME,
+                                  records["last_volume"].astype(np.int64), -1)
+    out["state"] = np.ascontiguousarray(records).view(np.dtype(f"V{size}"))
+    return _COPY_HEADER + out.tobytes() + _COPY_TRAILER
+
+
+def decode_state(blobs) -> np.ndarray:
+    """``engine_state.state`` values (bytes of one layout) as ``state_dtype`` records."""
+    blobs = list(blobs)
+    if not blobs:
+        return np.zeros(0, _core.state_dtype(1))
+    head = np.frombuffer(blobs[0], np.dtype([("version", "<u2"), ("ntf", "<u2")]), count=1)[0]
+    if int(head["version"]) != _core.STATE_VERSION:
+        raise ValueError(f"engine_state version {int(head['version'])}, this build reads "
+                         f"{_core.STATE_VERSION}")
+    return np.frombuffer(b"".join(blobs), _core.state_dtype(int(head["ntf"])))
+
+
+#: The committed state of every instrument.  ``state`` NULL: a row the migration added for an
+#: instrument with ticks from before engine_state.  A row is written in the transaction that
+#: advances its stream's offset to ``last_seq``, so one whose stream is no longer committed that
+#: far belongs to offsets someone reset (tables emptied to ingest again): stale.  Both kinds are
+#: seeded from tick_data instead (as before engine_state; nothing when the ticks were emptied
+#: too).  One probe of stream_offsets' key per row.
+SQL_LOAD_STATE = """
+SELECT i.instrument_token, e.instrument_id, e.last_time, e.last_volume,
+       CASE WHEN EXISTS (SELECT FROM stream_offsets o
+                         WHERE o.stream = e.stream AND o.committed_seq >= e.last_seq)
+            THEN e.state END,
+       e.state IS NULL
+FROM engine_state e JOIN instruments i ON i.id = e.instrument_id
+"""
+
+
+@dataclass
+class Loaded:
+    """What ``load_state`` seeded."""
+
+    #: instruments seeded from engine_state
+    instruments: int = 0
+    #: forming candles seeded
+    candles: int = 0
+    #: candles dropped: timeframe no longer configured, or bucket no longer aligned
+    dropped: int = 0
+    #: instruments recomputed from tick_data (engine_state rows without a state)
+    legacy: int = 0
+    seconds: float = 0.0
+
+
+def _seed_records(eng, tokens: list, recs: np.ndarray, out: Loaded, candles: bool) -> None:
+    ntf = recs.dtype["tf_us"].shape[0]
+    index = {n: i for i, n in enumerate(_core.timeframe_us(t) for t in eng.timeframes)}
+    flags = recs["flags"].tolist()
+    last_time = recs["last_time_us"].tolist()
+    last_volume = recs["last_volume"].tolist()
+    rec_token = recs["token"].tolist()
+    tf_us = recs["tf_us"].tolist()
+    acc = recs["acc"]
+    cols = {k: acc[k].tolist() for k in ("flags", "start_us", "open", "high", "low", "close",
+                                         "volume", "count", "pv_lo", "pv_hi", "oi")}
+    book_time = recs["book"]["time_us"].tolist()
+    books = recs["book"]
+    seed_book = getattr(eng, "seed_book", None)
+    for r, token in enumerate(tokens):
+        if rec_token[r] != token:
+            # the row's instrument now has another token (a re-listed id): its state is not this one's
+            continue
+        fl = flags[r]
+        eng.seed(token, last_time[r], last_volume[r] if fl & _core.STATE_HAS_VOLUME else None)
+        out.instruments += 1
+        if candles:
+            af = cols["flags"][r]
+            for j in range(ntf):
+                if not af[j] & _core.ACC_FLAG_OPEN:
+                    continue
+                f = index.get(tf_us[r][j])
+                if f is None:
+                    out.dropped += 1
+                    continue
+                try:
+                    eng.seed_candle(
+                        token, f, cols["start_us"][r][j], cols["open"][r][j], cols["high"][r][j],
+                        cols["low"][r][j], cols["close"][r][j], cols["volume"][r][j],
+                        cols["count"][r][j], cols["pv_hi"][r][j] << 64 | cols["pv_lo"][r][j],
+                        cols["oi"][r][j] if af[j] & _core.ACC_FLAG_OI else None,
+                        stored=bool(af[j] & _core.ACC_FLAG_EMITTED))
+                    out.candles += 1
+                except ValueError:
+                    out.dropped += 1        # misaligned under another origin/utc_offset
+        if candles and seed_book is not None and book_time[r]:
+            seed_book(token, books[r], bool(fl & _core.STATE_SNAP_PENDING),
+                      bool(fl & _core.STATE_SNAP_STORED))
+
+
+def _seed_rows(target, rows, candles: bool, tokens) -> tuple[Loaded, list]:
+    # -> what was seeded, and the (token, id) of legacy rows still to compute
+    eng = _engine_of(target)
+    out = Loaded()
+    wanted = None if tokens is None else {int(t) for t in tokens}
+    groups: dict[int, tuple[list, list]] = {}
+    legacy = []
+    for token, iid, last_time, last_volume, blob, migrated in rows:
+        token = int(token)
+        if wanted is not None and token not in wanted:
+            continue
+        if blob is None:
+            legacy.append((token, int(iid)))
+            if not candles and migrated:
+                eng.seed(token, to_us(last_time), None if last_volume is None else int(last_volume))
+                out.instruments += 1
+            continue
+        toks, blobs = groups.setdefault(len(blob), ([], []))
+        toks.append(token)
+        blobs.append(blob)
+    for toks, blobs in groups.values():
+        _seed_records(eng, toks, decode_state(blobs), out, candles)
+    return out, legacy
+
+
+def _seeded_legacy(target, state: list[dict], out: Loaded) -> None:
+    eng = _engine_of(target)
+    out.legacy = seed_engine(target, state)
+    out.instruments += out.legacy
+    out.candles += len(state)
+    if hasattr(eng, "touch"):
+        # commit their state with the first batch: recomputed once, then read
+        for token in {s["token"] for s in state}:
+            eng.touch(token)
+
+
+def load_state(conn, pipeline_or_engine, *, candles: bool = True, tokens=None) -> Loaded:
+    """Everything a restart needs: every known instrument's id, then its committed state.
 
     Parameters
     ----------
     conn : psycopg.Connection
         The database (read only; not in a flush transaction).
     pipeline_or_engine : Pipeline or Engine
-        A ``Pipeline`` (its ``engine`` is seeded), a core ``Engine`` or the
-        twin.
-    timeframes, utc_offset, origin : optional
-        The candle timeframes and alignment; by default the engine's (given
-        values must agree with it).
+        A ``Pipeline`` (its ``engine`` is seeded) or a core ``Engine``.
+    candles : bool
+        False: seed only last times and volumes (forming candles and books
+        start empty; a control for tests).
+    tokens : iterable of int, optional
+        Seed only these instruments' state (an engine that receives only
+        them: another engine's pending candles and books are not its to
+        write).  Ids are given for all.
 
     Returns
     -------
-    Seeded
+    Loaded
         Instruments and candles seeded, seconds spent.
     """
+    from ingestor.store.instruments import load_ids
+
     t0 = time.perf_counter()
-    clock = clock_of(pipeline_or_engine, timeframes, utc_offset, origin)
-    out = seed_engine(pipeline_or_engine, query_candle_state(conn, clock))
+    _set_ids(pipeline_or_engine, load_ids(conn))
+    out, legacy = _seed_rows(pipeline_or_engine, conn.execute(SQL_LOAD_STATE).fetchall(),
+                             candles, tokens)
+    if legacy and candles:
+        clock = clock_of(pipeline_or_engine)
+        _seeded_legacy(pipeline_or_engine,
+                       query_candle_state(conn, clock, [i for _, i in legacy]), out)
     out.seconds = time.perf_counter() - t0
     return out
 
 
-async def aload_candle_state(conn, pipeline_or_engine, timeframes=None, utc_offset=None,
-                             origin=None) -> Seeded:
-    """Async twin of :func:`load_candle_state`."""
+async def aload_state(conn, pipeline_or_engine, *, candles: bool = True, tokens=None) -> Loaded:
+    """Async twin of :func:`load_state`."""
+    from ingestor.store.instruments import aload_ids
+
     t0 = time.perf_counter()
-    clock = clock_of(pipeline_or_engine, timeframes, utc_offset, origin)
-    out = seed_engine(pipeline_or_engine, await aquery_candle_state(conn, clock))
+    _set_ids(pipeline_or_engine, await aload_ids(conn))
+    cur = await conn.execute(SQL_LOAD_STATE)
+    out, legacy = _seed_rows(pipeline_or_engine, await cur.fetchall(), candles, tokens)
+    if legacy and candles:
+        clock = clock_of(pipeline_or_engine)
+        _seeded_legacy(pipeline_or_engine,
+                       await aquery_candle_state(conn, clock, [i for _, i in legacy]), out)
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -380,39 +540,3 @@ def _set_ids(target, ids: dict) -> None:
     else:
         for token, iid in ids.items():
             target.set_instrument(token, iid)
-
-
-def load_state(conn, pipeline_or_engine, *, candles: bool = True) -> int:
-    """Everything a restart needs: every known instrument's id, then the seeding above.
-
-    With ``candles=False`` only the last times and volumes are seeded (the
-    forming candles start empty).  Returns the number of instruments seeded
-    (those with ticks).
-    """
-    from ingestor.store.instruments import load_ids
-
-    _set_ids(pipeline_or_engine, load_ids(conn))
-    if candles:
-        return load_candle_state(conn, pipeline_or_engine).instruments
-    eng = _engine_of(pipeline_or_engine)
-    n = 0
-    for token, last_time, volume in conn.execute(SQL_LAST_TICKS):
-        eng.seed(int(token), to_us(last_time), None if volume is None else int(volume))
-        n += 1
-    return n
-
-
-async def aload_state(conn, pipeline_or_engine, *, candles: bool = True) -> int:
-    """Async twin of :func:`load_state`."""
-    from ingestor.store.instruments import aload_ids
-
-    _set_ids(pipeline_or_engine, await aload_ids(conn))
-    if candles:
-        return (await aload_candle_state(conn, pipeline_or_engine)).instruments
-    eng = _engine_of(pipeline_or_engine)
-    n = 0
-    cur = await conn.execute(SQL_LAST_TICKS)
-    for token, last_time, volume in await cur.fetchall():
-        eng.seed(int(token), to_us(last_time), None if volume is None else int(volume))
-        n += 1
-    return n

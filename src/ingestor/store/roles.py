@@ -81,6 +81,14 @@ def grant_statements(reader: str, writer: str, database: str, schema: str) -> li
         "REVOKE INSERT, UPDATE ON {sc}.schema_migrations FROM {w}; "
         "END IF; END $ingestor$").format(
             mig=sql.Literal(f"{schema}.schema_migrations"), sc=sc, w=w))
+    # The writer deletes a snapshot row a shutdown's flush() wrote mid-interval once a restart
+    # continues that interval (engine state, sql/0004): DELETE on that table only.
+    out.append(sql.SQL(
+        "DO $ingestor$ BEGIN "
+        "IF to_regclass({snap}) IS NOT NULL THEN "
+        "GRANT DELETE ON {sc}.order_book_snapshots TO {w}; "
+        "END IF; END $ingestor$").format(
+            snap=sql.Literal(f"{schema}.order_book_snapshots"), sc=sc, w=w))
     return out
 
 

@@ -11,7 +11,10 @@ A flush is one transaction on one connection (psycopg 3, async):
 3. ``COPY`` the candles into a temporary staging table, then ``INSERT ...
    ON CONFLICT DO UPDATE`` into ``ohlc_candles`` (forming candles are
    upserted again as they grow; the last version of a key in a batch wins);
-4. ``COPY order_book_snapshots``;
+4. ``COPY order_book_snapshots`` (first deleting the rows the batch
+   retracts: see ``FlushBatch.retracted``), then upsert the engine's state of
+   the instruments the batch touched into ``engine_state`` (the restart state
+   of this very offset);
 5. the batch's text messages (order postbacks) through ``on_texts`` (the
    orders component: orders, fills, positions);
 6. advance the stream's committed sequence number; commit.
@@ -74,6 +77,27 @@ SQL_UPSERT = (
     f"ON CONFLICT (time, instrument_id, timeframe) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in tables.CANDLE_VALUE_COLUMNS))
 
+# The engine's continuation state of the instruments a batch touched (sql/0004): staged, then
+# upserted by instrument, in the batch's transaction (its rows, offset and state commit together).
+SQL_STATE_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS ingestor_state_stage (instrument_id integer, stream text, "
+    "last_seq bigint, last_time timestamptz, last_volume bigint, state bytea) ON COMMIT DELETE ROWS")
+SQL_COPY_STATE = ("COPY ingestor_state_stage (instrument_id, stream, last_seq, last_time, "
+                  "last_volume, state) FROM STDIN (FORMAT BINARY)")
+SQL_UPSERT_STATE = (
+    "INSERT INTO engine_state (instrument_id, stream, last_seq, last_time, last_volume, state) "
+    "SELECT instrument_id, stream, last_seq, last_time, NULLIF(last_volume, -1), state "
+    "FROM ingestor_state_stage "
+    "ON CONFLICT (instrument_id) DO UPDATE SET stream = excluded.stream, "
+    "last_seq = excluded.last_seq, last_time = excluded.last_time, "
+    "last_volume = excluded.last_volume, state = excluded.state, updated_at = now()")
+# Snapshot rows a shutdown's flush() wrote mid-interval, superseded after the restart by a later
+# book of the same interval (FlushBatch.retracted): deleted before the batch's snapshots.
+SQL_RETRACT = (
+    "DELETE FROM order_book_snapshots s USING unnest(%s::bigint[], %s::integer[]) AS r(t, id) "
+    "WHERE s.instrument_id = r.id "
+    "AND s.time = timestamptz 'epoch' + r.t * interval '1 microsecond'")
+
 #: Errors that mean "the connection or server is gone", not "this batch is bad".
 _CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
@@ -105,7 +129,7 @@ class DeadLetters:
         os.makedirs(self.path, exist_ok=True)
         base = os.path.join(self.path, f"{batch.stream}-{batch.first_seq}-{batch.last_seq}")
         for name, data in (("ticks", batch.ticks), ("candles", batch.candles),
-                           ("snapshots", batch.snapshots)):
+                           ("new_candles", batch.new_candles), ("snapshots", batch.snapshots)):
             if data:
                 with open(f"{base}.{name}.copy", "wb") as f:
                     f.write(data)
@@ -167,6 +191,7 @@ class Writer:
         self.conn = await psycopg.AsyncConnection.connect(**self.params)
         await self.conn.execute(SQL_STAGE)
         await self.conn.execute(SQL_SNAP_STAGE)
+        await self.conn.execute(SQL_STATE_STAGE)
         await self.conn.commit()
 
     async def close(self) -> None:
@@ -230,12 +255,15 @@ class Writer:
                     async with cur.copy(SQL_COPY_TICKS) as cp:
                         await cp.write(b.ticks)
                 if b.n_candles:
-                    async with cur.copy(SQL_COPY_STAGE) as cp:
-                        await cp.write(b.candles)
+                    await _stage_candles(cur, b)
                     await cur.execute(SQL_UPSERT)
+                if b.retracted:
+                    await _retract(cur, b)
                 if b.n_snapshots:
                     async with cur.copy(SQL_COPY_SNAPS) as cp:
                         await cp.write(b.snapshots)
+                if b.n_state:
+                    await _write_state(cur, b)
             if b.texts and self.on_texts is not None:
                 await self.on_texts(conn, b)
             await offsets.aadvance(conn, b.stream, b.last_seq)
@@ -253,7 +281,7 @@ class Writer:
         # (nothing new to commit) would lose them.  It is written only if the stream is still
         # where this pipeline left it (else another writer went on and holds newer candles),
         # idempotently: candles are upserts, snapshots skip keys already present.
-        if not (b.n_candles or b.n_snapshots):
+        if not (b.n_candles or b.n_snapshots or b.n_state or b.retracted):
             self.stats.skipped_batches += 1
             return "skipped"
         conn = self.conn
@@ -264,13 +292,17 @@ class Writer:
                 return "skipped"
             async with conn.cursor() as cur:
                 if b.n_candles:
-                    async with cur.copy(SQL_COPY_STAGE) as cp:
-                        await cp.write(b.candles)
+                    await _stage_candles(cur, b)
                     await cur.execute(SQL_UPSERT)
+                if b.retracted:
+                    await _retract(cur, b)
                 if b.n_snapshots:
                     async with cur.copy(SQL_COPY_SNAP_STAGE) as cp:
                         await cp.write(b.snapshots)
                     await cur.execute(SQL_INSERT_SNAPS)
+                if b.n_state:
+                    # the flushed candles and books are now stored: a restart must know it
+                    await _write_state(cur, b)
         s = self.stats
         s.batches += 1
         s.candles += b.n_candles
@@ -302,6 +334,25 @@ class Writer:
                 pass
             self.conn = None
             self.stats.reconnects += 1
+
+
+async def _stage_candles(cur, b: FlushBatch) -> None:
+    # Both parts are upserted for now; ``new_candles`` (never stored) could be inserted
+    # plainly.  Staged first: a key in both (none is, by construction) would keep ``candles``.
+    for payload in (b.new_candles, b.candles):
+        if payload:
+            async with cur.copy(SQL_COPY_STAGE) as cp:
+                await cp.write(payload)
+
+
+async def _retract(cur, b: FlushBatch) -> None:
+    await cur.execute(SQL_RETRACT, ([t for t, _ in b.retracted], [i for _, i in b.retracted]))
+
+
+async def _write_state(cur, b: FlushBatch) -> None:
+    async with cur.copy(SQL_COPY_STATE) as cp:
+        await cp.write(b.state)
+    await cur.execute(SQL_UPSERT_STATE)
 
 
 class ConnectionLost(Exception):

@@ -22,6 +22,7 @@ ROW_HAS_BOOK = 8
 ROW_HAS_EXCHANGE_TIME = 16
 CANDLE_HAS_VWAP = 1
 CANDLE_HAS_OI = 2
+CANDLE_REWRITE = 4      # a version of the candle may be stored already (written or seeded)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BOOK = ("bid_quantity", "bid_price", "bid_orders", "ask_quantity", "ask_price", "ask_orders")
@@ -79,6 +80,7 @@ class _Instrument:
         self.candles: list[dict | None] = []
         self.book = None           # latest snapshot row
         self.pending_end = None    # end of the pending snapshot's interval
+        self.pending_stored = False  # flush() wrote the pending book already
 
 
 class Engine:
@@ -95,6 +97,8 @@ class Engine:
         self.tick_rows: list[dict] = []
         self.candles: list[dict] = []
         self.snapshots: list[dict] = []
+        #: (time_us, instrument_id) of flushed books a later book of their interval replaced
+        self.retracted: list[tuple[int, int]] = []
 
     # instruments ------------------------------------------------------------
     def _inst(self, token: int) -> _Instrument:
@@ -139,7 +143,8 @@ class Engine:
             raise ValueError("seed() the instrument's last time (at or after start_us) first")
         inst.candles[timeframe_index] = {"start": start_us, "open": open, "high": high,
                                          "low": low, "close": close, "count": trade_count,
-                                         "volume": volume, "pv": pv, "oi": oi, "emitted": stored}
+                                         "volume": volume, "pv": pv, "oi": oi, "emitted": stored,
+                                         "written": True}
 
     def forming(self) -> list[dict]:
         """Every instrument's forming candles with their exact state (emitted or not).
@@ -182,6 +187,8 @@ class Engine:
         if c["oi"] is not None:
             oi = c["oi"]
             flags |= CANDLE_HAS_OI
+        if c.get("written"):
+            flags |= CANDLE_REWRITE
         return {"time_us": c["start"], "volume": c["volume"], "trade_count": c["count"],
                 "vwap_e7": vwap, "open_interest": oi, "instrument_id": inst.instrument_id,
                 "instrument_token": inst.token, "open": c["open"], "high": c["high"],
@@ -261,9 +268,16 @@ class Engine:
                 c["oi"] = tk["oi"]
 
         if full:
-            if self.interval > 0 and inst.pending_end is not None and t >= inst.pending_end:
-                self.snapshots.append(dict(inst.book))
-                inst.pending_end = None
+            if self.interval > 0 and inst.pending_end is not None:
+                if t >= inst.pending_end:
+                    if not inst.pending_stored:
+                        self.snapshots.append(dict(inst.book))
+                    inst.pending_end = None
+                    inst.pending_stored = False
+                elif inst.pending_stored:
+                    # flush() wrote this interval's book so far; a later one replaces it
+                    self.retracted.append((inst.book["time_us"], inst.instrument_id))
+                    inst.pending_stored = False
             inst.book = {"time_us": t, "instrument_id": inst.instrument_id,
                          "instrument_token": inst.token, "divisor": inst.divisor,
                          "total_bid_quantity": tk["total_buy_quantity"],
@@ -280,10 +294,19 @@ class Engine:
                 if c is not None and not c["emitted"] and (
                         everything or c["start"] + self.lengths[tf] <= now_us):
                     self.candles.append(self._candle_row(inst, tf, c))
-                    c["emitted"] = True
-            if inst.pending_end is not None and (everything or inst.pending_end <= now_us):
-                self.snapshots.append(dict(inst.book))
-                inst.pending_end = None
+                    c["emitted"] = c["written"] = True
+            if inst.pending_end is None:
+                continue
+            ended = not everything and inst.pending_end <= now_us
+            if everything or ended:
+                if not inst.pending_stored:
+                    self.snapshots.append(dict(inst.book))
+                if ended:
+                    inst.pending_end = None
+                    inst.pending_stored = False
+                else:
+                    # the interval may go on (a restart from committed state): kept pending
+                    inst.pending_stored = True
 
     def advance(self, now_us: int) -> None:
         self._close(now_us, False)
