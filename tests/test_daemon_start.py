@@ -70,17 +70,22 @@ def test_database_down_at_start_spools_then_writes(tmp_path, private_pg_running)
     dsn = cluster.dsn()
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("truncate tick_data, ohlc_candles, order_book_snapshots, stream_offsets, feed_gaps")
-    sim = Simulator(tmp_path, tokens=8, rate=1000)
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+    sim = Simulator(tmp_path / "s1", tokens=8, rate=1000)
     load_instruments(dsn, sim.csv)
     d = Daemon(tmp_path, dsn, sim.url)
     wait_for(lambda: count_ticks(dsn) > 200)
+    sim.stop()  # first: what it sends while the daemon stops would be recorded, not received
     assert d.terminate() == 0, d.output()
     assert (tmp_path / "spool" / "subscriptions.json").exists()
     before = count_ticks(dsn)
+    assert before == sim.sent_packets()
 
     cluster.stop("fast")
+    sim2 = Simulator(tmp_path / "s2", tokens=8, rate=1000)
     try:
-        d2 = Daemon(tmp_path, dsn, sim.url, name="daemon2")
+        d2 = Daemon(tmp_path, dsn, sim2.url, name="daemon2")
         # receiving and spooling while the database is away
         wait_for(lambda: "connected (stream" in d2.output(), timeout=30)
         wait_for(lambda: sum(p.stat().st_size for p in spool_files(tmp_path)) > 100_000,
@@ -90,10 +95,10 @@ def test_database_down_at_start_spools_then_writes(tmp_path, private_pg_running)
     finally:
         cluster.start()
     wait_for(lambda: count_ticks(dsn) > before + 2000, timeout=60)
-    sim.stop()
+    sim2.stop()
     assert d2.terminate() == 0, d2.output()
     n, distinct = tick_summary(dsn)
-    assert n == distinct == sim.sent_packets()
+    assert n == distinct == before + sim2.sent_packets()
 
 
 def test_feed_down_at_start_is_retried(tmp_path, db):
