@@ -173,7 +173,7 @@ class Daemon:
         self.stopping_since: float | None = None
         self.writer = Writer(dsn, dead_letter_dir=cfg.writer.dead_letter_dir,
                              max_rejects=cfg.writer.max_rejects, retry_for=None,
-                             on_texts=self._postbacks)
+                             on_texts=self._postbacks, metrics=self.metrics)
         self._on_texts = postback_handler()
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.writer.queue_batches)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeline")
