@@ -462,8 +462,11 @@ class OrderStore:
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, messages: Sequence[Message], places) -> tuple[list, list, ApplyResult]:
+        # (the places of the good ones are kept in self._good_places, in the same order: a
+        # postback the database refuses later is dead-lettered at its place too)
         res = ApplyResult(received=len(messages))
         good: list[tuple[Postback, str]] = []
+        good_places: list = []
         dead: list[tuple[str | None, int | None, str, str]] = []
         if places is not None and len(places) != len(messages):
             raise ValueError("places must be as long as messages")
@@ -488,7 +491,9 @@ class OrderStore:
                 res.reasons.append(reason)
                 continue
             good.append((pb, data))
+            good_places.append(place)
         res.dead_letters = len(dead)
+        self._good_places = good_places
         return good, dead, res
 
     def _strategy_of(self, pb: Postback) -> str:
@@ -635,13 +640,14 @@ class OrderStore:
         return classify(exc) == "data"
 
     @staticmethod
-    def _refusal(exc: BaseException, item) -> tuple:
+    def _refusal(exc: BaseException, item, place=None) -> tuple:
         from ingestor.store.errors import describe_error
 
         reason = f"refused by the database: {describe_error(exc)}"[:1000]
         pb, data = item
         log.warning("postback of order %s dead-lettered: %s", pb.order_id, reason)
-        return (None, None, reason, _payload_text(data))
+        return (place[0] if place else None, place[1] if place else None, reason,
+                _payload_text(data))
 
     def apply_sync(self, conn, messages: Sequence[Message],
                    places: Sequence[tuple[str, int] | None] | None = None, *,
@@ -668,14 +674,14 @@ class OrderStore:
                 r = ApplyResult(dead_letters=len(dead), reasons=[d[2] for d in dead])
                 self._run_sync(conn, [], dead, r)
                 total.add(r)
-            for item in good:
+            for item, place in zip(good, self._good_places):
                 r = ApplyResult()
                 try:
                     self._run_sync(conn, [item], [], r)
                 except Exception as exc1:
                     if not self._is_data_error(exc1):
                         raise
-                    letter = self._refusal(exc1, item)
+                    letter = self._refusal(exc1, item, place)
                     r = ApplyResult(dead_letters=1, reasons=[letter[2]])
                     self._run_sync(conn, [], [letter], ApplyResult())
                 total.add(r)
@@ -740,14 +746,14 @@ class OrderStore:
                 r = ApplyResult(dead_letters=len(dead), reasons=[d[2] for d in dead])
                 await self._run_async(conn, [], dead, r)
                 total.add(r)
-            for item in good:
+            for item, place in zip(good, self._good_places):
                 r = ApplyResult()
                 try:
                     await self._run_async(conn, [item], [], r)
                 except Exception as exc1:
                     if not self._is_data_error(exc1):
                         raise
-                    letter = self._refusal(exc1, item)
+                    letter = self._refusal(exc1, item, place)
                     r = ApplyResult(dead_letters=1, reasons=[letter[2]])
                     await self._run_async(conn, [], [letter], ApplyResult())
                 total.add(r)
