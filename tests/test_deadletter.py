@@ -196,3 +196,14 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["dead-letter", "list", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not a directory" in err and "not a dead-letter description" in err
+
+
+def test_an_unreachable_database_is_one_line_and_exit_1(tmp_path, capsys):
+    (tmp_path / "s-0-1.json").write_text(json.dumps({"stream": "s", "first_seq": 0,
+                                                     "last_seq": 1, "reason": "x"}))
+    dsn = "host=127.0.0.1 port=1 user=nobody password=hunter2 dbname=x connect_timeout=5"
+    assert main(["dead-letter", "replay", str(tmp_path), "--dsn", dsn]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ingestor: error: cannot connect to") and len(err.splitlines()) == 1
+    assert "hunter2" not in err
+    assert os.path.exists(tmp_path / "s-0-1.json")

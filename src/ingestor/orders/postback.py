@@ -43,6 +43,8 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
+from ingestor.errors import PoisonInput
+
 __all__ = [
     "IST",
     "MAX_BYTES",
@@ -87,8 +89,11 @@ Ident = Annotated[str, msgspec.Meta(max_length=MAX_ID)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 
 
-class PostbackError(ValueError):
-    """A message that is not a valid order postback; ``str()`` is the reason."""
+class PostbackError(PoisonInput):
+    """A message that is not a valid order postback; ``str()`` is the reason.
+
+    (A :class:`ValueError` too, as it always was.)
+    """
 
 
 # a JSON string (the brackets inside one do not nest)
