@@ -17,6 +17,9 @@ import psycopg
 import pytest
 
 from ingestor import _core
+# the candle definition in SQL lives with the product (`ingestor dead-letter replay`
+# recomputes candles with it); test_replay and test_restart import it from here
+from ingestor.store.candle_sql import CANDLES_SQL
 from kite_stream import Tick, encode_message, messages, random_stream
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -40,41 +43,6 @@ create temporary table tick_data (
     unique (time, instrument_id)
 )
 """
-
-# Volume increase per tick: lag() over the instrument's ticks that carry a
-# volume; 0 for its first such tick and ticks without one; the new value
-# itself when the cumulative volume falls.  VWAP rounded half away from zero
-# to 7 places exactly: div() is integer division of exact numerics (a plain
-# numeric division would round at its own scale first).
-CANDLES_SQL = """
-with v as (
-    select instrument_id, time, volume,
-           lag(volume) over (partition by instrument_id order by time) as prev
-    from tick_data where volume is not null
-), t as (
-    select d.instrument_id, d.time, d.price, d.oi,
-           case when d.volume is null or v.prev is null then 0
-                when d.volume >= v.prev then d.volume - v.prev
-                else d.volume end as dv
-    from tick_data d left join v using (instrument_id, time)
-)
-select date_bin(%(stride)s::interval, time, %(origin)s::timestamptz) as bucket,
-       instrument_id,
-       (array_agg(price order by time))[1] as open_price,
-       max(price) as high_price,
-       min(price) as low_price,
-       (array_agg(price order by time desc))[1] as close_price,
-       sum(dv)::bigint as volume,
-       count(*) as trade_count,
-       case when sum(dv) = 0 then null
-            else (div(sum(price * dv) * 20000000 + sum(dv), 2 * sum(dv)) / 10000000)::numeric(18,7)
-       end as vwap,
-       (array_agg(oi order by time desc) filter (where oi is not null))[1] as open_interest
-from t
-group by 1, 2
-order by 2, 1
-"""
-
 
 def _ts(us: int) -> datetime.datetime:
     return EPOCH + datetime.timedelta(microseconds=int(us))

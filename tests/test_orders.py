@@ -555,3 +555,108 @@ def test_bench_orders_quick_runs(pg_server_dsn):
     assert r.returncode == 0, r.stderr
     assert "1 per transaction" in r.stdout and "batches of 100" in r.stdout
     assert "dead-lettered" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# hostile postbacks: dead-lettered with a reason, never raised, the rest of the batch applied
+
+
+def _deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+HOSTILE = {
+    "long order_id": _pb("x" * 4000),
+    "long exchange_order_id": _pb("h2", exchange_order_id="9" * 300),
+    "long tag": _pb("h3", tag="t" * 1000),
+    "long tradingsymbol": _pb("h4", tradingsymbol="S" * 257),
+    "nested meta": _pb("h5").replace('"tag"', '"meta": {"a": ' + _deep(1000) + '}, "tag"'),
+    "nested unknown key": _pb("h6").replace('"tag"', '"extra": ' + _deep(1000) + ', "tag"'),
+    "nested envelope": '{"type": "order", "x": ' + _deep(20_000) + ', "data": {}}',
+    "huge message": _pb("h7", status_message="m" * 10, padding="p" * 200_000),
+    "year 1": _pb("h8", order_timestamp="0001-01-01 00:00:00"),
+    "far future": _pb("h9", exchange_update_timestamp="2999-01-01 09:30:00"),
+    "token 2**32": _pb("h10", token=1 << 32),
+    "token 0": _pb("h11", token=0),
+    "token -1": _pb("h12", token=-1),
+}
+
+
+def test_hostile_postbacks_are_dead_lettered_and_the_rest_applied(db):
+    store = OrderStore()
+    msgs = [_pb("ok1")] + list(HOSTILE.values()) + [_pb("ok2")]
+    places = [("kite-9", k) for k in range(len(msgs))]
+    res = store.apply_sync(db, msgs, places)
+    assert (res.received, res.applied, res.dead_letters) == (len(msgs), 2, len(HOSTILE))
+    assert db.execute("SELECT broker_order_id FROM orders ORDER BY 1").fetchall() == \
+        [("ok1",), ("ok2",)]
+    reasons = dict(db.execute("SELECT seq, reason FROM postback_dead_letters").fetchall())
+    assert sorted(reasons) == list(range(1, len(HOSTILE) + 1))
+    for k, name in enumerate(HOSTILE, start=1):
+        why = reasons[k]
+        expect = {"long": "length <= ", "nested": "nested deeper", "huge": "exceeds",
+                  "year": "not a plausible time", "far": "not a plausible time",
+                  "token": "instrument_token"}[name.split()[0]]
+        assert expect in why, (name, why)
+
+
+def test_hostile_postbacks_decode_to_postback_error_only():
+    for name, msg in HOSTILE.items():
+        with pytest.raises(PostbackError):
+            decode_postback(msg)
+    # a plausible one still decodes, and a nesting of a few levels in meta is fine
+    pb = decode_postback(_pb("fine", meta={"a": {"b": [1, [2, {"c": 3}]]}}))
+    assert pb.meta == {"a": {"b": [1, [2, {"c": 3}]]}}
+    # brackets inside strings do not count as nesting
+    assert decode_postback(_pb("s", status_message="[{" * 2000)).status_message == "[{" * 2000
+
+
+def test_a_postback_whose_index_row_is_too_large_is_dead_lettered(db):
+    """54000 (index row size exceeds the btree maximum) is the content's fault: that postback
+    is dead-lettered and the others of the batch applied -- not raised as a lost connection
+    (the writer retried that forever).  An operator's index on a free-text column makes it
+    reachable past the decoder's identifier bounds."""
+    db.execute("CREATE INDEX orders_status_message_idx ON orders (status_message)")
+    db.commit()
+    try:
+        big = _pb("p2", status_message=secrets.token_hex(2000))     # 4000 incompressible chars
+        res = OrderStore().apply_sync(db, [_pb("p1"), big, _pb("p3")], [("s", 1), ("s", 2), ("s", 3)])
+        assert (res.applied, res.dead_letters) == (2, 1)
+        assert "54000" in res.reasons[0] and "refused by the database" in res.reasons[0]
+        assert db.execute("SELECT broker_order_id FROM orders ORDER BY 1").fetchall() == \
+            [("p1",), ("p3",)]
+        assert db.execute("SELECT seq FROM postback_dead_letters").fetchall() == [(2,)]
+    finally:
+        db.rollback()
+        db.execute("DROP INDEX orders_status_message_idx")
+        db.commit()
+
+
+def test_a_deeply_nested_postback_does_not_stop_the_writer(orders_db, tmp_path):
+    """Through the daemon's path (the writer's flush transaction): the batch is written, the
+    postback kept in postback_dead_letters."""
+    from ingestor.pipeline import FlushBatch
+    from ingestor.store.writer import Writer, postback_handler
+
+    with psycopg.connect(orders_db) as conn:
+        _clean(conn)
+    texts = [(0, _pb("w1").encode()), (1, HOSTILE["nested unknown key"].encode()),
+             (2, HOSTILE["long order_id"].encode()), (3, _pb("w2").encode())]
+    stream = f"pb-{secrets.token_hex(3)}"
+    w = Writer(orders_db, dead_letter_dir=str(tmp_path / "dead"), retry_for=5,
+               on_texts=postback_handler())
+
+    async def scenario():
+        try:
+            return await w.write(FlushBatch(stream, 0, 3, texts=texts))
+        finally:
+            await w.close()
+
+    assert asyncio.run(scenario()) == "written"
+    with psycopg.connect(orders_db) as conn:
+        assert conn.execute("SELECT broker_order_id FROM orders ORDER BY 1").fetchall() == \
+            [("w1",), ("w2",)]
+        assert conn.execute("SELECT seq FROM postback_dead_letters WHERE stream = %s ORDER BY 1",
+                            (stream,)).fetchall() == [(1,), (2,)]
+        assert conn.execute("SELECT committed_seq FROM stream_offsets WHERE stream = %s",
+                            (stream,)).fetchone() == (3,)

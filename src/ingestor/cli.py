@@ -5,6 +5,11 @@ Each subcommand lives in ``ingestor/commands/<name>.py`` with two functions,
 them and applies the exit-status contract of DESIGN.md: 0 on success, 2 on
 bad usage or bad input, 1 on other failures, one clear line on stderr and no
 traceback unless ``--debug``.
+
+Library code raises the package's own errors (``ingestor.errors``); this module maps them:
+an :class:`~ingestor.errors.IngestorError` exits with its ``exit_status`` (2 for
+:class:`~ingestor.errors.UsageError` and :class:`~ingestor.errors.ConfigError`, else 1),
+``ingestor.config.ConfigError`` with 2, anything else with 1.
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ import importlib
 import logging
 import sys
 
+from ingestor.errors import IngestorError, UsageError
+
 #: Subcommands in help order; each names a module of ingestor.commands.
-COMMANDS = ("demo", "migrate", "instruments", "run", "simulate", "replay", "decode", "bench")
+COMMANDS = ("demo", "migrate", "instruments", "run", "simulate", "replay", "deadletter",
+            "decode", "bench")
 
+__all__ = ["Failure", "UsageError", "main"]
 
-class UsageError(Exception):
-    """Bad usage or bad input: exit status 2."""
-
-
-class Failure(Exception):
-    """Any other failure the user should read about in one line: exit status 1."""
+#: Any other failure the user should read about in one line: exit status 1.  The commands
+#: raise it; it is the base of the package's errors, so ``except Failure`` catches them all.
+Failure = IngestorError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,12 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         # ``ingestor decode --jsonl | head``: the reader left; not an error.
         sys.stderr.close()
         return 0
-    except Failure as exc:
+    except IngestorError as exc:
         _fail(exc, debug)
-        return 1
+        return exc.exit_status
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into lines
+        from ingestor.config import ConfigError
         from ingestor.logs import redact
 
+        if isinstance(exc, ConfigError):  # a bad setting (config.py predates ingestor.errors)
+            _fail(exc, debug)
+            return 2
         if debug:
             raise
         print(f"ingestor: error: {redact(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)

@@ -173,7 +173,7 @@ class Daemon:
         self.stopping_since: float | None = None
         self.writer = Writer(dsn, dead_letter_dir=cfg.writer.dead_letter_dir,
                              max_rejects=cfg.writer.max_rejects, retry_for=None,
-                             on_texts=self._postbacks)
+                             on_texts=self._postbacks, metrics=self.metrics)
         self._on_texts = postback_handler()
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.writer.queue_batches)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeline")
@@ -466,10 +466,17 @@ class Daemon:
         return totals
 
     def health(self) -> tuple[bool, dict]:
+        """200 only when every feed is connected, the database takes writes, the spool is
+        below its alarm and writing, and no batch was set aside since the start (a dead
+        letter needs a person: ``ingestor dead-letter list``)."""
+        w = self.writer
         feeds = {c.label: bool(c.feed and c.feed.stats.connected) for c in self.connections}
-        db = self.writer.up and self.pipeline_ready and self.failed is None
-        ok = all(feeds.values()) and db and not self.spool.alarmed and self.spool.error is None
-        return ok, {"feeds": feeds, "database": bool(self.writer.up and self.pipeline_ready),
+        db = w.up and self.pipeline_ready and self.failed is None and not w.fatal
+        ok = (all(feeds.values()) and db and not self.spool.alarmed and self.spool.error is None
+              and not w.dead_letters_since_start)
+        return ok, {"feeds": feeds, "database": bool(w.up and self.pipeline_ready),
+                    "writer_stopped": w.fatal, "dead_letters": w.dead_letters_since_start,
+                    "last_dead_letter": w.last_dead_letter,
                     "spool_bytes": self.spool.bytes, "spool_alarm": self.spool.alarmed,
                     "spool_error": self.spool.error, "failed": self.failed}
 

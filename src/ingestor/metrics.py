@@ -42,6 +42,9 @@ class Metrics:
         self.loop_lag_max = Gauge("ingestor_loop_lag_max_seconds", "Largest loop lag since start", registry=r)
         self.db_up = Gauge("ingestor_database_up", "1 when the last flush reached the database", registry=r)
         self.postbacks = Counter("ingestor_postbacks", "Text messages (order postbacks) handed on", registry=r)
+        # kept by the writer itself (Writer(metrics=...)): see ingestor.store.writer
+        self.dead_letters = Counter("ingestor_dead_letters", "Batches the database refused for their data, set aside to the dead-letter folder (offset committed)", registry=r)
+        self.writer_fatal = Gauge("ingestor_writer_fatal", "1 while the writer is stopped by a fatal refusal (configuration, schema, server or code; nothing committed)", registry=r)
 
     def attach(self, daemon) -> None:
         """Read the daemon's own counters at scrape time (see ``CoreCollector``)."""

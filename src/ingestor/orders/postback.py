@@ -21,18 +21,36 @@ turns either form (the envelope, or the bare ``data`` object) into a :class:`Pos
   prices are finite, non-negative and fit ``NUMERIC(18,7)``, no text holds a NUL character
   (PostgreSQL text cannot).  Anything else raises :class:`PostbackError` with the reason;
   the store keeps such messages in ``postback_dead_letters``.
+* **Bounded**, because one hostile message must not stop the writer: a message over
+  :data:`MAX_BYTES` or nested deeper than :data:`MAX_DEPTH` is refused before it is parsed
+  (a postback nested a thousand levels deep made the parser raise ``RecursionError``, which
+  escaped the handler); identifiers (``order_id``, ``exchange_order_id``, ``tag``,
+  ``tradingsymbol``, ...) are at most :data:`MAX_ID` characters and free texts
+  :data:`MAX_TEXT` (PostgreSQL refuses an index row over ~2.7 kB: an over-long
+  ``order_id`` would fail the whole batch); ``instrument_token`` is in ``1 .. 2**32 - 1``
+  (Kite's tokens are unsigned 32-bit); timestamps lie between :data:`MIN_TIME` and
+  :data:`MAX_FUTURE` from now (a year-1 timestamp used to be stored as 1 BC and break every
+  later fill of the order).  :func:`decode_message` never raises anything but
+  :class:`PostbackError`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
+import re
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
+from ingestor.errors import PoisonInput
+
 __all__ = [
     "IST",
+    "MAX_BYTES",
+    "MAX_DEPTH",
+    "MAX_ID",
+    "MAX_TEXT",
     "TERMINAL_STATUSES",
     "Postback",
     "PostbackError",
@@ -50,13 +68,53 @@ TERMINAL_STATUSES = frozenset({"COMPLETE", "CANCELLED", "REJECTED"})
 # NUMERIC(18,7) holds magnitudes below 10**11.
 _PRICE_LIMIT = Decimal(10) ** 11
 
+#: Largest message accepted (a real postback is 1-2 kB).
+MAX_BYTES = 64 * 1024
+#: Deepest nesting of arrays and objects accepted (a postback nests 2 or 3 levels).
+MAX_DEPTH = 32
+#: Longest identifier (order ids, tags, symbols, statuses): far above the broker's, far
+#: below what a B-tree index row can hold.
+MAX_ID = 128
+#: Longest free text (status messages).
+MAX_TEXT = 4096
+#: Earliest plausible timestamp.
+MIN_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+#: How far past the local clock a timestamp may lie (clock skew, not a typo'd year).
+MAX_FUTURE = dt.timedelta(days=3)
+
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
-Token = Annotated[int, msgspec.Meta(gt=0, le=(1 << 63) - 1)]
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+Token = Annotated[int, msgspec.Meta(gt=0, le=(1 << 32) - 1)]
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)]
+Ident = Annotated[str, msgspec.Meta(max_length=MAX_ID)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 
 
-class PostbackError(ValueError):
-    """A message that is not a valid order postback; ``str()`` is the reason."""
+class PostbackError(PoisonInput):
+    """A message that is not a valid order postback; ``str()`` is the reason.
+
+    (A :class:`ValueError` too, as it always was.)
+    """
+
+
+# a JSON string (the brackets inside one do not nest)
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _check_bounds(raw: bytes) -> None:
+    """Refuse what would make the parser work unboundedly: too big, or nested too deep."""
+    if len(raw) > MAX_BYTES:
+        raise PostbackError(f"message of {len(raw)} bytes exceeds {MAX_BYTES}")
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return  # cannot nest deeper than it has brackets
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub(b'""', raw)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise PostbackError(f"nested deeper than {MAX_DEPTH} levels")
+        else:
+            depth -= 1
 
 
 class Postback(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -75,23 +133,23 @@ class Postback(msgspec.Struct, kw_only=True, omit_defaults=True):
     order_type: Literal["MARKET", "LIMIT", "SL", "SL-M"]
     quantity: NonNegInt
 
-    user_id: str | None = None
+    user_id: Ident | None = None
     unfilled_quantity: NonNegInt | None = None
     app_id: int | None = None
-    checksum: str | None = None
-    placed_by: str | None = None
-    exchange_order_id: str | None = None
-    parent_order_id: str | None = None
-    status_message: str | None = None
-    status_message_raw: str | None = None
+    checksum: Ident | None = None
+    placed_by: Ident | None = None
+    exchange_order_id: Ident | None = None
+    parent_order_id: Ident | None = None
+    status_message: Text | None = None
+    status_message_raw: Text | None = None
     order_timestamp: dt.datetime | None = None
     exchange_update_timestamp: dt.datetime | None = None
     exchange_timestamp: dt.datetime | None = None
-    variety: str | None = None
-    exchange: str | None = None
-    tradingsymbol: str | None = None
-    validity: str | None = None
-    product: str | None = None
+    variety: Ident | None = None
+    exchange: Ident | None = None
+    tradingsymbol: Ident | None = None
+    validity: Ident | None = None
+    product: Ident | None = None
     disclosed_quantity: NonNegInt | None = None
     price: Decimal | None = None
     trigger_price: Decimal | None = None
@@ -101,14 +159,14 @@ class Postback(msgspec.Struct, kw_only=True, omit_defaults=True):
     cancelled_quantity: NonNegInt | None = None
     market_protection: Decimal | None = None
     meta: dict[str, Any] | None = None
-    tag: str | None = None
-    guid: str | None = None
+    tag: Ident | None = None
+    guid: Ident | None = None
     # also accepted by the official Go client's Order (gokiteconnect orders.go)
-    account_id: str | None = None
+    account_id: Ident | None = None
     modified: bool | None = None
     validity_ttl: int | None = None
-    auction_number: Union[str, int, None] = None
-    tags: list[str] | None = None
+    auction_number: Union[Ident, int, None] = None
+    tags: Annotated[list[Ident], msgspec.Meta(max_length=64)] | None = None
 
     def __post_init__(self) -> None:
         # msgspec turns a ValueError raised here into a ValidationError naming the message
@@ -127,8 +185,18 @@ class Postback(msgspec.Struct, kw_only=True, omit_defaults=True):
                 raise ValueError(f"{name} {v} does not fit NUMERIC(18,7)")
         for name in ("order_timestamp", "exchange_update_timestamp", "exchange_timestamp"):
             v = getattr(self, name)
-            if v is not None and v.tzinfo is None:
-                setattr(self, name, v.replace(tzinfo=IST))
+            if v is None:
+                continue
+            if v.tzinfo is None:
+                v = v.replace(tzinfo=IST)
+                setattr(self, name, v)
+            try:
+                bad = v < MIN_TIME or v > dt.datetime.now(dt.timezone.utc) + MAX_FUTURE
+            except OverflowError:  # year 1 with a positive offset: before the epoch of time
+                bad = True
+            if bad:
+                raise ValueError(f"{name} {v.isoformat()} is not a plausible time (before "
+                                 f"{MIN_TIME.year} or more than {MAX_FUTURE.days} days ahead)")
         for name in ("order_id", "status", "status_message", "status_message_raw", "tag",
                      "tradingsymbol", "exchange", "exchange_order_id", "parent_order_id",
                      "placed_by", "product", "variety", "validity"):
@@ -175,10 +243,22 @@ def decode_message(raw: bytes | bytearray | memoryview | str) -> tuple[Postback,
         Not JSON, not an object, an envelope whose ``type`` is not ``"order"``, or a
         ``data`` object that fails validation; the message is the reason.
     """
+    try:
+        return _decode_message(raw)
+    except PostbackError:
+        raise
+    except RecursionError:
+        raise PostbackError("nested too deeply to decode") from None
+    except Exception as exc:  # noqa: BLE001 - a hostile message must not escape as anything else
+        raise PostbackError(f"cannot decode: {type(exc).__name__}: {exc}"[:500]) from None
+
+
+def _decode_message(raw) -> tuple[Postback, bytes]:
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
     elif not isinstance(raw, bytes):
         raw = bytes(raw)
+    _check_bounds(raw)
     try:
         env = _envelope.decode(raw)
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError

@@ -44,10 +44,13 @@ and positions across daemons is what makes them race-free without per-row choreo
 Each step is one set-based statement over ``unnest`` arrays, so a batch costs about eight
 round trips whatever its size.
 
-A batch that fails on a database *data* error (a value the schema refuses) is retried one
-postback per transaction, and those that still fail are dead-lettered with the server's
-reason, so one poisonous message cannot block the stream.  Connection errors propagate: the
-transaction rolled back, and the caller retries the same batch (it is idempotent).
+A batch that fails on a database *data* error is retried one postback per transaction, and
+those that still fail are dead-lettered with the server's reason, so one poisonous message
+cannot block the stream.  What counts as a data error is the writer's classification
+(:func:`ingestor.store.errors.classify`): class 22, a not-null or foreign-key violation, an
+index row too large (54000).  Everything else propagates -- connection errors (the
+transaction rolled back; the caller retries the same batch, it is idempotent) and fatal ones
+(a privilege, a unique violation: the writer stops and keeps the batch).
 
 The logic is written once, free of I/O (a generator that yields statements); :class:`OrderStore`
 drives it on a :class:`psycopg.AsyncConnection` (:meth:`OrderStore.apply`) or a
@@ -459,8 +462,11 @@ class OrderStore:
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, messages: Sequence[Message], places) -> tuple[list, list, ApplyResult]:
+        # (the places of the good ones are kept in self._good_places, in the same order: a
+        # postback the database refuses later is dead-lettered at its place too)
         res = ApplyResult(received=len(messages))
         good: list[tuple[Postback, str]] = []
+        good_places: list = []
         dead: list[tuple[str | None, int | None, str, str]] = []
         if places is not None and len(places) != len(messages):
             raise ValueError("places must be as long as messages")
@@ -475,8 +481,9 @@ class OrderStore:
                 if "\\u0000" in data:
                     raise PostbackError("contains an escaped NUL character, which PostgreSQL "
                                         "text cannot hold")
-            except (PostbackError, UnicodeDecodeError) as exc:
-                reason = str(exc)
+            except Exception as exc:  # noqa: BLE001 - never raised: kept with the reason
+                reason = (str(exc) if isinstance(exc, (PostbackError, UnicodeDecodeError))
+                          else f"cannot decode: {type(exc).__name__}: {exc}")[:1000]
                 log.warning("postback dead-lettered%s: %s",
                             f" ({place[0]}#{place[1]})" if place else "", reason)
                 dead.append((place[0] if place else None, place[1] if place else None,
@@ -484,7 +491,9 @@ class OrderStore:
                 res.reasons.append(reason)
                 continue
             good.append((pb, data))
+            good_places.append(place)
         res.dead_letters = len(dead)
+        self._good_places = good_places
         return good, dead, res
 
     def _strategy_of(self, pb: Postback) -> str:
@@ -625,18 +634,20 @@ class OrderStore:
     # ------------------------------------------------------------------ drivers
     @staticmethod
     def _is_data_error(exc: BaseException) -> bool:
-        # a value or constraint the schema refuses: the message, not the connection, is bad
-        import psycopg
+        # a value the schema refuses: the message, not the connection or the setup, is bad
+        from ingestor.store.errors import classify
 
-        return isinstance(exc, (psycopg.errors.DataError, psycopg.errors.IntegrityError))
+        return classify(exc) == "data"
 
     @staticmethod
-    def _refusal(exc: BaseException, item) -> tuple:
-        text = str(exc).strip().splitlines()
-        reason = f"refused by the database: {text[0] if text else type(exc).__name__}"
+    def _refusal(exc: BaseException, item, place=None) -> tuple:
+        from ingestor.store.errors import describe_error
+
+        reason = f"refused by the database: {describe_error(exc)}"[:1000]
         pb, data = item
         log.warning("postback of order %s dead-lettered: %s", pb.order_id, reason)
-        return (None, None, reason, _payload_text(data))
+        return (place[0] if place else None, place[1] if place else None, reason,
+                _payload_text(data))
 
     def apply_sync(self, conn, messages: Sequence[Message],
                    places: Sequence[tuple[str, int] | None] | None = None, *,
@@ -663,14 +674,14 @@ class OrderStore:
                 r = ApplyResult(dead_letters=len(dead), reasons=[d[2] for d in dead])
                 self._run_sync(conn, [], dead, r)
                 total.add(r)
-            for item in good:
+            for item, place in zip(good, self._good_places):
                 r = ApplyResult()
                 try:
                     self._run_sync(conn, [item], [], r)
                 except Exception as exc1:
                     if not self._is_data_error(exc1):
                         raise
-                    letter = self._refusal(exc1, item)
+                    letter = self._refusal(exc1, item, place)
                     r = ApplyResult(dead_letters=1, reasons=[letter[2]])
                     self._run_sync(conn, [], [letter], ApplyResult())
                 total.add(r)
@@ -735,14 +746,14 @@ class OrderStore:
                 r = ApplyResult(dead_letters=len(dead), reasons=[d[2] for d in dead])
                 await self._run_async(conn, [], dead, r)
                 total.add(r)
-            for item in good:
+            for item, place in zip(good, self._good_places):
                 r = ApplyResult()
                 try:
                     await self._run_async(conn, [item], [], r)
                 except Exception as exc1:
                     if not self._is_data_error(exc1):
                         raise
-                    letter = self._refusal(exc1, item)
+                    letter = self._refusal(exc1, item, place)
                     r = ApplyResult(dead_letters=1, reasons=[letter[2]])
                     await self._run_async(conn, [], [letter], ApplyResult())
                 total.add(r)

@@ -127,23 +127,25 @@ def malformed_line(exc: BaseException) -> str:
 
 
 def _params(dsn: str, connect_timeout: int) -> dict:
-    """libpq parameters of ``dsn`` (its password registered for redaction), or ``Failure``."""
+    """libpq parameters of ``dsn`` (its password registered for redaction), or
+    :class:`ingestor.errors.DatabaseError`."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
-    from ingestor.cli import Failure
+    from ingestor.errors import DatabaseError
 
     register_secret(password_of(dsn))
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
-        raise Failure(f"invalid database DSN: {malformed_line(exc)}") from None
+        raise DatabaseError(f"invalid database DSN: {malformed_line(exc)}") from None
     params.setdefault("connect_timeout", connect_timeout)
     return params
 
 
 def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 10, **kwargs):
-    """Open a psycopg connection, or raise :class:`ingestor.cli.Failure` with one clear line.
+    """Open a psycopg connection, or raise :class:`~ingestor.errors.DatabaseUnavailable` with
+    one clear line.
 
     Parameters
     ----------
@@ -156,19 +158,20 @@ def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 10, **
 
     Raises
     ------
-    ingestor.cli.Failure
-        The DSN is malformed or the server does not answer / refuses us; the
-        message names the target without its password.
+    ingestor.errors.DatabaseError
+        The DSN is malformed, or (:class:`~ingestor.errors.DatabaseUnavailable`) the
+        server does not answer / refuses us; the message names the target without its
+        password.
     """
     import psycopg
 
-    from ingestor.cli import Failure
+    from ingestor.errors import DatabaseUnavailable
 
     params = _params(dsn, connect_timeout)
     try:
         return psycopg.connect(autocommit=autocommit, **params, **kwargs)
     except psycopg.Error as exc:
-        raise Failure(f"cannot connect to {describe(dsn)}: {error_line(exc)}") from None
+        raise DatabaseUnavailable(f"cannot connect to {describe(dsn)}: {error_line(exc)}") from None
 
 
 async def connect_async(dsn: str, *, autocommit: bool = False, connect_timeout: int = 10,
@@ -176,10 +179,10 @@ async def connect_async(dsn: str, *, autocommit: bool = False, connect_timeout: 
     """Async twin of :func:`connect` (a :class:`psycopg.AsyncConnection`)."""
     import psycopg
 
-    from ingestor.cli import Failure
+    from ingestor.errors import DatabaseUnavailable
 
     params = _params(dsn, connect_timeout)
     try:
         return await psycopg.AsyncConnection.connect(autocommit=autocommit, **params, **kwargs)
     except psycopg.Error as exc:
-        raise Failure(f"cannot connect to {describe(dsn)}: {error_line(exc)}") from None
+        raise DatabaseUnavailable(f"cannot connect to {describe(dsn)}: {error_line(exc)}") from None

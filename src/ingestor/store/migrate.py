@@ -320,12 +320,12 @@ def current(conn, source: str | Path | None = None) -> SchemaStatus:
 
 
 def require_current(conn, source: str | Path | None = None) -> None:
-    """Raise :class:`ingestor.cli.Failure` (one line) unless the schema is current."""
+    """Raise :class:`ingestor.errors.SchemaNotCurrent` (one line) unless the schema is current."""
     status = current(conn, source)
     if not status:
-        from ingestor.cli import Failure
+        from ingestor.errors import SchemaNotCurrent
 
-        raise Failure(status.message)
+        raise SchemaNotCurrent(status.message)
 
 
 # --------------------------------------------------------------------------------------------

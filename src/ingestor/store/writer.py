@@ -19,12 +19,43 @@ A flush is one transaction on one connection (psycopg 3, async):
    orders component: orders, fills, positions);
 6. advance the stream's committed sequence number; commit.
 
-A lost connection (the server restarted, a network cut) is retried with
-jittered exponential backoff, reconnecting, for as long as ``retry_for``
-allows: the offsets make the retry exactly once.  A batch the database
-itself keeps rejecting (a data error, ``max_rejects`` times) is set aside to
-a dead-letter file with the reason, its offset is committed, and the
-pipeline goes on: never silently dropped, never blocking what follows.
+What happens when the database refuses a flush is decided by one classification of the
+error's SQLSTATE, shared with the order store (``ingestor.store.errors.classify``):
+
+* **connection** (the server went away, is restarting, the network cut): reconnect and
+  retry with jittered exponential backoff for as long as ``retry_for`` allows (forever in
+  the daemon, which spools meanwhile; then :class:`~ingestor.errors.ConnectionLost`).
+  The offsets make the retry exactly once.
+* **data** (the database refuses the batch's own values: class 22, a not-null or foreign
+  key violation, an index row too large): after ``max_rejects`` attempts the batch is set
+  aside to a dead-letter folder with the reason (:class:`DeadLetters`; ``ingestor
+  dead-letter replay`` re-applies it once the cause is fixed), its offset is committed,
+  and the pipeline goes on: never silently dropped, never blocking what follows.
+* **fatal** (the fault is in the configuration, the schema, the server or the code: a
+  check constraint such as ``ohlc_candles_timeframe_check``, a unique violation, missing
+  privileges, a full disk, ...): the writer stops writing.  Nothing of the batch is
+  committed and its offset is not advanced, so the spool keeps it and everything after it.
+  :attr:`Writer.fatal` holds the reason and :attr:`Writer.up` is False (``/healthz``
+  answers 503, ``ingestor_database_up`` is 0, ``ingestor_writer_fatal`` is 1), and the
+  reason is logged once, as one error line.  Then, by ``fatal_retry``:
+
+  - a number of seconds (the daemon's default, 30 s): the same batch is tried again at
+    that pace, quietly, until the cause is fixed (a grant, a migration, freed disk: none of
+    them needs a restart), then the writer logs its recovery and goes on;
+  - None (``ingestor replay`` and other bounded runs): :class:`~ingestor.errors.WriterStopped`
+    is raised at once and the command exits non-zero.
+
+  A serialization failure or deadlock (40001, 40P01) is first retried ``max_rejects``
+  times at once.  :class:`~ingestor.errors.StreamAdvanced` (another writer committed
+  inside this batch's range) is fatal and always raised: no retry of the same batch can
+  pass, the pipeline must restart from the database's offset (the daemon exits non-zero
+  and the next start does that).
+
+For health reports and metrics the writer exposes :attr:`Writer.up`, :attr:`Writer.fatal`
+(the reason, or None), :attr:`Writer.fatal_since` (``time.time()``),
+:attr:`Writer.dead_letters_since_start` and :attr:`Writer.last_dead_letter` (the path
+of the newest dead-letter file); given a ``metrics`` object it also counts
+``ingestor_dead_letters_total`` and sets ``ingestor_writer_fatal`` itself.
 """
 
 from __future__ import annotations
@@ -41,8 +72,10 @@ from typing import Awaitable, Callable
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from ingestor.errors import ConnectionLost, StreamAdvanced, WriterStopped
 from ingestor.pipeline import tables
 from ingestor.store import offsets
+from ingestor.store.errors import classify, describe_error, is_transient, sqlstate_of
 from ingestor.store.dsn import describe, error_line, password_of
 from ingestor.logs import register_secret
 from ingestor.pipeline import FlushBatch
@@ -98,8 +131,12 @@ SQL_RETRACT = (
     "WHERE s.instrument_id = r.id "
     "AND s.time = timestamptz 'epoch' + r.t * interval '1 microsecond'")
 
-#: Errors that mean "the connection or server is gone", not "this batch is bad".
-_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+__all__ = ["ConnectionLost", "DeadLetters", "StreamAdvanced", "Writer", "WriterStats",
+           "WriterStopped", "postback_handler"]
+
+#: ``fatal_retry`` default: 30 s when connection losses are retried forever (the daemon),
+#: else None (raise at once)
+_AUTO = object()
 
 
 @dataclass
@@ -125,7 +162,15 @@ class DeadLetters:
     def __init__(self, path: str):
         self.path = path
 
-    def put(self, batch: FlushBatch, reason: str) -> str:
+    def put(self, batch: FlushBatch, reason: str, sqlstate: str | None = None) -> str:
+        """Write ``batch`` to the folder; returns the path of its ``.json`` description.
+
+        ``<base>.json`` (stream, range, reason, counts), ``<base>.ticks.copy``,
+        ``<base>.candles.copy``, ``<base>.snapshots.copy`` (the binary COPY payloads exactly
+        as the writer sent them) and ``<base>.texts.jsonl`` (the postbacks).  ``ingestor
+        dead-letter replay`` reads them back; once applied the description is renamed
+        ``<base>.applied.json``.
+        """
         os.makedirs(self.path, exist_ok=True)
         base = os.path.join(self.path, f"{batch.stream}-{batch.first_seq}-{batch.last_seq}")
         for name, data in (("ticks", batch.ticks), ("candles", batch.candles),
@@ -134,7 +179,7 @@ class DeadLetters:
                 with open(f"{base}.{name}.copy", "wb") as f:
                     f.write(data)
         meta = {"stream": batch.stream, "first_seq": batch.first_seq, "last_seq": batch.last_seq,
-                "reason": reason, "ticks": batch.n_ticks, "candles": batch.n_candles,
+                "reason": reason, "sqlstate": sqlstate, "ticks": batch.n_ticks, "candles": batch.n_candles,
                 "snapshots": batch.n_snapshots, "texts": len(batch.texts),
                 "set_aside_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "note": "each .copy file is a PostgreSQL binary COPY payload for its table"}
@@ -157,11 +202,19 @@ class Writer:
     dead_letter_dir : str
         Where refused batches are set aside.
     max_rejects : int
-        Attempts before a batch the database refuses is set aside.
+        Attempts before a batch the database refuses for its data is set aside (and
+        immediate retries of a serialization failure or deadlock before it is fatal).
     retry_for : float or None
         Seconds to keep retrying a lost connection before giving up
         (``ConnectionLost`` is raised); None retries forever (the daemon,
         which spools meanwhile).
+    fatal_retry : float or None
+        After a fatal refusal, seconds between quiet attempts of the same batch; None
+        raises :class:`~ingestor.errors.WriterStopped` instead.  Default: 30 s when
+        ``retry_for`` is None (the daemon), else None.
+    metrics : optional
+        An object with ``dead_letters`` (a counter) and ``writer_fatal`` (a gauge), as
+        :class:`ingestor.metrics.Metrics` has: kept up to date by the writer.
     on_texts : async callable, optional
         ``on_texts(conn, batch)`` run inside the flush transaction for the
         batch's text messages (the orders component): postbacks commit with
@@ -170,7 +223,8 @@ class Writer:
 
     def __init__(self, dsn: str, *, dead_letter_dir: str = "dead-letter", max_rejects: int = 3,
                  retry_for: float | None = 60.0, backoff_max: float = 5.0,
-                 on_texts: Callable[[psycopg.AsyncConnection, FlushBatch], Awaitable[None]] | None = None):
+                 on_texts: Callable[[psycopg.AsyncConnection, FlushBatch], Awaitable[None]] | None = None,
+                 fatal_retry: float | None = _AUTO, metrics=None):
         register_secret(password_of(dsn))
         self.dsn = dsn
         self.params = conninfo_to_dict(dsn)
@@ -180,10 +234,27 @@ class Writer:
         self.retry_for = retry_for
         self.backoff_max = backoff_max
         self.on_texts = on_texts
+        if fatal_retry is _AUTO:
+            fatal_retry = 30.0 if retry_for is None else None
+        self.fatal_retry = fatal_retry
+        self.metrics = metrics
         self.conn: psycopg.AsyncConnection | None = None
         self.stats = WriterStats()
-        #: False from a lost connection until the next successful flush (health, metrics)
+        #: False from a lost connection or a fatal refusal until the next successful flush
+        #: (health, metrics)
         self.up = True
+        #: the reason (one line, with the SQLSTATE) while the writer is stopped by a fatal
+        #: refusal, else None; health reports show it and answer 503
+        self.fatal: str | None = None
+        #: ``time.time()`` when the current fatal stop began, else None
+        self.fatal_since: float | None = None
+        #: path of the newest dead-letter description (``.json``) this writer wrote
+        self.last_dead_letter: str | None = None
+
+    @property
+    def dead_letters_since_start(self) -> int:
+        """Batches set aside to the dead-letter folder since this writer was created."""
+        return self.stats.dead_letters
 
     async def connect(self) -> None:
         if self.conn is not None and not self.conn.closed:
@@ -200,8 +271,18 @@ class Writer:
             self.conn = None
 
     async def write(self, batch: FlushBatch) -> str:
-        """Commit ``batch``; returns ``"written"``, ``"skipped"`` or ``"dead-letter"``."""
+        """Commit ``batch``; returns ``"written"``, ``"skipped"`` or ``"dead-letter"``.
+
+        Raises
+        ------
+        ConnectionLost
+            The database stayed unreachable longer than ``retry_for``.
+        WriterStopped
+            A fatal refusal and ``fatal_retry`` is None, or :class:`StreamAdvanced`:
+            nothing of the batch was committed.
+        """
         rejects = 0
+        transient = 0
         delay = 0.05
         lost_since = None
         while True:
@@ -210,32 +291,86 @@ class Writer:
                 t0 = time.perf_counter()
                 outcome = await self._transaction(batch)
                 self.up = True
+                if self.fatal is not None:
+                    self._resume(batch)
                 self.stats.flush_seconds.append(time.perf_counter() - t0)
                 if len(self.stats.flush_seconds) > 10_000:
                     del self.stats.flush_seconds[:5_000]
                 return outcome
-            except _CONNECTION_ERRORS as exc:
-                self.up = False
-                await self._drop()
-                now = time.monotonic()
-                lost_since = lost_since or now
-                if self.retry_for is not None and now - lost_since > self.retry_for:
-                    raise ConnectionLost(f"database {describe(self.dsn)} unreachable for "
-                                         f"{now - lost_since:.0f} s: {error_line(exc)}") from None
-                self.stats.retries += 1
-                log.warning("flush of %s %d..%d failed (%s); retrying in %.2f s", batch.stream,
-                            batch.first_seq, batch.last_seq, error_line(exc), delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.backoff_max)
+            except StreamAdvanced as exc:
+                self._stop(batch, f"StreamAdvanced: {exc}")
+                raise
             except psycopg.Error as exc:
-                rejects += 1
-                self.stats.retries += 1
-                reason = f"{type(exc).__name__}: {error_line(exc)}"
-                if rejects < self.max_rejects:
-                    log.warning("database refused %s %d..%d (%s); attempt %d of %d", batch.stream,
-                                batch.first_seq, batch.last_seq, reason, rejects, self.max_rejects)
+                kind = classify(exc)
+                if kind == "connection":
+                    self.up = False
+                    await self._drop()
+                    now = time.monotonic()
+                    lost_since = lost_since or now
+                    if self.retry_for is not None and now - lost_since > self.retry_for:
+                        raise ConnectionLost(f"database {describe(self.dsn)} unreachable for "
+                                             f"{now - lost_since:.0f} s: {error_line(exc)}") from None
+                    self.stats.retries += 1
+                    log.warning("flush of %s %d..%d failed (%s); retrying in %.2f s", batch.stream,
+                                batch.first_seq, batch.last_seq, error_line(exc), delay)
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, self.backoff_max)
                     continue
-                return await self._set_aside(batch, reason)
+                lost_since = None
+                reason = describe_error(exc)
+                self.stats.retries += 1
+                if kind == "data":
+                    rejects += 1
+                    if rejects < self.max_rejects:
+                        log.warning("database refused %s %d..%d (%s); attempt %d of %d",
+                                    batch.stream, batch.first_seq, batch.last_seq, reason,
+                                    rejects, self.max_rejects)
+                        continue
+                    return await self._set_aside(batch, reason, sqlstate_of(exc))
+                if is_transient(exc) and transient < self.max_rejects:
+                    transient += 1
+                    log.warning("flush of %s %d..%d: %s; retrying (%d of %d)", batch.stream,
+                                batch.first_seq, batch.last_seq, reason, transient,
+                                self.max_rejects)
+                    await asyncio.sleep(0.05 * transient * (0.5 + random.random()))
+                    continue
+                await self._fatal(batch, reason, sqlstate_of(exc))
+
+    def _stop(self, batch: FlushBatch, reason: str) -> bool:
+        """Enter (or stay in) the fatal state; returns True if this is news (logged)."""
+        self.up = False
+        if self.metrics is not None:
+            self.metrics.writer_fatal.set(1)
+        if self.fatal == reason:
+            return False
+        self.fatal = reason
+        self.fatal_since = self.fatal_since or time.time()
+        then = ("retrying it every %.0f s" % self.fatal_retry if self.fatal_retry is not None
+                and not reason.startswith("StreamAdvanced") else "stopping")
+        log.error("writer stopped: %s -- a fault of configuration, schema, server or code, not "
+                  "of the data: batch %s %d..%d not committed, the spool keeps it; %s",
+                  reason, batch.stream, batch.first_seq, batch.last_seq, then)
+        return True
+
+    async def _fatal(self, batch: FlushBatch, reason: str, sqlstate: str | None) -> None:
+        """A fatal refusal of ``batch``: raise, or wait ``fatal_retry`` for another try."""
+        if not self._stop(batch, reason):
+            log.debug("writer still stopped: %s", reason)
+        if self.fatal_retry is None:
+            raise WriterStopped(reason, sqlstate)
+        # a new session for the next try: the fix may have changed the schema the session's
+        # staging tables were copied from
+        await self._drop()
+        await asyncio.sleep(self.fatal_retry)
+
+    def _resume(self, batch: FlushBatch) -> None:
+        log.warning("writer resumed at %s %d..%d after %.0f s stopped by: %s", batch.stream,
+                    batch.first_seq, batch.last_seq, time.time() - (self.fatal_since or time.time()),
+                    self.fatal)
+        self.fatal = None
+        self.fatal_since = None
+        if self.metrics is not None:
+            self.metrics.writer_fatal.set(0)
 
     async def _transaction(self, b: FlushBatch) -> str:
         conn = self.conn
@@ -309,9 +444,10 @@ class Writer:
         s.snapshots += b.n_snapshots
         return "written"
 
-    async def _set_aside(self, batch: FlushBatch, reason: str) -> str:
-        where = self.dead_letters.put(batch, reason)
-        log.error("set aside %s %d..%d after %d refusals: %s (see %s)", batch.stream,
+    async def _set_aside(self, batch: FlushBatch, reason: str, sqlstate: str | None = None) -> str:
+        where = self.dead_letters.put(batch, reason, sqlstate)
+        log.error("set aside %s %d..%d after %d refusals: %s (see %s; `ingestor dead-letter "
+                  "replay` re-applies it once the cause is fixed)", batch.stream,
                   batch.first_seq, batch.last_seq, self.max_rejects, reason, where)
         # Commit the offset alone so the stream goes on past the refused batch.
         while True:
@@ -320,10 +456,20 @@ class Writer:
                 async with self.conn.transaction():
                     await offsets.aadvance(self.conn, batch.stream, batch.last_seq)
                 break
-            except _CONNECTION_ERRORS:
-                await self._drop()
-                await asyncio.sleep(0.5)
+            except psycopg.Error as exc:
+                if classify(exc) == "connection":
+                    self.up = False
+                    await self._drop()
+                    await asyncio.sleep(0.5)
+                else:  # the offsets table itself is refused: not the batch's fault
+                    await self._fatal(batch, describe_error(exc), sqlstate_of(exc))
+        if self.fatal is not None:
+            self._resume(batch)
+        self.up = True
         self.stats.dead_letters += 1
+        self.last_dead_letter = where
+        if self.metrics is not None:
+            self.metrics.dead_letters.inc()
         return "dead-letter"
 
     async def _drop(self) -> None:
@@ -353,17 +499,6 @@ async def _write_state(cur, b: FlushBatch) -> None:
     async with cur.copy(SQL_COPY_STATE) as cp:
         await cp.write(b.state)
     await cur.execute(SQL_UPSERT_STATE)
-
-
-class ConnectionLost(Exception):
-    """The database stayed unreachable longer than the writer's ``retry_for``."""
-
-
-class StreamAdvanced(Exception):
-    def __init__(self, stream: str, committed: int, first_seq: int):
-        super().__init__(f"stream {stream} was committed up to {committed} by another writer, "
-                         f"inside this batch (from {first_seq})")
-        self.committed = committed
 
 
 def postback_handler():
