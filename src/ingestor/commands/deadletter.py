@@ -167,10 +167,13 @@ def apply_entry(conn, entry: Entry, store=None) -> None:
                 f"SELECT DISTINCT ON (instrument_id, time) {snap_cols} FROM ingestor_dl_snaps s "
                 f"WHERE NOT EXISTS (SELECT 1 FROM order_book_snapshots d WHERE d.instrument_id = "
                 f"s.instrument_id AND d.time = s.time) ORDER BY instrument_id, time").rowcount
-        candles = _read(f"{base}.candles.copy")
-        if candles:
+        # both parts of the batch's candles (upserted ones, and closed ones never stored)
+        parts = [p for p in (_read(f"{base}.candles.copy"), _read(f"{base}.new_candles.copy"))
+                 if p]
+        if parts:
             # only the keys: the batch's candle values are stale (see the module docstring)
-            _stage(conn, "ohlc_candles", "ingestor_dl_candles", cand_cols, candles)
+            for part in parts:
+                _stage(conn, "ohlc_candles", "ingestor_dl_candles", cand_cols, part)
             labels = [r[0] for r in conn.execute(
                 "SELECT DISTINCT timeframe FROM ingestor_dl_candles").fetchall()]
             conn.execute(SQL_KEYS_TABLE)
