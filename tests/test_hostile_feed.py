@@ -102,3 +102,54 @@ def test_oversized_message_is_refused_counted_and_the_rest_flows(tmp_path, db):
     with psycopg.connect(db) as c:
         n, distinct = c.execute("select count(*), count(distinct time) from tick_data").fetchone()
     assert n == distinct == srv.sent
+
+
+def test_token_zero_is_counted_and_skipped(tmp_path, db):
+    """A packet with instrument_token 0 (message 0001 0008 00000000 00002710): registration
+    refused it and was retried forever, tick_data stopped while /healthz said 200, and every
+    restart failed the same way.  Now it is counted per packet and the rest flows."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = HostileServer(bytes.fromhex("0001000800000000" "00002710"), bad_connections=3)
+    try:
+        d = Daemon(tmp_path, db, srv.url, feed=f"tokens = [{TOKEN}]\n", metrics_port=port)
+        wait_for(lambda: count_ticks(db) > 20, timeout=60)
+
+        def counted():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            m = re.search(r'^ingestor_malformed_messages_total\{reason="bad_token"\} (\S+)$',
+                          text, re.M)
+            return m and float(m.group(1)) >= 1
+        wait_for(counted, timeout=30)
+        srv.stop.set()
+        assert d.terminate() == 0, d.output()
+    finally:
+        srv.close()
+    with psycopg.connect(db) as c:
+        n, distinct = c.execute("select count(*), count(distinct time) from tick_data").fetchone()
+        placeholders = c.execute("select count(*) from instruments where instrument_token = 0"
+                                 ).fetchone()[0]
+    assert n == distinct == srv.sent
+    assert placeholders == 0
+
+
+def test_replay_of_a_capture_with_token_zero(tmp_path, db):
+    import subprocess
+    import sys
+
+    from ingestor.feed.capture import CaptureHeader, CaptureWriter
+
+    path = tmp_path / "zero.cap"
+    with CaptureWriter(path, CaptureHeader(stream="zero-token", first_seq=0)) as w:
+        w.write(ltp_message(TOKEN, 10_000), 1, 1_700_000_000_000_000_000)
+        w.write(bytes.fromhex("0002" "0008" "00000000" "00002710" "0008") +
+                struct.pack(">II", TOKEN, 10_005), 1, 1_700_000_000_100_000_000)
+        w.write(ltp_message(TOKEN, 10_010), 1, 1_700_000_000_200_000_000)
+    for _ in range(2):  # and again: exactly once, no failure on the second pass either
+        r = subprocess.run([sys.executable, "-m", "ingestor", "replay", str(path), "--dsn", db],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert "1 packet(s) with instrument token 0" in r.stdout or "skipped" in r.stdout
+    assert count_ticks(db) == 3

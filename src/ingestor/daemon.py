@@ -463,6 +463,7 @@ class Daemon:
         for pl in list(self.pipelines):
             for k, v in pl.decoder.stats().items():
                 totals[k] = totals.get(k, 0) + v
+            totals["bad_token"] = totals.get("bad_token", 0) + pl.totals["bad_tokens"]
         return totals
 
     def health(self) -> tuple[bool, dict]:

@@ -55,7 +55,8 @@ class Metrics:
 
 
 BATCH_OUTCOMES = ("written", "skipped", "dead-letter")
-MALFORMED_REASONS = ("empty_message", "unknown_length", "truncated", "trailing_bytes", "bad_records")
+MALFORMED_REASONS = ("empty_message", "unknown_length", "truncated", "trailing_bytes", "bad_records",
+                     "bad_token")
 
 
 class CoreCollector:

@@ -112,7 +112,8 @@ class Pipeline:
         self._open_tf = np.array([ln >= s.open_candle_min_us for ln in lengths], dtype=bool)
         #: seconds spent per stage
         self.timings = {"decode": 0.0, "aggregate": 0.0, "encode": 0.0}
-        self.totals = {"ticks": 0, "candles": 0, "snapshots": 0, "batches": 0, "skipped_messages": 0}
+        self.totals = {"ticks": 0, "candles": 0, "snapshots": 0, "batches": 0, "skipped_messages": 0,
+                       "bad_tokens": 0}
         self._texts: list = []
         self._retracted: list = []
         #: latest price of every instrument: {instrument_id: (raw, divisor)} (for positions)
@@ -211,12 +212,21 @@ class Pipeline:
             self._last_recv_ns = max(self._last_recv_ns, int(dec.ticks[n - 1]["recv_ns"]))
             if not self._first_recv_ns:
                 self._first_recv_ns = int(dec.ticks[start]["recv_ns"])
-            unknown = eng.unknown_tokens(dec, start)
+            src, depth = dec, {}
+            tokens = dec.ticks["instrument_token"][start:n]
+            if not tokens.all():
+                # token 0 cannot be an instrument (registration refuses it): such packets are
+                # counted and skipped one by one, the rest of their messages kept
+                keep = dec.ticks[start:n][tokens != 0]
+                self.totals["bad_tokens"] += (n - start) - len(keep)
+                src, start, n = keep, 0, len(keep)
+                depth = {"depth": dec.depth, "n_depth": dec.n_depth}
+            unknown = eng.unknown_tokens(src, start) if n else ()
             if len(unknown):
                 self.set_ids(self.resolve([int(t) for t in unknown]))
-            while True:
+            while start < n:
                 t0 = time.perf_counter()
-                r = eng.process(dec, start)
+                r = eng.process(src, start, n, **depth) if depth else eng.process(src, start)
                 self.timings["aggregate"] += time.perf_counter() - t0
                 self._drain()
                 if r >= n:

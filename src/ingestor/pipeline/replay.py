@@ -49,6 +49,7 @@ class ReplayResult:
     stage_seconds: dict
     decoder: dict
     truncated_bytes: int
+    bad_tokens: int = 0
 
     @property
     def ticks_per_s(self) -> float:
@@ -71,6 +72,9 @@ class ReplayResult:
         if bad:
             out.append("malformed (counted, skipped): "
                        + ", ".join(f"{k} {v}" for k, v in bad.items()))
+        if self.bad_tokens:
+            out.append(f"{self.bad_tokens:,} packet(s) with instrument token 0 (no instrument "
+                       f"can have it): counted and skipped")
         if self.truncated_bytes:
             out.append(f"truncated last record: {self.truncated_bytes} bytes ignored")
         if self.dead_letters:
@@ -111,7 +115,7 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
     return ReplayResult(stream, writer.stats.ticks, writer.stats.candles, writer.stats.snapshots,
                         writer.stats.batches, pipeline.totals["skipped_messages"],
                         writer.stats.dead_letters, seconds, stages, pipeline.decoder.stats(),
-                        reader.truncated_bytes)
+                        reader.truncated_bytes, pipeline.totals["bad_tokens"])
 
 
 async def write_batches(queue: asyncio.Queue, writer: Writer,
