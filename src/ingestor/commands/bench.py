@@ -13,7 +13,7 @@ import sys
 import time
 
 #: Stages in pipeline order.
-STAGES = ("decode", "aggregate", "copy", "schema", "replay", "startup", "live", "orders")
+STAGES = ("decode", "aggregate", "copy", "schema", "replay", "startup", "live", "recovery", "orders")
 
 
 def bench_dir() -> str:
