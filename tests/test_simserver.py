@@ -357,10 +357,13 @@ def test_killed_server_leaves_a_usable_capture(tmp_path):
             async with connect(srv.client_url()) as ws:
                 await ws.send(_req("subscribe", [int(t) for t in srv.market.tokens]))
                 got = await _data(ws, 30)
-                await asyncio.sleep(0.1)
-                records, _ = _recorded(cap)                  # the file as a crash would leave it
-                assert len(records) >= 30
-                assert [p for k, p in records if k == 1 and p != HEARTBEAT][:30] == got
+
+                def data():                                  # the file as a crash would leave it
+                    return [p for k, p in _recorded(cap)[0] if k == 1 and p != HEARTBEAT]
+
+                # flushed every 20 ms: wait for it (a deadline, the machine may be busy)
+                await _until(lambda: len(data()) >= 30)
+                assert data()[:30] == got
     run(main())
 
 
