@@ -770,11 +770,13 @@ def generate_capture(path: str | os.PathLike, ticks: int, tokens: int = 100, mod
                 snap_counts[-1] = k - 100 * (len(snap_counts) - 1)
                 counts = np.concatenate([snap_counts, counts])
                 n_msgs = len(counts)
+            # the last burst ends exactly at ``ticks`` (a mixed capture's, at each third)
+            end = ticks if mode != "mixed" or phase == 2 else -(-(phase + 1) * ticks // 3)
             cum = np.cumsum(counts)
-            if cum[-1] > ticks - written:  # the last burst ends exactly at ``ticks``
-                n_msgs = int(np.searchsorted(cum, ticks - written)) + 1
+            if cum[-1] > end - written:
+                n_msgs = int(np.searchsorted(cum, end - written)) + 1
                 counts = counts[:n_msgs]
-                counts[-1] -= int(cum[n_msgs - 1] - (ticks - written))
+                counts[-1] -= int(cum[n_msgs - 1] - (end - written))
             gaps = rng.integers(50_000, 8_000_000, n_msgs)
             times = mk.clock_ns + np.cumsum(gaps)
             if snapshot is None:
