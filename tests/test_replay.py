@@ -62,7 +62,9 @@ def test_replay_rows_exact_and_exactly_once(db, capture):
     r1 = replay(str(capture), db, settings=settings, progress=False)
     ticks = _decoded(capture)
     assert r1.ticks == len(ticks) == 30_000
-    assert r1.batches >= 7
+    # several transactions (how many follows the decoder's fills as well as flush_rows, so
+    # it is not pinned here; the offsets below are)
+    assert r1.batches >= 2
     with psycopg.connect(db) as conn:
         # every packet is one row, with its exact price, in stream order per instrument
         rows = conn.execute(
