@@ -351,7 +351,7 @@ def other_db(pg_server_dsn):
 
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
-    """A simulated capture and its records (844 messages, 79 s of a 40-instrument market: minute boundaries)."""
+    """A simulated capture and its records (859 messages, 75 s of a 40-instrument market: minute boundaries)."""
     from ingestor.feed.capture import CaptureReader
     from ingestor.sim.market import generate_capture
 
