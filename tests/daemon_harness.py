@@ -104,12 +104,23 @@ def wait_for(cond, timeout: float = 30, step: float = 0.1, what: str = ""):
 
 
 def capture_files(*dirs) -> list[str]:
-    """The capture files under ``dirs``, in receive order (streams by first receive time)."""
+    """The capture files under ``dirs``, in receive order: streams by their first record's
+    receive time, each stream's segments by sequence number (read from the files alone,
+    whatever the daemon's own spool code does)."""
     import glob
 
-    from ingestor.commands.run import leftover_order
+    from ingestor.feed.capture import CaptureReader
 
-    return leftover_order([p for d in dirs for p in glob.glob(os.path.join(str(d), "*.cap"))])
+    info = []
+    for path in (p for d in dirs for p in glob.glob(os.path.join(str(d), "*.cap"))):
+        with CaptureReader(path) as rd:
+            first = next(iter(rd.records()), None)
+            info.append((rd.header.stream, rd.header.first_seq,
+                         first.recv_ns if first else 0, path))
+    start: dict[str, int] = {}
+    for stream, _, recv_ns, _ in sorted(info):
+        start.setdefault(stream, recv_ns)
+    return [path for stream, seq, _, path in sorted(info, key=lambda x: (start[x[0]], x[0], x[1]))]
 
 
 def captured_packets(*dirs) -> int:
