@@ -87,14 +87,67 @@ def load_instruments(dsn: str, csv: str) -> None:
                    capture_output=True)
 
 
-def wait_for(cond, timeout: float = 30, step: float = 0.1):
+def wait_for(cond, timeout: float = 30, step: float = 0.1, what: str = ""):
+    """Poll ``cond`` until it returns something true (returned) or ``timeout`` s pass.
+
+    The deadline is generous (the machine may be busy): a test waits for the state it checks,
+    never for a fixed time.  The failure names ``what`` and the last value seen.
+    """
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    v = None
+    while True:
         v = cond()
         if v:
             return v
+        if time.monotonic() >= end:
+            raise AssertionError(f"condition not met in {timeout} s: {what or cond} (last: {v!r})")
         time.sleep(step)
-    raise AssertionError("condition not met in time")
+
+
+def capture_files(*dirs) -> list[str]:
+    """The capture files under ``dirs``, in receive order: streams by their first record's
+    receive time, each stream's segments by sequence number (read from the files alone,
+    whatever the daemon's own spool code does)."""
+    import glob
+
+    from ingestor.feed.capture import CaptureReader
+
+    info = []
+    for path in (p for d in dirs for p in glob.glob(os.path.join(str(d), "*.cap"))):
+        with CaptureReader(path) as rd:
+            first = next(iter(rd.records()), None)
+            info.append((rd.header.stream, rd.header.first_seq,
+                         first.recv_ns if first else 0, path))
+    start: dict[str, int] = {}
+    for stream, _, recv_ns, _ in sorted(info):
+        start.setdefault(stream, recv_ns)
+    return [path for stream, seq, _, path in sorted(info, key=lambda x: (start[x[0]], x[0], x[1]))]
+
+
+def captured_packets(*dirs) -> int:
+    """Tick packets in the capture files under ``dirs`` (a daemon's recording and spool)."""
+    total = 0
+    for path in capture_files(*dirs):
+        dec = KiteDecoder()
+        for _ in decode_capture(path, dec):
+            pass
+        total += dec.stats()["packets"]
+    return total
+
+
+def captured_texts(*paths_or_dirs) -> list[bytes]:
+    """The text messages (postbacks) of capture files, or of the files under directories,
+    in receive order."""
+    from ingestor.feed.capture import KIND_TEXT, CaptureReader
+
+    paths = []
+    for p in map(str, paths_or_dirs):
+        paths.extend(capture_files(p) if os.path.isdir(p) else [p])
+    out = []
+    for path in paths:
+        with CaptureReader(path) as rd:
+            out.extend(rec.payload for rec in rd.records() if rec.kind == KIND_TEXT)
+    return out
 
 
 def count_ticks(dsn: str) -> int:

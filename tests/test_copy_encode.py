@@ -410,6 +410,8 @@ def test_sink_echo_through_postgres(pg_dsn, rng):
     assert payload == TWIN.encode(arr[kept])
     assert 2000 < len(kept) < len(arr)
     with psycopg.connect(pg_dsn) as conn:
+        # the run's database is shared: a table left by an earlier run of this test goes
+        conn.execute("DROP TABLE IF EXISTS copy_sink")
         _sink_table(conn, "copy_sink")
         _copy_in(conn, enc, "copy_sink", *chunks)
         assert conn.execute("SELECT count(*) FROM copy_sink").fetchone()[0] == len(kept)

@@ -26,7 +26,7 @@ def test_client_agrees_on_simulated_capture(tmp_path, rng, mode):
     path = tmp_path / f"{mode}.cap"
     summary = generate_capture(path, TICKS, tokens=60, mode=mode, seed=seed)
     assert summary["packets"] == TICKS
-    seen_segments, seen_lengths = set(), set()
+    seen_segments, seen_lengths, seen_modes = set(), set(), set()
     n_packets = n_messages = 0
     with CaptureReader(path) as reader:
         for rec in reader.records():
@@ -40,17 +40,17 @@ def test_client_agrees_on_simulated_capture(tmp_path, rng, mode):
                 assert_client_equal(o, c)
                 seen_segments.add(o["segment"])
                 seen_lengths.add(o["length"])
+                seen_modes.add((o["segment"], o["mode"]))
             n_packets += len(ours)
     assert n_packets == TICKS
     assert n_messages == summary["messages"]
     # 60 instruments cover every segment of the model.
     assert seen_segments == {1, 2, 3, 4, 5, 6, 7, 8, 9, 12}
-    if mode == "mixed":
-        # each instrument draws its mode: the few indices may all draw the same one
-        assert {8, 44, 184} <= seen_lengths <= {8, 28, 32, 44, 184}
-        assert seen_lengths & {28, 32}
-    else:
-        assert seen_lengths == {"ltp": {8}, "quote": {28, 44}, "full": {32, 184}}[mode]
+    # every segment in every mode of the capture (mixed captures cover all, for every seed)
+    modes = {1, 2, 3} if mode == "mixed" else {{"ltp": 1, "quote": 2, "full": 3}[mode]}
+    assert seen_modes == {(s, m) for s in seen_segments for m in modes}
+    assert seen_lengths == {"ltp": {8}, "quote": {28, 44}, "full": {32, 184},
+                            "mixed": {8, 28, 32, 44, 184}}[mode]
 
 
 def test_batch_path_equals_per_message_decoding(tmp_path, rng):

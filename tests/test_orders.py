@@ -453,21 +453,49 @@ def test_async_apply_matches(orders_db, rng):
         check_consistent(conn, flow.final)
 
 
+def _state(conn) -> dict:
+    """The order tables by content (no generated ids or times): what a batch leaves."""
+    q = {
+        "orders": "SELECT broker_order_id, strategy_id, current_status, quantity, filled_quantity, "
+                  "average_price FROM orders",
+        "order_history": "SELECT o.broker_order_id, h.status, h.filled_quantity, h.average_price "
+                         "FROM order_history h JOIN orders o ON o.id = h.order_id",
+        "executions": "SELECT o.broker_order_id, e.transaction_type, e.quantity, e.price, "
+                      "e.filled_quantity_after FROM executions e JOIN orders o ON o.id = e.order_id",
+        "positions": "SELECT strategy_id, instrument_id, quantity, average_entry_price, "
+                     "realized_pnl, status FROM positions",
+    }
+    return {t: sorted(map(repr, conn.execute(sql).fetchall())) for t, sql in q.items()}
+
+
 def test_connection_killed_mid_batch_loses_nothing(orders_db, rng):
+    """A batch whose backend is killed mid-transaction leaves no row at all; retried, it leaves
+    every row.  The victim is held after it has written orders (it waits for ``positions``), so
+    a store that committed table by table would leave those rows behind and fail here."""
     flow, msgs = _flow_messages(rng.randrange(1 << 30), 200)
     half = len(msgs) // 2
+    first, batch, rest = msgs[:half // 2], msgs[half // 2:half], msgs[half:]
+    # the reference: the same two batches applied without a kill
+    with psycopg.connect(orders_db) as conn:
+        _clean(conn)
+        store = OrderStore()
+        store.apply_sync(conn, first)
+        store.apply_sync(conn, batch)
+        want = _state(conn)
     with psycopg.connect(orders_db, autocommit=True) as admin:
         _clean(admin)
         store = OrderStore()
         with psycopg.connect(orders_db) as conn:
-            store.apply_sync(conn, msgs[:half // 2])          # some history already committed
+            store.apply_sync(conn, first)                     # some history already committed
+        before = _snapshot(admin)
+        assert len(want["orders"]) > len(before["orders"]), "the batch must add orders"
         victim = psycopg.connect(orders_db)
         pid = victim.info.backend_pid
         err: list = []
 
         def run():
             try:
-                store.apply_sync(victim, msgs[half // 2:half])
+                store.apply_sync(victim, batch)
             except Exception as exc:  # noqa: BLE001 - the test inspects it
                 err.append(exc)
 
@@ -479,23 +507,37 @@ def test_connection_killed_mid_batch_loses_nothing(orders_db, rng):
         deadline = time.monotonic() + 30
         with psycopg.connect(orders_db, autocommit=True) as killer:
             while True:
-                row = killer.execute("SELECT wait_event_type FROM pg_stat_activity "
-                                     "WHERE pid = %s", (pid,)).fetchone()
+                row = killer.execute("SELECT wait_event_type, backend_xid IS NOT NULL "
+                                     "FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
                 if row and row[0] == "Lock":
                     break
                 assert time.monotonic() < deadline, "the batch never reached positions"
                 time.sleep(0.01)
-            written = killer.execute("SELECT count(*) FROM orders").fetchone()[0]
-            killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # it has written: a transaction id (assigned at the first write) and orders locked
+            # for writing
+            assert row[1], "the victim waits for positions without having written anything"
+            held = {r[0] for r in killer.execute(
+                "SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE l.pid = %s AND l.granted AND l.mode = 'RowExclusiveLock'", (pid,))}
+            assert {"orders", "order_history"} <= held, held
+            assert killer.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+            # the backend is really gone (its transaction ended) before anything is counted
+            while killer.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                                 (pid,)).fetchone():
+                assert time.monotonic() < deadline, "the killed backend never exited"
+                time.sleep(0.01)
         th.join(30)
+        assert not th.is_alive()
         admin.execute("ROLLBACK")
         assert err and isinstance(err[0], psycopg.OperationalError)
         victim.close()
-        # nothing of the killed batch is visible; retry it (and the rest) on a new connection
-        assert admin.execute("SELECT count(*) FROM orders").fetchone()[0] == written
+        # nothing of the killed batch exists: every table exactly as before it
+        assert _snapshot(admin) == before
+        # retried on a new connection the batch commits whole: what it leaves without a kill
         with psycopg.connect(orders_db) as conn:
-            store.apply_sync(conn, msgs[half // 2:half])
-            store.apply_sync(conn, msgs[half:])
+            store.apply_sync(conn, batch)
+            assert _state(conn) == want
+            store.apply_sync(conn, rest)
             check_consistent(conn, flow.final)
 
 

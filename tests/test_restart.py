@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingestor import _core
+from ingestor.pipeline.batch import decode_capture
 from ingestor.twin import candles as twin
 from kite_stream import Tick, encode_message, messages, random_stream
 
@@ -353,7 +354,7 @@ def other_db(pg_server_dsn):
 
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
-    """A simulated capture and its records (844 messages, 79 s of a 40-instrument market: minute boundaries)."""
+    """A simulated capture and its records (859 messages, 75 s of a 40-instrument market: minute boundaries)."""
     from ingestor.feed.capture import CaptureReader
     from ingestor.sim.market import generate_capture
 
@@ -521,13 +522,21 @@ def test_killed_pipeline_then_whole_replay(db, other_db, capture, rng):
         load_state(setup, pipe)
         asyncio.run(killed())
     with psycopg.connect(db) as conn:
-        assert conn.execute("select count(*) from tick_data").fetchone()[0] > 0
+        stored = conn.execute("select count(*) from tick_data").fetchone()[0]
+        assert stored > 0
+        last = committed(conn, header.stream)
         # the killed run left forming candles unwritten (1s, 5s) or stale: seeded as such
         st = query_candle_state(conn, clock_of(_core.Engine()))
         assert any(not s["stored"] for s in st)
     again = replay(str(path), db, settings=settings, progress=False)
-    assert again.skipped_messages > 0 and again.ticks > 0
-    replay(str(path), other_db, settings=settings, progress=False)
+    whole = replay(str(path), other_db, settings=settings, progress=False)
+    # exactly what the killed run committed is skipped (the messages holding ticks),
+    # exactly the rest is written
+    dec = _core.KiteDecoder(capacity=1 << 20)
+    seqs = np.concatenate([dec.ticks["seq"][:dec.n_ticks].copy()
+                           for _ in decode_capture(str(path), dec)])
+    assert again.skipped_messages == len(np.unique(seqs[seqs <= last])) > 0
+    assert again.ticks == whole.ticks - stored > 0
     assert_candles_equal_sql(db)
     with psycopg.connect(db) as a, psycopg.connect(other_db) as b:
         assert _ticks(a) == _ticks(b)

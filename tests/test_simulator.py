@@ -49,6 +49,24 @@ def test_same_seed_same_bytes(tmp_path):
     assert ra["packets"] == 5000 and ra["bytes"] == a.stat().st_size
 
 
+@pytest.mark.parametrize("tokens,ticks", [(3, 9), (12, 400), (60, 2_000), (300, 5_000)])
+@pytest.mark.parametrize("seed", range(12))
+def test_mixed_capture_covers_every_segment_in_every_mode(tmp_path, seed, tokens, ticks):
+    # whatever the seed, down to 3 * tokens ticks: tests of the decoder rely on it
+    path = tmp_path / "m.cap"
+    generate_capture(path, ticks, tokens=tokens, mode="mixed", seed=seed)
+    t, _, st = _ticks(path)
+    segments = {int(x) & 0xFF for x in t["instrument_token"]}
+    got = {(int(x) & 0xFF, int(n)) for x, n in zip(t["instrument_token"], t["length"])}
+    assert got == {(s, n) for s in segments for n in ((8, 28, 32) if s == 9 else (8, 44, 184))}
+    assert st["packets"] == ticks
+    # and every instrument appears in every mode
+    per_token = {}
+    for x, n in zip(t["instrument_token"].tolist(), t["length"].tolist()):
+        per_token.setdefault(x, set()).add(n)
+    assert len(per_token) == tokens and all(len(v) == 3 for v in per_token.values())
+
+
 def test_universe_tokens_and_segments():
     uni = make_universe(200, seed=3)
     tokens = [i.instrument_token for i in uni]
@@ -66,11 +84,11 @@ def test_universe_tokens_and_segments():
 def test_capture_is_realistic(tmp_path):
     path = tmp_path / "full.cap"
     market = Market(n_tokens=50, seed=4)
-    generate_capture(path, 40_000, mode="full", seed=4, market=market,
-                     session_reset_probability=0.0)
+    r = generate_capture(path, 40_000, mode="full", seed=4, market=market,
+                         session_reset_probability=0.0)
     t, d, st = _ticks(path)
-    assert st["malformed_messages"] == 0 and st["heartbeats"] > 0
-    assert st["packets"] == 40_000
+    assert st["malformed_messages"] == 0 and st["heartbeats"] == r["heartbeats"] > 0
+    assert st["packets"] == 40_000 and st["messages"] == r["messages"]
     tick = {int(x): int(y) for x, y in zip(market.tokens, market.tick)}
     ticks = np.array([tick[int(x)] for x in t["instrument_token"]])
     # Prices on each instrument's tick grid.

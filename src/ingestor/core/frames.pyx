@@ -202,6 +202,108 @@ cdef inline void _count_scan(uint64_t *c, const scan_t *s, Py_ssize_t n, const t
         c[<int>C_MALFORMED_MESSAGES] += 1
 
 
+cdef enum:
+    # _feed_c results
+    FEED_NO_ROOM = 0
+    FEED_TAKEN = 1
+    FEED_GROW = 2       # larger than the empty buffers: grow (with the GIL), feed again
+    # feed() releases the GIL for messages at least this long: below it the decode is
+    # shorter than a GIL hand-over, and a thread that gives the GIL up per small message
+    # waits up to the switch interval to get it back when another thread is busy
+    NOGIL_MESSAGE_BYTES = 2048
+
+
+cdef int _feed_c(KiteDecoder d, const unsigned char *msg, Py_ssize_t n, int64_t recv_ns,
+                 int64_t seq, scan_t *s) noexcept nogil:
+    """Decode one message into ``d``'s buffers; C fields and buffers only (no GIL needed).
+
+    ``msg[:n]`` must stay valid and unchanged, and ``d``'s buffers must not be replaced,
+    while this runs: the caller holds a buffer view of the message and ``d`` is used by
+    one thread at a time (see :class:`KiteDecoder`).  Returns ``FEED_TAKEN``,
+    ``FEED_NO_ROOM`` (nothing written, nothing counted) or ``FEED_GROW`` (likewise; ``s``
+    holds the message's packet counts for the caller's ``_ensure``).
+    """
+    cdef Py_ssize_t i, first, nb
+    cdef tick_t *t
+    if n < 2:
+        d._counters[<int>C_MESSAGES] += 1
+        d._counters[<int>C_BYTES] += n
+        if n == 1:
+            d._counters[<int>C_HEARTBEATS] += 1
+        else:
+            d._counters[<int>C_ERR_EMPTY] += 1
+            d._counters[<int>C_MALFORMED_MESSAGES] += 1
+        return FEED_TAKEN
+    _scan(msg, n, s)
+    if (d.n_ticks + s.packets > d._cap_ticks
+            or d.n_depth + s.full > d._cap_depth):
+        if d.n_ticks or d.n_depth:
+            return FEED_NO_ROOM
+        # A single message larger than the empty buffers: the caller grows them to fit.
+        return FEED_GROW
+    first = d.n_ticks
+    t = d._ticks + first
+    for i in range(s.packets):
+        t[i].recv_ns = recv_ns
+        t[i].seq = seq
+    nb = _walk(msg, n, s.packets, t, sizeof(tick_t),
+               &d._depth[d.n_depth].book, sizeof(depth_t), False)
+    # Link ticks and books both ways.
+    if nb:
+        for i in range(s.packets):
+            if t[i].length == 184:
+                t[i].depth_row = <int32_t>d.n_depth
+                d._depth[d.n_depth].tick_row = <uint32_t>(first + i)
+                d.n_depth += 1
+    if INGESTOR_DEBUG:
+        if nb != s.full:
+            abort()
+    d.n_ticks += s.packets
+    _count_scan(d._counters, s, n, t, s.packets)
+    return FEED_TAKEN
+
+
+cdef int _capture_c(KiteDecoder d, const unsigned char *b, Py_ssize_t n, Py_ssize_t *pos,
+                    int64_t *seq, scan_t *s) noexcept nogil:
+    """Walk capture records ``b[*pos:n]`` into ``d`` (``*pos``, ``*seq`` advanced); no GIL.
+
+    Stops at the chunk's end or a partial record (``FEED_TAKEN``), for lack of room
+    (``FEED_NO_ROOM``) or at a binary record larger than the empty buffers (``FEED_GROW``:
+    ``*pos`` at that record, ``s`` its counts).  The caller checked ``0 <= *pos <= n``;
+    each record's length is checked against what is left before it is read.
+    """
+    cdef const unsigned char *rec
+    cdef Py_ssize_t plen
+    cdef int64_t recv_ns
+    cdef unsigned char kind
+    cdef int r
+    while n - pos[0] >= CAPTURE_RECORD_HEADER:
+        rec = b + pos[0]
+        plen = <Py_ssize_t>ing_load_u32le(rec + 9)
+        if plen > n - pos[0] - CAPTURE_RECORD_HEADER:
+            break
+        recv_ns = <int64_t>ing_load_u64le(rec)
+        kind = rec[8]
+        if kind == 1:
+            r = _feed_c(d, rec + CAPTURE_RECORD_HEADER, plen, recv_ns, seq[0], s)
+            if r != FEED_TAKEN:
+                return r
+        elif kind == 2:
+            if d.n_texts == d._cap_texts:
+                return FEED_NO_ROOM
+            d._texts[d.n_texts].seq = seq[0]
+            d._texts[d.n_texts].recv_ns = recv_ns
+            d._texts[d.n_texts].offset = pos[0] + CAPTURE_RECORD_HEADER
+            d._texts[d.n_texts].length = plen
+            d.n_texts += 1
+            d._counters[<int>C_TEXT_MESSAGES] += 1
+        else:
+            d._counters[<int>C_BAD_RECORDS] += 1
+        pos[0] += CAPTURE_RECORD_HEADER + plen
+        seq[0] += 1
+    return FEED_TAKEN
+
+
 cdef class KiteDecoder:
     """Decode Kite binary messages into preallocated, reusable numpy buffers.
 
@@ -221,6 +323,19 @@ cdef class KiteDecoder:
         Book rows held (default: ``capacity // 4``).
     text_capacity : int
         Text-message places held by ``feed_capture``.
+
+    Notes
+    -----
+    ``feed_capture`` (always) and ``feed`` (for messages of 2 KiB or more) decode with
+    the GIL released, so a pipeline thread decoding and the event loop can use two cores.
+    While they run, C code writes into this decoder's buffers through raw pointers and
+    reads the message or chunk through a buffer view: **one thread per decoder** -- no
+    other thread may call any method of the same decoder (``feed``, ``feed_capture``,
+    ``clear``...) or rebind its arrays meanwhile, or the buffers may be replaced (grown)
+    or freed under the walk.  The input itself is safe: the view held during the call
+    keeps a ``bytearray`` or ``mmap`` from being resized or closed (they refuse with
+    ``BufferError``).  Reading ``ticks``/``depth``/``texts`` from another thread while a
+    call runs would see rows half written; drain them between calls, as the pipeline does.
     """
 
     def __cinit__(self, Py_ssize_t capacity=16384, depth_capacity=None,
@@ -259,44 +374,19 @@ cdef class KiteDecoder:
                    int64_t seq) except -1:
         # 1: taken; 0: not enough room (nothing written, nothing counted).
         cdef scan_t s
-        cdef Py_ssize_t i, first, nb
-        cdef tick_t *t
-        if n < 2:
-            self._counters[<int>C_MESSAGES] += 1
-            self._counters[<int>C_BYTES] += n
-            if n == 1:
-                self._counters[<int>C_HEARTBEATS] += 1
-            else:
-                self._counters[<int>C_ERR_EMPTY] += 1
-                self._counters[<int>C_MALFORMED_MESSAGES] += 1
-            return 1
-        _scan(msg, n, &s)
-        if (self.n_ticks + s.packets > self._cap_ticks
-                or self.n_depth + s.full > self._cap_depth):
-            if self.n_ticks or self.n_depth:
-                return 0
-            # A single message larger than the empty buffers: grow to fit it.
+        cdef int r
+        if n >= NOGIL_MESSAGE_BYTES:
+            with nogil:
+                r = _feed_c(self, msg, n, recv_ns, seq, &s)
+        else:
+            r = _feed_c(self, msg, n, recv_ns, seq, &s)
+        if r == FEED_GROW:
             self._ensure(s.packets, s.full)
-        first = self.n_ticks
-        t = self._ticks + first
-        for i in range(s.packets):
-            t[i].recv_ns = recv_ns
-            t[i].seq = seq
-        nb = _walk(msg, n, s.packets, t, sizeof(tick_t),
-                   &self._depth[self.n_depth].book, sizeof(depth_t), False)
-        # Link ticks and books both ways.
-        if nb:
-            for i in range(s.packets):
-                if t[i].length == 184:
-                    t[i].depth_row = <int32_t>self.n_depth
-                    self._depth[self.n_depth].tick_row = <uint32_t>(first + i)
-                    self.n_depth += 1
-        if INGESTOR_DEBUG:
-            if nb != s.full:
-                abort()
-        self.n_ticks += s.packets
-        _count_scan(self._counters, &s, n, t, s.packets)
-        return 1
+            r = _feed_c(self, msg, n, recv_ns, seq, &s)
+            if INGESTOR_DEBUG:
+                if r != FEED_TAKEN:
+                    abort()
+        return r
 
     def feed(self, message, int64_t recv_ns=0, int64_t seq=0):
         """Append the packets of one binary WebSocket message.
@@ -331,45 +421,26 @@ cdef class KiteDecoder:
         """
         cdef Py_buffer view
         cdef const unsigned char *b
-        cdef const unsigned char *rec
-        cdef Py_ssize_t n, plen
-        cdef int64_t recv_ns
-        cdef unsigned char kind
-        cdef bint full = False
+        cdef Py_ssize_t n
+        cdef scan_t s
+        cdef int r
         PyObject_GetBuffer(chunk, &view, PyBUF_SIMPLE)
         try:
             b = <const unsigned char *>view.buf
             n = view.len
             if pos < 0 or pos > n:
                 raise ValueError(f"pos {pos} outside a chunk of {n} bytes")
-            while n - pos >= CAPTURE_RECORD_HEADER:
-                rec = b + pos
-                plen = <Py_ssize_t>ing_load_u32le(rec + 9)
-                if plen > n - pos - CAPTURE_RECORD_HEADER:
+            while True:
+                # the view pins the chunk; one thread per decoder pins the buffers
+                with nogil:
+                    r = _capture_c(self, b, n, &pos, &seq, &s)
+                if r != FEED_GROW:
                     break
-                recv_ns = <int64_t>ing_load_u64le(rec)
-                kind = rec[8]
-                if kind == 1:
-                    if not self._feed(rec + CAPTURE_RECORD_HEADER, plen, recv_ns, seq):
-                        full = True
-                        break
-                elif kind == 2:
-                    if self.n_texts == self._cap_texts:
-                        full = True
-                        break
-                    self._texts[self.n_texts].seq = seq
-                    self._texts[self.n_texts].recv_ns = recv_ns
-                    self._texts[self.n_texts].offset = pos + CAPTURE_RECORD_HEADER
-                    self._texts[self.n_texts].length = plen
-                    self.n_texts += 1
-                    self._counters[<int>C_TEXT_MESSAGES] += 1
-                else:
-                    self._counters[<int>C_BAD_RECORDS] += 1
-                pos += CAPTURE_RECORD_HEADER + plen
-                seq += 1
+                # a record larger than the empty buffers: grow them (with the GIL), go on
+                self._ensure(s.packets, s.full)
         finally:
             PyBuffer_Release(&view)
-        return pos, seq, full
+        return pos, seq, r == FEED_NO_ROOM
 
     def clear(self):
         """Forget the buffered rows (the buffers are kept for reuse)."""

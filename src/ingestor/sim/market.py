@@ -703,7 +703,15 @@ def generate_capture(path: str | os.PathLike, ticks: int, tokens: int = 100, mod
     mode : {"ltp", "quote", "full", "mixed"}
         Every packet in this mode, or ``mixed``: each instrument gets a mode
         of its own, and some change mode mid-stream (as after a client's
-        ``mode`` request).
+        ``mode`` request).  Mixed captures cover every (segment, mode)
+        combination whatever the seed (given ``ticks >= 3 * tokens``): the
+        capture is in thirds, each instrument in another mode in each (a
+        client's ``mode`` request for all), and each third opens with one
+        packet of every instrument in its new mode (the broker's snapshot
+        after a mode request); within a segment the modes take turns, so a
+        segment of three or more instruments has all three in every third.
+        Tests that check coverage rely on this: random modes let the few
+        index instruments all draw ``ltp`` for some seeds.
     seed : int
         Same seed, same arguments: the same file, byte for byte (the stream
         id is derived from the seed unless ``stream`` is given).
@@ -727,9 +735,14 @@ def generate_capture(path: str | os.PathLike, ticks: int, tokens: int = 100, mod
     rng = np.random.default_rng([seed, 0xCA9])
     k = len(mk)
     if mode == "mixed":
-        tok_mode = rng.integers(1, 4, k)
-    else:
-        tok_mode = np.full(k, MODES[mode])
+        # per segment, in a random order, modes take turns from a random start
+        base = np.empty(k, np.int64)
+        seg = np.array([i.segment_code for i in mk.instruments])
+        for code in np.unique(seg):
+            members = rng.permutation(np.flatnonzero(seg == code))
+            base[members] = (np.arange(len(members)) + rng.integers(0, 3)) % 3
+    tok_mode = np.full(k, MODES["ltp" if mode == "mixed" else mode])
+    phase = -1
     stream = stream or f"sim-{seed}-{k}-{mode}"
     header = CaptureHeader(broker="kite", stream=stream, first_seq=0,
                            extra={"source": "ingestor simulate", "seed": seed, "tokens": k,
@@ -740,20 +753,38 @@ def generate_capture(path: str | os.PathLike, ticks: int, tokens: int = 100, mod
         while written < ticks:
             if mk.volume_near_limit() or rng.random() < session_reset_probability:
                 mk.new_session()
-            if mode == "mixed" and rng.random() < 0.05:
+            snapshot = None
+            if mode == "mixed" and min(2, 3 * written // ticks) != phase:
+                # A new third: every instrument in its next mode, the snapshot first.
+                phase = min(2, 3 * written // ticks)
+                tok_mode = ((base + phase) % 3 + 1).astype(tok_mode.dtype)
+                snapshot = rng.permutation(k)
+            elif mode == "mixed" and rng.random() < 0.05:
                 # A client switched a few instruments to another mode.
                 j = rng.integers(0, k, max(1, k // 50))
                 tok_mode[j] = rng.integers(1, 4, len(j))
             n_msgs = int(rng.integers(1, 40))
             counts = rng.integers(1, 101, n_msgs)
+            if snapshot is not None:  # in messages of at most 100 packets, then the burst
+                snap_counts = np.full(-(-k // 100), 100, counts.dtype)
+                snap_counts[-1] = k - 100 * (len(snap_counts) - 1)
+                counts = np.concatenate([snap_counts, counts])
+                n_msgs = len(counts)
+            # the last burst ends exactly at ``ticks`` (a mixed capture's, at each third)
+            end = ticks if mode != "mixed" or phase == 2 else -(-(phase + 1) * ticks // 3)
             cum = np.cumsum(counts)
-            if cum[-1] > ticks - written:  # the last burst ends exactly at ``ticks``
-                n_msgs = int(np.searchsorted(cum, ticks - written)) + 1
+            if cum[-1] > end - written:
+                n_msgs = int(np.searchsorted(cum, end - written)) + 1
                 counts = counts[:n_msgs]
-                counts[-1] -= int(cum[n_msgs - 1] - (ticks - written))
+                counts[-1] -= int(cum[n_msgs - 1] - (end - written))
             gaps = rng.integers(50_000, 8_000_000, n_msgs)
             times = mk.clock_ns + np.cumsum(gaps)
-            idx = np.concatenate([mk._pick(k, int(c), mk.activity) for c in counts])
+            if snapshot is None:
+                idx = np.concatenate([mk._pick(k, int(c), mk.activity) for c in counts])
+            else:  # the snapshot (cut short only by the capture's end), then the picks
+                idx = np.concatenate([snapshot[:int(counts.sum())],
+                                      *(mk._pick(k, int(c), mk.activity)
+                                        for c in counts[len(snap_counts):])])
             buf, off = mk.pack(idx, tok_mode[idx], counts, times)
             mv = memoryview(buf)
             for i in range(n_msgs):
