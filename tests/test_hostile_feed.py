@@ -37,6 +37,7 @@ class HostileServer:
         self.first = first
         self.bad_connections = bad_connections
         self.connections = 0
+        self.active = 0
         self.sent = 0
         self.stop = threading.Event()
         with socket.socket() as s:
@@ -53,20 +54,29 @@ class HostileServer:
 
         async def handler(ws):
             self.connections += 1
-            if self.connections <= self.bad_connections:
-                await ws.send(self.first)
-            price = 10_000
-            while not self.stop.is_set():
-                await ws.send(ltp_message(TOKEN, price))
-                self.sent += 1
-                price += 5
-                await asyncio.sleep(0.02)
-            await ws.close()
+            self.active += 1
+            try:
+                if self.connections <= self.bad_connections:
+                    await ws.send(self.first)
+                price = 10_000
+                while not self.stop.is_set():
+                    await ws.send(ltp_message(TOKEN, price))
+                    self.sent += 1
+                    price += 5
+                    await asyncio.sleep(0.02)
+                await ws.close()  # after the client's close frame: it received all before it
+            finally:
+                self.active -= 1
 
         async with serve(handler, "127.0.0.1", self.port, max_size=None):
             self._ready.set()
             while not self.stop.is_set():
                 await asyncio.sleep(0.05)
+
+    def finish(self) -> None:
+        """Stop sending; return once every connection is closed (all sent was received)."""
+        self.stop.set()
+        wait_for(lambda: self.active == 0, timeout=30)
 
     def close(self) -> None:
         self.stop.set()
@@ -92,7 +102,7 @@ def test_oversized_message_is_refused_counted_and_the_rest_flows(tmp_path, db):
                           text, re.M)
             return m and float(m.group(1)) >= 1
         wait_for(oversized, timeout=30)
-        srv.stop.set()
+        srv.finish()
         assert d.terminate() == 0, d.output()
     finally:
         srv.close()
@@ -123,7 +133,7 @@ def test_token_zero_is_counted_and_skipped(tmp_path, db):
                           text, re.M)
             return m and float(m.group(1)) >= 1
         wait_for(counted, timeout=30)
-        srv.stop.set()
+        srv.finish()
         assert d.terminate() == 0, d.output()
     finally:
         srv.close()
