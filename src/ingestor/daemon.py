@@ -327,8 +327,53 @@ class Daemon:
         await loop.run_in_executor(None, require_current, setup)
         return setup
 
+    async def _prepare_early(self) -> None:
+        """Before the feeds connect, when there is no leftover to replay first: if the database
+        answers at once, check the schema and seed the live pipelines now, so the first
+        messages are aggregated as they arrive instead of queueing behind the set-up.  (With
+        the database away, or leftovers to replay, the feeds do not wait: ``_pipelines``
+        does this once it can.)"""
+        from ingestor.store.dsn import connect
+        from ingestor.store.migrate import require_current
+
+        if self.leftovers:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            setup = await loop.run_in_executor(
+                None, lambda: connect(self.dsn, autocommit=True, connect_timeout=2))
+        except Exception:  # noqa: BLE001 - away: _pipelines waits for it, feeds go on
+            return
+        try:
+            await loop.run_in_executor(None, require_current, setup)
+            self.pipeline_ready = True
+            await self._live_drivers(setup)
+        finally:
+            await loop.run_in_executor(None, setup.close)
+
+    async def _live_drivers(self, setup) -> None:
+        loop = asyncio.get_running_loop()
+        for conn in self.connections:
+            pl = await loop.run_in_executor(None, self._new_pipeline, conn.label, setup,
+                                            conn.tokens)
+            conn.driver = Driver(pl, self.queue, self.pool,
+                                 flush_interval=self.cfg.pipeline.flush_interval,
+                                 open_candle_interval=self.cfg.pipeline.open_candle_interval)
+
     async def _pipelines(self) -> None:
         """Wait for the database, replay leftovers, then drive every connection's streams."""
+        if not all(c.driver is not None for c in self.connections):
+            await self._recover_then_seed()
+            if not all(c.driver is not None for c in self.connections):
+                return  # stopped before the database answered
+        async with asyncio.TaskGroup() as tg:
+            for conn in self.connections:
+                tg.create_task(drive_streams(conn.driver, lambda c=conn: c.streams, conn.wakeup,
+                                             self.stop, self._committed_of,
+                                             on_done=lambda sp, c=conn: c.streams.remove(sp)),
+                               name=f"pipeline-{conn.label}")
+
+    async def _recover_then_seed(self) -> None:
         loop = asyncio.get_running_loop()
         setup = await self._wait_for_database()
         if setup is None:
@@ -351,20 +396,9 @@ class Daemon:
                 await self.queue.join()  # committed before the live pipelines seed from it
                 log.info("replayed spool left by an earlier run: %d stream(s), %d ticks",
                          len(leftovers), pl.totals["ticks"])
-            for conn in self.connections:
-                pl = await loop.run_in_executor(None, self._new_pipeline, conn.label, setup,
-                                                conn.tokens)
-                conn.driver = Driver(pl, self.queue, self.pool,
-                                     flush_interval=self.cfg.pipeline.flush_interval,
-                                     open_candle_interval=self.cfg.pipeline.open_candle_interval)
+            await self._live_drivers(setup)
         finally:
             await loop.run_in_executor(None, setup.close)
-        async with asyncio.TaskGroup() as tg:
-            for conn in self.connections:
-                tg.create_task(drive_streams(conn.driver, lambda c=conn: c.streams, conn.wakeup,
-                                             self.stop, self._committed_of,
-                                             on_done=lambda sp, c=conn: c.streams.remove(sp)),
-                               name=f"pipeline-{conn.label}")
 
     # -- writer side ---------------------------------------------------------
 
@@ -515,6 +549,7 @@ class Daemon:
             server = await serve(host or "127.0.0.1", int(port), self.metrics, self.health)
             log.info("metrics on http://%s/metrics", self.cfg.metrics.listen)
         self.spool.start()
+        await self._prepare_early()
         for conn in self.connections:
             p = conn.plan
             f = p.feed
