@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -225,16 +226,14 @@ class Daemon:
 
     def _waker(self, conn: Connection):
         loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
         ev = conn.wakeup
 
         def wake() -> None:
-            # the feed appends on the loop; the spool's thread wakes from elsewhere
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is loop:
-                ev.set()
+            # the feed appends on the loop; the spool's thread wakes it from elsewhere
+            if threading.get_ident() == loop_thread:
+                if not ev.is_set():
+                    ev.set()
             else:
                 loop.call_soon_threadsafe(ev.set)
         return wake

@@ -117,6 +117,7 @@ class StreamSpool:
         rec = RECORD_HEADER.pack(recv_ns, kind, len(payload))
         with self._lock:
             seq = self.next_seq
+            first = not self._pending
             self._pending += rec
             self._pending += payload
             self.next_seq = seq + 1
@@ -131,7 +132,8 @@ class StreamSpool:
                     self._mem += payload
                     self._mem_count += 1
         sp.add_bytes(size)
-        sp.kick()
+        if first:  # the writer thread needs one signal per write-out, not one per message
+            sp.kick()
         if self.wakeup is not None:
             self.wakeup()
         return seq
@@ -392,6 +394,8 @@ class Spool:
         self.fsync_interval = fsync_interval
         self.memory_bytes = memory_bytes
         self.max_record = max_record
+        #: seconds the writer thread waits after the first new append to gather more
+        self.write_delay = 0.01
         self.dropped = 0
         self.alarmed = False
         self._bytes_lock = threading.Lock()
@@ -502,7 +506,11 @@ class Spool:
     def _run(self) -> None:
         last_sync = time.monotonic()
         while True:
-            self._kick.wait(0.005 if not self._stop.is_set() else 0)
+            if self._kick.wait(self.fsync_interval) and not self._stop.is_set():
+                # a short pause gathers what arrives meanwhile into one write (fewer wake-ups
+                # of this thread, which would otherwise take the GIL from the loop hundreds of
+                # times a second)
+                time.sleep(self.write_delay)
             self._kick.clear()
             stopping = self._stop.is_set()
             try:
@@ -522,8 +530,6 @@ class Spool:
                 time.sleep(0.1)
             if stopping:
                 return
-            # a short pause batches appends into fewer writes
-            time.sleep(0.002)
 
     def close(self) -> None:
         """Write out and fsync everything appended, close the files, stop the thread."""
