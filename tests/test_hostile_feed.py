@@ -25,6 +25,14 @@ def db(fresh_db):
     return fresh_db
 
 
+def metric(port: int, series: str) -> float:
+    """One series' value from the daemon's /metrics (-1 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else -1.0
+
+
 def ltp_message(token: int, price: int) -> bytes:
     return struct.pack(">HHII", 1, 8, token, price)
 
@@ -95,13 +103,8 @@ def test_oversized_message_is_refused_counted_and_the_rest_flows(tmp_path, db):
         wait_for(lambda: count_ticks(db) > 20, timeout=60)
         assert d.proc.poll() is None, d.output()
 
-        def oversized():
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-            m = re.search(r'^ingestor_feed_oversized_messages_total\{connection="kite-0"\} (\S+)$',
-                          text, re.M)
-            return m and float(m.group(1)) >= 1
-        wait_for(oversized, timeout=30)
+        wait_for(lambda: metric(port, 'ingestor_feed_oversized_messages_total'
+                                      '{connection="kite-0"}') >= 1, timeout=30)
         srv.finish()
         assert d.terminate() == 0, d.output()
     finally:
@@ -126,13 +129,8 @@ def test_token_zero_is_counted_and_skipped(tmp_path, db):
         d = Daemon(tmp_path, db, srv.url, feed=f"tokens = [{TOKEN}]\n", metrics_port=port)
         wait_for(lambda: count_ticks(db) > 20, timeout=60)
 
-        def counted():
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-            m = re.search(r'^ingestor_malformed_messages_total\{reason="bad_token"\} (\S+)$',
-                          text, re.M)
-            return m and float(m.group(1)) >= 1
-        wait_for(counted, timeout=30)
+        wait_for(lambda: metric(port, 'ingestor_malformed_messages_total{reason="bad_token"}')
+                 >= 1, timeout=30)
         srv.finish()
         assert d.terminate() == 0, d.output()
     finally:
