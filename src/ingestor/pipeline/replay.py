@@ -28,10 +28,10 @@ from ingestor.pipeline.pipeline import FlushBatch, Pipeline, PipelineSettings
 from ingestor.store.writer import Writer, postback_handler
 
 
-def load_state(conn, pipeline: Pipeline) -> int:
-    """Give the pipeline every known instrument id, each one's last tick and forming candles.
+def load_state(conn, pipeline: Pipeline) -> "state.Loaded":
+    """Give the pipeline every known instrument id and each one's continuation state.
 
-    See ``ingestor.pipeline.state.load_state``; returns the number of instruments seeded.
+    See ``ingestor.pipeline.state.load_state``; returns what it seeded (``state.Loaded``).
     """
     return state.load_state(conn, pipeline)
 
