@@ -103,3 +103,15 @@ def tsdb_db():
         pytest.fail(f"INGESTOR_TEST_TSDB_DSN is not reachable: {exc}")
     with _scratch_database(TSDB_DSN, "ingestor_tsdb") as dsn:
         yield dsn
+
+
+@pytest.fixture
+def db(fresh_db):
+    """A fresh database with the schema migrated (a test module may define its own ``db``)."""
+    import psycopg
+
+    from ingestor.store.migrate import migrate
+
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        migrate(conn)
+    return fresh_db

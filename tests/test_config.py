@@ -15,7 +15,6 @@ import pytest
 from ingestor import _core
 from ingestor import config as config_mod
 from ingestor.cli import main
-from ingestor.store.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -424,13 +423,6 @@ def _write(tmp_path, text: str) -> str:
 
 
 # -- configured tokens are not instruments until the broker sends them ----------------------
-
-@pytest.fixture
-def db(fresh_db):
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        migrate(conn)
-    return fresh_db
-
 
 def _placeholders(dsn: str) -> list[int]:
     with psycopg.connect(dsn) as c:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import time
 from decimal import Decimal
 
-import numpy as np
 import psycopg
-import pytest
 
 from daemon_harness import (Daemon, Simulator, captured_packets, captured_texts, count_ticks,
                             load_instruments, tick_summary, wait_for)
@@ -15,13 +13,6 @@ from ingestor import _core
 from ingestor.pipeline.batch import decode_capture
 from ingestor.store.migrate import migrate
 from pg_private import private_pg, private_pg_running  # noqa: F401 - fixtures
-
-
-@pytest.fixture
-def db(fresh_db):
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        migrate(conn)
-    return fresh_db
 
 
 def _recorded_prices(record: str) -> dict[int, list]:

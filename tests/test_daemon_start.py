@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 
 import psycopg
-import pytest
 from daemon_harness import (
     Daemon,
     Simulator,
@@ -25,14 +24,6 @@ from daemon_harness import (
 )
 from pg_private import private_pg, private_pg_running  # noqa: F401 - fixtures
 
-from ingestor.store.migrate import migrate
-
-
-@pytest.fixture
-def db(fresh_db):
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        migrate(conn)
-    return fresh_db
 
 
 def free_port() -> int:

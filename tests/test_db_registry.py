@@ -13,16 +13,8 @@ import pytest
 from conftest import VECTORS
 from ingestor.store import instruments as ins
 from ingestor.store import offsets, roles
-from ingestor.store.migrate import migrate
 
 DUMP = os.path.join(VECTORS, "instruments_all.csv")
-
-
-@pytest.fixture
-def db(fresh_db):
-    with psycopg.connect(fresh_db) as conn:
-        migrate(conn)
-    return fresh_db
 
 
 def _dump_rows(path=DUMP):

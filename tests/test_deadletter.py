@@ -35,15 +35,6 @@ CREATE TRIGGER refuse_window BEFORE INSERT ON tick_data FOR EACH ROW EXECUTE FUN
 """
 
 
-@pytest.fixture
-def db(fresh_db):
-    from ingestor.store.migrate import migrate
-
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        migrate(conn)
-    return fresh_db
-
-
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
     path = tmp_path_factory.mktemp("dl") / "market.cap"

@@ -10,19 +10,10 @@ import threading
 import urllib.request
 
 import psycopg
-import pytest
 from daemon_harness import Daemon, count_ticks, wait_for
 
-from ingestor.store.migrate import migrate
 
 TOKEN = 408065
-
-
-@pytest.fixture
-def db(fresh_db):
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        migrate(conn)
-    return fresh_db
 
 
 def metric(port: int, series: str) -> float:

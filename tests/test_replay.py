@@ -14,7 +14,6 @@ import pytest
 from ingestor import _core
 from ingestor.feed.capture import CaptureReader
 from ingestor.pipeline.batch import decode_capture
-from ingestor.store.migrate import migrate
 from ingestor.pipeline import PipelineSettings
 from ingestor.pipeline.replay import replay
 from ingestor.sim.market import generate_capture
@@ -24,13 +23,6 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 def _us(t: dt.datetime) -> int:
     return (t - EPOCH) // dt.timedelta(microseconds=1)
-
-
-@pytest.fixture
-def db(fresh_db):
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        migrate(conn)
-    return fresh_db
 
 
 @pytest.fixture(scope="module")

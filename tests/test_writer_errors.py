@@ -26,20 +26,12 @@ from ingestor.errors import ConnectionLost, StreamAdvanced, WriterStopped
 from ingestor.metrics import Metrics
 from ingestor.pipeline import FlushBatch, Pipeline, PipelineSettings
 from ingestor.store.errors import classify, is_transient
-from ingestor.store.migrate import migrate
 from ingestor.store.offsets import committed
 from ingestor.store.writer import Writer
 from ingestor.twin.copy import HEADER, NULL, TRAILER, numeric_send
 
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
 T0 = dt.datetime(2024, 1, 15, 4, 0, tzinfo=dt.timezone.utc)
-
-
-@pytest.fixture
-def db(fresh_db):
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        migrate(conn)
-    return fresh_db
 
 
 def _f(body: bytes | None) -> bytes:
