@@ -47,6 +47,8 @@ from ingestor.feed.capture import RECORD_HEADER, CaptureHeader, CaptureReader, C
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+#: a leftover's end (its last sequence number + 1) until reading finds it
+UNKNOWN_END = 1 << 62
 
 
 class SpoolInUse(Exception):
@@ -154,7 +156,8 @@ class StreamSpool:
 
     @property
     def waiting_bytes(self) -> int:
-        """Bytes appended and not yet taken from memory (0 while reading backlog)."""
+        """Bytes appended and not yet taken from memory (unbounded while reading backlog:
+        there is always enough waiting)."""
         return len(self._mem) if self._live else 1 << 62
 
     def skip_to(self, seq: int) -> None:
@@ -169,14 +172,7 @@ class StreamSpool:
         """The next records in order, as ``(chunk of capture records, first_seq)``, or None."""
         with self._lock:
             if self._live:
-                if not self._mem_count:
-                    return None
-                chunk, first = bytes(self._mem), self._mem_first
-                self._mem_first += self._mem_count
-                self._mem = bytearray()
-                self._mem_count = 0
-                self.read_seq = self._mem_first
-                return chunk, first
+                return self._take_memory()
         # backlog: from the segments, up to what the writer thread has written
         got = self._read_disk(limit)
         if got is not None:
@@ -190,14 +186,19 @@ class StreamSpool:
                 self._mem = bytearray(self._pending)
                 self._mem_first = self._pending_first
                 self._mem_count = self.next_seq - self._pending_first
-                if self._mem_count:
-                    chunk, first = bytes(self._mem), self._mem_first
-                    self._mem_first = self.next_seq
-                    self._mem = bytearray()
-                    self._mem_count = 0
-                    self.read_seq = self.next_seq
-                    return chunk, first
+                return self._take_memory()
         return None
+
+    def _take_memory(self) -> tuple[bytes, int] | None:
+        # (lock held) the whole in-memory tail as one chunk
+        if not self._mem_count:
+            return None
+        chunk, first = bytes(self._mem), self._mem_first
+        self._mem_first += self._mem_count
+        self._mem = bytearray()
+        self._mem_count = 0
+        self.read_seq = self._mem_first
+        return chunk, first
 
     def _read_disk(self, limit: int) -> tuple[bytes, int] | None:
         from ingestor._core import capture_span
@@ -237,7 +238,7 @@ class StreamSpool:
             self._cursor = (seg.path, off + end, seq + count)
             self.read_seq = seq + count
             return bytes(data[:end]), seq
-        if self.ended and not self._live and self.next_seq >= 1 << 62:
+        if self.recovered and self.next_seq == UNKNOWN_END:
             # a leftover read to its end
             last = segs[-1].end_seq if segs else self.read_seq
             if self.read_seq >= last:
@@ -467,10 +468,10 @@ class Spool:
             segs = []
             for i, (_, first_seq, _, path, size) in enumerate(items):
                 # a segment's end is the next one's start; the last one's is found by reading
-                end = items[i + 1][1] if i + 1 < len(items) else 1 << 62
+                end = items[i + 1][1] if i + 1 < len(items) else UNKNOWN_END
                 segs.append(Segment(path, first_seq, end, size, closed=True))
             sp = StreamSpool(self, stream, recovered=segs)
-            sp.next_seq = 1 << 62
+            sp.next_seq = UNKNOWN_END
             out.append(sp)
             self.streams.append(sp)
         return out

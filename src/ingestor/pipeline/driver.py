@@ -121,24 +121,18 @@ class Driver:
 
 
 async def drive_capture(driver: Driver, reader, committed: int = -1,
-                        progress: Callable[[int], None] | None = None,
-                        stop: asyncio.Event | None = None) -> None:
+                        progress: Callable[[int], None] | None = None) -> None:
     """A capture file through the driver (``CaptureReader``), then the final flush."""
     it = iter(reader.chunks())
     stream = reader.header.stream
     done = reader.data_offset
-    while stop is None or not stop.is_set():
-        item = await driver._run(lambda: next(it, None))
-        if item is None:
-            break
+    while (item := await driver._run(lambda: next(it, None))) is not None:
         chunk, seq = item
         # the chunk is a view of the reader's buffer: decoded before the next read
         await driver.feed(stream, chunk, seq, committed)
         done += len(chunk)
         if progress is not None:
             progress(done)
-    else:
-        return
     await driver.finish()
 
 
