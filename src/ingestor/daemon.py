@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 
 from ingestor.config import Config, FeedConfig
+from ingestor.errors import SchemaNotCurrent
 from ingestor.feed.capture import KIND_BINARY, KIND_TEXT
 from ingestor.feed.kite import KiteFeed
 from ingestor.feed.spool import Spool, StreamSpool
@@ -298,17 +299,29 @@ class Daemon:
 
         return await self.side.run(lambda c: acommitted(c, stream))
 
-    async def _wait_for_database(self):
-        """The set-up connection, once the database answers and the schema is current."""
+    def _open_setup(self, connect_timeout: int = 10):
+        """(worker thread) The set-up connection, with the schema checked current."""
         from ingestor.store.dsn import connect
         from ingestor.store.migrate import require_current
+
+        setup = connect(self.dsn, autocommit=True, connect_timeout=connect_timeout)
+        try:
+            require_current(setup)
+        except BaseException:
+            setup.close()
+            raise
+        return setup
+
+    async def _wait_for_database(self):
+        """The set-up connection, once the database answers and the schema is current."""
 
         loop = asyncio.get_running_loop()
         delay, said = 0.2, False
         while True:
             try:
-                setup = await loop.run_in_executor(None, lambda: connect(self.dsn, autocommit=True))
-                break
+                return await loop.run_in_executor(None, self._open_setup)
+            except SchemaNotCurrent:
+                raise
             except Exception as exc:  # noqa: BLE001 - away at start: spool meanwhile, retry
                 if self.stop.is_set():
                     return None
@@ -323,8 +336,6 @@ class Daemon:
                 except asyncio.TimeoutError:
                     pass
                 delay = min(delay * 2, 5.0)
-        await loop.run_in_executor(None, require_current, setup)
-        return setup
 
     async def _prepare_early(self) -> None:
         """Before the feeds connect, when there is no leftover to replay first: if the database
@@ -332,19 +343,16 @@ class Daemon:
         messages are aggregated as they arrive instead of queueing behind the set-up.  (With
         the database away, or leftovers to replay, the feeds do not wait: ``_pipelines``
         does this once it can.)"""
-        from ingestor.store.dsn import connect
-        from ingestor.store.migrate import require_current
-
         if self.leftovers:
             return
         loop = asyncio.get_running_loop()
         try:
-            setup = await loop.run_in_executor(
-                None, lambda: connect(self.dsn, autocommit=True, connect_timeout=2))
+            setup = await loop.run_in_executor(None, self._open_setup, 2)
+        except SchemaNotCurrent:
+            raise
         except Exception:  # noqa: BLE001 - away: _pipelines waits for it, feeds go on
             return
         try:
-            await loop.run_in_executor(None, require_current, setup)
             self.pipeline_ready = True
             await self._live_drivers(setup)
         finally:
