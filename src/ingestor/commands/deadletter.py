@@ -132,6 +132,16 @@ def _stage(conn, table: str, stage: str, columns: str, payload: bytes) -> None:
         cp.write(payload)
 
 
+def _insert_missing(conn, table: str, stage: str, columns: str, payload: bytes) -> int:
+    """The payload's rows whose (instrument_id, time) ``table`` does not hold yet; how many."""
+    _stage(conn, table, stage, columns, payload)
+    return conn.execute(
+        f"INSERT INTO {table} ({columns}) "
+        f"SELECT DISTINCT ON (instrument_id, time) {columns} FROM {stage} s "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {table} d WHERE d.instrument_id = "
+        f"s.instrument_id AND d.time = s.time) ORDER BY instrument_id, time").rowcount
+
+
 def _read(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
@@ -153,20 +163,12 @@ def apply_entry(conn, entry: Entry, store=None) -> None:
     with conn.transaction():
         ticks = _read(f"{base}.ticks.copy")
         if ticks:
-            _stage(conn, "tick_data", "ingestor_dl_ticks", tick_cols, ticks)
-            entry.ticks_added = conn.execute(
-                f"INSERT INTO tick_data ({tick_cols}) "
-                f"SELECT DISTINCT ON (instrument_id, time) {tick_cols} FROM ingestor_dl_ticks s "
-                f"WHERE NOT EXISTS (SELECT 1 FROM tick_data d WHERE d.instrument_id = "
-                f"s.instrument_id AND d.time = s.time) ORDER BY instrument_id, time").rowcount
+            entry.ticks_added = _insert_missing(conn, "tick_data", "ingestor_dl_ticks",
+                                                tick_cols, ticks)
         snaps = _read(f"{base}.snapshots.copy")
         if snaps:
-            _stage(conn, "order_book_snapshots", "ingestor_dl_snaps", snap_cols, snaps)
-            entry.snapshots_added = conn.execute(
-                f"INSERT INTO order_book_snapshots ({snap_cols}) "
-                f"SELECT DISTINCT ON (instrument_id, time) {snap_cols} FROM ingestor_dl_snaps s "
-                f"WHERE NOT EXISTS (SELECT 1 FROM order_book_snapshots d WHERE d.instrument_id = "
-                f"s.instrument_id AND d.time = s.time) ORDER BY instrument_id, time").rowcount
+            entry.snapshots_added = _insert_missing(conn, "order_book_snapshots",
+                                                    "ingestor_dl_snaps", snap_cols, snaps)
         # both parts of the batch's candles (upserted ones, and closed ones never stored)
         parts = [p for p in (_read(f"{base}.candles.copy"), _read(f"{base}.new_candles.copy"))
                  if p]
