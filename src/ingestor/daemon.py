@@ -164,13 +164,12 @@ class Connection:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, dsn: str, plans: list[FeedPlan], spool: Spool | None = None):
+    def __init__(self, cfg: Config, dsn: str, plans: list[FeedPlan], spool: Spool):
+        """``spool``: opened and locked by the caller (one daemon per folder)."""
         self.cfg = cfg
         self.dsn = dsn
         self.metrics = Metrics()
-        self.spool = spool or Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.alarm_at,
-                                    cfg.spool.segment_bytes, keep_dir=cfg.record.dir,
-                                    fsync_interval=cfg.spool.fsync_interval)
+        self.spool = spool
         self.stop = asyncio.Event()
         self.stopping_since: float | None = None
         self.writer = Writer(dsn, dead_letter_dir=cfg.writer.dead_letter_dir,
