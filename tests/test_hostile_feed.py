@@ -32,9 +32,13 @@ class HostileServer:
     """Serves Kite-framed messages; ``first`` is sent first on every ``bad_connections``-th
     connection, then valid LTP packets every 20 ms.  Counts the valid packets it sent."""
 
-    def __init__(self, first: bytes, bad_connections: int = 1):
+    def __init__(self, first: bytes, bad_connections: int = 1, refused: bool = False):
         self.first = first
         self.bad_connections = bad_connections
+        # refused: the client drops a connection on ``first`` (a message over its size
+        # limit), so what is sent after it on that connection is never received: send
+        # nothing more there and wait for the client to close it.
+        self.refused = refused
         self.connections = 0
         self.active = 0
         self.sent = 0
@@ -57,6 +61,9 @@ class HostileServer:
             try:
                 if self.connections <= self.bad_connections:
                     await ws.send(self.first)
+                    if self.refused:
+                        await ws.wait_closed()
+                        return
                 price = 10_000
                 while not self.stop.is_set():
                     await ws.send(ltp_message(TOKEN, price))
@@ -88,7 +95,7 @@ def test_oversized_message_is_refused_counted_and_the_rest_flows(tmp_path, db):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = HostileServer(b"\x00" * (17 << 20))
+    srv = HostileServer(b"\x00" * (17 << 20), refused=True)
     try:
         d = Daemon(tmp_path, db, srv.url, feed=f"tokens = [{TOKEN}]\n", metrics_port=port)
         wait_for(lambda: count_ticks(db) > 20, timeout=60)
