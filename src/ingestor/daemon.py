@@ -260,13 +260,23 @@ class Daemon:
     # -- pipeline side -------------------------------------------------------
 
     def _resolve(self, tokens: list[int]) -> dict[int, int]:
-        """Instrument ids of new tokens (worker thread): retried while the database is away."""
+        """Instrument ids of new tokens (worker thread): retried while the database is away.
+
+        Only a lost or refused connection is retried (``store.errors.classify``); anything
+        else -- a missing privilege, a broken schema -- is raised: the pipeline task fails,
+        the daemon says why and exits 1, and the spool keeps the messages for the next start.
+        """
+        import psycopg
         import stamina
 
         from ingestor.store.dsn import connect
+        from ingestor.store.errors import classify
         from ingestor.store.instruments import register_tokens
 
-        for attempt in stamina.retry_context(on=Exception, attempts=None, timeout=None,
+        def away(exc: Exception) -> bool:
+            return isinstance(exc, psycopg.Error) and classify(exc) == "connection"
+
+        for attempt in stamina.retry_context(on=away, attempts=None, timeout=None,
                                              wait_initial=0.2, wait_max=5.0):
             with attempt:
                 if self.stop.is_set() and self.stopping_since is not None and \
@@ -278,7 +288,9 @@ class Daemon:
                         self._resolve_conn = connect(self.dsn, autocommit=True)
                     return register_tokens(self._resolve_conn, tokens)
                 except Exception as exc:
-                    log.warning("cannot register %d new instrument(s) yet: %s", len(tokens), exc)
+                    if away(exc):
+                        log.warning("cannot register %d new instrument(s) yet: %s",
+                                    len(tokens), exc)
                     if self._resolve_conn is not None:
                         self._resolve_conn.close()
                         self._resolve_conn = None
