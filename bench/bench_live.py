@@ -73,6 +73,11 @@ def _counter(text: str, name: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def _labelled(text: str, name: str, path: str) -> int:
+    m = re.search(rf'^{name}{{path="{path}"}} (\S+)$', text, re.M)
+    return int(float(m.group(1))) if m else 0
+
+
 def _gauge(text: str, name: str) -> float | None:
     m = re.search(rf"^{name} (\S+)$", text, re.M)
     return float(m.group(1)) if m else None
@@ -101,7 +106,8 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
     from ingestor.pipeline.batch import decode_capture
 
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, feed_gaps")
+        c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
+                  "feed_gaps, engine_state")
     record = os.path.join(tmp, f"sim-{rate}.cap")
     csv = os.path.join(tmp, "instruments.csv")
     sim = subprocess.Popen(_ingestor("simulate", "--listen", "127.0.0.1:0", "--tokens", str(tokens),
@@ -158,6 +164,7 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
         "lost": sent - got,
         "p50 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.5) or 0) * 1000,
         "p99 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.99) or 0) * 1000,
+        "rows via columnstore": _labelled(text, "ingestor_tick_copy_rows_total", "columnstore"),
         "max loop lag ms": (_gauge(text, "ingestor_loop_lag_max_seconds") or 0) * 1000,
         "RSS start MiB": rss0,
         "RSS end MiB": rss1,
@@ -171,6 +178,7 @@ def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: i
         flush_interval: float | None = None) -> list[dict]:
     import psycopg
 
+    from ingestor.store import timescale
     from ingestor.store.migrate import migrate
 
     rates = rates or ([5_000] if quick else [25_000, 50_000, 100_000, 150_000])
@@ -179,6 +187,7 @@ def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: i
     with scratch_database() as dsn:
         with psycopg.connect(dsn, autocommit=True) as c:
             migrate(c)
+            timescale.setup(c, "auto")  # as `ingestor migrate` lays the tables out
         with tempfile.TemporaryDirectory() as tmp:
             for rate in rates:
                 rows.append(run_rate(dsn, rate, seconds, tokens, tmp, flush_interval))

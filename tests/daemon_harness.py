@@ -50,14 +50,14 @@ class Simulator:
 
 class Daemon:
     def __init__(self, tmp, dsn: str, url: str, *, config: str = "", feed: str = "",
-                 name: str = "daemon", metrics_port: int | None = None):
+                 name: str = "daemon", metrics_port: int | None = None, writer: str = ""):
         self.cfg = tmp / f"{name}.toml"
         self.cfg.write_text(
             f"[feed]\n{feed}mode = \"full\"\nheartbeat_timeout = 2.0\nreconnect_min = 0.1\n"
             "reconnect_max = 0.5\nrejected_retry = 30.0\n"
             "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
             f"[spool]\ndir = \"{tmp / 'spool'}\"\n"
-            f"[writer]\ndead_letter_dir = \"{tmp / 'dead'}\"\n"
+            f"[writer]\ndead_letter_dir = \"{tmp / 'dead'}\"\n{writer}"
             f"[metrics]\nlisten = \"{f'127.0.0.1:{metrics_port}' if metrics_port else ''}\"\n"
             + config)
         self.log = open(tmp / f"{name}.log", "w")

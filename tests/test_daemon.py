@@ -88,16 +88,16 @@ def test_database_restart_mid_run_loses_nothing(tmp_path, private_pg_running):
     assert "retrying" in d.output()
 
 
-def test_sigkill_and_restart_no_duplicates(tmp_path, db):
+def test_sigkill_and_restart_no_duplicates(tmp_path, db, writer=""):
     sim = Simulator(tmp_path, tokens=20, rate=3000)
     load_instruments(db, sim.csv)
     record = f'[record]\ndir = "{tmp_path / "rec"}"\n'
-    d = Daemon(tmp_path, db, sim.url, config=record)
+    d = Daemon(tmp_path, db, sim.url, config=record, writer=writer)
     wait_for(lambda: count_ticks(db) > 1000, timeout=60, what="1000 ticks written")
     d.kill()                            # SIGKILL: no flush, no cleanup
     spooled = list((tmp_path / "spool").glob("*.cap"))
     assert spooled, "the spool should hold the killed daemon's stream"
-    d2 = Daemon(tmp_path, db, sim.url, config=record, name="daemon2")
+    d2 = Daemon(tmp_path, db, sim.url, config=record, name="daemon2", writer=writer)
     wait_for(lambda: count_ticks(db) > 3000, timeout=60, what="3000 ticks written")
     sim.stop()
     assert d2.terminate() == 0, d2.output()

@@ -195,3 +195,61 @@ def test_bad_file_names_and_duplicate_versions(tmp_path):
 ])
 def test_split_statements(text, expected):
     assert mig.split_statements(text) == expected
+
+
+def _migrations_before(tmp_path, version: int):
+    """A folder of the shipped migrations numbered below ``version``: an older schema."""
+    from ingestor.store.migrate import discover
+
+    folder = tmp_path / f"before-{version}"
+    folder.mkdir()
+    for m in discover():
+        if m.version < version:
+            (folder / f"{m.label}.sql").write_text(m.sql)
+    return folder
+
+
+def _old_rows(conn) -> None:
+    """Rows of two days of 2024 in each time-series table (plain SQL: any schema version)."""
+    conn.execute("INSERT INTO tick_data (time, instrument_id, exchange, price, volume) "
+                 "SELECT timestamptz '2024-03-04 03:45+00' + g * INTERVAL '173 ms', g % 20 + 1, "
+                 "'NSE', 100 + (g % 997) / 100.0, g FROM generate_series(1, 60000) g")
+    conn.execute("INSERT INTO ohlc_candles (time, instrument_id, timeframe, open_price, "
+                 "high_price, low_price, close_price, volume, trade_count) "
+                 "SELECT timestamptz '2024-03-04 03:45+00' + (g / 20) * INTERVAL '1 minute', "
+                 "g % 20 + 1, '1m', 1, 2, 0.5, 1.5, g, 3 FROM generate_series(1, 6000) g")
+    conn.execute("INSERT INTO order_book_snapshots (time, instrument_id, bid_prices, "
+                 "bid_quantities, bid_orders, ask_prices, ask_quantities, ask_orders) "
+                 "SELECT timestamptz '2024-03-04 03:45+00' + (g / 20) * INTERVAL '1 s', "
+                 "g % 20 + 1, '{1,2,3,4,5}', '{1,1,1,1,1}', '{1,1,1,1,1}', '{6,7,8,9,10}', "
+                 "'{1,1,1,1,1}', '{1,1,1,1,1}' FROM generate_series(1, 8000) g")
+
+
+def test_migration_0005_keeps_the_rows_of_an_older_schema(fresh_db, tmp_path):
+    """A database of the schema before 0005, with rows: the candle and snapshot keys are
+    rebuilt leading with the instrument, and every row stays."""
+    import test_replay
+
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        mig.migrate(conn, _migrations_before(tmp_path, 5))
+        _old_rows(conn)
+        before = test_replay._table_digest(conn)
+        assert [m.version for m in mig.migrate(conn)] == [5]
+        assert test_replay._table_digest(conn) == before
+        keys = dict(conn.execute(
+            "SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE contype = 'p' AND conrelid IN ('tick_data'::regclass, "
+            "'ohlc_candles'::regclass, 'order_book_snapshots'::regclass)").fetchall())
+        assert keys == {"tick_data": 'PRIMARY KEY (instrument_id, "time")',
+                        "ohlc_candles": 'PRIMARY KEY (instrument_id, timeframe, "time")',
+                        "order_book_snapshots": 'PRIMARY KEY (instrument_id, "time")'}
+        # one index per table: the key
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename IN "
+                            "('tick_data', 'ohlc_candles', 'order_book_snapshots')"
+                            ).fetchone()[0] == 3
+        # the upsert's conflict target still infers the reordered key
+        conn.execute("INSERT INTO ohlc_candles (time, instrument_id, timeframe, open_price, "
+                     "high_price, low_price, close_price, volume, trade_count) VALUES "
+                     "(timestamptz '2024-03-04 03:45+00', 1, '1m', 9, 9, 9, 9, 1, 1) "
+                     "ON CONFLICT (time, instrument_id, timeframe) DO UPDATE SET "
+                     "close_price = excluded.close_price")

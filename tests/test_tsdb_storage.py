@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 import test_replay
+from test_db_migrate import _migrations_before, _old_rows
 from ingestor.pipeline import PipelineSettings
 from ingestor.pipeline.replay import replay
 from ingestor.sim.market import generate_capture
@@ -223,6 +224,34 @@ def test_a_backfill_batch_goes_to_the_rowstore(tsdb, tmp_path):
         assert _stored(conn) == (0, 0, 5_000)
 
 
+def test_an_older_capture_after_newer_data_reads_right(tsdb, tmp_path):
+    """A capture of an earlier hour replayed after a later one (same instruments): today its
+    ticks are restamped after the instrument's newest (the engine's per-instrument clock,
+    see issue 15 for keeping their own times), so no compressed batches overlap; the ordered
+    reads agree with a full scan."""
+    from ingestor.sim.market import Market
+
+    late, early = tmp_path / "late.cap", tmp_path / "early.cap"
+    t0 = Market(n_tokens=40, seed=5).clock_ns
+    generate_capture(late, ticks=8_000, market=Market(n_tokens=40, seed=5,
+                                                       start_ns=t0 + 3_600 * 10**9),
+                     stream="late")
+    generate_capture(early, ticks=8_000, market=Market(n_tokens=40, seed=5, start_ns=t0),
+                     stream="early")
+    settings = PipelineSettings(flush_rows=4_000, dense_rows=5)
+    for cap in (late, early):
+        assert replay(str(cap), tsdb, settings=settings, progress=False).columnstore_rows > 0
+    with psycopg.connect(tsdb) as conn:
+        n, distinct = conn.execute("SELECT count(*), count(DISTINCT (instrument_id, time)) "
+                                   "FROM tick_data").fetchone()
+        assert n == distinct == 16_000
+        ids = [r[0] for r in conn.execute("SELECT DISTINCT instrument_id FROM tick_data")]
+        mid = conn.execute("SELECT min(time) + (max(time) - min(time)) / 2 "
+                           "FROM tick_data").fetchone()[0]
+        conn.execute("CREATE TEMP TABLE heap AS SELECT * FROM tick_data")
+        assert _reads(conn, "tick_data", ids, mid) == _reads(conn, "heap", ids, mid)
+
+
 def test_the_servers_refusal_is_caught_counted_and_nothing_lost(tsdb, capture, caplog):
     """Direct COPY silently falls back to the rowstore on a table with a row trigger: the
     writer sees the server's warning, counts it and stops asking."""
@@ -250,43 +279,55 @@ def test_a_unique_index_turns_direct_copy_off_loudly(tsdb, capture, caplog):
     assert "unique index (tick_data_key)" in caplog.text
 
 
-def test_an_old_layout_with_rows_and_compressed_chunks_migrates(tsdb_db, capture, tmp_path):
-    """Today's schema as an older `ingestor migrate` left it on TimescaleDB: primary key,
-    a week-long columnstore policy, rows, some chunks compressed."""
+def test_an_old_layout_with_rows_and_compressed_chunks_migrates(tsdb_db, tmp_path):
+    """The schema before this layout as `ingestor migrate` left it on TimescaleDB: the
+    primary keys of 0001, a week-long columnstore policy, rows, chunks compressed."""
     with psycopg.connect(tsdb_db, autocommit=True) as conn:
-        migrate(conn)
+        migrate(conn, _migrations_before(tmp_path, 5))
         conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        for table, interval in (("tick_data", "1 hour"), ("ohlc_candles", "1 day"),
-                                ("order_book_snapshots", "1 hour")):
+        for table, interval, seg in (("tick_data", "1 hour", "instrument_id"),
+                                     ("ohlc_candles", "1 day", "instrument_id, timeframe"),
+                                     ("order_book_snapshots", "1 hour", "instrument_id")):
             conn.execute(f"SELECT create_hypertable('{table}', by_range('time', "
                          f"INTERVAL '{interval}'), create_default_indexes => false)")
-        conn.execute("ALTER TABLE tick_data SET (timescaledb.enable_columnstore = true, "
-                     "timescaledb.segmentby = 'instrument_id', timescaledb.orderby = 'time DESC')")
-        conn.execute("CALL add_columnstore_policy('tick_data', after => INTERVAL '7 days')")
+            conn.execute(f"ALTER TABLE {table} SET (timescaledb.enable_columnstore = true, "
+                         f"timescaledb.segmentby = '{seg}', timescaledb.orderby = 'time DESC')")
+            conn.execute(f"CALL add_columnstore_policy('{table}', after => INTERVAL '7 days')")
         _pause_jobs(conn)
-    replay(str(capture), tsdb_db, settings=PipelineSettings(flush_rows=5_000), progress=False)
-    with psycopg.connect(tsdb_db, autocommit=True) as conn:
-        for chunk, _, _ in _chunks(conn)[:2]:
-            conn.execute(f"CALL convert_to_columnstore('{chunk}')")
+        _old_rows(conn)
+        for table in ("tick_data", "ohlc_candles", "order_book_snapshots"):
+            chunks = conn.execute(f"SELECT show_chunks('{table}')").fetchall()
+            assert len(chunks) >= 1
+            conn.execute("SELECT compress_chunk(%s)", (chunks[0][0],))
         before = test_replay._table_digest(conn)
+
+        applied = migrate(conn)
+        assert [m.version for m in applied] == [5]
         res = ts.setup(conn, "on")
         _pause_jobs(conn)
         assert "ALTER TABLE tick_data DROP CONSTRAINT IF EXISTS tick_data_pkey" in res.statements
         st = ts.read_state(conn)
         assert ts.TICK_KEY not in st.constraints and ts.TICK_INDEX in st.indexes
+        keys = dict(conn.execute(
+            "SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE contype = 'p' AND conrelid IN ('ohlc_candles'::regclass, "
+            "'order_book_snapshots'::regclass)").fetchall())
+        assert keys == {"ohlc_candles": "PRIMARY KEY (instrument_id, timeframe, \"time\")",
+                        "order_book_snapshots": "PRIMARY KEY (instrument_id, \"time\")"}
         assert st.policies[("tick_data", "compression")] == conn.execute(
             "SELECT '1 hour'::interval::text").fetchone()[0]
         assert test_replay._table_digest(conn) == before
     # and the converted database takes the fast path, exactly once
     later = tmp_path / "later.cap"
     generate_capture(later, ticks=20_000, tokens=60, seed=11, stream="later")
-    r = replay(str(later), tsdb_db, settings=PipelineSettings(flush_rows=10_000, dense_rows=10),
-               progress=False)
+    settings = PipelineSettings(flush_rows=10_000, dense_rows=10)
+    r = replay(str(later), tsdb_db, settings=settings, progress=False)
     assert r.columnstore_rows > 0
+    assert replay(str(later), tsdb_db, settings=settings, progress=False).ticks == 0
     with psycopg.connect(tsdb_db) as conn:
         n, distinct = conn.execute("SELECT count(*), count(DISTINCT (instrument_id, time)) "
                                    "FROM tick_data").fetchone()
-        assert n == distinct == 50_000
+        assert n == distinct == 80_000
 
 
 def test_compaction_merges_small_batches_once(tsdb, capture):
@@ -305,6 +346,20 @@ def test_compaction_merges_small_batches_once(tsdb, capture):
         assert test_replay._table_digest(conn) == digest
         again = ts.compact(conn, "tick_data", grace="1 minute")
         assert not again.recompressed and not again.compressed and again.checked > 0
+
+
+def test_sigkill_restart_and_spool_replay_no_duplicates(tmp_path, tsdb):
+    """tick_data without its key: a daemon killed mid-run and restarted over its spool writes
+    every tick it received once, through the columnstore path too."""
+    import test_daemon
+
+    with psycopg.connect(tsdb) as conn:
+        assert not conn.execute("SELECT count(*) FROM pg_index WHERE indrelid = "
+                                "'tick_data'::regclass AND indisunique").fetchone()[0]
+    test_daemon.test_sigkill_and_restart_no_duplicates(
+        tmp_path, tsdb, writer="direct_min_rows = 3\n")
+    with psycopg.connect(tsdb) as conn:
+        assert _stored(conn)[0] > 0  # some ticks went straight into the columnstore
 
 
 def test_retention_drops_old_chunks_only(tsdb):
