@@ -168,6 +168,9 @@ def test_create_is_idempotent_and_drop_is_clean(db):
         assert len({s for s, _, _ in state(conn)}) == 4
         assert set(compat.BASE_INDEXES) <= indexes(conn)
         assert sorted(compat.present(conn)) == list(compat.SEEDS)
+        acl = conn.execute("SELECT datacl::text FROM pg_database WHERE datname = "
+                           "current_database()").fetchone()[0]
+        assert all(s.role in acl for s in compat.SEEDS.values())
         compat.drop(conn, ["001"])                    # others remain: so do the base indexes
         assert "compat_quant" not in {s for s, _, _ in state(conn)}
         assert set(compat.BASE_INDEXES) <= indexes(conn)
@@ -178,9 +181,9 @@ def test_create_is_idempotent_and_drop_is_clean(db):
         # the reader roles stay (cluster-wide) but hold nothing in this database any more
         dbname = conn.execute("SELECT current_database()").fetchone()[0]
         for seed in compat.SEEDS.values():
-            assert not conn.execute("SELECT has_database_privilege(%s, %s, 'CONNECT') "
-                                    "AND NOT has_database_privilege('public', %s, 'CONNECT')",
-                                    (seed.role, dbname, dbname)).fetchone()[0]
+            acl = conn.execute("SELECT coalesce(datacl::text, '') FROM pg_database "
+                               "WHERE datname = %s", (dbname,)).fetchone()[0]
+            assert seed.role not in acl
             assert conn.execute(
                 "SELECT count(*) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = "
                 "s.setdatabase JOIN pg_roles r ON r.oid = s.setrole WHERE d.datname = %s "
