@@ -36,6 +36,7 @@ STARTS = [(6, 9, 15, 5), (6, 9, 16, 10), (6, 9, 18, 20), (6, 9, 21, 0), (6, 9, 2
 ORDER_INSTRUMENTS = [(779521, "NSE", "SBIN", "470.35"), (408065, "NSE", "INFY", "1573.70"),
                      (1368834, "CDS", "USDINR24JANFUT", "83.1225", "0.0025")]
 DUP = "DUPSYM"
+OTHER_ACCOUNT = "XY9999"
 
 #: Each seed's relations and columns, in the seed documents' order.
 SEED_COLUMNS = {
@@ -72,6 +73,7 @@ SEED_COLUMNS = {
         "positions": "position_id trade_id user_id symbol exchange instrument_type quantity "
                      "average_price current_price unrealized_pnl realized_pnl status opened_at "
                      "closed_at metadata created_at updated_at",
+        "position_history": "history_id position_id price quantity pnl action timestamp",
     },
     "004": {
         "market_data": "symbol timestamp open_price high_price low_price close_price volume "
@@ -103,6 +105,9 @@ def filled(pg_server_dsn, tmp_path_factory):
         flow = OrderFlow(ORDER_INSTRUMENTS, seed=3, strategies=["alpha", "beta"])
         with psycopg.connect(dsn) as conn:
             OrderStore().apply_sync(conn, flow.next_messages(120) + flow.drain())
+            # a second account: the orders of one strategy were placed by another user
+            conn.execute("UPDATE orders SET placed_by = %s WHERE strategy_id = 'beta'",
+                         (OTHER_ACCOUNT,))
             conn.commit()
             # two instruments with ticks share a symbol on NSE and BSE (as listed shares do)
             ids = [r[0] for r in conn.execute(
@@ -418,6 +423,92 @@ def test_003_market_data_intervals_trades_positions(filled):
         for pid, qty, status in positions:
             p = pos[_uuid("position", pid)]
             assert p[1:3] == (qty, status) and p[3] in trades and p[4] is not None
+
+
+def test_003_position_history_retraces_positions(filled):
+    with psycopg.connect(filled) as base:
+        positions = base.execute("SELECT id, quantity, status, opened_at, closed_at "
+                                 "FROM positions").fetchall()
+        fills = base.execute("SELECT strategy_id, instrument_id, transaction_type, quantity "
+                             "FROM executions ORDER BY id").fetchall()
+    # fills through zero, from the fills themselves (net quantity per pair changing sign)
+    net, flips = defaultdict(int), 0
+    for strategy, instrument, side, q in fills:
+        before = net[strategy, instrument]
+        after = net[strategy, instrument] = before + (q if side == "BUY" else -q)
+        flips += before * after < 0
+    with _reader(filled, "003") as conn:
+        rows = conn.execute("SELECT position_id, quantity, action, timestamp, price, pnl "
+                            "FROM position_history ORDER BY timestamp").fetchall()
+    # every fill is a row; a fill through zero is two (closing one position, opening the next)
+    assert len(rows) == len(fills) + flips
+    assert sum(1 for r in rows if r[2] == "OPEN") == len(positions)
+    by_pos = defaultdict(list)
+    for r in rows:
+        by_pos[r[0]].append(r)
+    assert len(by_pos) == len(positions)
+    closes = 0
+    for pid, qty, status, opened_at, closed_at in positions:
+        hist = by_pos[_uuid("position", pid)]
+        opens = [h for h in hist if h[2] == "OPEN"]
+        assert len(opens) == 1 and opens[0][3] == opened_at
+        held = sum(h[1] if h[2] in ("OPEN", "INCREASE") else -h[1] for h in hist)
+        assert held == abs(qty)
+        if status == "CLOSED":
+            closes += 1
+            assert [h[3] for h in hist if h[2] == "CLOSE"] == [closed_at]
+        assert all(h[5] is None for h in hist)
+    assert closes > 0
+
+
+def test_account_filter(filled):
+    with psycopg.connect(filled) as base:
+        per_account = dict(base.execute(
+            "SELECT o.placed_by, count(*) FROM executions e JOIN orders o ON o.id = e.order_id "
+            "GROUP BY 1").fetchall())
+        orders_per_account = dict(base.execute(
+            "SELECT placed_by, count(*) FROM orders GROUP BY 1").fetchall())
+    assert len(per_account) == 2 and OTHER_ACCOUNT in per_account
+    with psycopg.connect(filled, autocommit=True) as conn:
+        compat.create(conn, ["003", "004"], compat.CompatSettings(account_filter={"003", "004"}))
+        try:
+            conn.execute("SET search_path = compat_octopus")
+            count = "SELECT count(*) FROM trade_executions"
+            assert conn.execute(count).fetchone()[0] == 0          # no account named: nothing
+            for account, n in per_account.items():
+                conn.execute("SELECT set_config('app.current_user_id', %s, false)", (account,))
+                assert conn.execute(count).fetchone()[0] == n
+                # the seed's own form: the account's UUID (portfolio_id), any case
+                conn.execute("SELECT set_config('app.current_user_id', %s, false)",
+                             (str(_uuid("account", account)).upper(),))
+                assert conn.execute(count).fetchone()[0] == n
+                assert {r[0] for r in conn.execute(
+                    "SELECT DISTINCT portfolio_id FROM trade_executions")} == {
+                    _uuid("account", account)}
+            conn.execute("SET search_path = compat_algotrading")
+            conn.execute("SELECT set_config('app.current_user_id', %s, false)", (OTHER_ACCOUNT,))
+            assert conn.execute("SELECT count(*) FROM trades").fetchone()[0] == \
+                orders_per_account[OTHER_ACCOUNT]
+            assert {r[0] for r in conn.execute("SELECT DISTINCT user_id FROM positions")} == {
+                _uuid("account", OTHER_ACCOUNT)}
+            # per-account views are security barriers; market data views need not be
+            opts = dict(conn.execute(
+                "SELECT n.nspname || '.' || c.relname, c.reloptions FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'v' "
+                "AND n.nspname LIKE 'compat%%'").fetchall())
+            for view in ("compat_octopus.trade_executions", "compat_algotrading.trades",
+                         "compat_algotrading.positions", "compat_algotrading.position_history",
+                         "compat_quant.orders", "compat_quant.executions",
+                         "compat_quant.positions", "compat_gogotrade.trades"):
+                assert "security_barrier=true" in (opts[view] or []), view
+        finally:
+            conn.execute("RESET app.current_user_id")
+            conn.execute("RESET search_path")
+            compat.create(conn, ["003", "004"])
+    # unfiltered again: every account
+    with _reader(filled, "004") as conn:
+        assert conn.execute("SELECT count(*) FROM trade_executions").fetchone()[0] == sum(
+            per_account.values())
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compat-exchanges", action="append", default=[], metavar="CODE=EX[,EX]",
                    help="show only these exchanges' instruments in a compatibility schema "
                         "(default: all); repeatable")
+    p.add_argument("--compat-account-filter", metavar="LIST",
+                   help="in these compatibility schemas, orders and fills only of the account "
+                        "the session names in app.current_user_id (default: every account)")
     p.add_argument("--config", metavar="FILE",
                    help="the daemon's settings file: --compat refuses views built on a "
                         "timeframe its pipeline.timeframes lacks (default: the defaults)")
@@ -144,8 +147,9 @@ def _compat_plan(args: argparse.Namespace):
     from ingestor.store import compat
 
     if not (args.compat or args.drop_compat):
-        if args.compat_timeframe or args.compat_exchanges:
-            raise UsageError("--compat-timeframe/--compat-exchanges need --compat")
+        if args.compat_timeframe or args.compat_exchanges or args.compat_account_filter:
+            raise UsageError("--compat-timeframe/--compat-exchanges/--compat-account-filter "
+                             "need --compat")
         return None
     if args.compat and args.drop_compat:
         raise UsageError("--compat and --drop-compat: one at a time")
@@ -157,11 +161,12 @@ def _compat_plan(args: argparse.Namespace):
 
         configured = tuple(load(args.config).pipeline.timeframes)
     codes = compat.parse_codes(args.compat)
-    settings = compat.parse_settings(args.compat_timeframe, args.compat_exchanges, configured)
-    named = set(settings.granularity) | set(settings.exchanges)
+    settings = compat.parse_settings(args.compat_timeframe, args.compat_exchanges, configured,
+                                     args.compat_account_filter)
+    named = set(settings.granularity) | set(settings.exchanges) | settings.account_filter
     if named - set(codes):
-        raise UsageError(f"--compat-timeframe/--compat-exchanges name {', '.join(sorted(named - set(codes)))}, "
-                         "which --compat does not")
+        raise UsageError("--compat-timeframe/--compat-exchanges/--compat-account-filter name "
+                         f"{', '.join(sorted(named - set(codes)))}, which --compat does not")
     compat.check(codes, settings)
     return ("create", codes, settings)
 

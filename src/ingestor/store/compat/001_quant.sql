@@ -8,6 +8,9 @@
 --   compat_quant.granularity_interval() its length, as an interval
 --   compat_quant.listed(exchange)       whether an exchange's instruments are shown (all by
 --                                       default; --compat-exchanges 001=NSE,NFO)
+--   compat_quant.account_ok(placed_by)  whether an account's orders are shown: all by default;
+--                                       with --compat-account-filter 001 only the account
+--                                       the session names in app.current_user_id
 -- They are IMMUTABLE SQL functions returning constants: the planner inlines and folds them,
 -- so `timeframe = compat_quant.granularity()` is an index condition like a literal.
 -- search_path is ingestor's schema, so unqualified names below are ingestor's tables.
@@ -17,7 +20,9 @@
 -- tradingsymbol (instruments.symbol), so a symbol listed on two exchanges gives one row per
 -- exchange (narrow with --compat-exchanges); UUIDs are md5('ingestor:<kind>:' || id)::uuid.
 -- Views run with their owner's rights (security_invoker off): the reader role is granted
--- SELECT on these views only.
+-- SELECT on these views only.  Views of per-account rows (orders, executions, positions)
+-- are security_barrier views: their account filter runs before any condition of the
+-- reader's, so a leaky function in a reader's WHERE cannot see other accounts' rows.
 
 -- ---------------------------------------------------------------------------------------------
 -- market_data (seed: time, symbol, open, high, low, close, volume, vwap, bid, ask, bid_size,
@@ -118,7 +123,7 @@ WHERE d.timeframe = '1d'
 --                      REQ RECEIVED, ...) 'pending'
 --   avg_fill_price  <- orders.average_price
 --   error_message   <- orders.status_message
-CREATE VIEW compat_quant.orders AS
+CREATE VIEW compat_quant.orders WITH (security_barrier) AS
 SELECT o.id AS order_id,
        o.created_at,
        o.updated_at,
@@ -142,7 +147,8 @@ SELECT o.id AS order_id,
        o.status_message AS error_message
 FROM orders o
 JOIN instruments i ON i.id = o.instrument_id
-WHERE compat_quant.listed(i.exchange);
+WHERE compat_quant.listed(i.exchange)
+  AND compat_quant.account_ok(o.placed_by);
 
 -- ---------------------------------------------------------------------------------------------
 -- executions (seed: execution_id uuid, time, order_id uuid, symbol, side, quantity, price,
@@ -155,7 +161,7 @@ WHERE compat_quant.listed(i.exchange);
 --   venue          <- instruments.exchange
 --   broker_exec_id <- no source (a fill is derived from the increase of filled_quantity;
 --                     Kite postbacks carry no trade id): null
-CREATE VIEW compat_quant.executions AS
+CREATE VIEW compat_quant.executions WITH (security_barrier) AS
 SELECT md5('ingestor:execution:' || e.id::text)::uuid AS execution_id,
        e.time,
        e.order_id,
@@ -167,8 +173,10 @@ SELECT md5('ingestor:execution:' || e.id::text)::uuid AS execution_id,
        i.exchange AS venue,
        NULL::text AS broker_exec_id
 FROM executions e
+JOIN orders o ON o.id = e.order_id
 JOIN instruments i ON i.id = e.instrument_id
-WHERE compat_quant.listed(i.exchange);
+WHERE compat_quant.listed(i.exchange)
+  AND compat_quant.account_ok(o.placed_by);
 
 -- ---------------------------------------------------------------------------------------------
 -- positions (seed: symbol PRIMARY KEY, quantity, average_cost, realized_pnl, strategy_id,
@@ -178,7 +186,8 @@ WHERE compat_quant.listed(i.exchange);
 --   quantity     <- positions.quantity (signed: negative is short)
 --   average_cost <- positions.average_entry_price
 --   realized_pnl, strategy_id, opened_at, updated_at <- the same-named positions columns
-CREATE VIEW compat_quant.positions AS
+-- Its account (for the account filter) is that of the order whose fill opened it.
+CREATE VIEW compat_quant.positions WITH (security_barrier) AS
 SELECT i.symbol,
        p.quantity,
        p.average_entry_price AS average_cost,
@@ -189,4 +198,8 @@ SELECT i.symbol,
 FROM positions p
 JOIN instruments i ON i.id = p.instrument_id
 WHERE p.status = 'OPEN'
-  AND compat_quant.listed(i.exchange);
+  AND compat_quant.listed(i.exchange)
+  AND compat_quant.account_ok((SELECT o.placed_by FROM executions e JOIN orders o ON o.id = e.order_id
+                          WHERE e.strategy_id = p.strategy_id AND e.instrument_id = p.instrument_id
+                            AND e.time = p.opened_at
+                          ORDER BY e.id LIMIT 1));

@@ -1,8 +1,10 @@
 -- compat 002: GoGoTrade's readers (reference schema 002), schema compat_gogotrade.
 --
 -- Run by ingestor.store.compat (`ingestor migrate --compat 002`) after it has (re)created the
--- schema and its settings function compat_gogotrade.listed(exchange) (which exchanges'
--- instruments are shown; all by default).  search_path is ingestor's schema, so unqualified
+-- schema and its settings functions compat_gogotrade.listed(exchange) (which exchanges'
+-- instruments are shown; all by default) and compat_gogotrade.account_ok(placed_by) (all
+-- accounts by default; with --compat-account-filter 002 only the one the session names in
+-- app.current_user_id).  trades, a view of per-account rows, is a security_barrier view.  search_path is ingestor's schema, so unqualified
 -- names below are ingestor's tables.  Needs the 1d and 5m timeframes (daily_ohlcv,
 -- ohlcv_5m): migrate refuses the schema when the configuration lacks them.
 --
@@ -143,7 +145,7 @@ WHERE c.timeframe = '5m'
 --   executed_quantity  <- orders.filled_quantity
 --   algo_id            <- no source (Kite postbacks carry no exchange algo id): null
 --   user_id            <- orders.placed_by (the Kite user id)
-CREATE VIEW compat_gogotrade.trades AS
+CREATE VIEW compat_gogotrade.trades WITH (security_barrier) AS
 SELECT o.broker_order_id AS order_id,
        coalesce(o.order_timestamp, o.created_at) AS order_timestamp,
        md5('ingestor:instrument:' || i.id::text)::uuid AS instrument_id,
@@ -167,4 +169,5 @@ SELECT o.broker_order_id AS order_id,
        o.updated_at
 FROM orders o
 JOIN instruments i ON i.id = o.instrument_id
-WHERE compat_gogotrade.listed(i.exchange);
+WHERE compat_gogotrade.listed(i.exchange)
+  AND compat_gogotrade.account_ok(o.placed_by);

@@ -2,8 +2,11 @@
 -- compat_algotrading.
 --
 -- Run by ingestor.store.compat (`ingestor migrate --compat 003`) after it has (re)created the
--- schema and its settings function compat_algotrading.listed(exchange) (which exchanges'
--- instruments are shown; all by default).  search_path is ingestor's schema, so unqualified
+-- schema and its settings functions compat_algotrading.listed(exchange) (which exchanges'
+-- instruments are shown; all by default) and compat_algotrading.account_ok(placed_by) (all
+-- accounts by default; with --compat-account-filter 003 only the one the session names in
+-- app.current_user_id: the Kite user id or its derived user_id UUID).  Views of per-account
+-- rows (trades, positions, position_history) are security_barrier views.  search_path is ingestor's schema, so unqualified
 -- names below are ingestor's tables.
 --
 -- Common decisions (docs/compat.md): prices stay ingestor's exact numeric (the seed's
@@ -114,7 +117,7 @@ WHERE c.timeframe = '1d' AND compat_algotrading.listed(i.exchange);
 --   order_id        <- orders.broker_order_id
 --   execution_timestamp <- orders.executed_at (set when the order completes)
 --   metadata        <- orders.last_postback (the last postback as received)
-CREATE VIEW compat_algotrading.trades AS
+CREATE VIEW compat_algotrading.trades WITH (security_barrier) AS
 SELECT o.id AS trade_id,
        md5('ingestor:strategy:' || o.strategy_id)::uuid AS strategy_id,
        md5('ingestor:broker:kite')::uuid AS broker_id,
@@ -143,7 +146,8 @@ SELECT o.id AS trade_id,
        o.updated_at
 FROM orders o
 JOIN instruments i ON i.id = o.instrument_id
-WHERE compat_algotrading.listed(i.exchange);
+WHERE compat_algotrading.listed(i.exchange)
+  AND compat_algotrading.account_ok(o.placed_by);
 
 -- ---------------------------------------------------------------------------------------------
 -- positions (seed: position_id, trade_id, user_id, symbol, exchange, instrument_type,
@@ -161,7 +165,7 @@ WHERE compat_algotrading.listed(i.exchange);
 --   closed_at, updated_at <- the same-named positions columns
 --   metadata        <- no source: null
 --   created_at      <- positions.opened_at
-CREATE VIEW compat_algotrading.positions AS
+CREATE VIEW compat_algotrading.positions WITH (security_barrier) AS
 SELECT md5('ingestor:position:' || p.id::text)::uuid AS position_id,
        (SELECT e.order_id FROM executions e
          WHERE e.strategy_id = p.strategy_id AND e.instrument_id = p.instrument_id
@@ -188,9 +192,76 @@ SELECT md5('ingestor:position:' || p.id::text)::uuid AS position_id,
        p.updated_at
 FROM positions p
 JOIN instruments i ON i.id = p.instrument_id
-WHERE compat_algotrading.listed(i.exchange);
+WHERE compat_algotrading.listed(i.exchange)
+  AND compat_algotrading.account_ok((SELECT o.placed_by FROM executions e JOIN orders o ON o.id = e.order_id
+                          WHERE e.strategy_id = p.strategy_id AND e.instrument_id = p.instrument_id
+                            AND e.time = p.opened_at
+                          ORDER BY e.id LIMIT 1));
 
--- position_history (seed: history_id, position_id, price, quantity, pnl, action, timestamp)
--- is not provided: ingestor keeps each position's current state and its fills
--- (executions), not a per-position change log with the P&L of each change.  The fills are
--- read through trades (per order) or ingestor's executions table.
+-- ---------------------------------------------------------------------------------------------
+-- position_history (seed: history_id, position_id, price, quantity, pnl, action, timestamp):
+-- one row per fill per position it changed, derived from executions.  A position is a
+-- stretch of fills of one (strategy, instrument) over which the net quantity keeps its sign
+-- (ingestor's positions, average-cost method, in executions.id order: the order fills were
+-- applied in).  `before` is the net quantity before the fill (running sum of the signed
+-- fills), `after` the net after it.
+--   history_id  <- md5('ingestor:position_history:' || executions.id || ':' || part)::uuid
+--                  (part 1, or 2 for the opening half of a fill through zero)
+--   position_id <- md5('ingestor:position:' || positions.id)::uuid of the position it
+--                  changed: the k-th position of the (strategy, instrument) pair by id for
+--                  the fill that leaves the k-th stretch open or closes it
+--   price       <- executions.price; timestamp <- executions.time
+--   quantity    <- the fill's quantity applied to this position (a fill through zero is two
+--                  rows: |before| closes the old position, |after| opens the new one)
+--   action      <- before = 0 OPEN; after = 0 CLOSE; through zero CLOSE then OPEN; |after| >
+--                  |before| INCREASE; else DECREASE
+--   pnl         <- no source per fill (ingestor accumulates realized_pnl on the position, with
+--                  its average rounded at each fill; a recomputation here could differ in the
+--                  last decimals): null.  positions.realized_pnl is the sum.
+CREATE VIEW compat_algotrading.position_history WITH (security_barrier) AS
+WITH f AS (
+    SELECT e.id, e.strategy_id, e.instrument_id, e.time, e.price, o.placed_by,
+           CASE e.transaction_type WHEN 'BUY' THEN e.quantity ELSE -e.quantity END AS q,
+           coalesce(sum(CASE e.transaction_type WHEN 'BUY' THEN e.quantity ELSE -e.quantity END)
+                    OVER (PARTITION BY e.strategy_id, e.instrument_id ORDER BY e.id
+                          ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+    FROM executions e
+    JOIN orders o ON o.id = e.order_id
+), g AS (
+    SELECT f.*, f.before + f.q AS after,
+           (f.before <> 0 AND f.before + f.q <> 0
+            AND sign(f.before + f.q) <> sign(f.before)) AS flip,
+           -- the stretch this fill leaves open (a fill reaching zero: the one it closes)
+           sum(CASE WHEN f.before = 0 OR (f.before + f.q <> 0
+                                          AND sign(f.before + f.q) <> sign(f.before))
+                    THEN 1 ELSE 0 END)
+               OVER (PARTITION BY f.strategy_id, f.instrument_id ORDER BY f.id) AS stretch
+    FROM f
+), p AS (
+    SELECT id, strategy_id, instrument_id,
+           row_number() OVER (PARTITION BY strategy_id, instrument_id ORDER BY id) AS stretch
+    FROM positions
+)
+SELECT md5('ingestor:position_history:' || g.id::text || ':' || r.part::text)::uuid
+           AS history_id,
+       md5('ingestor:position:' || p.id::text)::uuid AS position_id,
+       g.price,
+       r.quantity,
+       NULL::numeric AS pnl,
+       r.action,
+       g.time AS "timestamp"
+FROM g
+CROSS JOIN LATERAL (VALUES
+    (1, CASE WHEN g.flip THEN g.stretch - 1 ELSE g.stretch END,
+        CASE WHEN g.flip THEN abs(g.before) ELSE abs(g.q) END,
+        CASE WHEN g.before = 0 THEN 'OPEN'
+             WHEN g.after = 0 OR g.flip THEN 'CLOSE'
+             WHEN abs(g.after) > abs(g.before) THEN 'INCREASE'
+             ELSE 'DECREASE' END),
+    (2, g.stretch, abs(g.after), 'OPEN')) AS r(part, stretch, quantity, action)
+JOIN p ON p.strategy_id = g.strategy_id AND p.instrument_id = g.instrument_id
+      AND p.stretch = r.stretch
+JOIN instruments i ON i.id = g.instrument_id
+WHERE (r.part = 1 OR g.flip)
+  AND compat_algotrading.listed(i.exchange)
+  AND compat_algotrading.account_ok(g.placed_by);

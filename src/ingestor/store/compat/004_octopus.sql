@@ -7,6 +7,11 @@
 --                                    --compat-timeframe 004=5m), a configured one
 --   compat_octopus.listed(exchange)  whether an exchange's instruments are shown (all by
 --                                    default; --compat-exchanges 004=NSE)
+--   compat_octopus.account_ok(placed_by)  all accounts by default; with
+--                                    --compat-account-filter 004 only the one the session
+--                                    names in app.current_user_id -- the seed's own setting
+--                                    (its RLS policies use it): the portfolio_id UUID below,
+--                                    or the Kite user id
 -- search_path is ingestor's schema, so unqualified names below are ingestor's tables.
 --
 -- Common decisions (docs/compat.md): prices stay ingestor's exact numeric (the seed's
@@ -56,7 +61,7 @@ WHERE c.timeframe = compat_octopus.granularity()
 --   broker       <- no source column (orders has no broker): null
 --   execution_id <- no source (Kite postbacks carry no trade id): null
 --   created_at   <- no source: null
-CREATE VIEW compat_octopus.trade_executions AS
+CREATE VIEW compat_octopus.trade_executions WITH (security_barrier) AS
 SELECT md5('ingestor:execution:' || e.id::text)::uuid AS id,
        e.order_id,
        md5('ingestor:account:' || o.placed_by)::uuid AS portfolio_id,
@@ -72,4 +77,5 @@ SELECT md5('ingestor:execution:' || e.id::text)::uuid AS id,
 FROM executions e
 JOIN orders o ON o.id = e.order_id
 JOIN instruments i ON i.id = e.instrument_id
-WHERE compat_octopus.listed(i.exchange);
+WHERE compat_octopus.listed(i.exchange)
+  AND compat_octopus.account_ok(o.placed_by);

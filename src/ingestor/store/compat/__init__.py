@@ -13,8 +13,10 @@ unchanged, reading ingestor's tables without a copy.  ``ingestor migrate --compa
 * **Settings per schema** are IMMUTABLE SQL functions in the schema returning constants,
   created here before the file runs: ``granularity()`` (the timeframe behind a
   ``market_data`` with no timeframe column, 001 and 004; ``1m`` by default),
-  ``granularity_interval()``, and ``listed(exchange)`` (which exchanges' instruments are
-  shown; all by default).  The planner inlines and folds them, so they cost what a literal
+  ``granularity_interval()``, ``listed(exchange)`` (which exchanges' instruments are
+  shown; all by default) and ``account_ok(placed_by)`` (every account's orders and fills by
+  default; with the account filter, only those of the account the session names in
+  ``app.current_user_id``).  The planner inlines and folds them, so they cost what a literal
   costs and keep index conditions.
 * **Idempotent.**  One transaction under the migrations' advisory lock: each schema named is
   dropped (with everything in it) and created again with the current settings, so a re-run
@@ -95,6 +97,12 @@ BASE_FILE = "000_base.sql"
 #: Indexes 000_base.sql creates on ingestor's instruments; dropped with the last schema.
 BASE_INDEXES = ("instruments_compat_symbol_idx", "instruments_compat_uuid_idx")
 DEFAULT_GRANULARITY = "1m"
+#: The session setting naming the account a per-account view shows (reference 004's own).
+ACCOUNT_SETTING = "app.current_user_id"
+ACCOUNT_FILTER = (
+    "SELECT coalesce(a.v = placed_by OR lower(a.v) = md5('ingestor:account:' || placed_by)"
+    "::uuid::text, false) "
+    f"FROM (SELECT nullif(current_setting('{ACCOUNT_SETTING}', true), '') AS v) a")
 
 _EXCHANGE = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
 
@@ -111,11 +119,15 @@ class CompatSettings:
         Seed code -> exchanges whose instruments it shows (absent: all).
     configured : tuple of str
         The timeframes the daemon aggregates (``pipeline.timeframes``).
+    account_filter : set of str
+        Seed codes whose per-account views show only the account named by the session's
+        ``app.current_user_id`` (nothing while it is unset).
     """
 
     granularity: dict[str, str] = field(default_factory=dict)
     exchanges: dict[str, tuple[str, ...]] = field(default_factory=dict)
     configured: tuple[str, ...] = ()
+    account_filter: set[str] = field(default_factory=set)
 
     def __post_init__(self):
         if not self.configured:
@@ -143,11 +155,15 @@ def parse_codes(text: str, flag: str = "--compat") -> list[str]:
 
 
 def parse_settings(granularity: list[str], exchanges: list[str],
-                   configured: tuple[str, ...] = ()) -> CompatSettings:
-    """The ``--compat-timeframe CODE=TF`` and ``--compat-exchanges CODE=EX[,EX]`` flags."""
+                   configured: tuple[str, ...] = (), account_filter: str | None = None
+                   ) -> CompatSettings:
+    """The ``--compat-timeframe CODE=TF``, ``--compat-exchanges CODE=EX[,EX]`` and
+    ``--compat-account-filter LIST`` flags."""
     from ingestor.config import TIMEFRAMES
 
     st = CompatSettings(configured=tuple(configured))
+    if account_filter:
+        st.account_filter = set(parse_codes(account_filter, "--compat-account-filter"))
     for item in granularity:
         code, tf = _pair(item, "--compat-timeframe")
         if not SEEDS[code].granular:
@@ -227,6 +243,15 @@ def _settings_sql(seed: Seed, settings: CompatSettings) -> list:
     out.append(sql.SQL(
         "CREATE FUNCTION {s}.listed(exchange text) RETURNS boolean LANGUAGE sql IMMUTABLE "
         "PARALLEL SAFE AS {body}").format(s=s, body=sql.Literal(body)))
+    if seed.code in settings.account_filter:
+        # STABLE (reads a setting); the account is the Kite user id or its derived UUID
+        out.append(sql.SQL(
+            "CREATE FUNCTION {s}.account_ok(placed_by text) RETURNS boolean LANGUAGE sql "
+            "STABLE PARALLEL SAFE AS {body}").format(s=s, body=sql.Literal(ACCOUNT_FILTER)))
+    else:
+        out.append(sql.SQL(
+            "CREATE FUNCTION {s}.account_ok(placed_by text) RETURNS boolean LANGUAGE sql "
+            "IMMUTABLE PARALLEL SAFE AS 'SELECT true'").format(s=s))
     return out
 
 
@@ -242,6 +267,8 @@ def _describe(seed: Seed, settings: CompatSettings) -> str:
         parts.append(f"granularity {settings.granularity.get(seed.code, DEFAULT_GRANULARITY)}")
     names = settings.exchanges.get(seed.code)
     parts.append("exchanges " + (",".join(names) if names else "all"))
+    if seed.code in settings.account_filter:
+        parts.append(f"accounts filtered by {ACCOUNT_SETTING}")
     return "; ".join(parts)
 
 
