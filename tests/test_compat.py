@@ -614,6 +614,11 @@ def test_per_symbol_reads_use_indexes(filled):
                            and s[0] in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan")
                            for s in scans), (code, scans)
                 assert conn.execute(q, (sym,) if "%s" in q else None).fetchall()
+            # 001 without bid/ask: the join to the last tick is removed, no tick_data probe
+            conn.execute("SET search_path = compat_quant")
+            plan = conn.execute("EXPLAIN (FORMAT JSON) SELECT time, close FROM market_data "
+                                "WHERE symbol = %s", (sym,)).fetchone()[0]
+            assert {s[1] for s in _scans(plan)} == {"instruments", "ohlc_candles"}
         finally:
             conn.execute("RESET search_path")
             conn.execute("DELETE FROM instruments WHERE instrument_token > 900000000")

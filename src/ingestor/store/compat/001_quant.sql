@@ -35,9 +35,10 @@
 --   vwap      <- ohlc_candles.vwap
 --   bid, ask, bid_size, ask_size <- tick_data.bid_price/ask_price/bid_quantity/ask_quantity
 --             of the last tick in the bucket that carried a best bid/ask (null when none
---             did: LTP-mode and index instruments).  Scalar subqueries, so a reader that does
---             not select them does not pay for them; one backward probe of tick_data's
---             (instrument_id, time) index each when it does.
+--             did: LTP-mode and index instruments).  One probe of tick_data's (instrument_id,
+--             time) index per row, in a LEFT JOIN LATERAL whose aggregate over a LIMIT 1
+--             makes it provably one row: a reader that selects none of the four does not
+--             pay for it (the planner removes the join).
 -- A per-symbol time-range read: instruments_compat_symbol_idx, then
 -- ohlc_candles_instrument_timeframe_time_idx (instrument_id, timeframe, time DESC).
 CREATE VIEW compat_quant.market_data AS
@@ -49,28 +50,22 @@ SELECT c.time,
        c.close_price AS close,
        c.volume,
        c.vwap,
-       (SELECT t.bid_price FROM tick_data t
-         WHERE t.instrument_id = c.instrument_id AND t.time >= c.time
-           AND t.time < c.time + compat_quant.granularity_interval()
-           AND t.bid_price IS NOT NULL
-         ORDER BY t.time DESC LIMIT 1) AS bid,
-       (SELECT t.ask_price FROM tick_data t
-         WHERE t.instrument_id = c.instrument_id AND t.time >= c.time
-           AND t.time < c.time + compat_quant.granularity_interval()
-           AND t.bid_price IS NOT NULL
-         ORDER BY t.time DESC LIMIT 1) AS ask,
-       (SELECT t.bid_quantity FROM tick_data t
-         WHERE t.instrument_id = c.instrument_id AND t.time >= c.time
-           AND t.time < c.time + compat_quant.granularity_interval()
-           AND t.bid_price IS NOT NULL
-         ORDER BY t.time DESC LIMIT 1) AS bid_size,
-       (SELECT t.ask_quantity FROM tick_data t
-         WHERE t.instrument_id = c.instrument_id AND t.time >= c.time
-           AND t.time < c.time + compat_quant.granularity_interval()
-           AND t.bid_price IS NOT NULL
-         ORDER BY t.time DESC LIMIT 1) AS ask_size
+       q.bid,
+       q.ask,
+       q.bid_size,
+       q.ask_size
 FROM ohlc_candles c
 JOIN instruments i ON i.id = c.instrument_id
+LEFT JOIN LATERAL (
+    -- max() of the one row: the aggregate is what lets the planner drop the join when unused
+    SELECT max(t.bid_price) AS bid, max(t.ask_price) AS ask,
+           max(t.bid_quantity) AS bid_size, max(t.ask_quantity) AS ask_size
+    FROM (SELECT t.bid_price, t.ask_price, t.bid_quantity, t.ask_quantity
+          FROM tick_data t
+          WHERE t.instrument_id = c.instrument_id AND t.time >= c.time
+            AND t.time < c.time + compat_quant.granularity_interval()
+            AND t.bid_price IS NOT NULL
+          ORDER BY t.time DESC LIMIT 1) t) q ON true
 WHERE c.timeframe = compat_quant.granularity()
   AND compat_quant.listed(i.exchange);
 
