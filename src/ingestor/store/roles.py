@@ -130,8 +130,8 @@ def compat_reader_grants(role: str, database: str, schema: str) -> list:
     views and ``EXECUTE`` on its settings functions -- nothing on ingestor's own tables: the
     views run with their owner's rights (``security_invoker`` off), so reading through them
     needs no privilege on what they read.  Its ``search_path`` in this database is the
-    schema, so a service connected as the role (or a login user whose own ``search_path``
-    names the schema) runs the reference schema's queries unchanged.
+    schema; PostgreSQL applies a role's settings to sessions that log in as that role, not
+    to its members, so a service's login user gets its own (docs/compat.md).
     """
     from psycopg import sql
 
