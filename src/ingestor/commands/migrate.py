@@ -6,6 +6,8 @@ TimescaleDB, or ``on`` -- makes the time-series tables hypertables with columnst
 retention policies, and with ``--roles`` creates the reader and writer roles and their
 grants.  Every step is idempotent: running it again changes nothing, or applies changed
 settings.  ``--check`` only reports whether the schema is current (exit 1 if not).
+``--compat 001,...`` creates (again) the reference schemas' compatibility views and their
+read-only roles (``ingestor.store.compat``), ``--drop-compat`` drops them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,22 @@ def add_parser(subparsers) -> None:
                             "repeatable")
     p.add_argument("--continuous-aggregate", action="store_true",
                    help="also create tick_data_daily (TimescaleDB; filled by its refresh policy)")
+    p.add_argument("--compat", metavar="LIST",
+                   help="create the reference schemas' compatibility views: 001,002,003,004 "
+                        "(any subset) or all; idempotent (see docs/compat.md)")
+    p.add_argument("--drop-compat", metavar="LIST",
+                   help="drop these compatibility schemas (001,... or all)")
+    p.add_argument("--compat-timeframe", action="append", default=[], metavar="CODE=TF",
+                   help="timeframe behind market_data of 001 or 004 (default 1m); repeatable")
+    p.add_argument("--compat-exchanges", action="append", default=[], metavar="CODE=EX[,EX]",
+                   help="show only these exchanges' instruments in a compatibility schema "
+                        "(default: all); repeatable")
+    p.add_argument("--compat-account-filter", metavar="LIST",
+                   help="in these compatibility schemas, orders and fills only of the account "
+                        "the session names in app.current_user_id (default: every account)")
+    p.add_argument("--config", metavar="FILE",
+                   help="the daemon's settings file: --compat refuses views built on a "
+                        "timeframe its pipeline.timeframes lacks (default: the defaults)")
     p.add_argument("--check", action="store_true",
                    help="only report whether the schema is current (exit 1 if not)")
     p.set_defaults(func=run)
@@ -92,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         writer = roles.check_name(args.writer_role or roles.DEFAULT_WRITER)
     except (timescale.TimescaleError, roles.RoleError) as exc:
         raise UsageError(str(exc)) from None
+    compat_plan = _compat_plan(args)
 
     dsn = resolve_dsn(args.dsn)
     with connect(dsn, autocommit=True) as conn:
@@ -114,8 +133,57 @@ def run(args: argparse.Namespace) -> int:
             if args.roles:
                 roles.ensure_roles(conn, reader, writer)
                 print(f"roles {reader} (read-only) and {writer} (writer) ready")
+            _compat_run(conn, compat_plan)
         except (mig.MigrationError, timescale.TimescaleError) as exc:
             raise Failure(str(exc)) from None
         except psycopg.Error as exc:
             raise Failure(f"migrate failed: {error_line(exc)}") from None
     return 0
+
+
+def _compat_plan(args: argparse.Namespace):
+    """The --compat/--drop-compat request, checked before anything connects."""
+    from ingestor.cli import UsageError
+    from ingestor.store import compat
+
+    if not (args.compat or args.drop_compat):
+        if args.compat_timeframe or args.compat_exchanges or args.compat_account_filter:
+            raise UsageError("--compat-timeframe/--compat-exchanges/--compat-account-filter "
+                             "need --compat")
+        return None
+    if args.compat and args.drop_compat:
+        raise UsageError("--compat and --drop-compat: one at a time")
+    if args.drop_compat:
+        return ("drop", compat.parse_codes(args.drop_compat, "--drop-compat"), None)
+    configured = ()
+    if args.config:
+        from ingestor.config import load
+
+        configured = tuple(load(args.config).pipeline.timeframes)
+    codes = compat.parse_codes(args.compat)
+    settings = compat.parse_settings(args.compat_timeframe, args.compat_exchanges, configured,
+                                     args.compat_account_filter)
+    named = set(settings.granularity) | set(settings.exchanges) | settings.account_filter
+    if named - set(codes):
+        raise UsageError("--compat-timeframe/--compat-exchanges/--compat-account-filter name "
+                         f"{', '.join(sorted(named - set(codes)))}, which --compat does not")
+    compat.check(codes, settings)
+    return ("create", codes, settings)
+
+
+def _compat_run(conn, plan) -> None:
+    from ingestor.store import compat
+
+    if plan is None:
+        return
+    action, codes, settings = plan
+    if action == "drop":
+        compat.drop(conn, codes)
+        print("compatibility schemas dropped: "
+              + ", ".join(compat.SEEDS[c].schema for c in codes))
+        return
+    for note in compat.create(conn, codes, settings):
+        print(note)
+    for c in codes:
+        seed = compat.SEEDS[c]
+        print(f"compat {c}: schema {seed.schema}, read-only role {seed.role}")

@@ -121,3 +121,40 @@ def ensure_roles(conn, reader: str = DEFAULT_READER, writer: str = DEFAULT_WRITE
             conn.execute(create_role_sql(name))
         for stmt in grant_statements(reader, writer, database, schema or current):
             conn.execute(stmt)
+
+
+def compat_reader_grants(role: str, database: str, schema: str) -> list:
+    """The grants of a compatibility schema's read-only role (psycopg ``Composed`` list).
+
+    ``CONNECT`` on the database, ``USAGE`` on the compatibility schema, ``SELECT`` on its
+    views and ``EXECUTE`` on its settings functions -- nothing on ingestor's own tables: the
+    views run with their owner's rights (``security_invoker`` off), so reading through them
+    needs no privilege on what they read.  Its ``search_path`` in this database is the
+    schema; PostgreSQL applies a role's settings to sessions that log in as that role, not
+    to its members, so a service's login user gets its own (docs/compat.md).
+    """
+    from psycopg import sql
+
+    r, db, sc = (sql.Identifier(check_name(role)), sql.Identifier(database),
+                 sql.Identifier(check_name(schema)))
+    return [sql.SQL(s).format(r=r, db=db, sc=sc) for s in (
+        "GRANT CONNECT ON DATABASE {db} TO {r}",
+        "GRANT USAGE ON SCHEMA {sc} TO {r}",
+        "GRANT SELECT ON ALL TABLES IN SCHEMA {sc} TO {r}",
+        "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {sc} TO {r}",
+        "ALTER ROLE {r} IN DATABASE {db} SET search_path = {sc}",
+    )]
+
+
+def compat_reader_revokes(role: str, database: str) -> list:
+    """Undo :func:`compat_reader_grants` in one database (the schema's own grants go with
+    it); a no-op when the role does not exist."""
+    from psycopg import sql
+
+    check_name(role)
+    return [sql.SQL(
+        "DO $ingestor$ BEGIN "
+        "IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = {lit}) THEN "
+        "EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM %I', {db}, {lit}); "
+        "EXECUTE format('ALTER ROLE %I IN DATABASE %I RESET search_path', {lit}, {db}); "
+        "END IF; END $ingestor$").format(lit=sql.Literal(role), db=sql.Literal(database))]
