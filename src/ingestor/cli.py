@@ -22,7 +22,7 @@ import sys
 from ingestor.errors import IngestorError, UsageError
 
 #: Subcommands in help order; each names a module of ingestor.commands.
-COMMANDS = ("demo", "migrate", "instruments", "run", "simulate", "replay", "deadletter",
+COMMANDS = ("demo", "migrate", "instruments", "run", "status", "simulate", "replay", "deadletter",
             "decode", "bench")
 
 __all__ = ["Failure", "UsageError", "main"]
