@@ -37,6 +37,8 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 from zoneinfo import ZoneInfo
 
+from ingestor.errors import ConfigError
+
 #: The exchanges' time zone: sessions, "today" and displayed times.
 IST = ZoneInfo("Asia/Kolkata")
 
@@ -47,8 +49,8 @@ ENV = "INGESTOR_SESSIONS"
 _NO_CALENDAR = ("", "none")
 
 
-class SessionError(ValueError):
-    """A session override that does not parse (the message names the item)."""
+class SessionError(ConfigError):
+    """A session override that does not parse (the message names the item): exit status 2."""
 
 
 @dataclass(frozen=True)
