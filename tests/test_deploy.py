@@ -6,6 +6,8 @@
 * The rules pass ``promtool check rules``, their unit tests (``alerts.test.yml``) pass
   ``promtool test rules``, and the example ``prometheus.yml`` passes ``promtool check config``.
   promtool comes with Debian's ``prometheus`` package, which ``.ci/run`` installs.
+* The systemd unit passes ``systemd-analyze verify`` where systemd is there, and keeps the
+  settings the README promises.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from daemon_harness import Daemon, Simulator, count_ticks, load_instruments, wai
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "ingestor.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+UNIT = DEPLOY / "systemd" / "ingestor.service"
 
 #: series Prometheus makes itself, not the daemon
 PROMETHEUS_OWN = {"up"}
@@ -154,3 +158,37 @@ def test_promtool(args):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout + r.stderr
 
+
+def unit_settings() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_systemd_unit_keeps_its_promises(tmp_path):
+    from ingestor.config import Config
+
+    u = unit_settings()
+    stop = float(u["TimeoutStopSec"][0].removesuffix("s"))
+    assert stop > Config().shutdown_timeout           # the daemon drains before the SIGKILL
+    assert u["KillSignal"] == ["SIGTERM"] and u["Restart"] == ["on-failure"]
+    assert u["RestartPreventExitStatus"] == ["2"]     # a bad setting is not retried
+    assert {c.split(":")[0] for c in u["LoadCredential"]} == {"kite.env", "pgpass"}
+    assert u["Environment"] == ["PGPASSFILE=%d/pgpass"]
+    assert u["ProtectSystem"] == ["strict"] and u["NoNewPrivileges"] == ["yes"]
+    assert "run --config" in u["ExecStart"][0]
+    # no secret in the unit: only placeholders ("access_token=...")
+    assert not re.search(r"(?i)(api_key|access_token|password)\s*=\s*(?!\.\.\.)\S", UNIT.read_text())
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify needs ExecStart's program to exist: this environment's console script
+    exe = shutil.which("ingestor") or str(Path(sys.executable).with_name("ingestor"))
+    unit = tmp_path / "ingestor.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/ingestor", exe))
+    r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
