@@ -27,6 +27,7 @@ IST = market_hours.IST
 
 
 def _main(capsys, *args: str):
+    capsys.readouterr()  # not what fixtures printed (a stale log handler of another test's main())
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
