@@ -14,7 +14,7 @@ import datetime as dt
 import json
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -47,6 +47,11 @@ class Metrics:
         self.dead_letters = Counter("ingestor_dead_letters", "Batches the database refused for their data, set aside to the dead-letter folder (offset committed)", registry=r)
         self.writer_fatal = Gauge("ingestor_writer_fatal", "1 while the writer is stopped by a fatal refusal (configuration, schema, server or code; nothing committed)", registry=r)
         r.register(MarketCollector())
+        from ingestor import DEBUG, __version__
+
+        # the debug build of the core is several times slower: a dashboard shows which one runs
+        Info("ingestor_build", "Version and core build (release, or debug: checks on, slower)",
+             registry=r).info({"version": __version__, "core": "debug" if DEBUG else "release"})
 
     def attach(self, daemon) -> None:
         """Read the daemon's own counters at scrape time (see ``CoreCollector``)."""
