@@ -42,7 +42,9 @@ def add_parser(sub) -> None:
                    "libpq defaults)")
     p.add_argument("--config", metavar="FILE.toml",
                    help="the daemon's config file: its database, spool folder, dead-letter "
-                   "folder and metrics address, unless given below (default: none)")
+                   "folder and metrics address, unless given below; its relative folders "
+                   "are taken from the current directory, as the daemon takes them from its "
+                   "own (default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="the daemon's metrics address, to read its /healthz (default: the "
