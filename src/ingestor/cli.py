@@ -22,7 +22,7 @@ import sys
 from ingestor.errors import IngestorError, UsageError
 
 #: Subcommands in help order; each names a module of ingestor.commands.
-COMMANDS = ("demo", "migrate", "instruments", "run", "simulate", "replay", "deadletter",
+COMMANDS = ("demo", "migrate", "instruments", "run", "status", "simulate", "replay", "deadletter",
             "decode", "bench")
 
 __all__ = ["Failure", "UsageError", "main"]
@@ -32,18 +32,69 @@ __all__ = ["Failure", "UsageError", "main"]
 Failure = IngestorError
 
 
+#: What the tool does: the top-level help's first line.
+DESCRIPTION = ("Market-data ingestion: the broker's WebSocket feed (Kite Connect) through a "
+               "compiled decoder and aggregator into PostgreSQL/TimescaleDB, exactly once.")
+EPILOG = ("Run 'ingestor COMMAND --help' for a command's options. Exit status: 0 success, "
+          "2 bad usage or bad input, 1 other failures (one line on stderr; a traceback with "
+          "--debug). The database is --dsn, else INGESTOR_DSN, else DATABASE_URL, else the "
+          "config file's, else libpq's defaults.")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default appended as ``ArgumentDefaultsHelpFormatter``
+    does, except where there is none to say (None, False, []) or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text.lower()
+                or action.default in (None, False, argparse.SUPPRESS) or action.default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # argparse's own usage errors: one line, status 2
-        raise UsageError(f"{self.prog}: {message}")
+        hint = f" (see '{self.prog} --help')" if self.prog != "ingestor" else ""
+        raise UsageError(f"{message}{hint}")
+
+
+def _global_options(parser: argparse.ArgumentParser, default) -> None:
+    """--debug and --log-format: before the command, and after it (``default`` SUPPRESS
+    there, so a subcommand that is not given them keeps the top level's values)."""
+    parser.add_argument("--debug", action="store_true", default=default if default else False,
+                        help="show tracebacks and debug logs")
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        default=default if default else "text",
+                        help="log line format (json: one object per line)")
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases: once each
+                yield sub
+                yield from _subparsers(sub)
+
+
+def _version() -> str:
+    from ingestor import DEBUG, __version__
+
+    build = "debug build of the core: checks on, several times slower" if DEBUG else "release build"
+    return f"ingestor {__version__} ({build})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ingestor", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true",
-                        help="show tracebacks and debug logs")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="log line format (json: one object per line)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = _Parser(prog="ingestor", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=_version(),
+                        help="print the version and the build of the core, and exit")
+    _global_options(parser, None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser,
+                                title="commands")
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"ingestor.commands.{name}")
@@ -52,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # not built yet
         module.add_parser(sub)
+    for p in _subparsers(parser):
+        _global_options(p, argparse.SUPPRESS)
     return parser
 
 

