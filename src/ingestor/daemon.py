@@ -508,18 +508,22 @@ class Daemon:
 
     def health(self) -> tuple[bool, dict]:
         """200 only when every feed is connected, the database takes writes, the spool is
-        below its alarm and writing, and no batch was set aside since the start (a dead
-        letter needs a person: ``ingestor dead-letter list``)."""
+        below its alarm and writing, no batch was set aside since the start (a dead
+        letter needs a person: ``ingestor dead-letter list``) and no damaged spool record
+        was met (the segment is kept in the spool's ``damaged/`` folder)."""
         w = self.writer
         feeds = {c.label: bool(c.feed and c.feed.stats.connected) for c in self.connections}
         db = w.up and self.pipeline_ready and self.failed is None and not w.fatal
-        ok = (all(feeds.values()) and db and not self.spool.alarmed and self.spool.error is None
-              and not w.dead_letters_since_start)
+        sp = self.spool
+        ok = (all(feeds.values()) and db and not sp.alarmed and sp.error is None
+              and not w.dead_letters_since_start and not sp.damaged)
         return ok, {"feeds": feeds, "database": bool(w.up and self.pipeline_ready),
                     "writer_stopped": w.fatal, "dead_letters": w.dead_letters_since_start,
                     "last_dead_letter": w.last_dead_letter,
                     "spool_bytes": self.spool.bytes, "spool_alarm": self.spool.alarmed,
-                    "spool_error": self.spool.error, "failed": self.failed}
+                    "spool_error": self.spool.error, "failed": self.failed,
+                    "spool_damaged": {"stretches": sp.damaged, "bytes": sp.damaged_bytes,
+                                      "records_lost": sp.lost_records}}
 
     # -- main ----------------------------------------------------------------
 

@@ -82,6 +82,16 @@ class CoreCollector:
         for c in d.connections:
             big.add_metric([c.label], c.feed.stats.oversized if c.feed is not None else 0)
         yield big
+        sp = d.spool
+        for name, doc, value in (
+                ("ingestor_spool_damaged", "Damaged stretches of spool records skipped on "
+                 "reading back (the intact records after each read on; the file kept aside)",
+                 sp.damaged),
+                ("ingestor_spool_damaged_bytes", "Bytes of those damaged stretches",
+                 sp.damaged_bytes),
+                ("ingestor_spool_lost_records", "Records known lost to spool damage (sequence "
+                 "numbers missing between intact records)", sp.lost_records)):
+            yield CounterMetricFamily(name, doc, value=value)
         totals = d.decoder_totals()
         yield CounterMetricFamily("ingestor_ticks_decoded", "Packets decoded",
                                   value=totals.get("packets", 0))

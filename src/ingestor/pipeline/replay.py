@@ -50,6 +50,10 @@ class ReplayResult:
     decoder: dict
     truncated_bytes: int
     bad_tokens: int = 0
+    #: damaged stretches of the capture skipped, their bytes, the records known lost in them
+    damaged: int = 0
+    damaged_bytes: int = 0
+    lost_records: int = 0
 
     @property
     def ticks_per_s(self) -> float:
@@ -75,6 +79,10 @@ class ReplayResult:
         if self.bad_tokens:
             out.append(f"{self.bad_tokens:,} packet(s) with instrument token 0 (no instrument "
                        f"can have it): counted and skipped")
+        if self.damaged or self.lost_records:
+            out.append(f"damaged: {self.damaged} stretch(es), {self.damaged_bytes} bytes, "
+                       f"{self.lost_records} record(s) lost (skipped; the intact records around "
+                       f"them written)")
         if self.truncated_bytes:
             out.append(f"truncated last record: {self.truncated_bytes} bytes ignored")
         if self.dead_letters:
@@ -115,7 +123,8 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
     return ReplayResult(stream, writer.stats.ticks, writer.stats.candles, writer.stats.snapshots,
                         writer.stats.batches, pipeline.totals["skipped_messages"],
                         writer.stats.dead_letters, seconds, stages, pipeline.decoder.stats(),
-                        reader.truncated_bytes, pipeline.totals["bad_tokens"])
+                        reader.truncated_bytes, pipeline.totals["bad_tokens"], reader.damaged,
+                        reader.damaged_bytes, reader.lost_records)
 
 
 async def write_batches(queue: asyncio.Queue, writer: Writer,
