@@ -15,6 +15,7 @@ cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdlib cimport abort, free, malloc, realloc
 from libc.string cimport memchr, memcpy, memset
+from libc.stdint cimport INT64_MAX, INT64_MIN
 
 import numpy as np
 
@@ -34,7 +35,7 @@ COUNTER_NAMES = (
     "messages", "heartbeats", "text_messages", "bytes", "packets",
     "ltp", "quote", "full", "index_quote", "index_full",
     "malformed_messages", "empty_message", "unknown_length", "truncated",
-    "trailing_bytes", "bad_records",
+    "trailing_bytes", "bad_records", "bad_time",
 )
 assert len(COUNTER_NAMES) == C_NCOUNTERS
 

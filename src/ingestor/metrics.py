@@ -56,7 +56,7 @@ class Metrics:
 
 BATCH_OUTCOMES = ("written", "skipped", "dead-letter")
 MALFORMED_REASONS = ("empty_message", "unknown_length", "truncated", "trailing_bytes", "bad_records",
-                     "bad_token")
+                     "bad_token", "bad_time")
 
 
 class CoreCollector:

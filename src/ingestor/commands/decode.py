@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
 
 def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
     errors = {k: stats[k] for k in ("empty_message", "unknown_length", "truncated",
-                                    "trailing_bytes", "bad_records")}
+                                    "trailing_bytes", "bad_records", "bad_time")}
     return {
         "stream": reader.header.stream,
         "broker": reader.header.broker,

@@ -284,7 +284,11 @@ cdef int _capture_c(KiteDecoder d, const unsigned char *b, Py_ssize_t n, Py_ssiz
             break
         recv_ns = <int64_t>ing_load_u64le(rec)
         kind = rec[8]
-        if kind == 1:
+        if kind == 1 and (recv_ns < d.min_recv_ns or recv_ns > d.max_recv_ns):
+            # a receive time outside the window would pin the instrument's time (times only
+            # grow per instrument): the record is refused, counted, its place kept
+            d._counters[<int>C_BAD_TIME] += 1
+        elif kind == 1:
             r = _feed_c(d, rec + CAPTURE_RECORD_HEADER, plen, recv_ns, seq[0], s)
             if r != FEED_TAKEN:
                 return r
@@ -324,6 +328,13 @@ cdef class KiteDecoder:
     text_capacity : int
         Text-message places held by ``feed_capture``.
 
+    Attributes
+    ----------
+    min_recv_ns, max_recv_ns : int
+        The receive-time window of ``feed_capture``: a binary record received outside it is
+        skipped and counted in ``bad_time`` (its sequence number still passes).  Open by
+        default; the pipeline's driver sets it (``ingestor.pipeline.driver``).
+
     Notes
     -----
     ``feed_capture`` (always) and ``feed`` (for messages of 2 KiB or more) decode with
@@ -350,6 +361,8 @@ cdef class KiteDecoder:
         self.texts = np.zeros(text_capacity, dtype=TEXT_DTYPE)
         self._texts = <text_t *>cnp.PyArray_DATA(self.texts)
         memset(self._counters, 0, sizeof(self._counters))
+        self.min_recv_ns = INT64_MIN
+        self.max_recv_ns = INT64_MAX
 
     cdef int _ensure(self, Py_ssize_t need_ticks, Py_ssize_t need_depth) except -1:
         # Grow (never shrink) the buffers, keeping the rows already in them.

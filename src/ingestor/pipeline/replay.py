@@ -73,6 +73,9 @@ class ReplayResult:
         d = self.decoder
         bad = {k: d[k] for k in ("empty_message", "unknown_length", "truncated", "trailing_bytes",
                                  "bad_records") if d.get(k)}
+        if d.get("bad_time"):
+            out.append(f"{d['bad_time']:,} record(s) with a receive time outside 2000 .. now + "
+                       f"1 day: refused and counted")
         if bad:
             out.append("malformed (counted, skipped): "
                        + ", ".join(f"{k} {v}" for k, v in bad.items()))
