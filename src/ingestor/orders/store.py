@@ -489,6 +489,9 @@ class OrderStore:
     def __init__(self, default_strategy: str = DEFAULT_STRATEGY):
         self.default_strategy = default_strategy
         self._ids: dict[int, int] = {}
+        #: what the last :meth:`apply` / :meth:`apply_sync` did (the daemon counts its dead
+        #: letters once the batch's transaction committed)
+        self.last_result: ApplyResult | None = None
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, messages: Sequence[Message], places) -> tuple[list, list, ApplyResult]:
@@ -696,9 +699,13 @@ class OrderStore:
                 _payload_text(data))
 
     def apply_sync(self, conn, messages: Sequence[Message],
-                   places: Sequence[tuple[str, int] | None] | None = None, *,
-                   _retry: bool = True) -> ApplyResult:
+                   places: Sequence[tuple[str, int] | None] | None = None) -> ApplyResult:
         """Synchronous twin of :meth:`apply` (a :class:`psycopg.Connection`)."""
+        self.last_result = None
+        self.last_result = res = self._apply_sync(conn, messages, places)
+        return res
+
+    def _apply_sync(self, conn, messages, places, _retry: bool = True) -> ApplyResult:
         from ingestor.store.instruments import register_tokens
 
         good, dead, res = self._decode(messages, places)
@@ -713,7 +720,7 @@ class OrderStore:
             if _retry and isinstance(exc, _fk_violation()):
                 # perhaps our instrument ids are stale: reload them and try the batch again
                 self._ids.clear()
-                return self.apply_sync(conn, messages, places, _retry=False)
+                return self._apply_sync(conn, messages, places, _retry=False)
             log.warning("postback batch refused by the database (%s): one by one", exc)
             total = ApplyResult(received=res.received)
             if dead:
@@ -746,8 +753,7 @@ class OrderStore:
                 pass
 
     async def apply(self, conn, messages: Sequence[Message],
-                    places: Sequence[tuple[str, int] | None] | None = None, *,
-                    _retry: bool = True) -> ApplyResult:
+                    places: Sequence[tuple[str, int] | None] | None = None) -> ApplyResult:
         """Apply a batch of postbacks in one transaction.
 
         Parameters
@@ -771,6 +777,11 @@ class OrderStore:
             The connection failed: nothing of the batch was committed; retry the same batch
             on a new connection (it is idempotent).
         """
+        self.last_result = None
+        self.last_result = res = await self._apply(conn, messages, places)
+        return res
+
+    async def _apply(self, conn, messages, places, _retry: bool = True) -> ApplyResult:
         from ingestor.store.instruments import aregister_tokens
 
         good, dead, res = self._decode(messages, places)
@@ -785,7 +796,7 @@ class OrderStore:
             if _retry and isinstance(exc, _fk_violation()):
                 # perhaps our instrument ids are stale: reload them and try the batch again
                 self._ids.clear()
-                return await self.apply(conn, messages, places, _retry=False)
+                return await self._apply(conn, messages, places, _retry=False)
             log.warning("postback batch refused by the database (%s): one by one", exc)
             total = ApplyResult(received=res.received)
             if dead:
