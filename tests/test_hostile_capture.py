@@ -164,12 +164,14 @@ def test_spool_skip_to_lands_exactly_past_damage(tmp_path):
     seg = spool_dir / f"left.{0:012d}.cap"
     offsets = _write_capture(seg, 100, stream="left")
     _set_length(seg, offsets[10], 2)
-    for start in (5, 11, 12, 60):
+    for start in (5, 10, 11, 12, 60):
         sp = Spool(str(spool_dir), max_bytes=1 << 30)
         (left,) = sp.leftovers()
         left.skip_to(start)
         chunk, first = left.take()
-        assert first == start
+        assert first == (11 if start == 10 else start)
+        # the damaged record 10 is counted lost when the reading starts at it
+        assert sp.lost_records == (1 if start == 10 else 0)
         sp.close()
 
 

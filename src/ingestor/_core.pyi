@@ -26,6 +26,8 @@ def capture2_frame(records: _Buffer, first_seq: int,
                    out: bytearray | memoryview) -> tuple[int, int]: ...
 
 class KiteDecoder:
+    min_recv_ns: int
+    max_recv_ns: int
     ticks: npt.NDArray[Any]
     depth: npt.NDArray[Any]
     texts: npt.NDArray[Any]

@@ -246,8 +246,9 @@ class StreamSpool:
                 b: Block | None = next(blocks, None)
                 blocks.close()
                 if b is not None:
-                    if b.start > off or b.first_seq > seq:  # damage before it
-                        self._note_damage(seg, b.start - off, b.first_seq - seq)
+                    # damage before it (or records a seek jumped over: read_seq, not seq)
+                    if b.start > off or b.first_seq > self.read_seq:
+                        self._note_damage(seg, b.start - off, b.first_seq - self.read_seq)
                     self._cursor = (seg.path, b.end, b.first_seq + b.count)
                     self.read_seq = b.first_seq + b.count
                     return bytes(b.data), b.first_seq
