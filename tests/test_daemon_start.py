@@ -257,3 +257,41 @@ def test_two_feeds_in_one_daemon(tmp_path, db):
     assert "atoken1234" not in out and "btoken1234" not in out
     n, distinct = tick_summary(db)
     assert n == distinct == a.sent_packets() + b.sent_packets()
+
+
+def test_registration_refused_for_a_privilege_stops_loudly(tmp_path, db):
+    """Registering new instruments is retried only while the database is away: a refusal
+    that no retry can pass (here a missing privilege) stops the daemon with the reason and
+    exit 1 (the spool keeps the messages), instead of a warning every few seconds forever."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    role = f"ingestor_noreg_{os.getpid()}"
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute(f"CREATE ROLE {role} LOGIN")
+        c.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        c.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        c.execute(f"GRANT CREATE, TEMPORARY ON DATABASE {conninfo_to_dict(db)['dbname']} "
+                  f"TO {role}")
+        c.execute(f"REVOKE INSERT ON instruments FROM {role}")
+    dsn = make_conninfo(db, user=role)
+    sim = Simulator(tmp_path, tokens=5, rate=500)
+    try:
+        import csv
+
+        with open(sim.csv) as f:
+            tokens = [int(r["instrument_token"]) for r in csv.DictReader(f)]
+        d = Daemon(tmp_path, dsn, sim.url, feed=f"tokens = {tokens}\n")
+        try:
+            wait_for(lambda: d.proc.poll() is not None, timeout=60)
+        finally:
+            if d.proc.poll() is None:
+                d.kill()
+        out = d.output()
+        assert d.proc.returncode == 1, out
+        assert "permission denied for table instruments" in out, out
+        assert "cannot register" not in out, out
+    finally:
+        sim.stop()
+        with psycopg.connect(db, autocommit=True) as c:
+            c.execute(f"DROP OWNED BY {role}")
+            c.execute(f"DROP ROLE {role}")

@@ -157,8 +157,12 @@ def test_plan_columnstore_generation():
                       "migrate_data => true)")
     assert ("ALTER TABLE tick_data SET (timescaledb.enable_columnstore = true, "
             "timescaledb.segmentby = 'instrument_id', timescaledb.orderby = 'time DESC')") in sql
-    assert ("CALL add_columnstore_policy('tick_data', after => INTERVAL '7 days', "
+    assert ("CALL add_columnstore_policy('tick_data', after => INTERVAL '1 hour', "
             "if_not_exists => true)") in sql
+    # the lean layout: the readers' index, not a unique key (none exists on a fresh plan)
+    assert ("CREATE INDEX IF NOT EXISTS tick_data_instrument_time_idx ON tick_data "
+            "(instrument_id, time DESC) WITH (timescaledb.transaction_per_chunk)") in sql
+    assert not any("DROP CONSTRAINT" in s for s in sql)
     assert ("SELECT add_retention_policy('tick_data', drop_after => INTERVAL '30 days', "
             "if_not_exists => true)") in sql
     assert ("ALTER TABLE ohlc_candles SET (timescaledb.enable_columnstore = true, "
@@ -168,7 +172,7 @@ def test_plan_columnstore_generation():
     assert ("SELECT add_retention_policy('order_book_snapshots', drop_after => "
             "INTERVAL '7 days', if_not_exists => true)") in sql
     assert not any("compress_segmentby" in s or "add_compression_policy" in s for s in sql)
-    assert len(sql) == 3 * 4
+    assert len(sql) == 3 * 4 + 1
 
 
 def test_plan_compression_generation():
@@ -176,10 +180,10 @@ def test_plan_compression_generation():
     assert ("ALTER TABLE tick_data SET (timescaledb.compress, "
             "timescaledb.compress_segmentby = 'instrument_id', "
             "timescaledb.compress_orderby = 'time DESC')") in sql
-    assert ("SELECT add_compression_policy('tick_data', compress_after => INTERVAL '7 days', "
+    assert ("SELECT add_compression_policy('tick_data', compress_after => INTERVAL '1 hour', "
             "if_not_exists => true)") in sql
     assert ("SELECT add_compression_policy('order_book_snapshots', compress_after => "
-            "INTERVAL '1 day', if_not_exists => true)") in sql
+            "INTERVAL '1 hour', if_not_exists => true)") in sql
     assert not any("columnstore" in s for s in sql)
     assert "by_range" in sql[0]
 
@@ -194,12 +198,23 @@ def test_plan_before_generalized_create_hypertable():
 def test_plan_rerun_applies_changed_settings_only():
     state = ts.TimescaleState(
         compression={"tick_data": True, "ohlc_candles": True, "order_book_snapshots": True},
-        policies={("tick_data", "compression"): "7 days", ("tick_data", "retention"): "30 days",
-                  ("ohlc_candles", "compression"): "30 days", ("ohlc_candles", "retention"): "2 years",
-                  ("order_book_snapshots", "compression"): "1 day",
-                  ("order_book_snapshots", "retention"): "7 days"})
+        policies={("tick_data", "compression"): "1 hour", ("tick_data", "retention"): "30 days",
+                  ("ohlc_candles", "compression"): "1 day", ("ohlc_candles", "retention"): "2 years",
+                  ("order_book_snapshots", "compression"): "1 hour",
+                  ("order_book_snapshots", "retention"): "7 days"},
+        indexes={"tick_data_instrument_time_idx"})
     same = ts.plan("2.18.1", None, state)
     assert all(s.startswith("SELECT set_chunk_time_interval(") for s in same) and len(same) == 3
+    # a database of the old layout: the readers' index first, then the key goes, and the
+    # week-long columnstore policy becomes an hour
+    old = ts.TimescaleState(compression=state.compression,
+                            policies={**state.policies, ("tick_data", "compression"): "7 days"},
+                            constraints={"tick_data_pkey"})
+    sql = ts.plan("2.18.1", None, old)
+    i = sql.index("CREATE INDEX IF NOT EXISTS tick_data_instrument_time_idx ON tick_data "
+                  "(instrument_id, time DESC) WITH (timescaledb.transaction_per_chunk)")
+    assert sql[i + 1] == "ALTER TABLE tick_data DROP CONSTRAINT IF EXISTS tick_data_pkey"
+    assert "CALL remove_columnstore_policy('tick_data', if_exists => true)" in sql
     settings = ts.TimescaleSettings().with_overrides(
         retention={"tick_data": "90 days", "order_book_snapshots": None},
         chunk_interval={"tick_data": "30 minutes"})

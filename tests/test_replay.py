@@ -49,8 +49,8 @@ def _table_digest(conn) -> dict:
     return {k: conn.execute(v).fetchone() for k, v in q.items()}
 
 
-def test_replay_rows_exact_and_exactly_once(db, capture):
-    settings = PipelineSettings(flush_rows=4_000)
+def test_replay_rows_exact_and_exactly_once(db, capture, dense_rows=100):
+    settings = PipelineSettings(flush_rows=4_000, dense_rows=dense_rows)
     r1 = replay(str(capture), db, settings=settings, progress=False)
     ticks = _decoded(capture)
     assert r1.ticks == len(ticks) == 30_000
@@ -104,10 +104,11 @@ def test_replay_rows_exact_and_exactly_once(db, capture):
             (stream, last_seq)]
 
 
-def test_candles_equal_sql_over_stored_ticks(db, capture):
+def test_candles_equal_sql_over_stored_ticks(db, capture, dense_rows=100):
     from test_candles_sql import CANDLES_SQL
 
-    replay(str(capture), db, settings=PipelineSettings(flush_rows=5_000), progress=False)
+    replay(str(capture), db, settings=PipelineSettings(flush_rows=5_000, dense_rows=dense_rows),
+           progress=False)
     with psycopg.connect(db) as conn:
         for label in _core.DEFAULT_TIMEFRAMES:
             stride = f"{_core.timeframe_us(label)} microseconds"
@@ -142,9 +143,9 @@ def test_snapshots_are_the_last_full_packet_of_their_interval(db, capture):
         assert s[:6] == e and s[6] == 5 and s[7] == 5
 
 
-def test_killed_connections_lose_nothing(db, capture, server_kill=None):
+def test_killed_connections_lose_nothing(db, capture, dense_rows=100):
     """The server kills the writer's backend mid-COPY a few times: retried, exactly once."""
-    settings = PipelineSettings(flush_rows=1_500)
+    settings = PipelineSettings(flush_rows=1_500, dense_rows=dense_rows)
     done = threading.Event()
     kills = []
 

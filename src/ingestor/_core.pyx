@@ -5,7 +5,8 @@ One extension built from files included by concern (the asyncpg/uvloop
 layout), in pipeline order: ``core/frames.pyx`` decodes Kite binary frames
 into numpy buffers, ``core/engine.pyx`` turns decoded ticks into tick rows,
 candles and order-book snapshots in place, ``core/copy.pyx`` encodes numpy
-rows as PostgreSQL binary COPY payloads.
+rows as PostgreSQL binary COPY payloads, ``core/group.pyx`` groups a flush's tick
+rows by instrument for the columnstore.
 The record layouts are C structs declared in ``_core.pxd``; the numpy dtypes
 below are built from those structs' real offsets, so the two cannot drift.
 """
@@ -168,3 +169,4 @@ SNAPSHOT_DTYPE = _dtype([
 include "core/frames.pyx"
 include "core/engine.pyx"
 include "core/copy.pyx"
+include "core/group.pyx"

@@ -141,6 +141,13 @@ class WriterConfig(_Base):
     dead_letter_dir: str = "dead-letter"
     max_rejects: int = 3
     queue_batches: int = 4
+    #: TimescaleDB: each flush's instruments with at least ``direct_min_rows`` ticks go
+    #: straight into the columnstore (TimescaleDB calls direct COPY experimental; false
+    #: sends every tick to the rowstore, compressed later by the policy)
+    direct_compress: bool = True
+    direct_min_rows: int = 100
+    #: TimescaleDB: seconds between compactions of closed tick_data chunks (0: never)
+    compact_interval: float = 300.0
 
 
 class MetricsConfig(_Base):
@@ -436,6 +443,8 @@ def _check_storage(cfg: Config) -> None:
     _number("spool.fsync_interval", s.fsync_interval, 0, 60)
     _integer("writer.max_rejects", w.max_rejects, 1, 100)
     _integer("writer.queue_batches", w.queue_batches, 1, 64)
+    _integer("writer.direct_min_rows", w.direct_min_rows, 1, 1_000_000, " rows")
+    _number("writer.compact_interval", w.compact_interval, 0, 86400, lo_ok=True)
     if not s.dir:
         raise ConfigError("spool.dir is empty: name a directory (leftovers in it are replayed "
                           "at start)")

@@ -76,7 +76,8 @@ def settings_of(cfg: Config) -> PipelineSettings:
     return PipelineSettings(timeframes=tuple(p.timeframes), utc_offset=p.utc_offset, origin=p.origin,
                             snapshot_interval_us=int(p.snapshot_interval * 1e6),
                             flush_rows=p.flush_rows,
-                            open_candle_min_us=timeframe_us(p.open_candles_from))
+                            open_candle_min_us=timeframe_us(p.open_candles_from),
+                            dense_rows=cfg.writer.direct_min_rows)
 
 
 def save_subscriptions(spool_dir: str, feeds: dict[str, dict[int, str]]) -> None:
@@ -174,7 +175,8 @@ class Daemon:
         self.stopping_since: float | None = None
         self.writer = Writer(dsn, dead_letter_dir=cfg.writer.dead_letter_dir,
                              max_rejects=cfg.writer.max_rejects, retry_for=None,
-                             on_texts=self._postbacks, metrics=self.metrics)
+                             on_texts=self._postbacks, metrics=self.metrics,
+                             direct_compress=cfg.writer.direct_compress)
         self._on_texts = postback_handler()
         #: each batch's postback result until its transaction commits (retries overwrite it)
         self._postback_results: dict[int, object] = {}
@@ -262,13 +264,23 @@ class Daemon:
     # -- pipeline side -------------------------------------------------------
 
     def _resolve(self, tokens: list[int]) -> dict[int, int]:
-        """Instrument ids of new tokens (worker thread): retried while the database is away."""
+        """Instrument ids of new tokens (worker thread): retried while the database is away.
+
+        Only a lost or refused connection is retried (``store.errors.classify``); anything
+        else -- a missing privilege, a broken schema -- is raised: the pipeline task fails,
+        the daemon says why and exits 1, and the spool keeps the messages for the next start.
+        """
+        import psycopg
         import stamina
 
         from ingestor.store.dsn import connect
+        from ingestor.store.errors import classify
         from ingestor.store.instruments import register_tokens
 
-        for attempt in stamina.retry_context(on=Exception, attempts=None, timeout=None,
+        def away(exc: Exception) -> bool:
+            return isinstance(exc, psycopg.Error) and classify(exc) == "connection"
+
+        for attempt in stamina.retry_context(on=away, attempts=None, timeout=None,
                                              wait_initial=0.2, wait_max=5.0):
             with attempt:
                 if self.stop.is_set() and self.stopping_since is not None and \
@@ -280,7 +292,9 @@ class Daemon:
                         self._resolve_conn = connect(self.dsn, autocommit=True)
                     return register_tokens(self._resolve_conn, tokens)
                 except Exception as exc:
-                    log.warning("cannot register %d new instrument(s) yet: %s", len(tokens), exc)
+                    if away(exc):
+                        log.warning("cannot register %d new instrument(s) yet: %s",
+                                    len(tokens), exc)
                     if self._resolve_conn is not None:
                         self._resolve_conn.close()
                         self._resolve_conn = None
@@ -493,6 +507,52 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - retried at the next cadence
                 log.debug("mark to market skipped: %s", exc)
 
+    async def _compact(self) -> None:
+        """TimescaleDB: every ``writer.compact_interval`` seconds, compress the closed chunks
+        of ``tick_data`` and merge the small compressed batches of direct COPYs
+        (``ingestor.store.timescale.compact``), off the event loop, on its own connection."""
+        interval = self.cfg.writer.compact_interval
+        if not interval:
+            return
+        loop = asyncio.get_running_loop()
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), interval)
+                break
+            except asyncio.TimeoutError:
+                pass
+            done: asyncio.Future = loop.create_future()
+
+            def work() -> None:
+                try:
+                    result = self._compact_once()
+                except BaseException as exc:  # noqa: BLE001 - reported on the loop
+                    loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+                else:
+                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+            # a daemon thread: a long compaction never holds up the process's exit
+            threading.Thread(target=work, name="compact", daemon=True).start()
+            try:
+                result = await done
+            except Exception as exc:  # noqa: BLE001 - tried again at the next cadence
+                from ingestor.store.dsn import error_line
+
+                log.warning("compaction of closed tick_data chunks skipped: %s", error_line(exc))
+                continue
+            if result is not None and (result.compressed or result.recompressed):
+                log.info("tick_data: %d closed chunk(s) compressed, %d recompressed",
+                         len(result.compressed), len(result.recompressed))
+
+    def _compact_once(self):
+        from ingestor.store import timescale
+        from ingestor.store.dsn import connect
+
+        with connect(self.dsn, autocommit=True) as conn:
+            if timescale.detect(conn).installed is None:
+                return None
+            return timescale.compact(conn, "tick_data")
+
     # -- housekeeping --------------------------------------------------------
 
     async def _monitor(self) -> None:
@@ -604,7 +664,8 @@ class Daemon:
                 feeds = [task(c.feed.run(self.stop), f"feed-{c.label}") for c in self.connections]
                 pipes = task(self._pipelines(), "pipeline")
                 writer = task(self._write(), "writer")
-                side = [task(self._gaps(), "gaps"), task(self._mark_to_market(), "mark-to-market")]
+                side = [task(self._gaps(), "gaps"), task(self._mark_to_market(), "mark-to-market"),
+                        task(self._compact(), "compact")]
                 monitor = task(self._monitor(), "monitor")
                 await self.stop.wait()
                 self._end_gaps()

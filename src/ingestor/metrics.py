@@ -113,6 +113,23 @@ class CoreCollector:
         for reason in MALFORMED_REASONS:
             bad.add_metric([reason], totals.get(reason, 0))
         yield bad
+        w = d.writer.stats
+        copies = CounterMetricFamily(
+            "ingestor_tick_copies", "Tick COPY statements by path: straight into TimescaleDB's "
+            "columnstore, or into the rowstore (plain PostgreSQL, small flushes, backfills)",
+            labels=["path"])
+        rows = CounterMetricFamily("ingestor_tick_copy_rows", "Tick rows by COPY path",
+                                   labels=["path"])
+        for path, n, r in (("columnstore", w.direct_copies, w.direct_rows),
+                           ("rowstore", w.rowstore_copies, w.rowstore_rows)):
+            copies.add_metric([path], n)
+            rows.add_metric([path], r)
+        yield copies
+        yield rows
+        yield CounterMetricFamily(
+            "ingestor_direct_compress_refused",
+            "Direct-to-columnstore COPYs the server turned into rowstore ones (a unique index "
+            "or a trigger on tick_data)", value=w.direct_refused)
 
     def describe(self):
         return []

@@ -19,6 +19,12 @@ def add_parser(sub) -> None:
     p.add_argument("--snapshot-interval", type=float, default=1.0,
                    help="seconds between depth snapshots per instrument (0: every full packet)")
     p.add_argument("--dead-letter-dir", default="dead-letter")
+    p.add_argument("--no-direct-compress", dest="direct_compress", action="store_false",
+                   help="TimescaleDB: send every tick to the rowstore instead of straight into "
+                   "the columnstore (direct COPY is experimental in TimescaleDB)")
+    p.add_argument("--direct-min-rows", type=int, default=100,
+                   help="TimescaleDB: an instrument's ticks in one transaction go straight "
+                   "into the columnstore from this many rows on (default 100)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -30,14 +36,17 @@ def run(args) -> int:
     from ingestor.pipeline import PipelineSettings
     from ingestor.pipeline.replay import replay
 
-    if args.flush_rows < 1 or args.snapshot_interval < 0:
-        raise UsageError("--flush-rows must be >= 1 and --snapshot-interval >= 0")
+    if args.flush_rows < 1 or args.snapshot_interval < 0 or args.direct_min_rows < 1:
+        raise UsageError("--flush-rows and --direct-min-rows must be >= 1 and "
+                         "--snapshot-interval >= 0")
     settings = PipelineSettings(flush_rows=args.flush_rows,
-                                snapshot_interval_us=int(args.snapshot_interval * 1e6))
+                                snapshot_interval_us=int(args.snapshot_interval * 1e6),
+                                dense_rows=args.direct_min_rows)
     try:
         result = replay(args.capture, resolve_dsn(args.dsn), settings=settings,
                         dead_letter_dir=args.dead_letter_dir,
-                        progress=False if args.no_progress else None)
+                        progress=False if args.no_progress else None,
+                        direct_compress=args.direct_compress)
     except FileNotFoundError:
         raise UsageError(f"{args.capture}: no such file") from None
     except CaptureError as exc:

@@ -32,6 +32,10 @@ class FlushBatch:
     stream: str
     first_seq: int
     last_seq: int
+    #: binary COPY of the batch's tick rows grouped by instrument (see ``group_ticks``):
+    #: the first ``n_dense_ticks`` rows (``dense_bytes`` bytes from the start, the COPY
+    #: header included) are instruments with enough rows for the columnstore, the rest
+    #: the others; each instrument's rows in ``tables.TICK_ORDERBY``'s direction
     ticks: bytes = b""
     n_ticks: int = 0
     candles: bytes = b""            # forming candles and candles a version of which may be
@@ -57,6 +61,14 @@ class FlushBatch:
     #: before a reopening or a restart): a plain insert would do; the writer upserts them too
     new_candles: bytes = b""
     n_new_candles: int = 0
+    #: rows of ``ticks`` in its dense part, and where that part ends in ``ticks`` (bytes)
+    n_dense_ticks: int = 0
+    dense_bytes: int = 0
+    #: False when a tick of the batch may be older than ticks already stored for its
+    #: instrument (a backfill): the writer then keeps the batch out of the columnstore's
+    #: ordered batches.  The engine's per-instrument clock makes every live and replayed
+    #: tick later than the instrument's stored ones, so batches are in order.
+    in_order: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +89,9 @@ class PipelineSettings:
     first_batch_rows: int = 2_000
     #: forming candles of timeframes at least this long are upserted with every batch
     open_candle_min_us: int = 60_000_000
+    #: an instrument with at least this many tick rows in a flush goes to the dense part
+    #: of the batch (direct-to-columnstore COPY on TimescaleDB; see ``FlushBatch.ticks``)
+    dense_rows: int = 100
 
 
 class Pipeline:
@@ -105,6 +120,9 @@ class Pipeline:
                              snapshot_interval_us=s.snapshot_interval_us, tick_capacity=8192,
                              candle_capacity=16384, snapshot_capacity=8192)
         self._enc_ticks = tables.tick_encoder()
+        # the batch's tick rows as the engine emitted them, grouped by instrument at take()
+        self._rows = np.empty(8192, _core.TICKROW_DTYPE)
+        self._grouped = np.empty(8192, _core.TICKROW_DTYPE)
         self._enc_candles = tables.candle_encoder(s.timeframes)
         self._enc_new_candles = tables.candle_encoder(s.timeframes)
         self._enc_snaps = tables.snapshot_encoder()
@@ -239,7 +257,7 @@ class Pipeline:
         rows, candles, snaps = eng.output()
         t0 = time.perf_counter()
         if len(rows):
-            self._enc_ticks.encode_rows(rows)
+            self._keep_rows(rows)
             # last row of each instrument in this drain (rows are in time order)
             ids = rows["instrument_id"][::-1]
             uniq, first = np.unique(ids, return_index=True)
@@ -269,6 +287,28 @@ class Pipeline:
         self._n[2] += len(snaps)
         eng.clear()
         self.timings["encode"] += time.perf_counter() - t0
+
+    def _keep_rows(self, rows) -> None:
+        n, k = self._n[0], len(rows)
+        if n + k > len(self._rows):
+            size = max(2 * len(self._rows), n + k)
+            grown = np.empty(size, _core.TICKROW_DTYPE)
+            grown[:n] = self._rows[:n]
+            self._rows = grown
+            self._grouped = np.empty(size, _core.TICKROW_DTYPE)
+        self._rows[n:n + k] = rows
+
+    def _encode_ticks(self) -> tuple[int, int]:
+        """Group the batch's tick rows by instrument and encode them (after ``begin``):
+        returns the dense part's rows and its end in the payload (bytes)."""
+        n = self._n[0]
+        dense = _core.group_ticks(self._rows[:n], self._grouped, self.settings.dense_rows,
+                                  tables.TICK_ORDER_DESC)
+        enc = self._enc_ticks
+        enc.encode_rows(self._grouped, 0, dense)
+        split = enc.nbytes
+        enc.encode_rows(self._grouped, dense, n)
+        return dense, split
 
     # -- output --------------------------------------------------------------
 
@@ -309,6 +349,9 @@ class Pipeline:
                 self._n[1] += len(oc)
                 self.timings["encode"] += time.perf_counter() - t0
         t0 = time.perf_counter()
+        dense = split = 0
+        if self._n[0]:
+            dense, split = self._encode_ticks()
         payloads = []
         for enc, n in zip((self._enc_ticks, self._enc_candles, self._enc_snaps,
                            self._enc_new_candles),
@@ -328,7 +371,8 @@ class Pipeline:
                            payloads[2], self._n[2], self._texts, self._last_recv_ns,
                            self._first_recv_ns, state=state_payload, n_state=len(st),
                            retracted=self._retracted, new_candles=payloads[3],
-                           n_new_candles=self._n_new)
+                           n_new_candles=self._n_new, n_dense_ticks=dense,
+                           dense_bytes=split)
         self._texts = []
         self._retracted = []
         self.totals["ticks"] += self._n[0]

@@ -18,7 +18,7 @@ import asyncio
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ingestor.pipeline import state
@@ -50,6 +50,9 @@ class ReplayResult:
     decoder: dict
     truncated_bytes: int
     bad_tokens: int = 0
+    #: tick rows COPYed straight into TimescaleDB's columnstore / into the rowstore
+    columnstore_rows: int = 0
+    rowstore_rows: int = 0
     #: damaged stretches of the capture skipped, their bytes, the records known lost in them
     damaged: int = 0
     damaged_bytes: int = 0
@@ -68,6 +71,9 @@ class ReplayResult:
             "stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in st.items())
             + "  (decode/aggregate/encode in the producer thread, write overlapping them)",
         ]
+        if self.columnstore_rows:
+            out.append(f"ticks straight into the columnstore: {self.columnstore_rows:,}, "
+                       f"into the rowstore: {self.rowstore_rows:,}")
         if self.skipped_messages:
             out.append(f"skipped {self.skipped_messages:,} messages already written (exactly once)")
         d = self.decoder
@@ -95,13 +101,17 @@ class ReplayResult:
 
 def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
            queue_batches: int = 2, dead_letter_dir: str = "dead-letter",
-           progress: bool | None = None, chunk_size: int = 1 << 22) -> ReplayResult:
+           progress: bool | None = None, chunk_size: int = 1 << 22,
+           direct_compress: bool = True) -> ReplayResult:
     """Replay the capture at ``path`` into the database ``dsn`` (see the module docstring)."""
     from ingestor.store.dsn import connect
     from ingestor.store.instruments import register_tokens
     from ingestor.store.migrate import require_current
     from ingestor.store.offsets import committed
 
+    # Replay never upserts forming candles mid-run (only its final flush writes them), so
+    # every candle closed during the run was never stored: all go to the plain COPY.
+    settings = replace(settings or PipelineSettings(), open_candle_min_us=1 << 62)
     reader = CaptureReader(path, chunk_size=chunk_size)
     setup = connect(dsn, autocommit=True)
     try:
@@ -111,7 +121,8 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
         pipeline = Pipeline(stream, resolve=lambda toks: register_tokens(setup, toks),
                             settings=settings, committed=done)
         load_state(setup, pipeline)
-        writer = Writer(dsn, dead_letter_dir=dead_letter_dir, on_texts=postback_handler())
+        writer = Writer(dsn, dead_letter_dir=dead_letter_dir, on_texts=postback_handler(),
+                        direct_compress=direct_compress)
         show = sys.stderr.isatty() if progress is None else progress
         t0 = time.perf_counter()
         asyncio.run(_run(reader, pipeline, writer, queue_batches, show, done))
@@ -126,8 +137,10 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
     return ReplayResult(stream, writer.stats.ticks, writer.stats.candles, writer.stats.snapshots,
                         writer.stats.batches, pipeline.totals["skipped_messages"],
                         writer.stats.dead_letters, seconds, stages, pipeline.decoder.stats(),
-                        reader.truncated_bytes, pipeline.totals["bad_tokens"], reader.damaged,
-                        reader.damaged_bytes, reader.lost_records)
+                        reader.truncated_bytes, pipeline.totals["bad_tokens"],
+                        writer.stats.direct_rows, writer.stats.rowstore_rows,
+                        damaged=reader.damaged, damaged_bytes=reader.damaged_bytes,
+                        lost_records=reader.lost_records)
 
 
 async def write_batches(queue: asyncio.Queue, writer: Writer,

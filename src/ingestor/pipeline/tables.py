@@ -40,6 +40,14 @@ TICK_COLUMNS = [
 ]
 
 
+#: The columnstore's order of ``tick_data`` within an instrument (TimescaleDB ``orderby``,
+#: ``ingestor.store.timescale``), and the order the pipeline emits each instrument's rows in
+#: (``_core.group_ticks``): direct-to-columnstore COPY with client-sorted batches takes the
+#: rows as they come, so the two must agree, or reads that push a sort down return wrong rows.
+TICK_ORDERBY = "time DESC"
+TICK_ORDER_DESC = TICK_ORDERBY.endswith("DESC")
+
+
 def candle_columns(timeframes) -> list:
     return [
         ("time", "timestamptz_us", {"field": "time_us"}),

@@ -29,6 +29,27 @@ for each generation; TimescaleDB docs, "API reference"):
   (timescaledb.continuous) AS ... WITH NO DATA`` filled only by its refresh policy
   ``add_continuous_aggregate_policy(...)``, so creating it never scans the ticks.
 
+The lean layout of ``tick_data`` (TimescaleDB only).  Direct-to-columnstore COPY (the
+writer's fast path: ``ingestor.store.writer``) refuses a table with a unique index, and the
+primary key ``(instrument_id, time)`` of ``sql/0001`` is one.  Its uniqueness holds by
+construction: the engine gives each instrument strictly increasing times, across restarts
+too (``engine_state`` carries the last time), and a batch is committed with its stream
+offset in one transaction, so a retried or replayed batch is skipped, never written twice
+(``tests/test_tsdb_storage.py`` proves it across retries, restarts and repeated replays).
+So on TimescaleDB ``tick_data`` keeps a plain B-tree ``(instrument_id, time DESC)`` on its
+rowstore chunks for the readers (one instrument over a time range, its latest tick), and
+the primary key is dropped once that index exists.  Never add a unique index or a trigger
+to ``tick_data``: the writer would silently lose the fast path (it counts and logs the
+server's warning).  Converting a database that holds rows builds the index chunk by chunk
+(``timescaledb.transaction_per_chunk``): writes to a chunk wait while its index builds, so
+:func:`setup` says so first; run ``ingestor migrate`` outside market hours.
+
+Closed chunks are compacted by :func:`compact` (the daemon runs it every few minutes):
+a chunk written by many direct-to-columnstore COPYs holds many small compressed batches,
+and the columnstore policy skips chunks that are fully compressed already, so they would
+stay fragmented; a closed chunk that is not compressed (the policy's scheduler may not
+run) is compressed.
+
 Re-running is safe and applies changed settings: existing hypertables get
 ``set_chunk_time_interval`` (it applies to chunks created from then on); a policy whose
 interval differs from the setting is removed and added again; compression settings are
@@ -43,6 +64,8 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field, replace
+
+from ingestor.pipeline.tables import TICK_ORDERBY
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +105,26 @@ class TableSpec:
     retention: str | None
 
 
-#: Defaults from the reference schema ("Data Retention Policies", "Data Archival Strategy").
+#: Chunk intervals and retention from the reference schema ("Data Retention Policies").
+#: Chunks move to the columnstore an hour after they close (the reference's 7 days kept a
+#: week of ticks in the rowstore, five times the size on disk); the rows still written to a
+#: closed chunk are none (times are receive times), except forming candles: a day chunk of
+#: ``ohlc_candles`` holds the 1d candle of the Indian day that ends after the chunk does,
+#: upserted until the close, so candles wait a day.
 DEFAULT_TABLES: dict[str, TableSpec] = {
-    "tick_data": TableSpec("1 hour", "instrument_id", "time DESC", "7 days", "30 days"),
+    "tick_data": TableSpec("1 hour", "instrument_id", TICK_ORDERBY, "1 hour", "30 days"),
     # timeframe joins the segment: a chart reads one (instrument, timeframe), and every
     # column of the table's unique key must be a segmentby or orderby column
-    "ohlc_candles": TableSpec("1 day", "instrument_id, timeframe", "time DESC", "30 days",
+    "ohlc_candles": TableSpec("1 day", "instrument_id, timeframe", "time DESC", "1 day",
                               "2 years"),
-    "order_book_snapshots": TableSpec("1 hour", "instrument_id", "time DESC", "1 day",
+    "order_book_snapshots": TableSpec("1 hour", "instrument_id", "time DESC", "1 hour",
                                       "7 days"),
 }
+
+#: tick_data's lean layout on TimescaleDB (see the module docstring): the readers' index
+#: first, then the primary key goes.
+TICK_INDEX = "tick_data_instrument_time_idx"
+TICK_KEY = "tick_data_pkey"
 
 
 @dataclass(frozen=True)
@@ -131,6 +164,9 @@ class TimescaleState:
     compression: dict = field(default_factory=dict)
     policies: dict = field(default_factory=dict)
     caggs: set = field(default_factory=set)
+    #: names of the indexes and constraints of the time-series tables
+    indexes: set = field(default_factory=set)
+    constraints: set = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -158,7 +194,10 @@ class SetupResult:
 
 # --------------------------------------------------------------------------------------------
 
-_INTERVAL = re.compile(r"^\s*[0-9]+(\.[0-9]+)?\s*[A-Za-z]+(\s+[0-9]+(\.[0-9]+)?\s*[A-Za-z]+)*\s*$")
+# number-unit pairs ('1 hour', '2 days 3 hours'), optionally ending in the clock form the
+# server prints intervals in ('01:00:00', '1 day 02:00:00')
+_INTERVAL = re.compile(r"^\s*(?=\S)([0-9]+(\.[0-9]+)?\s*[A-Za-z]+\s*)*"
+                       r"([0-9]+:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?)?\s*$")
 _COLUMNS = re.compile(r"^\s*[a-z_][a-z0-9_]*(\s+(ASC|DESC))?(\s*,\s*[a-z_][a-z0-9_]*(\s+(ASC|DESC))?)*\s*$",
                       re.I)
 _TABLE = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -229,6 +268,13 @@ def plan(version: tuple[int, int, int] | str, settings: TimescaleSettings | None
             out.append(f"SELECT create_hypertable({rel}, 'time', chunk_time_interval => {chunk}, "
                        "create_default_indexes => false, if_not_exists => true, "
                        "migrate_data => true)")
+
+        if table == "tick_data":
+            if TICK_INDEX not in state.indexes:
+                out.append(f"CREATE INDEX IF NOT EXISTS {TICK_INDEX} ON tick_data "
+                           "(instrument_id, time DESC) WITH (timescaledb.transaction_per_chunk)")
+            if TICK_KEY in state.constraints:
+                out.append(f"ALTER TABLE tick_data DROP CONSTRAINT IF EXISTS {TICK_KEY}")
 
         if spec.compress_after is not None and not state.compression.get(table, False):
             seg, order = _cols(spec.segmentby), _cols(spec.orderby)
@@ -314,6 +360,13 @@ def read_state(conn) -> TimescaleState:
     st.caggs = {r[0] for r in conn.execute(
         "SELECT view_name FROM timescaledb_information.continuous_aggregates"
         " WHERE view_schema = current_schema()")}
+    st.indexes = {r[0] for r in conn.execute(
+        "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+        " AND tablename IN ('tick_data', 'ohlc_candles', 'order_book_snapshots')")}
+    st.constraints = {r[0] for r in conn.execute(
+        "SELECT conname FROM pg_constraint WHERE connamespace = current_schema()::regnamespace"
+        " AND conrelid IN ('tick_data'::regclass, 'ohlc_candles'::regclass,"
+        " 'order_book_snapshots'::regclass)")}
     return st
 
 
@@ -389,6 +442,8 @@ def setup(conn, mode: str = "auto", settings: TimescaleSettings | None = None) -
             settings = _normalise(conn, settings)
             statements = plan(info.installed, settings, read_state(conn))
             for stmt in statements:
+                if stmt.startswith("CREATE INDEX"):
+                    _announce_index(conn)
                 log.debug("timescaledb: %s", stmt)
                 try:
                     conn.execute(stmt)
@@ -400,6 +455,92 @@ def setup(conn, mode: str = "auto", settings: TimescaleSettings | None = None) -
             conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
     finally:
         conn.autocommit = was_autocommit
+
+
+def _announce_index(conn) -> None:
+    rows = conn.execute("SELECT approximate_row_count('tick_data')").fetchone()[0] or 0
+    if rows > 1_000_000:
+        log.warning("building %s on about %s tick_data rows, chunk by chunk: writes to a "
+                    "chunk wait while its index builds (run this outside market hours)",
+                    TICK_INDEX, f"{rows:,}")
+
+
+# --------------------------------------------------------------------------------------------
+# compaction of closed chunks
+
+#: a compressed batch holds at most this many rows (TimescaleDB's compressor)
+BATCH_ROWS = 1000
+
+SQL_CLOSED_CHUNKS = """
+SELECT format('%%I.%%I', ch.schema_name, ch.table_name), c.is_compressed,
+       CASE WHEN ch.compressed_chunk_id IS NULL THEN NULL
+            ELSE format('%%I.%%I', cc.schema_name, cc.table_name) END,
+       ch.status
+  FROM timescaledb_information.chunks c
+  JOIN _timescaledb_catalog.hypertable h
+    ON h.schema_name = c.hypertable_schema AND h.table_name = c.hypertable_name
+  JOIN _timescaledb_catalog.chunk ch
+    ON ch.hypertable_id = h.id AND ch.schema_name = c.chunk_schema
+   AND ch.table_name = c.chunk_name
+  LEFT JOIN _timescaledb_catalog.chunk cc ON cc.id = ch.compressed_chunk_id
+ WHERE c.hypertable_schema = current_schema() AND c.hypertable_name = %(table)s
+   AND c.range_end < now() - %(grace)s::interval
+ ORDER BY c.range_start
+"""
+
+#: ``_timescaledb_catalog.chunk.status`` bits: 2 unordered, 8 partial (rows in the rowstore)
+_STATUS_UNORDERED = 2
+_STATUS_PARTIAL = 8
+
+
+@dataclass
+class CompactResult:
+    compressed: list = field(default_factory=list)
+    recompressed: list = field(default_factory=list)
+    checked: int = 0
+
+
+def compact(conn, table: str = "tick_data", grace: str = "5 minutes") -> CompactResult:
+    """Compress or rebuild ``table``'s chunks that closed ``grace`` ago or earlier.
+
+    A closed chunk not in the columnstore is compressed.  One with rows in its rowstore
+    (partial), marked unordered, or holding more compressed batches than its rows and
+    segments need (many small direct-to-columnstore COPYs) is rebuilt: decompressed and
+    compressed again.  Measured on 200k ticks of 100 instruments: TimescaleDB's own
+    ``recompress => true`` compresses a partial chunk's rowstore rows into more batches
+    beside the old ones (564 -> 670 batches, 4.5 -> 4.9 MB, its emptied rowstore keeping
+    its pages), where the rebuild gives 236 batches and 2.3 MB, in 1.2 s.  A chunk
+    already compact is left alone, so running this often is cheap; a rebuild interrupted
+    between its two steps leaves the chunk in the rowstore, compressed by the next run.
+
+    ``conn`` in autocommit mode; TimescaleDB must be installed.
+    """
+    interval_literal(grace)
+    out = CompactResult()
+    seg = DEFAULT_TABLES[table].segmentby if table in DEFAULT_TABLES else None
+    for chunk, is_compressed, compressed, status in conn.execute(
+            SQL_CLOSED_CHUNKS, {"table": table, "grace": grace}).fetchall():
+        out.checked += 1
+        if not is_compressed:
+            conn.execute("SELECT compress_chunk(%s::regclass, if_not_compressed => true)",
+                         (chunk,))
+            out.compressed.append(chunk)
+            continue
+        redo = bool(status & (_STATUS_UNORDERED | _STATUS_PARTIAL))
+        if not redo and compressed is not None:
+            segments = f"count(DISTINCT ({_cols(seg)}))" if seg else "1"
+            batches, rows, nseg = conn.execute(
+                f"SELECT count(*), coalesce(sum(_ts_meta_count), 0), {segments} "
+                f"FROM {compressed}").fetchone()
+            # the fewest batches those rows fit in, with one part-filled batch per segment
+            redo = batches > rows // BATCH_ROWS + nseg
+        if redo:
+            conn.execute("SELECT decompress_chunk(%s::regclass, if_compressed => true)",
+                         (chunk,))
+            conn.execute("SELECT compress_chunk(%s::regclass, if_not_compressed => true)",
+                         (chunk,))
+            out.recompressed.append(chunk)
+    return out
 
 
 def _first_line(exc) -> str:

@@ -7,10 +7,13 @@ A flush is one transaction on one connection (psycopg 3, async):
    acknowledgement, a replayed capture) and is skipped (a batch covering no
    message at all -- the end-of-stream flush of forming candles -- is
    written idempotently instead, see ``_tail``);
-2. ``COPY tick_data`` from the core's binary payload;
-3. ``COPY`` the candles into a temporary staging table, then ``INSERT ...
-   ON CONFLICT DO UPDATE`` into ``ohlc_candles`` (forming candles are
-   upserted again as they grow; the last version of a key in a batch wins);
+2. ``COPY tick_data`` from the core's binary payload (see "Two paths for ticks");
+3. ``COPY ohlc_candles`` of the closed candles never stored in any version
+   (``FlushBatch.new_candles``: the 1s/5s bulk, replay's closes), plainly: a
+   unique violation there is a bug (fatal), never data; the others (forming
+   candles, upserted again as they grow, and closes of candles stored while
+   forming) are ``COPY``ed into a temporary staging table, then ``INSERT ...
+   ON CONFLICT DO UPDATE`` (the last version of a key in a batch wins);
 4. ``COPY order_book_snapshots`` (first deleting the rows the batch
    retracts: see ``FlushBatch.retracted``), then upsert the engine's state of
    the instruments the batch touched into ``engine_state`` (the restart state
@@ -18,6 +21,22 @@ A flush is one transaction on one connection (psycopg 3, async):
 5. the batch's text messages (order postbacks) through ``on_texts`` (the
    orders component: orders, fills, positions);
 6. advance the stream's committed sequence number; commit.
+
+Two paths for ticks.  On TimescaleDB with ``tick_data``'s columnstore as
+``ingestor.store.timescale`` sets it up (segmentby ``instrument_id``, orderby
+``tables.TICK_ORDERBY``, no unique index), the batch's dense part -- instruments
+with enough rows in the flush to make good compressed batches, grouped and
+ordered by the core (``FlushBatch.ticks``) -- goes straight into the columnstore
+(``timescaledb.enable_direct_compress_copy`` with ``..._client_sorted``, set for
+that one statement's transaction), and the sparse rest into the rowstore: many
+tiny compressed batches would make reads slow and the chunk larger.  A batch
+that is not in order (``FlushBatch.in_order``: a backfill) goes to the rowstore
+whole, so the columnstore's ordered batches never overlap.  The server falls
+back to the rowstore silently when the table has a unique index or a trigger:
+its warning is caught, counted (``WriterStats.direct_refused``) and logged once,
+and the writer stops asking.  ``direct_compress=False`` (setting
+``writer.direct_compress``) never asks: TimescaleDB calls the feature
+experimental.
 
 What happens when the database refuses a flush is decided by one classification of the
 error's SQLSTATE, shared with the order store (``ingestor.store.errors.classify``):
@@ -92,6 +111,24 @@ SQL_STAGE = (
     "CREATE TEMP TABLE IF NOT EXISTS ingestor_candle_stage "
     "(LIKE ohlc_candles, ord bigint GENERATED ALWAYS AS IDENTITY) ON COMMIT DELETE ROWS")
 SQL_COPY_TICKS = f"COPY tick_data ({_TICK_COLS}) FROM STDIN (FORMAT BINARY)"
+SQL_COPY_CANDLES = f"COPY ohlc_candles ({_CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
+# for the rest of the transaction only (its last statement is the offset's upsert)
+SQL_DIRECT_ON = ("SELECT set_config('timescaledb.enable_direct_compress_copy', 'on', true), "
+                 "set_config('timescaledb.enable_direct_compress_copy_client_sorted', 'on', "
+                 "true)")
+# Whether tick_data is laid out for direct-to-columnstore COPY: the server has the setting,
+# the columnstore is segmented and ordered as the core emits, and no unique index blocks it.
+SQL_DIRECT_LAYOUT = """
+SELECT current_setting('timescaledb.enable_direct_compress_copy', true) IS NOT NULL,
+       (SELECT replace(orderby, '"', '') || '|' || segmentby
+          FROM timescaledb_information.hypertable_columnstore_settings
+         WHERE hypertable = 'tick_data'::regclass),
+       (SELECT string_agg(indexrelid::regclass::text, ', ') FROM pg_index
+         WHERE indrelid = 'tick_data'::regclass AND indisunique)
+"""
+#: the binary COPY header (signature, flags, extension length) and trailer
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+COPY_TRAILER = b"\xff\xff"
 SQL_COPY_STAGE = f"COPY ingestor_candle_stage ({_CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
 SQL_COPY_SNAPS = f"COPY order_book_snapshots ({_SNAP_COLS}) FROM STDIN (FORMAT BINARY)"
 # A batch covering no message (see _transaction) writes its snapshots through a staging table,
@@ -150,6 +187,13 @@ class WriterStats:
     reconnects: int = 0
     dead_letters: int = 0
     flush_seconds: list = field(default_factory=list)
+    #: tick COPYs (and their rows) into the columnstore directly and into the rowstore
+    direct_copies: int = 0
+    direct_rows: int = 0
+    rowstore_copies: int = 0
+    rowstore_rows: int = 0
+    #: direct COPYs the server turned into rowstore ones (its warning)
+    direct_refused: int = 0
 
     @property
     def write_seconds(self) -> float:
@@ -219,12 +263,15 @@ class Writer:
         ``on_texts(conn, batch)`` run inside the flush transaction for the
         batch's text messages (the orders component): postbacks commit with
         the ticks and the stream offset, so they too are exactly once.
+    direct_compress : bool
+        Send each batch's dense part of ticks straight into TimescaleDB's columnstore when
+        ``tick_data`` is laid out for it (see the module docstring); False never does.
     """
 
     def __init__(self, dsn: str, *, dead_letter_dir: str = "dead-letter", max_rejects: int = 3,
                  retry_for: float | None = 60.0, backoff_max: float = 5.0,
                  on_texts: Callable[[psycopg.AsyncConnection, FlushBatch], Awaitable[None]] | None = None,
-                 fatal_retry: float | None = _AUTO, metrics=None):
+                 fatal_retry: float | None = _AUTO, metrics=None, direct_compress: bool = True):
         register_secret(password_of(dsn))
         self.dsn = dsn
         self.params = conninfo_to_dict(dsn)
@@ -250,6 +297,10 @@ class Writer:
         self.fatal_since: float | None = None
         #: path of the newest dead-letter description (``.json``) this writer wrote
         self.last_dead_letter: str | None = None
+        self.direct_compress = direct_compress
+        #: whether this connection sends dense ticks to the columnstore (see ``connect``)
+        self.direct = False
+        self._direct_noted = False
 
     @property
     def dead_letters_since_start(self) -> int:
@@ -260,10 +311,47 @@ class Writer:
         if self.conn is not None and not self.conn.closed:
             return
         self.conn = await psycopg.AsyncConnection.connect(**self.params)
+        self.conn.add_notice_handler(self._notice)
         await self.conn.execute(SQL_STAGE)
         await self.conn.execute(SQL_SNAP_STAGE)
         await self.conn.execute(SQL_STATE_STAGE)
+        self.direct = self.direct_compress and await self._direct_layout()
         await self.conn.commit()
+
+    async def _direct_layout(self) -> bool:
+        """Whether ``tick_data`` takes direct-to-columnstore COPYs (logged once if it cannot
+        only because of something an operator can fix)."""
+        conn = self.conn
+        if await (await conn.execute("SELECT to_regclass('timescaledb_information."
+                                     "hypertable_columnstore_settings')")).fetchone() == (None,):
+            return False
+        has_setting, layout, unique = await (await conn.execute(SQL_DIRECT_LAYOUT)).fetchone()
+        if not has_setting or layout is None:
+            return False
+        want = f"{tables.TICK_ORDERBY}|instrument_id"
+        problem = None
+        if unique:
+            problem = (f"tick_data has a unique index ({unique}), which the server refuses "
+                       "direct COPY for: run `ingestor migrate`")
+        elif layout.replace(", ", ",") != want:
+            problem = (f"tick_data's columnstore is ordered/segmented as {layout!r}, not as the "
+                       f"core emits ({want!r})")
+        if problem:
+            if not self._direct_noted:
+                log.warning("direct-to-columnstore COPY off: %s", problem)
+                self._direct_noted = True
+            return False
+        return True
+
+    def _notice(self, diag) -> None:
+        msg = diag.message_primary or ""
+        if "disabling direct compress" in msg:
+            self.stats.direct_refused += 1
+            self.direct = False
+            if not self._direct_noted:
+                self._direct_noted = True
+                log.warning("the server refused direct-to-columnstore COPY (%s): ticks go to "
+                            "the rowstore until the writer reconnects", msg)
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -385,12 +473,16 @@ class Writer:
                 # Another writer of this stream committed part of this range:
                 # the pipeline must restart from the database's offset.
                 raise StreamAdvanced(b.stream, committed, b.first_seq)
+            dense = b.n_dense_ticks if self.direct and b.in_order else 0
             async with conn.cursor() as cur:
-                if b.n_ticks:
-                    async with cur.copy(SQL_COPY_TICKS) as cp:
-                        await cp.write(b.ticks)
-                if b.n_candles:
-                    await _stage_candles(cur, b)
+                if b.n_ticks > dense:
+                    await self._copy_ticks(cur, b, dense, direct=False)
+                if b.new_candles:
+                    async with cur.copy(SQL_COPY_CANDLES) as cp:
+                        await cp.write(b.new_candles)
+                if b.candles:
+                    async with cur.copy(SQL_COPY_STAGE) as cp:
+                        await cp.write(b.candles)
                     await cur.execute(SQL_UPSERT)
                 if b.retracted:
                     await _retract(cur, b)
@@ -401,6 +493,11 @@ class Writer:
                     await _write_state(cur, b)
             if b.texts and self.on_texts is not None:
                 await self.on_texts(conn, b)
+            if dense:
+                # last, so that the setting (local to the transaction) touches nothing else
+                async with conn.cursor() as cur:
+                    await cur.execute(SQL_DIRECT_ON)
+                    await self._copy_ticks(cur, b, dense, direct=True)
             await offsets.aadvance(conn, b.stream, b.last_seq)
         s = self.stats
         s.batches += 1
@@ -408,6 +505,29 @@ class Writer:
         s.candles += b.n_candles
         s.snapshots += b.n_snapshots
         return "written"
+
+    async def _copy_ticks(self, cur, b: FlushBatch, dense: int, *, direct: bool) -> None:
+        """COPY the batch's dense part (``direct``) or the rest of its ticks (all of them
+        when ``dense`` is 0): both parts are complete COPY payloads cut from ``b.ticks``."""
+        s = self.stats
+        refused = s.direct_refused
+        mv = memoryview(b.ticks)
+        async with cur.copy(SQL_COPY_TICKS) as cp:
+            if direct:
+                await cp.write(mv[:b.dense_bytes])
+                await cp.write(COPY_TRAILER)
+            elif dense:
+                await cp.write(COPY_HEADER)
+                await cp.write(mv[b.dense_bytes:])
+            else:
+                await cp.write(mv)
+        rows = dense if direct else b.n_ticks - dense
+        if direct and s.direct_refused == refused:
+            s.direct_copies += 1
+            s.direct_rows += rows
+        else:
+            s.rowstore_copies += 1
+            s.rowstore_rows += rows
 
     async def _tail(self, b: FlushBatch) -> str:
         # A batch covering no message: what the engine wrote out after the stream's last
@@ -483,8 +603,9 @@ class Writer:
 
 
 async def _stage_candles(cur, b: FlushBatch) -> None:
-    # Both parts are upserted for now; ``new_candles`` (never stored) could be inserted
-    # plainly.  Staged first: a key in both (none is, by construction) would keep ``candles``.
+    # A batch covering no message (``_tail``) may have been committed before: both parts are
+    # upserted.  ``new_candles`` staged first: a key in both (none is, by construction)
+    # would keep ``candles``.
     for payload in (b.new_candles, b.candles):
         if payload:
             async with cur.copy(SQL_COPY_STAGE) as cp:
