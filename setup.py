@@ -53,6 +53,7 @@ extensions = [
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
         extra_link_args=extra_link_args,
+        libraries=["z"],  # zlib's crc32: the capture format's record checksum
     )
 ]
 

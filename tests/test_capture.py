@@ -15,8 +15,8 @@ import struct
 import pytest
 
 from ingestor import KiteDecoder
-from ingestor.feed.capture import (KIND_BINARY, KIND_TEXT, MAGIC, CaptureError, CaptureHeader,
-                              CaptureReader, CaptureWriter)
+from ingestor.feed.capture import (KIND_BINARY, KIND_TEXT, MAGIC, MAGIC_V1, RECORD_OVERHEAD,
+                                   CaptureError, CaptureHeader, CaptureReader, CaptureWriter)
 from ingestor.sim.market import HEARTBEAT, Market
 from ingestor.twin.frames import TwinStats, decode_message
 from kite_compare import assert_twin_equal, decoder_rows
@@ -39,18 +39,19 @@ def _payloads(rng, n=120):
     return out
 
 
-def _write(path, payloads, first_seq=0, stream="s-1"):
+def _write(path, payloads, first_seq=0, stream="s-1", version=2):
     with CaptureWriter(path, CaptureHeader(stream=stream, first_seq=first_seq,
-                                           extra={"note": "test"})) as w:
+                                           extra={"note": "test"}), version=version) as w:
         seqs = [w.write(p, kind, recv_ns=1_700_000_000_000_000_000 + i)
                 for i, (kind, p) in enumerate(payloads)]
     return seqs, w
 
 
-def test_round_trip(tmp_path, rng):
+@pytest.mark.parametrize("version", [1, 2])
+def test_round_trip(tmp_path, rng, version):
     payloads = _payloads(rng)
     path = tmp_path / "a.cap"
-    seqs, w = _write(path, payloads, first_seq=41)
+    seqs, w = _write(path, payloads, first_seq=41, version=version)
     assert seqs == list(range(41, 41 + len(payloads)))
     assert w.records == len(payloads) and w.next_seq == 41 + len(payloads)
     assert w.bytes == path.stat().st_size
@@ -64,7 +65,7 @@ def test_round_trip(tmp_path, rng):
     assert [x.recv_ns for x in recs] == [1_700_000_000_000_000_000 + i
                                          for i in range(len(payloads))]
     with open(path, "rb") as f:
-        assert f.read(8) == MAGIC
+        assert f.read(8) == (MAGIC if version == 2 else MAGIC_V1)
 
 
 def test_first_seq_continues_across_files(tmp_path, rng):
@@ -97,11 +98,12 @@ def _decode_chunks(path, chunk_size, capacity):
     return rows, texts, dec.stats()
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("chunk_size", [1, 7, 13, 50, 1000, 1 << 20])
-def test_chunks_fed_to_decoder_equal_per_record_feeding(tmp_path, rng, chunk_size):
+def test_chunks_fed_to_decoder_equal_per_record_feeding(tmp_path, rng, chunk_size, version):
     payloads = _payloads(rng)
     path = tmp_path / "c.cap"
-    _write(path, payloads, first_seq=7)
+    _write(path, payloads, first_seq=7, version=version)
     # Per record: each binary message fed alone, and the twin.
     want, want_texts = [], []
     stats = TwinStats()
@@ -140,16 +142,18 @@ def test_chunks_hold_whole_records(tmp_path, rng):
     assert seen == len(payloads)
 
 
-@pytest.mark.parametrize("keep", [1, 8, 12, 13, 14, -1])
-def test_truncated_last_record_is_ignored_with_a_warning(tmp_path, rng, caplog, keep):
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("keep", [1, 8, 12, 13, 14, 28, 29, 30, -1])
+def test_truncated_last_record_is_ignored_with_a_warning(tmp_path, rng, caplog, keep, version):
     # ``keep`` bytes of the last record survive: inside its header, at the
     # header's end, inside its payload, or all but the last byte (-1).
     payloads = [(KIND_BINARY, p) for _, p in _payloads(rng, 20) if p != TEXT]
     payloads.append((KIND_BINARY, b"\x00\x01\x00\x08" + bytes(8)))
     path = tmp_path / "t.cap"
-    _write(path, payloads)
-    last_len = 13 + len(payloads[-1][1])
-    cut = last_len - (keep if keep > 0 else last_len - 1)
+    _write(path, payloads, version=version)
+    last_len = RECORD_OVERHEAD[version] + len(payloads[-1][1])
+    keep = min(keep, last_len - 1) if keep > 0 else last_len - 1
+    cut = last_len - keep
     data = path.read_bytes()
     path.write_bytes(data[:len(data) - cut])
     with caplog.at_level(logging.WARNING, logger="ingestor.feed.capture"):
@@ -185,7 +189,7 @@ def _raw_file(path, header: bytes, body: bytes = b"", magic: bytes = MAGIC, hlen
 @pytest.mark.parametrize("make", [
     lambda p: p.write_bytes(b""),
     lambda p: p.write_bytes(b"INGCAP"),
-    lambda p: _raw_file(p, b"{}", magic=b"INGCAP02"),
+    lambda p: _raw_file(p, b"{}", magic=b"INGCAP03"),
     lambda p: _raw_file(p, b"not json"),
     lambda p: _raw_file(p, b"\xff\xfe"),
     lambda p: _raw_file(p, b"[1, 2]"),
@@ -204,13 +208,17 @@ def test_not_a_capture(tmp_path, make):
         CaptureReader(path)
 
 
-def test_record_claiming_a_huge_payload_is_bad_input(tmp_path):
+def test_format_1_record_claiming_a_huge_payload_is_damage(tmp_path):
+    """Format 1 cannot resynchronise: the records before the damage are read, the rest is
+    counted as damaged (the command line's exit status 3), not refused as a whole."""
     header = CaptureHeader(stream="x").to_json()
+    good = struct.pack("<QBI", 1, KIND_BINARY, 1) + b"\x00"
     path = _raw_file(tmp_path / "huge.cap", header,
-                     struct.pack("<QBI", 1, KIND_BINARY, 0xFFFFFFFF) + b"\x00" * 50)
+                     good + struct.pack("<QBI", 1, KIND_BINARY, 0xFFFFFFFF) + b"\x00" * 50,
+                     magic=MAGIC_V1)
     with CaptureReader(path) as r:
-        with pytest.raises(CaptureError):
-            list(r.chunks())
+        assert [x.payload for x in r.records()] == [b"\x00"]
+        assert r.damage_found and r.damaged_bytes == 13 + 50
 
 
 def test_unknown_record_kind_is_counted(tmp_path, rng):
@@ -222,7 +230,8 @@ def test_unknown_record_kind_is_counted(tmp_path, rng):
             kind = (0, 3, 200)[i % 3]  # not a kind the format defines
         kinds.append(kind)
         body += struct.pack("<QBI", i, kind, len(p)) + p
-    path = _raw_file(tmp_path / "k.cap", CaptureHeader(stream="k").to_json(), bytes(body))
+    path = _raw_file(tmp_path / "k.cap", CaptureHeader(stream="k").to_json(), bytes(body),
+                     magic=MAGIC_V1)
     with CaptureReader(path) as r:
         assert [x.kind for x in r.records()] == kinds
     with pytest.raises(ValueError):

@@ -83,6 +83,7 @@ def test_decode_envelope_extra_keys_and_exact_prices():
     # missing optional fields are fine
     minimal = {k: doc[k] for k in ("order_id", "status", "instrument_token",
                                    "transaction_type", "order_type", "quantity")}
+    minimal["status"] = "OPEN"  # (COMPLETE with nothing filled contradicts itself)
     pb = decode_postback(json.dumps(minimal).encode())
     assert pb.filled_quantity == 0 and pb.average_price is None
 

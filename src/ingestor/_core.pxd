@@ -110,6 +110,7 @@ cdef enum Counter:
     C_ERR_TRUNCATED         # a packet count or length runs past the end of the message
     C_ERR_TRAILING          # bytes left after the last packet
     C_BAD_RECORDS           # capture records of an unknown kind (skipped)
+    C_BAD_TIME              # binary capture records received outside the time window (skipped)
     C_NCOUNTERS
 
 
@@ -127,6 +128,8 @@ cdef class KiteDecoder:
     cdef readonly Py_ssize_t n_depth
     cdef readonly Py_ssize_t n_texts
     cdef uint64_t _counters[<int>C_NCOUNTERS]
+    cdef public int64_t min_recv_ns
+    cdef public int64_t max_recv_ns
 
     cdef int _ensure(self, Py_ssize_t need_ticks, Py_ssize_t need_depth) except -1
     cdef int _feed(self, const unsigned char *msg, Py_ssize_t n, int64_t recv_ns,

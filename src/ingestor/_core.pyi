@@ -16,9 +16,18 @@ TEXT_DTYPE: np.dtype
 _Buffer = bytes | bytearray | memoryview
 
 def decode_kite(message: _Buffer, recv_ns: int = 0, seq: int = 0) -> npt.NDArray[Any]: ...
-def capture_span(buf: _Buffer, max_payload: int) -> tuple[int, int]: ...
+def capture_span(buf: _Buffer, max_payload: int, stop_at_bad: bool = False) -> tuple[int, int]: ...
+CAPTURE2_MARKER: bytes
+CAPTURE2_STATUS: dict[int, str]
+def capture2_unframe(buf: _Buffer, pos: int, max_payload: int, seq: int,
+                     out: bytearray | memoryview) -> tuple[int, int, int, int]: ...
+def capture2_resync(buf: _Buffer, pos: int, max_payload: int) -> tuple[int, int]: ...
+def capture2_frame(records: _Buffer, first_seq: int,
+                   out: bytearray | memoryview) -> tuple[int, int]: ...
 
 class KiteDecoder:
+    min_recv_ns: int
+    max_recv_ns: int
     ticks: npt.NDArray[Any]
     depth: npt.NDArray[Any]
     texts: npt.NDArray[Any]

@@ -13,9 +13,10 @@ below are built from those structs' real offsets, so the two cannot drift.
 
 cimport cython
 cimport numpy as cnp
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdlib cimport abort, free, malloc, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memchr, memcpy, memset
+from libc.stdint cimport INT64_MAX, INT64_MIN
 
 import numpy as np
 
@@ -35,7 +36,7 @@ COUNTER_NAMES = (
     "messages", "heartbeats", "text_messages", "bytes", "packets",
     "ltp", "quote", "full", "index_quote", "index_full",
     "malformed_messages", "empty_message", "unknown_length", "truncated",
-    "trailing_bytes", "bad_records",
+    "trailing_bytes", "bad_records", "bad_time",
 )
 assert len(COUNTER_NAMES) == C_NCOUNTERS
 

@@ -178,6 +178,10 @@ class Daemon:
                              on_texts=self._postbacks, metrics=self.metrics,
                              direct_compress=cfg.writer.direct_compress)
         self._on_texts = postback_handler()
+        #: each batch's postback result until its transaction commits (retries overwrite it)
+        self._postback_results: dict[int, object] = {}
+        self.postback_dead_letters = 0
+        self.last_postback_dead_letter: str | None = None
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.writer.queue_batches)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pipeline")
         self.settings = settings_of(cfg)
@@ -431,6 +435,7 @@ class Daemon:
                     return
                 t0 = time.perf_counter()
                 outcome = await self.writer.write(b)
+                self._count_postback_letters(b, outcome == "written")
                 m.batches.labels(outcome).inc()
                 m.flush_latency.observe(time.perf_counter() - t0)
                 if outcome == "written":
@@ -468,6 +473,19 @@ class Daemon:
 
     async def _postbacks(self, conn, batch: FlushBatch) -> None:
         await self._on_texts(conn, batch)
+        self._postback_results[id(batch)] = self._on_texts.store.last_result
+
+    def _count_postback_letters(self, batch: FlushBatch, written: bool) -> None:
+        """The dead letters of a committed batch's postbacks: counted once, by kind."""
+        from ingestor.metrics import postback_dead_letter_kind
+
+        res = self._postback_results.pop(id(batch), None)
+        if not written or res is None or not res.dead_letters:
+            return
+        for reason in res.reasons:
+            self.metrics.postback_dead_letters.labels(postback_dead_letter_kind(reason)).inc()
+            self.last_postback_dead_letter = reason[:300]
+        self.postback_dead_letters += res.dead_letters
 
     async def _mark_to_market(self) -> None:
         """Positions marked to the latest prices every second: one statement, no tick query."""
@@ -568,18 +586,26 @@ class Daemon:
 
     def health(self) -> tuple[bool, dict]:
         """200 only when every feed is connected, the database takes writes, the spool is
-        below its alarm and writing, and no batch was set aside since the start (a dead
-        letter needs a person: ``ingestor dead-letter list``)."""
+        below its alarm and writing, no batch was set aside since the start (a dead
+        letter needs a person: ``ingestor dead-letter list``), no damaged spool record
+        was met (the segment is kept in the spool's ``damaged/`` folder) and no postback was
+        set aside (``postback_dead_letters``)."""
         w = self.writer
         feeds = {c.label: bool(c.feed and c.feed.stats.connected) for c in self.connections}
         db = w.up and self.pipeline_ready and self.failed is None and not w.fatal
-        ok = (all(feeds.values()) and db and not self.spool.alarmed and self.spool.error is None
-              and not w.dead_letters_since_start)
+        sp = self.spool
+        ok = (all(feeds.values()) and db and not sp.alarmed and sp.error is None
+              and not w.dead_letters_since_start and not sp.damaged
+              and not self.postback_dead_letters)
         return ok, {"feeds": feeds, "database": bool(w.up and self.pipeline_ready),
                     "writer_stopped": w.fatal, "dead_letters": w.dead_letters_since_start,
                     "last_dead_letter": w.last_dead_letter,
                     "spool_bytes": self.spool.bytes, "spool_alarm": self.spool.alarmed,
-                    "spool_error": self.spool.error, "failed": self.failed}
+                    "spool_error": self.spool.error, "failed": self.failed,
+                    "spool_damaged": {"stretches": sp.damaged, "bytes": sp.damaged_bytes,
+                                      "records_lost": sp.lost_records},
+                    "postback_dead_letters": self.postback_dead_letters,
+                    "last_postback_dead_letter": self.last_postback_dead_letter}
 
     # -- main ----------------------------------------------------------------
 

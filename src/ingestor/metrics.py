@@ -45,6 +45,9 @@ class Metrics:
         self.postbacks = Counter("ingestor_postbacks", "Text messages (order postbacks) handed on", registry=r)
         # kept by the writer itself (Writer(metrics=...)): see ingestor.store.writer
         self.dead_letters = Counter("ingestor_dead_letters", "Batches the database refused for their data, set aside to the dead-letter folder (offset committed)", registry=r)
+        self.postback_dead_letters = Counter("ingestor_postback_dead_letters", "Postbacks kept in postback_dead_letters instead of applied, by kind: invalid (does not decode or is implausible), contradiction (contradicts its order), refused (by the database)", ["kind"], registry=r)
+        for kind in POSTBACK_DEAD_LETTER_KINDS:
+            self.postback_dead_letters.labels(kind)
         self.writer_fatal = Gauge("ingestor_writer_fatal", "1 while the writer is stopped by a fatal refusal (configuration, schema, server or code; nothing committed)", registry=r)
         r.register(MarketCollector())
         from ingestor import DEBUG, __version__
@@ -62,8 +65,18 @@ class Metrics:
 
 
 BATCH_OUTCOMES = ("written", "skipped", "dead-letter")
+POSTBACK_DEAD_LETTER_KINDS = ("invalid", "contradiction", "refused")
+
+
+def postback_dead_letter_kind(reason: str) -> str:
+    """The metric label of a postback dead letter's reason (``ingestor.orders.store``)."""
+    if reason.startswith("contradicts its order"):
+        return "contradiction"
+    if reason.startswith("refused by the database"):
+        return "refused"
+    return "invalid"
 MALFORMED_REASONS = ("empty_message", "unknown_length", "truncated", "trailing_bytes", "bad_records",
-                     "bad_token")
+                     "bad_token", "bad_time")
 
 
 class CoreCollector:
@@ -89,6 +102,16 @@ class CoreCollector:
         for c in d.connections:
             big.add_metric([c.label], c.feed.stats.oversized if c.feed is not None else 0)
         yield big
+        sp = d.spool
+        for name, doc, value in (
+                ("ingestor_spool_damaged", "Damaged stretches of spool records skipped on "
+                 "reading back (the intact records after each read on; the file kept aside)",
+                 sp.damaged),
+                ("ingestor_spool_damaged_bytes", "Bytes of those damaged stretches",
+                 sp.damaged_bytes),
+                ("ingestor_spool_lost_records", "Records known lost to spool damage (sequence "
+                 "numbers missing between intact records)", sp.lost_records)):
+            yield CounterMetricFamily(name, doc, value=value)
         totals = d.decoder_totals()
         yield CounterMetricFamily("ingestor_ticks_decoded", "Packets decoded",
                                   value=totals.get("packets", 0))

@@ -1,4 +1,8 @@
-"""``ingestor decode CAPTURE [--jsonl]``: decode a capture, summarize or print ticks."""
+"""``ingestor decode CAPTURE [--jsonl]``: decode a capture, summarize or print ticks.
+
+Exit status 3 (``EXIT_DAMAGED``): the capture held damaged records; the intact ones were
+decoded and printed all the same, the summary counts the damage.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,18 @@ import msgspec
 
 from ingestor.feed.capture import CaptureError, CaptureReader
 
+#: the exit status of ``decode`` and ``replay`` when the capture held damaged records (the
+#: intact records around them were processed)
+EXIT_DAMAGED = 3
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("decode", help="decode a capture file",
                        description="Decode a capture file. Prints counts per mode, per "
                        "message kind and per error reason; with --jsonl, one JSON object "
                        "per tick (the official Kite client's keys) on stdout instead, and "
-                       "the summary on stderr.")
+                       "the summary on stderr. Exit status 3: the capture held damaged "
+                       "records (skipped and counted; the intact ones around them decoded).")
     p.add_argument("capture", help="capture file (.cap)")
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per tick")
     p.add_argument("--summary-json", action="store_true", help="print the summary as JSON")
@@ -24,7 +33,7 @@ def add_parser(sub) -> None:
 
 def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
     errors = {k: stats[k] for k in ("empty_message", "unknown_length", "truncated",
-                                    "trailing_bytes", "bad_records")}
+                                    "trailing_bytes", "bad_records", "bad_time")}
     return {
         "stream": reader.header.stream,
         "broker": reader.header.broker,
@@ -35,6 +44,8 @@ def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
         "malformed_messages": stats["malformed_messages"],
         "errors": errors,
         "truncated_record_bytes": reader.truncated_bytes,
+        "damaged": {"stretches": reader.damaged, "bytes": reader.damaged_bytes,
+                    "records_lost": reader.lost_records},
         "seconds": round(seconds, 6),
         "ticks_per_s": round(stats["packets"] / seconds) if seconds > 0 else None,
     }
@@ -48,6 +59,11 @@ def format_summary(s: dict) -> str:
         f"malformed messages: {s['malformed_messages']}  ("
         + ", ".join(f"{k} {v}" for k, v in s["errors"].items()) + ")",
     ]
+    d = s["damaged"]
+    if d["stretches"] or d["records_lost"]:
+        lines.append(f"damaged: {d['stretches']} stretch(es), {d['bytes']} bytes, "
+                     f"{d['records_lost']} record(s) lost (skipped; the intact records around "
+                     f"them decoded)")
     if s["truncated_record_bytes"]:
         lines.append(f"truncated last record: {s['truncated_record_bytes']} bytes ignored")
     if s["ticks_per_s"] is not None:
@@ -95,4 +111,8 @@ def run(args) -> int:
     else:
         print(format_summary(summary), file=dest)
     out.flush()
+    if reader.damage_found:
+        print(f"ingestor: {args.capture}: damaged records found (exit status {EXIT_DAMAGED})",
+              file=sys.stderr)
+        return EXIT_DAMAGED
     return 0

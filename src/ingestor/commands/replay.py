@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("replay", help="replay a capture into the database",
                        description="Push a capture through decode, aggregation and binary COPY "
                        "into the database as fast as it can; prints ticks, candles, snapshots, "
                        "seconds, ticks/s and the time per stage. Exactly once: replaying the "
-                       "same capture twice writes it once.")
+                       "same capture twice writes it once. Exit status 3: the capture held "
+                       "damaged records (skipped and counted; the intact ones around them "
+                       "written).")
     p.add_argument("capture", help="capture file (.cap)")
     p.add_argument("--dsn", help="database (else INGESTOR_DSN, DATABASE_URL, libpq defaults)")
     p.add_argument("--flush-rows", type=int, default=50_000, help="tick rows per transaction")
@@ -48,4 +52,10 @@ def run(args) -> int:
     except CaptureError as exc:
         raise UsageError(str(exc)) from None
     print("\n".join(result.lines()))
+    if result.damaged or result.lost_records:
+        from ingestor.commands.decode import EXIT_DAMAGED
+
+        print(f"ingestor: {args.capture}: damaged records found (exit status {EXIT_DAMAGED})",
+              file=sys.stderr)
+        return EXIT_DAMAGED
     return 0

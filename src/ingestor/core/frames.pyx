@@ -284,7 +284,11 @@ cdef int _capture_c(KiteDecoder d, const unsigned char *b, Py_ssize_t n, Py_ssiz
             break
         recv_ns = <int64_t>ing_load_u64le(rec)
         kind = rec[8]
-        if kind == 1:
+        if kind == 1 and (recv_ns < d.min_recv_ns or recv_ns > d.max_recv_ns):
+            # a receive time outside the window would pin the instrument's time (times only
+            # grow per instrument): the record is refused, counted, its place kept
+            d._counters[<int>C_BAD_TIME] += 1
+        elif kind == 1:
             r = _feed_c(d, rec + CAPTURE_RECORD_HEADER, plen, recv_ns, seq[0], s)
             if r != FEED_TAKEN:
                 return r
@@ -324,6 +328,13 @@ cdef class KiteDecoder:
     text_capacity : int
         Text-message places held by ``feed_capture``.
 
+    Attributes
+    ----------
+    min_recv_ns, max_recv_ns : int
+        The receive-time window of ``feed_capture``: a binary record received outside it is
+        skipped and counted in ``bad_time`` (its sequence number still passes).  Open by
+        default; the pipeline's driver sets it (``ingestor.pipeline.driver``).
+
     Notes
     -----
     ``feed_capture`` (always) and ``feed`` (for messages of 2 KiB or more) decode with
@@ -350,6 +361,8 @@ cdef class KiteDecoder:
         self.texts = np.zeros(text_capacity, dtype=TEXT_DTYPE)
         self._texts = <text_t *>cnp.PyArray_DATA(self.texts)
         memset(self._counters, 0, sizeof(self._counters))
+        self.min_recv_ns = INT64_MIN
+        self.max_recv_ns = INT64_MAX
 
     cdef int _ensure(self, Py_ssize_t need_ticks, Py_ssize_t need_depth) except -1:
         # Grow (never shrink) the buffers, keeping the rows already in them.
@@ -510,12 +523,13 @@ def decode_kite(message, int64_t recv_ns=0, int64_t seq=0):
     return arr
 
 
-def capture_span(buf, Py_ssize_t max_payload):
+def capture_span(buf, Py_ssize_t max_payload, bint stop_at_bad=False):
     """Walk the capture records at the start of ``buf`` (the batch path's framing).
 
     Returns ``(end, count)``: the offset just past the last whole record and
     how many whole records precede it.  Raises ``ValueError`` at a record
-    claiming more than ``max_payload`` bytes (not a capture record).
+    claiming more than ``max_payload`` bytes (not a capture record), or with
+    ``stop_at_bad`` stops there (``end`` is that record's offset).
     """
     cdef Py_buffer view
     cdef const unsigned char *b
@@ -529,6 +543,8 @@ def capture_span(buf, Py_ssize_t max_payload):
         while n - pos >= CAPTURE_RECORD_HEADER:
             plen = <Py_ssize_t>ing_load_u32le(b + pos + 9)
             if plen > max_payload:
+                if stop_at_bad:
+                    break
                 raise ValueError(f"record at byte {pos} claims {plen} bytes: not a capture record")
             if plen > n - pos - CAPTURE_RECORD_HEADER:
                 break
@@ -537,3 +553,217 @@ def capture_span(buf, Py_ssize_t max_payload):
     finally:
         PyBuffer_Release(&view)
     return pos, count
+
+
+# -- capture format 2: records framed for resynchronisation ----------------------------------
+#
+# A format-2 record (``feed/capture.py`` has the layout) is a format-1 record behind a marker,
+# its own sequence number and a CRC-32 (zlib's) over everything after the marker: a damaged
+# length no longer loses the rest of a file, because the reader can find the next intact
+# record and knows, from its sequence number, exactly which records were lost.  The pipeline
+# keeps walking format-1 records (``_capture_c``): the reader checks and unframes format-2
+# records into format-1 ones here, the writer frames them, both without the GIL.
+
+cdef extern from "zlib.h" nogil:
+    unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned int len)
+
+cdef enum:
+    CAPTURE2_HEADER = 29     # marker 4, seq 8, recv_ns 8, kind 1, length 4, crc 4
+    CAPTURE2_EXTRA = 16      # what a format-2 record adds to a format-1 one
+    CAP2_OK = 0
+    CAP2_PARTIAL = 1         # consistent so far, cut by the buffer's end
+    CAP2_BAD = 2
+    CAP2_GAP = 3             # intact, but not the sequence number expected
+    CAP2_NONE = 4
+
+#: the record marker: a byte with the high bit set first (no text starts with it), then "REC"
+CAPTURE2_MARKER = b"\x89REC"
+cdef const unsigned char *_MARK = <const unsigned char *>b"\x89REC"
+
+CAPTURE2_STATUS = {CAP2_OK: "ok", CAP2_PARTIAL: "partial", CAP2_BAD: "bad", CAP2_GAP: "gap",
+                   CAP2_NONE: "none"}
+
+
+cdef inline void _store_u32le(unsigned char *p, uint32_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+    p[2] = (v >> 16) & 0xFF
+    p[3] = (v >> 24) & 0xFF
+
+
+cdef inline void _store_u64le(unsigned char *p, uint64_t v) noexcept nogil:
+    _store_u32le(p, <uint32_t>(v & 0xFFFFFFFFu))
+    _store_u32le(p + 4, <uint32_t>(v >> 32))
+
+
+cdef inline uint32_t _cap2_crc(const unsigned char *rec, Py_ssize_t plen) noexcept nogil:
+    # seq, recv_ns, kind and length (21 bytes after the marker), then the payload
+    cdef unsigned long c = crc32(0, rec + 4, 21)
+    return <uint32_t>crc32(c, rec + CAPTURE2_HEADER, <unsigned int>plen)
+
+
+cdef int _cap2_check(const unsigned char *b, Py_ssize_t n, Py_ssize_t pos,
+                     Py_ssize_t max_payload, Py_ssize_t *plen) noexcept nogil:
+    """Is there an intact format-2 record at ``b[pos:n]``?  ``CAP2_OK`` (``*plen`` set),
+    ``CAP2_PARTIAL`` (what the buffer holds is consistent, the rest is beyond it) or
+    ``CAP2_BAD``.  Every read is checked against ``n`` first."""
+    cdef const unsigned char *rec = b + pos
+    cdef Py_ssize_t left = n - pos
+    cdef Py_ssize_t i
+    for i in range(4 if left > 4 else left):
+        if rec[i] != _MARK[i]:
+            return CAP2_BAD
+    if left < CAPTURE2_HEADER:
+        return CAP2_PARTIAL
+    if rec[20] != 1 and rec[20] != 2:
+        return CAP2_BAD
+    plen[0] = <Py_ssize_t>ing_load_u32le(rec + 21)
+    if plen[0] > max_payload:
+        return CAP2_BAD
+    if plen[0] > left - CAPTURE2_HEADER:
+        return CAP2_PARTIAL
+    if ing_load_u32le(rec + 25) != _cap2_crc(rec, plen[0]):
+        return CAP2_BAD
+    return CAP2_OK
+
+
+def capture2_unframe(buf, Py_ssize_t pos, Py_ssize_t max_payload, int64_t seq, out):
+    """Check format-2 records from ``buf[pos:]`` and copy them, as format-1 records, to ``out``.
+
+    Goes on while each record is whole, intact and carries ``seq``, ``seq + 1``...
+
+    Parameters
+    ----------
+    buf : buffer
+    pos : int
+        Where the first record starts.
+    max_payload : int
+        A record claiming more is damaged.
+    seq : int
+        The sequence number the record at ``pos`` must carry.
+    out : writable buffer
+        At least ``len(buf) - pos`` bytes.
+
+    Returns
+    -------
+    (pos, out_len, count, status) : tuple
+        Where the first record not taken starts, the bytes written to ``out``, the records
+        taken, and why it stopped: ``CAP2_OK`` (the buffer ends there exactly),
+        ``CAP2_PARTIAL`` (a record cut by the buffer's end), ``CAP2_BAD`` (a damaged record
+        at ``pos``) or ``CAP2_GAP`` (an intact record with another sequence number).
+    """
+    cdef Py_buffer view, oview
+    cdef const unsigned char *b
+    cdef unsigned char *o
+    cdef Py_ssize_t n, plen = 0, olen = 0, count = 0
+    cdef int r = CAP2_OK
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(out, &oview, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            b = <const unsigned char *>view.buf
+            n = view.len
+            o = <unsigned char *>oview.buf
+            if pos < 0 or pos > n:
+                raise ValueError(f"pos {pos} outside a buffer of {n} bytes")
+            if oview.len < n - pos:
+                raise ValueError(f"out holds {oview.len} bytes, {n - pos} needed")
+            with nogil:
+                while pos < n:
+                    r = _cap2_check(b, n, pos, max_payload, &plen)
+                    if r != CAP2_OK:
+                        break
+                    if <int64_t>ing_load_u64le(b + pos + 4) != seq:
+                        r = CAP2_GAP
+                        break
+                    memcpy(o + olen, b + pos + 12, CAPTURE_RECORD_HEADER)
+                    memcpy(o + olen + CAPTURE_RECORD_HEADER, b + pos + CAPTURE2_HEADER, plen)
+                    olen += 13 + plen
+                    pos += CAPTURE2_HEADER + plen
+                    seq += 1
+                    count += 1
+                    r = CAP2_OK
+        finally:
+            PyBuffer_Release(&oview)
+    finally:
+        PyBuffer_Release(&view)
+    return pos, olen, count, r
+
+
+def capture2_resync(buf, Py_ssize_t pos, Py_ssize_t max_payload):
+    """The first offset at or after ``pos`` where an intact record starts.
+
+    Returns ``(offset, status)``: ``CAP2_OK`` (an intact record there), ``CAP2_PARTIAL``
+    (a record may start there that the buffer cuts: read more, or at the end of the file
+    go on from ``offset + 1``), or ``CAP2_NONE`` with ``offset`` the length of the buffer.
+    """
+    cdef Py_buffer view
+    cdef const unsigned char *b
+    cdef const unsigned char *p
+    cdef Py_ssize_t n, plen = 0
+    cdef int r = CAP2_NONE
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        b = <const unsigned char *>view.buf
+        n = view.len
+        if pos < 0:
+            pos = 0
+        with nogil:
+            while pos < n:
+                p = <const unsigned char *>memchr(b + pos, _MARK[0], <size_t>(n - pos))
+                if p == NULL:
+                    pos = n
+                    break
+                pos = p - b
+                r = _cap2_check(b, n, pos, max_payload, &plen)
+                if r != CAP2_BAD:
+                    break
+                r = CAP2_NONE
+                pos += 1
+    finally:
+        PyBuffer_Release(&view)
+    return pos, r
+
+
+def capture2_frame(records, int64_t first_seq, out):
+    """Frame whole format-1 ``records`` as format-2 ones into ``out``, the first carrying
+    ``first_seq``; returns ``(bytes written, records)``.  ``out`` holds at least
+    ``len(records) + 16 * records``; a record running past the end raises ``ValueError``."""
+    cdef Py_buffer view, oview
+    cdef const unsigned char *b
+    cdef unsigned char *o
+    cdef Py_ssize_t n, plen, pos = 0, olen = 0, count = 0, cap
+    cdef bint bad = False
+    PyObject_GetBuffer(records, &view, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(out, &oview, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            b = <const unsigned char *>view.buf
+            n = view.len
+            o = <unsigned char *>oview.buf
+            cap = oview.len
+            with nogil:
+                while pos < n:
+                    if n - pos < CAPTURE_RECORD_HEADER:
+                        bad = True
+                        break
+                    plen = <Py_ssize_t>ing_load_u32le(b + pos + 9)
+                    if (plen > n - pos - CAPTURE_RECORD_HEADER
+                            or cap - olen < CAPTURE2_HEADER + plen):
+                        bad = True
+                        break
+                    memcpy(o + olen, _MARK, 4)
+                    _store_u64le(o + olen + 4, <uint64_t>(first_seq + count))
+                    memcpy(o + olen + 12, b + pos, CAPTURE_RECORD_HEADER)
+                    memcpy(o + olen + CAPTURE2_HEADER, b + pos + CAPTURE_RECORD_HEADER, plen)
+                    _store_u32le(o + olen + 25, _cap2_crc(o + olen, plen))
+                    olen += CAPTURE2_HEADER + plen
+                    pos += CAPTURE_RECORD_HEADER + plen
+                    count += 1
+        finally:
+            PyBuffer_Release(&oview)
+    finally:
+        PyBuffer_Release(&view)
+    if bad:
+        raise ValueError(f"record at byte {pos} runs past the end of the records or of out")
+    return olen, count

@@ -1,19 +1,31 @@
 """Capture files (``.cap``): the raw broker stream, recorded and replayed.
 
-Layout (DESIGN.md, "Capture file")::
+Layout (DESIGN.md, "Capture file"; format 2 since the record framing below)::
 
-    8 bytes  magic b"INGCAP01"
+    8 bytes  magic b"INGCAP02" (b"INGCAP01": format 1, still read)
     4 bytes  uint32 LE header length H
     H bytes  UTF-8 JSON header: {"broker": ..., "stream": ..., "first_seq": ...}
-    records to the end of the file:
+    records to the end of the file, format 2:
+      4 bytes marker b"\x89REC"
+      8 bytes u64 LE sequence number (the first record's is first_seq, then + 1 each)
       8 bytes u64 LE receive time (ns since the epoch, UTC)
       1 byte  kind: 1 binary WebSocket message, 2 text message
       4 bytes u32 LE payload length
+      4 bytes u32 LE CRC-32 (zlib's) of the 21 bytes after the marker, then the payload
       payload
+    format 1 records are the same without marker, sequence number and CRC (13 bytes).
 
 Record k has sequence number ``first_seq + k``.  A truncated last record (a
-crash while recording) is ignored with a warning.  Reading streams in
-chunks, so files of any size are read in bounded memory.
+crash while recording) is ignored with a warning.  A *damaged* record (a
+wrong marker, length or checksum: a disk or a copy went wrong) is skipped and
+counted: the reader finds the next intact record after it (its marker, its
+checksum and a sequence number after the last one read) and goes on there, so
+one bad byte costs the records it touched, not the rest of the file, and the
+sequence numbers say exactly which records were lost.  Format 1 has no means
+to resynchronise: its reader stops at a damaged record, counting the bytes
+left.  Reading streams in chunks, so files of any size are read in bounded
+memory; the records are handed on in format 1 (what ``KiteDecoder`` walks),
+checked and unframed in C.
 """
 
 from __future__ import annotations
@@ -24,15 +36,25 @@ import logging
 import os
 import struct
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-from ingestor._core import capture_span
+from ingestor._core import capture2_frame, capture2_resync, capture2_unframe, capture_span
 
-MAGIC = b"INGCAP01"
+MAGIC = b"INGCAP02"
+MAGIC_V1 = b"INGCAP01"
+VERSIONS = {MAGIC_V1: 1, MAGIC: 2}
 KIND_BINARY = 1
 KIND_TEXT = 2
-RECORD_HEADER = struct.Struct("<QBI")  # recv_ns, kind, length: 13 bytes
+#: a format-1 record's header, and what the reader hands on: recv_ns, kind, length (13 bytes)
+RECORD_HEADER = struct.Struct("<QBI")
+#: a format-2 record's header: marker, seq, recv_ns, kind, length, crc (29 bytes)
+RECORD2_HEADER = struct.Struct("<4sQQBII")
+RECORD2_MARKER = b"\x89REC"
+#: bytes a record takes on disk beyond its payload, per format
+RECORD_OVERHEAD = {1: RECORD_HEADER.size, 2: RECORD2_HEADER.size}
+_CAP2_OK, _CAP2_PARTIAL, _CAP2_BAD, _CAP2_GAP, _CAP2_NONE = range(5)
 _HLEN = struct.Struct("<I")
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 1 << 28  # a WebSocket message of 256 MiB is not a real one
@@ -93,16 +115,21 @@ class CaptureWriter:
     """Append records to a new capture file.
 
     ``write(payload, kind, recv_ns)`` buffers; ``flush()`` hands the bytes
-    to the OS; ``sync()`` also fsyncs.  Use as a context manager.
+    to the OS; ``sync()`` also fsyncs.  Use as a context manager.  Files are
+    written in format 2 (``version=1``: the older format, for tests of its reader).
     """
 
     def __init__(self, path: str | os.PathLike, header: CaptureHeader | None = None,
-                 buffer_size: int = 1 << 20):
+                 buffer_size: int = 1 << 20, version: int = 2):
+        if version not in RECORD_OVERHEAD:
+            raise ValueError(f"capture format must be 1 or 2, not {version}")
         self.header = header or CaptureHeader()
         self.path = os.fspath(path)
+        self.version = version
+        self.overhead = RECORD_OVERHEAD[version]
         self._f: BinaryIO = open(self.path, "wb", buffering=buffer_size)
         raw = self.header.to_json()
-        self._f.write(MAGIC + _HLEN.pack(len(raw)) + raw)
+        self._f.write((MAGIC if version == 2 else MAGIC_V1) + _HLEN.pack(len(raw)) + raw)
         self.records = 0
         self.bytes = self._f.tell()
 
@@ -116,16 +143,27 @@ class CaptureWriter:
         if kind not in (KIND_BINARY, KIND_TEXT):
             raise ValueError(f"record kind must be 1 or 2, not {kind}")
         n = len(payload)
-        self._f.write(RECORD_HEADER.pack(recv_ns, kind, n))
-        self._f.write(payload)
         seq = self.next_seq
+        if self.version == 2:
+            fields = RECORD2_HEADER.pack(RECORD2_MARKER, seq, recv_ns, kind, n, 0)[4:25]
+            crc = zlib.crc32(payload, zlib.crc32(fields))
+            self._f.write(RECORD2_MARKER + fields + crc.to_bytes(4, "little"))
+        else:
+            self._f.write(RECORD_HEADER.pack(recv_ns, kind, n))
+        self._f.write(payload)
         self.records += 1
-        self.bytes += RECORD_HEADER.size + n
+        self.bytes += self.overhead + n
         return seq
 
     def write_raw(self, records: bytes | bytearray | memoryview, count: int) -> None:
-        """Append ``count`` whole records already in the record format (the spool's writer
-        thread: one write for what the feed appended since the last one)."""
+        """Append ``count`` whole records given in format 1 (the spool's writer thread: one
+        write for what the feed appended since the last one), framed in C without the GIL."""
+        if self.version == 2:
+            out = bytearray(len(records) + (RECORD2_HEADER.size - RECORD_HEADER.size) * count)
+            n, got = capture2_frame(records, self.next_seq, out)
+            if got != count:
+                raise ValueError(f"write_raw: {got} records given, {count} announced")
+            records = memoryview(out)[:n]
         self._f.write(records)
         self.records += count
         self.bytes += len(records)
@@ -156,14 +194,197 @@ class Record:
     payload: bytes
 
 
+@dataclass
+class Block:
+    """Intact records with consecutive sequence numbers, in format 1 (``data``), and where
+    they lay in what was scanned (``start``/``end``: offsets of the first record and just
+    past the last one; a file offset when read by ``read_blocks``)."""
+
+    data: memoryview
+    first_seq: int
+    count: int
+    start: int
+    end: int
+
+
+class RecordScanner:
+    """Checks a capture's records as they are read, skips and counts damage.
+
+    ``scan(buf, final)`` takes the bytes after what the previous call consumed and
+    returns ``(blocks, consumed)``: the intact records found (``Block`` objects, in order) and
+    how many bytes of ``buf`` are dealt with (records, damage skipped, a truncated tail when
+    ``final``); the rest starts a record that ``buf`` cuts, to be passed again with more
+    bytes.  ``final``: nothing follows ``buf`` (the end of the file).
+
+    Counters: ``damaged`` (damaged stretches met), ``damaged_bytes``, ``lost_records``
+    (sequence numbers known missing: the records a damaged stretch held; format 2 only),
+    ``truncated_bytes`` (a record cut by the end of the file: a crash while writing).
+    ``stopped``: format 1 met damage, and cannot go on after it.
+    """
+
+    def __init__(self, version: int, next_seq: int, max_payload: int = MAX_PAYLOAD):
+        self.version = version
+        self.next_seq = next_seq
+        self.max_payload = max_payload
+        self.damaged = 0
+        self.damaged_bytes = 0
+        self.lost_records = 0
+        self.truncated_bytes = 0
+        self.stopped = False
+        #: bytes the record at the start of the unconsumed rest needs (0: not known yet)
+        self.want = 0
+        self._resyncing = False
+
+    def scan(self, buf, final: bool) -> tuple[list[Block], int]:
+        if self.stopped:
+            self.damaged_bytes += len(buf)
+            return [], len(buf)
+        if self.version == 1:
+            return self._scan_v1(buf, final)
+        return self._scan_v2(buf, final)
+
+    def _scan_v1(self, buf, final: bool) -> tuple[list[Block], int]:
+        n = len(buf)
+        end, count = capture_span(buf, self.max_payload, True)
+        blocks = [Block(memoryview(buf)[:end], self.next_seq, count, 0, end)] if count else []
+        self.next_seq += count
+        self.want = 0
+        if n - end >= RECORD_HEADER.size:
+            plen = RECORD_HEADER.unpack_from(buf, end)[2]
+            if plen > self.max_payload:
+                # a whole header claiming more than any record holds: its length is damaged
+                self.damaged += 1
+                self.damaged_bytes += n - end
+                self.stopped = True
+                return blocks, n
+            self.want = RECORD_HEADER.size + plen
+        if final and end < n:
+            self.truncated_bytes += n - end
+            return blocks, n
+        return blocks, end
+
+    def _seq_at(self, buf, pos: int) -> int:
+        return int.from_bytes(buf[pos + 4:pos + 12], "little")
+
+    def _resync(self, buf, pos: int, final: bool) -> tuple[int, int]:
+        # the next intact record at or after pos whose sequence number is after the last one
+        # read (an older one is a stale copy, not where the stream goes on)
+        while True:
+            q, st = capture2_resync(buf, pos, self.max_payload)
+            if st == _CAP2_OK and self._seq_at(buf, q) < self.next_seq:
+                pos = q + 1
+            elif st == _CAP2_PARTIAL and final:
+                pos = q + 1  # cut by the end of the file: not a record
+            else:
+                return q, st
+
+    def _scan_v2(self, buf, final: bool) -> tuple[list[Block], int]:
+        n = len(buf)
+        mv = memoryview(buf)
+        out = None
+        opos = 0
+        pos = 0
+        blocks: list[Block] = []
+        self.want = 0
+        while pos < n:
+            resynced = self._resyncing
+            if resynced:
+                q, st = self._resync(buf, pos, final)
+                self.damaged_bytes += q - pos
+                pos = q
+                if st != _CAP2_OK:
+                    # NONE: the rest of buf is damage; PARTIAL: more bytes decide
+                    if st == _CAP2_PARTIAL and n - pos >= RECORD2_HEADER.size:
+                        self.want = RECORD2_HEADER.size + RECORD2_HEADER.unpack_from(buf, pos)[4]
+                    break
+                self._resyncing = False
+            if out is None:
+                out = bytearray(n)
+            p2, olen, count, st = capture2_unframe(buf, pos, self.max_payload, self.next_seq,
+                                                   memoryview(out)[opos:])
+            if count:
+                blocks.append(Block(memoryview(out)[opos:opos + olen], self.next_seq, count,
+                                    pos, p2))
+                opos += olen
+                self.next_seq += count
+                pos = p2
+            if st == _CAP2_OK:
+                break
+            if st == _CAP2_PARTIAL:
+                if not final:
+                    if n - pos >= RECORD2_HEADER.size:
+                        self.want = RECORD2_HEADER.size + RECORD2_HEADER.unpack_from(buf, pos)[4]
+                    break
+                # cut by the end of the file: the last record of a crash, unless an intact
+                # record follows (then its length was damaged)
+                q, st2 = self._resync(buf, pos + 1, final)
+                if st2 != _CAP2_OK:
+                    self.truncated_bytes += n - pos
+                    pos = n
+                    break
+                st = _CAP2_BAD
+            if st == _CAP2_GAP:
+                seq = self._seq_at(buf, pos)
+                if seq > self.next_seq:
+                    # intact, and later than expected: the records between are lost
+                    if not resynced or count:  # (else counted with the stretch before it)
+                        self.damaged += 1
+                    self.lost_records += seq - self.next_seq
+                    self.next_seq = seq
+                    continue
+                st = _CAP2_BAD  # a record read already: a stale copy, not the stream
+            # damaged: skip it, find the next intact record
+            self.damaged += 1
+            self.damaged_bytes += 1
+            pos += 1
+            self._resyncing = True
+        return blocks, pos
+
+
+def read_blocks(f: BinaryIO, offset: int, scanner: RecordScanner, *, end: int | None = None,
+                final: bool = True, chunk_size: int = 1 << 22) -> Iterator[Block]:
+    """The intact records of the open file ``f`` from ``offset`` (a record boundary) up to
+    ``end`` (None: the end of the file), as ``Block`` objects with file offsets.  ``final``: nothing
+    will follow ``end`` (a cut record there is a truncated tail, not one still being
+    written).  Memory is bounded by ``chunk_size`` and the longest record."""
+    fd = f.fileno()
+    carry = b""
+    base = pos = offset  # base: the file offset of carry[0]
+    while True:
+        size = max(chunk_size, scanner.want - len(carry))
+        if end is not None:
+            size = min(size, end - pos)
+        data = os.pread(fd, size, pos) if size > 0 else b""
+        pos += len(data)
+        at_end = not data or (end is not None and pos >= end)
+        buf = carry + data if carry else data
+        if not buf:
+            return
+        blocks, consumed = scanner.scan(buf, final and at_end)
+        for b in blocks:
+            b.start += base
+            b.end += base
+            yield b
+        if scanner.stopped:  # format 1 after damage: the rest of the file is unreadable
+            rest = (end if end is not None else os.fstat(fd).st_size) - pos
+            scanner.damaged_bytes += max(0, rest)
+            return
+        carry = bytes(memoryview(buf)[consumed:])
+        base += consumed
+        if at_end:
+            return
+
+
 class CaptureReader:
     """Read a capture file: its header, then records or raw chunks of records.
 
     ``records()`` yields one ``Record`` at a time (simple, a Python object
     per message).  ``chunks()`` yields ``(chunk, start_seq)`` with whole
-    records only, for ``KiteDecoder.feed_capture`` (the batch path: no
-    Python call per message).  Either warns once if the file ends inside a
-    record, and ``truncated`` is then True.
+    format-1 records only, for ``KiteDecoder.feed_capture`` (the batch path: no
+    Python call per message); the sequence numbers of consecutive chunks jump
+    over records lost to damage.  Either warns once if the file ends inside a
+    record (``truncated`` is then True), and once per damaged stretch
+    (``damaged``, ``damaged_bytes``, ``lost_records``; ``damage_found``).
     """
 
     def __init__(self, path: str | os.PathLike, chunk_size: int = 1 << 22):
@@ -171,6 +392,10 @@ class CaptureReader:
         self.chunk_size = chunk_size
         self.truncated = False
         self.truncated_bytes = 0
+        self.damaged = 0
+        self.damaged_bytes = 0
+        self.lost_records = 0
+        self.version = 2
         self._f: BinaryIO = open(self.path, "rb")
         try:
             self.header = self._read_header()
@@ -179,10 +404,16 @@ class CaptureReader:
             raise
         self.data_offset = self._f.tell()
 
+    @property
+    def damage_found(self) -> bool:
+        return bool(self.damaged or self.lost_records)
+
     def _read_header(self) -> CaptureHeader:
         head = self._f.read(12)
-        if len(head) < 12 or head[:8] != MAGIC:
-            raise CaptureError(f"{self.path}: not a capture file (expected magic {MAGIC.decode()})")
+        if len(head) < 12 or head[:8] not in VERSIONS:
+            raise CaptureError(f"{self.path}: not a capture file (expected magic {MAGIC.decode()} "
+                               f"or {MAGIC_V1.decode()})")
+        self.version = VERSIONS[head[:8]]
         (hlen,) = _HLEN.unpack_from(head, 8)
         if hlen > MAX_HEADER:
             raise CaptureError(f"{self.path}: capture header length {hlen} is implausible")
@@ -191,33 +422,35 @@ class CaptureReader:
             raise CaptureError(f"{self.path}: capture header truncated ({len(raw)} of {hlen} bytes)")
         return CaptureHeader.from_json(raw)
 
-    def _truncated_at(self, remaining: int) -> None:
-        self.truncated = True
-        self.truncated_bytes = remaining
-        log.warning("%s: last record truncated (%d bytes ignored); a crash while recording?",
-                    self.path, remaining)
+    def scanner(self, max_payload: int = MAX_PAYLOAD) -> RecordScanner:
+        """A ``RecordScanner`` for this file's records from the first one."""
+        return RecordScanner(self.version, self.header.first_seq, max_payload)
+
+    def first_recv_ns(self) -> int:
+        """The first record's receive time (0 without a first record header)."""
+        off = 12 if self.version == 2 else 0
+        head = os.pread(self._f.fileno(), 8, self.data_offset + off)
+        return int.from_bytes(head, "little") if len(head) == 8 else 0
 
     def chunks(self) -> Iterator[tuple[memoryview, int]]:
-        """Yield ``(chunk, seq_of_first_record)``; each chunk holds whole records."""
-        self._f.seek(self.data_offset)
-        seq = self.header.first_seq
-        carry = b""
-        while True:
-            data = self._f.read(self.chunk_size)
-            if not data:
-                break
-            buf = carry + data if carry else data
-            end, count = _whole_records(buf)
-            if count == 0 and len(buf) < RECORD_HEADER.size + MAX_PAYLOAD:
-                # One record larger than the chunk: keep reading.
-                carry = buf
-                continue
-            if count:
-                yield memoryview(buf)[:end], seq
-                seq += count
-            carry = buf[end:]
-        if carry:
-            self._truncated_at(len(carry))
+        """Yield ``(chunk, seq_of_first_record)``; each chunk holds whole format-1 records."""
+        sc = self.scanner()
+        for b in read_blocks(self._f, self.data_offset, sc, chunk_size=self.chunk_size):
+            self.damaged, self.damaged_bytes, self.lost_records = (sc.damaged, sc.damaged_bytes,
+                                                                   sc.lost_records)
+            yield b.data, b.first_seq
+        self.damaged, self.damaged_bytes, self.lost_records = (sc.damaged, sc.damaged_bytes,
+                                                               sc.lost_records)
+        if self.damage_found:
+            log.warning("%s: %d damaged stretch(es) skipped (%d bytes, %d record(s) known lost)%s",
+                        self.path, sc.damaged, sc.damaged_bytes, sc.lost_records,
+                        ": format 1 cannot resynchronise, the rest of the file was not read"
+                        if sc.stopped else "; the intact records after each were read")
+        if sc.truncated_bytes:
+            self.truncated = True
+            self.truncated_bytes = sc.truncated_bytes
+            log.warning("%s: last record truncated (%d bytes ignored); a crash while recording?",
+                        self.path, sc.truncated_bytes)
 
     def records(self) -> Iterator[Record]:
         for chunk, seq in self.chunks():
@@ -238,11 +471,3 @@ class CaptureReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _whole_records(buf) -> tuple[int, int]:
-    """End offset and count of the whole records at the start of ``buf`` (walked in C)."""
-    try:
-        return capture_span(buf, MAX_PAYLOAD)
-    except ValueError as exc:
-        raise CaptureError(str(exc)) from None

@@ -42,13 +42,20 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ingestor.feed.capture import RECORD_HEADER, CaptureHeader, CaptureReader, CaptureWriter
+from ingestor.feed.capture import (RECORD2_HEADER, RECORD_HEADER, RECORD_OVERHEAD, Block,
+                                   CaptureHeader, CaptureReader, CaptureWriter, RecordScanner,
+                                   read_blocks)
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+#: where segments with damaged records go once read (never deleted: they hold what could not
+#: be replayed); outside the ``*.cap`` the next start replays
+DAMAGED_DIR = "damaged"
 #: a leftover's end (its last sequence number + 1) until reading finds it
 UNKNOWN_END = 1 << 62
+#: ``_read_segment``: the segment was read to its end
+_EXHAUSTED = object()
 
 
 class SpoolInUse(Exception):
@@ -64,6 +71,10 @@ class Segment:
     #: bytes written (header included)
     size: int
     closed: bool = False
+    #: capture format of the file (a leftover of an older version may be 1)
+    version: int = 2
+    #: damaged records were met in it: kept (moved to ``DAMAGED_DIR``), never deleted
+    damaged: bool = False
 
 
 class StreamSpool:
@@ -109,7 +120,7 @@ class StreamSpool:
     def append(self, payload: bytes, kind: int, recv_ns: int) -> int | None:
         """Spool one message; returns its sequence number (None: the spool is full)."""
         sp = self.spool
-        size = RECORD_HEADER.size + len(payload)
+        size = RECORD2_HEADER.size + len(payload)  # what it takes on disk
         if sp.bytes + size > sp.max_bytes:
             sp.dropped += 1
             if sp.dropped == 1 or sp.dropped % 10_000 == 0:
@@ -201,43 +212,20 @@ class StreamSpool:
         return chunk, first
 
     def _read_disk(self, limit: int) -> tuple[bytes, int] | None:
-        from ingestor._core import capture_span
-
         with self._lock:
             segs = list(self.segments)
         for seg in segs:
-            if not (seg.first_seq <= self.read_seq < seg.end_seq):
+            if seg.end_seq <= self.read_seq:
                 continue
-            _, off, seq = self._seek(seg)
-            if off >= seg.size:
-                if not seg.closed:
-                    return None  # the writer thread has not written further yet
-                seg.end_seq = seq  # a leftover's real end, found by reading it
-                continue
-            want = min(limit, seg.size - off)
-            with open(seg.path, "rb") as f:
-                f.seek(off)
-                data = f.read(want)
-            try:
-                end, count = capture_span(data, self.spool.max_record)
-                if count == 0 and want < seg.size - off:  # one record larger than limit
-                    with open(seg.path, "rb") as f:
-                        f.seek(off)
-                        data = f.read(seg.size - off)
-                    end, count = capture_span(data, self.spool.max_record)
-            except ValueError as exc:
-                end, count = 0, 0
-                log.error("spool segment %s: damaged record at byte %d (%s)", seg.path, off, exc)
-            if count == 0:
-                if not seg.closed:
-                    return None
-                log.warning("spool segment %s ends inside a record at byte %d (%d bytes "
-                            "ignored): a crash while writing?", seg.path, off, seg.size - off)
-                seg.end_seq = seq
-                continue
-            self._cursor = (seg.path, off + end, seq + count)
-            self.read_seq = seq + count
-            return bytes(data[:end]), seq
+            if seg.first_seq > self.read_seq:
+                # the records between the last intact one before this segment and its first
+                # were lost to damage (a segment's end is the next one's start)
+                self._note_damage(seg, 0, seg.first_seq - self.read_seq)
+                self.read_seq = seg.first_seq
+                self._cursor = None
+            got = self._read_segment(seg, limit)
+            if got is not _EXHAUSTED:
+                return got
         if self.recovered and self.next_seq == UNKNOWN_END:
             # a leftover read to its end
             last = segs[-1].end_seq if segs else self.read_seq
@@ -245,36 +233,74 @@ class StreamSpool:
                 self.next_seq = self.read_seq
         return None
 
-    def _seek(self, seg: Segment) -> tuple[str, int, int]:
-        """File offset of ``read_seq`` in ``seg`` (walking records when not cached)."""
-        from ingestor._core import capture_span
+    def _read_segment(self, seg: Segment, limit: int):
+        """The next block of intact records of ``seg`` at ``read_seq`` (None: the writer thread
+        has not written further yet; ``_EXHAUSTED``: read to its end, ``end_seq`` set)."""
+        _, off, seq = self._seek(seg)
+        max_record = self.spool.max_record
+        with open(seg.path, "rb") as f:
+            while off < seg.size:
+                sc = RecordScanner(seg.version, seq, max_record)
+                blocks = read_blocks(f, off, sc, end=seg.size, final=seg.closed,
+                                     chunk_size=limit)
+                b: Block | None = next(blocks, None)
+                blocks.close()
+                if b is not None:
+                    # damage before it (or records a seek jumped over: read_seq, not seq)
+                    if b.start > off or b.first_seq > self.read_seq:
+                        self._note_damage(seg, b.start - off, b.first_seq - self.read_seq)
+                    self._cursor = (seg.path, b.end, b.first_seq + b.count)
+                    self.read_seq = b.first_seq + b.count
+                    return bytes(b.data), b.first_seq
+                if not seg.closed:
+                    return None  # the writer thread is mid-write: it writes whole records
+                # closed, nothing intact up to the end: damage, or a record a crash cut
+                if sc.damaged_bytes:
+                    self._note_damage(seg, sc.damaged_bytes, 0)
+                if sc.truncated_bytes:
+                    log.warning("spool segment %s ends inside a record (%d bytes ignored): a "
+                                "crash while writing?", seg.path, sc.truncated_bytes)
+                off = seg.size
+        if not seg.closed:
+            return None
+        seg.end_seq = seq  # a leftover's real end (or where damage took its last records)
+        if seq > self.read_seq:
+            self.read_seq = seq
+        return _EXHAUSTED
 
+    def _note_damage(self, seg: Segment, nbytes: int, lost: int) -> None:
+        sp = self.spool
+        seg.damaged = True
+        sp.damaged += 1
+        sp.damaged_bytes += nbytes
+        sp.lost_records += lost
+        log.error("spool segment %s: damaged record(s) skipped (%d bytes, %d record(s) lost); "
+                  "the intact records after them are read on, the file is kept in %s/",
+                  seg.path, nbytes, lost, DAMAGED_DIR)
+
+    def _seek(self, seg: Segment) -> tuple[str, int, int]:
+        """File offset of ``read_seq`` in ``seg`` (walking records when not cached), and the
+        sequence number there (later than ``read_seq`` when damage took that record)."""
         if self._cursor is not None and self._cursor[0] == seg.path and self._cursor[2] == self.read_seq:
             return self._cursor
         off, seq = _data_offset(seg.path), seg.first_seq
+        if self.read_seq <= seq:
+            return (seg.path, off, seq)
+        extra = RECORD_OVERHEAD[seg.version] - RECORD_HEADER.size
+        sc = RecordScanner(seg.version, seq, self.spool.max_record)
         with open(seg.path, "rb") as f:
-            while seq < self.read_seq:
-                f.seek(off)
-                data = f.read(min(8 << 20, seg.size - off))
-                if not data:
-                    break
-                try:
-                    end, count = capture_span(data, self.spool.max_record)
-                except ValueError:  # damaged: _read_disk reports it
-                    break
-                if seq + count > self.read_seq:  # overshoot: walk record by record
-                    pos = 0
-                    while seq < self.read_seq:
-                        _, _, ln = RECORD_HEADER.unpack_from(data, pos)
-                        pos += RECORD_HEADER.size + ln
-                        seq += 1
-                    off += pos
-                    break
-                if count == 0:
-                    break
-                off += end
-                seq += count
-        return (seg.path, off, seq)
+            for b in read_blocks(f, off, sc, end=seg.size, final=seg.closed):
+                if b.first_seq + b.count <= self.read_seq:
+                    off, seq = b.end, b.first_seq + b.count
+                    continue
+                if b.first_seq >= self.read_seq:
+                    return (seg.path, b.start, b.first_seq)
+                # read_seq is inside this block: walk its records to it
+                pos, k = 0, self.read_seq - b.first_seq
+                for _ in range(k):
+                    pos += RECORD_HEADER.size + RECORD_HEADER.unpack_from(b.data, pos)[2]
+                return (seg.path, b.start + pos + extra * k, self.read_seq)
+        return (seg.path, seg.size, seq)
 
     def release(self, committed_seq: int) -> None:
         """Everything up to ``committed_seq`` is in the database: the writer thread deletes
@@ -339,13 +365,16 @@ class StreamSpool:
         keep = []
         for seg in self.segments:
             if seg.closed and seg.end_seq - 1 <= self.committed and seg.end_seq <= self.read_seq:
-                self.spool.add_bytes(-_remove(seg.path, self.spool.keep_dir))
+                # read to its end and committed: deleted (or kept, recording); one with damaged
+                # records is moved aside instead, never deleted
+                self.spool.add_bytes(-_remove(seg.path, self.spool.keep_dir, seg.damaged))
             else:
                 keep.append(seg)
         if len(keep) != len(self.segments):
             with self._lock:
                 self.segments = keep
-                self._cursor = None
+                if self._cursor is not None and all(s.path != self._cursor[0] for s in keep):
+                    self._cursor = None
         if self.ended and not self.segments and not self._pending and self.consumed:
             self.closed = True
 
@@ -362,11 +391,18 @@ def _data_offset(path: str) -> int:
     return 12 + int.from_bytes(head[8:12], "little")
 
 
-def _remove(path: str, keep_dir: str | None = None) -> int:
-    """Delete a released segment, or move it into ``keep_dir`` (the raw recording)."""
+def _remove(path: str, keep_dir: str | None = None, damaged: bool = False) -> int:
+    """Delete a released segment, or move it into ``keep_dir`` (the raw recording), or, when
+    it held damaged records, into ``DAMAGED_DIR`` beside it (a person decides)."""
     try:
         size = os.path.getsize(path)
-        if keep_dir:
+        if damaged:
+            aside = os.path.join(os.path.dirname(path), DAMAGED_DIR)
+            os.makedirs(aside, exist_ok=True)
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+            log.error("spool segment %s held damaged records: moved to %s/ (not deleted)",
+                      path, aside)
+        elif keep_dir:
             os.replace(path, os.path.join(keep_dir, os.path.basename(path)))
         else:
             os.unlink(path)
@@ -398,6 +434,10 @@ class Spool:
         #: seconds the writer thread waits after the first new append to gather more
         self.write_delay = 0.01
         self.dropped = 0
+        #: damaged stretches met reading segments back, their bytes, the records they held
+        self.damaged = 0
+        self.damaged_bytes = 0
+        self.lost_records = 0
         self.alarmed = False
         self._bytes_lock = threading.Lock()
         self.bytes = sum(os.path.getsize(p) for p in self.leftover_files())
@@ -449,16 +489,13 @@ class Spool:
         info = []
         for path in self.leftover_files():
             try:
-                with CaptureReader(path) as rd, open(path, "rb") as f:
-                    f.seek(rd.data_offset)
-                    head = f.read(RECORD_HEADER.size)
-                    first_ns = RECORD_HEADER.unpack(head)[0] if len(head) == RECORD_HEADER.size else 0
-                    info.append((rd.header.stream, rd.header.first_seq, first_ns, path,
-                                 os.path.getsize(path)))
+                with CaptureReader(path) as rd:
+                    info.append((rd.header.stream, rd.header.first_seq, rd.first_recv_ns(), path,
+                                 os.path.getsize(path), rd.version))
             except (OSError, ValueError) as exc:
                 log.error("spool file %s is unreadable (%s): left in place", path, exc)
         start: dict[str, int] = {}
-        for stream, _, first_ns, _, _ in sorted(info, key=lambda x: (x[0], x[1])):
+        for stream, _, first_ns, _, _, _ in sorted(info, key=lambda x: (x[0], x[1])):
             start.setdefault(stream, first_ns)
         by_stream: dict[str, list] = {}
         for item in sorted(info, key=lambda x: (start[x[0]], x[0], x[1])):
@@ -466,10 +503,10 @@ class Spool:
         out = []
         for stream, items in by_stream.items():
             segs = []
-            for i, (_, first_seq, _, path, size) in enumerate(items):
+            for i, (_, first_seq, _, path, size, version) in enumerate(items):
                 # a segment's end is the next one's start; the last one's is found by reading
                 end = items[i + 1][1] if i + 1 < len(items) else UNKNOWN_END
-                segs.append(Segment(path, first_seq, end, size, closed=True))
+                segs.append(Segment(path, first_seq, end, size, closed=True, version=version))
             sp = StreamSpool(self, stream, recovered=segs)
             sp.next_seq = UNKNOWN_END
             out.append(sp)

@@ -19,7 +19,9 @@ turns either form (the envelope, or the bare ``data`` object) into a :class:`Pos
   ``transaction_type`` is BUY/SELL (the sign of a position), ``order_type`` is one of
   MARKET/LIMIT/SL/SL-M, quantities are non-negative with ``filled_quantity <= quantity``,
   prices are finite, non-negative and fit ``NUMERIC(18,7)``, no text holds a NUL character
-  (PostgreSQL text cannot).  Anything else raises :class:`PostbackError` with the reason;
+  (PostgreSQL text cannot), a COMPLETE order has filled something and a fill has an average
+  price (the store checks the rest against what it knows of the order: see
+  :mod:`ingestor.orders.store`).  Anything else raises :class:`PostbackError` with the reason;
   the store keeps such messages in ``postback_dead_letters``.
 * **Bounded**, because one hostile message must not stop the writer: a message over
   :data:`MAX_BYTES` or nested deeper than :data:`MAX_DEPTH` is refused before it is parsed
@@ -173,6 +175,14 @@ class Postback(msgspec.Struct, kw_only=True, omit_defaults=True):
         if self.filled_quantity > self.quantity:
             raise ValueError(f"filled_quantity {self.filled_quantity} exceeds quantity "
                              f"{self.quantity}")
+        # contradictions the store would turn into wrong fills: a COMPLETE order with nothing
+        # filled became final at 0 (the real fill, arriving later, was then dropped as
+        # stale); a fill without an average price became an execution at price 0
+        if self.status == "COMPLETE" and self.filled_quantity == 0:
+            raise ValueError("status COMPLETE with filled_quantity 0 or absent")
+        if self.filled_quantity > 0 and not self.average_price:
+            raise ValueError(f"filled_quantity {self.filled_quantity} with average_price "
+                             f"{self.average_price} (absent or 0)")
         for name in ("price", "trigger_price", "average_price"):
             v = getattr(self, name)
             if v is None:

@@ -33,7 +33,14 @@
    Fills apply in ``executions.id`` order, which is the order they were derived in: within
    a batch, postbacks by exchange update time.  :func:`replay_positions` recomputes them
    from a list of fills (the tests check the table against their own, separate replay).
-6. The strategy is the order's ``tag`` (:attr:`OrderStore.default_strategy` when absent),
+6. A postback that contradicts what is known of its order is dead-lettered with the reason
+   and not applied (it would corrupt fills and positions): one naming another instrument or
+   side than the order's first sighting (a SELL of another instrument was applied as a BUY
+   fill of the original one), or one whose average price implies a fill at a price of zero
+   or below (an average falling from 5 @ 100 to 10 @ 1 made an execution at -98).  What a
+   postback says of itself alone (COMPLETE with nothing filled, a fill without an average
+   price) is refused when it is decoded (:mod:`ingestor.orders.postback`).
+7. The strategy is the order's ``tag`` (:attr:`OrderStore.default_strategy` when absent),
    registered in ``strategies`` if new; unknown instrument tokens are registered in
    ``instruments`` (:func:`ingestor.store.instruments.register_tokens`, committed on its own
    before the batch: ids are shared with the tick writer).
@@ -420,6 +427,29 @@ def _key(pb: Postback):
             pb.exchange_update_timestamp or _MIN_TIME)
 
 
+def _contradicts_identity(pb: Postback, st: _Order, ids: Mapping[int, int]) -> str | None:
+    """Why ``pb`` cannot be a postback of the stored order ``st`` (None: it can)."""
+    iid = ids.get(pb.instrument_token)
+    if iid != st.instrument_id:
+        return (f"names instrument_token {pb.instrument_token} but order {pb.order_id} is of "
+                f"instrument id {st.instrument_id}")
+    if pb.transaction_type != st.transaction_type:
+        return (f"names side {pb.transaction_type} but order {pb.order_id} is a "
+                f"{st.transaction_type}")
+    return None
+
+
+def _contradiction(pb: Postback, data: str, place, reason: str, res: "ApplyResult") -> tuple:
+    """A dead letter for a postback that contradicts its order (counted in ``res``)."""
+    reason = f"contradicts its order: {reason}"[:1000]
+    log.warning("postback of order %s dead-lettered%s: %s", pb.order_id[:64],
+                f" ({place[0]}#{place[1]})" if place else "", reason)
+    res.dead_letters += 1
+    res.reasons.append(reason)
+    return (place[0] if place else None, place[1] if place else None, reason,
+            _payload_text(data))
+
+
 def _fill_time(pb: Postback) -> dt.datetime:
     return (pb.exchange_update_timestamp or pb.exchange_timestamp or pb.order_timestamp
             or dt.datetime.now(dt.timezone.utc))
@@ -459,6 +489,9 @@ class OrderStore:
     def __init__(self, default_strategy: str = DEFAULT_STRATEGY):
         self.default_strategy = default_strategy
         self._ids: dict[int, int] = {}
+        #: what the last :meth:`apply` / :meth:`apply_sync` did (the daemon counts its dead
+        #: letters once the batch's transaction committed)
+        self.last_result: ApplyResult | None = None
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, messages: Sequence[Message], places) -> tuple[list, list, ApplyResult]:
@@ -501,7 +534,7 @@ class OrderStore:
 
     # ------------------------------------------------------------------ the logic (no I/O)
     def _batch(self, good: list[tuple[Postback, str]], dead: list, ids: Mapping[int, int],
-               res: ApplyResult) -> Generator[_Q, Any, None]:
+               res: ApplyResult, places: Sequence | None = None) -> Generator[_Q, Any, None]:
         yield _Q(_LOCK, (ORDERS_LOCK,))
         if dead:
             yield _Q(_DEAD, tuple(map(list, zip(*dead))))
@@ -517,28 +550,42 @@ class OrderStore:
             orders[boid] = _Order(oid, sid, iid, tt, filled, avg or Decimal(0), status, ts)
 
         # apply in exchange-time order (stable: delivery order among equals)
-        good = sorted(good, key=lambda g: (g[0].exchange_update_timestamp or _MIN_TIME,
-                                           g[0].filled_quantity, g[0].is_terminal))
+        items = sorted(zip(good, places if places is not None else [None] * len(good)),
+                       key=lambda g: (g[0][0].exchange_update_timestamp or _MIN_TIME,
+                                      g[0][0].filled_quantity, g[0][0].is_terminal))
         changed: dict[str, _Order] = {}
         history: list[tuple] = []
         fills: list[Fill] = []
-        for pb, data in good:
+        contradicting: list[tuple] = []
+        for (pb, data), place in items:
             st = orders.get(pb.order_id)
+            if st is not None and (reason := _contradicts_identity(pb, st, ids)):
+                contradicting.append(_contradiction(pb, data, place, reason, res))
+                continue
             if st is not None and (st.status in TERMINAL_STATUSES or _key(pb) <= st.key()):
                 res.stale += 1
                 continue
-            res.applied += 1
             avg1 = _price7(pb.average_price) or Decimal(0)
+            fill_price = None
+            if pb.filled_quantity > (st.filled if st is not None else 0):
+                filled0, avg0 = (st.filled, st.avg) if st is not None else (0, Decimal(0))
+                fill_price = derive_fill_price(avg0, filled0, avg1, pb.filled_quantity)
+                if fill_price <= 0:
+                    reason = (f"average_price {avg1} at filled_quantity {pb.filled_quantity} "
+                              f"after {avg0} at {filled0} implies a fill of "
+                              f"{pb.filled_quantity - filled0} at {fill_price}")
+                    contradicting.append(_contradiction(pb, data, place, reason, res))
+                    continue
+            res.applied += 1
             if st is None:
                 st = _Order(uuid.uuid4(), self._strategy_of(pb), ids[pb.instrument_token],
                             pb.transaction_type, 0, Decimal(0), "", None, new=True)
                 orders[pb.order_id] = st
-            if pb.filled_quantity > st.filled:
+            if fill_price is not None:
                 fills.append(Fill(
                     st.id, st.strategy_id, st.instrument_id, st.transaction_type,
-                    pb.filled_quantity - st.filled,
-                    derive_fill_price(st.avg, st.filled, avg1, pb.filled_quantity),
-                    _fill_time(pb), pb.filled_quantity))
+                    pb.filled_quantity - st.filled, fill_price, _fill_time(pb),
+                    pb.filled_quantity))
             if pb.status != st.status:
                 history.append((st.id, pb.status, pb.exchange_update_timestamp or pb.order_timestamp,
                                 pb.filled_quantity, avg1,
@@ -552,6 +599,8 @@ class OrderStore:
             st.pb, st.data = pb, data
             changed[pb.order_id] = st
 
+        if contradicting:
+            yield _Q(_DEAD, tuple(map(list, zip(*contradicting))))
         if changed:
             yield from self._write_orders(list(changed.values()), res)
         if history:
@@ -650,9 +699,13 @@ class OrderStore:
                 _payload_text(data))
 
     def apply_sync(self, conn, messages: Sequence[Message],
-                   places: Sequence[tuple[str, int] | None] | None = None, *,
-                   _retry: bool = True) -> ApplyResult:
+                   places: Sequence[tuple[str, int] | None] | None = None) -> ApplyResult:
         """Synchronous twin of :meth:`apply` (a :class:`psycopg.Connection`)."""
+        self.last_result = None
+        self.last_result = res = self._apply_sync(conn, messages, places)
+        return res
+
+    def _apply_sync(self, conn, messages, places, _retry: bool = True) -> ApplyResult:
         from ingestor.store.instruments import register_tokens
 
         good, dead, res = self._decode(messages, places)
@@ -660,14 +713,14 @@ class OrderStore:
         if unknown:
             self._ids.update(register_tokens(conn, unknown))
         try:
-            self._run_sync(conn, good, dead, res)
+            self._run_sync(conn, good, dead, res, self._good_places)
         except Exception as exc:
             if not self._is_data_error(exc):
                 raise
             if _retry and isinstance(exc, _fk_violation()):
                 # perhaps our instrument ids are stale: reload them and try the batch again
                 self._ids.clear()
-                return self.apply_sync(conn, messages, places, _retry=False)
+                return self._apply_sync(conn, messages, places, _retry=False)
             log.warning("postback batch refused by the database (%s): one by one", exc)
             total = ApplyResult(received=res.received)
             if dead:
@@ -677,7 +730,7 @@ class OrderStore:
             for item, place in zip(good, self._good_places):
                 r = ApplyResult()
                 try:
-                    self._run_sync(conn, [item], [], r)
+                    self._run_sync(conn, [item], [], r, [place])
                 except Exception as exc1:
                     if not self._is_data_error(exc1):
                         raise
@@ -688,9 +741,9 @@ class OrderStore:
             return total
         return res
 
-    def _run_sync(self, conn, good, dead, res) -> None:
+    def _run_sync(self, conn, good, dead, res, places=None) -> None:
         with conn.transaction():
-            gen = self._batch(good, dead, self._ids, res)
+            gen = self._batch(good, dead, self._ids, res, places)
             try:
                 q = next(gen)
                 while True:
@@ -700,8 +753,7 @@ class OrderStore:
                 pass
 
     async def apply(self, conn, messages: Sequence[Message],
-                    places: Sequence[tuple[str, int] | None] | None = None, *,
-                    _retry: bool = True) -> ApplyResult:
+                    places: Sequence[tuple[str, int] | None] | None = None) -> ApplyResult:
         """Apply a batch of postbacks in one transaction.
 
         Parameters
@@ -725,6 +777,11 @@ class OrderStore:
             The connection failed: nothing of the batch was committed; retry the same batch
             on a new connection (it is idempotent).
         """
+        self.last_result = None
+        self.last_result = res = await self._apply(conn, messages, places)
+        return res
+
+    async def _apply(self, conn, messages, places, _retry: bool = True) -> ApplyResult:
         from ingestor.store.instruments import aregister_tokens
 
         good, dead, res = self._decode(messages, places)
@@ -732,14 +789,14 @@ class OrderStore:
         if unknown:
             self._ids.update(await aregister_tokens(conn, unknown))
         try:
-            await self._run_async(conn, good, dead, res)
+            await self._run_async(conn, good, dead, res, self._good_places)
         except Exception as exc:
             if not self._is_data_error(exc):
                 raise
             if _retry and isinstance(exc, _fk_violation()):
                 # perhaps our instrument ids are stale: reload them and try the batch again
                 self._ids.clear()
-                return await self.apply(conn, messages, places, _retry=False)
+                return await self._apply(conn, messages, places, _retry=False)
             log.warning("postback batch refused by the database (%s): one by one", exc)
             total = ApplyResult(received=res.received)
             if dead:
@@ -749,7 +806,7 @@ class OrderStore:
             for item, place in zip(good, self._good_places):
                 r = ApplyResult()
                 try:
-                    await self._run_async(conn, [item], [], r)
+                    await self._run_async(conn, [item], [], r, [place])
                 except Exception as exc1:
                     if not self._is_data_error(exc1):
                         raise
@@ -760,9 +817,9 @@ class OrderStore:
             return total
         return res
 
-    async def _run_async(self, conn, good, dead, res) -> None:
+    async def _run_async(self, conn, good, dead, res, places=None) -> None:
         async with conn.transaction():
-            gen = self._batch(good, dead, self._ids, res)
+            gen = self._batch(good, dead, self._ids, res, places)
             try:
                 q = next(gen)
                 while True:

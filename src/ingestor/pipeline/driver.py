@@ -33,6 +33,12 @@ from ingestor.pipeline.pipeline import FlushBatch, Pipeline
 
 log = logging.getLogger(__name__)
 
+#: receive times before this (2000-01-01 UTC) or more than ``MAX_AHEAD_NS`` after now are not
+#: receive times: such a record is refused (the decoder's ``bad_time``), else it would pin its
+#: instruments' times there (they only grow per instrument), across restarts
+MIN_RECV_NS = 946_684_800 * 10**9
+MAX_AHEAD_NS = 86_400 * 10**9
+
 
 class Driver:
     """Feeds one ``Pipeline`` and puts its batches on ``out``.
@@ -73,6 +79,9 @@ class Driver:
         pl = self.pipeline
         if pl.stream != stream:
             await self.switch(stream, committed)
+        dec = pl.decoder
+        dec.min_recv_ns = MIN_RECV_NS
+        dec.max_recv_ns = time.time_ns() + MAX_AHEAD_NS
         for b in await self._run(lambda: list(pl.feed_chunk(chunk, first_seq))):
             await self._put(b)
 

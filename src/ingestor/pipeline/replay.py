@@ -53,6 +53,10 @@ class ReplayResult:
     #: tick rows COPYed straight into TimescaleDB's columnstore / into the rowstore
     columnstore_rows: int = 0
     rowstore_rows: int = 0
+    #: damaged stretches of the capture skipped, their bytes, the records known lost in them
+    damaged: int = 0
+    damaged_bytes: int = 0
+    lost_records: int = 0
 
     @property
     def ticks_per_s(self) -> float:
@@ -75,12 +79,19 @@ class ReplayResult:
         d = self.decoder
         bad = {k: d[k] for k in ("empty_message", "unknown_length", "truncated", "trailing_bytes",
                                  "bad_records") if d.get(k)}
+        if d.get("bad_time"):
+            out.append(f"{d['bad_time']:,} record(s) with a receive time outside 2000 .. now + "
+                       f"1 day: refused and counted")
         if bad:
             out.append("malformed (counted, skipped): "
                        + ", ".join(f"{k} {v}" for k, v in bad.items()))
         if self.bad_tokens:
             out.append(f"{self.bad_tokens:,} packet(s) with instrument token 0 (no instrument "
                        f"can have it): counted and skipped")
+        if self.damaged or self.lost_records:
+            out.append(f"damaged: {self.damaged} stretch(es), {self.damaged_bytes} bytes, "
+                       f"{self.lost_records} record(s) lost (skipped; the intact records around "
+                       f"them written)")
         if self.truncated_bytes:
             out.append(f"truncated last record: {self.truncated_bytes} bytes ignored")
         if self.dead_letters:
@@ -127,7 +138,9 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
                         writer.stats.batches, pipeline.totals["skipped_messages"],
                         writer.stats.dead_letters, seconds, stages, pipeline.decoder.stats(),
                         reader.truncated_bytes, pipeline.totals["bad_tokens"],
-                        writer.stats.direct_rows, writer.stats.rowstore_rows)
+                        writer.stats.direct_rows, writer.stats.rowstore_rows,
+                        damaged=reader.damaged, damaged_bytes=reader.damaged_bytes,
+                        lost_records=reader.lost_records)
 
 
 async def write_batches(queue: asyncio.Queue, writer: Writer,

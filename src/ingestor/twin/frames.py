@@ -64,7 +64,7 @@ COUNTER_NAMES = (
     "messages", "heartbeats", "text_messages", "bytes", "packets",
     "ltp", "quote", "full", "index_quote", "index_full",
     "malformed_messages", "empty_message", "unknown_length", "truncated",
-    "trailing_bytes", "bad_records",
+    "trailing_bytes", "bad_records", "bad_time",
 )
 
 _U16 = struct.Struct(">H")
