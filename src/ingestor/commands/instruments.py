@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("instruments", help="manage the instruments registry")
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     load = sub.add_parser("load", help="load a Kite instruments dump (CSV), upsert by token")
-    load.add_argument("file", metavar="FILE.csv")
+    load.add_argument("file", metavar="FILE.csv",
+                      help="the broker's instruments dump (Kite's instruments CSV)")
     load.add_argument("--dsn", help="database (default: INGESTOR_DSN, DATABASE_URL, "
                                     "libpq defaults)")
     load.add_argument("--deactivate-missing", action="store_true",
