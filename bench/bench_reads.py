@@ -36,7 +36,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_storage import HERE, Databases, _cli  # noqa: E402
+from bench_storage import HERE, Databases, _cli, format1  # noqa: E402
 from common import table  # noqa: E402
 
 READS = {
@@ -130,7 +130,8 @@ def run(args) -> list[dict]:
                 dbs.setdefault(server, Databases(server))
                 db = dbs[server].fresh(layout.replace("-", "_"))
                 _cli(root, "migrate", "--dsn", db)
-                wall, cpu, _ = _cli(root, "replay", cap, "--dsn", db, "--no-progress")
+                wall, cpu, _ = _cli(root, "replay", cap if root == HERE else format1(cap),
+                                    "--dsn", db, "--no-progress")
                 print(f"{layout}: replayed in {wall:.0f} s", file=sys.stderr)
                 if layout == "tsdb-columnstore":
                     import psycopg

@@ -93,6 +93,19 @@ def _cli(root: str, *args: str) -> tuple[float, float, str]:
     return wall, cpu, r.stdout
 
 
+def format1(cap: str) -> str:
+    """The same capture in capture format 1 (a baseline from before format 2 reads only
+    that): beside it, ``<name>.v1``."""
+    from ingestor.feed.capture import CaptureReader, CaptureWriter
+
+    out = cap + ".v1"
+    if not os.path.exists(out):
+        with CaptureReader(cap) as rd, CaptureWriter(out, rd.header, version=1) as w:
+            for rec in rd.records():
+                w.write(rec.payload, rec.kind, rec.recv_ns)
+    return out
+
+
 def _available(dsn: str) -> bool:
     import psycopg
 
@@ -180,8 +193,8 @@ def run(dsn: str, baseline: str | None, ticks: int, tokens: int, repeat: int) ->
                 for name, root, extra in variants:
                     db = dbs.fresh(name.split(",")[0])
                     _cli(root, "migrate", "--dsn", db)
-                    wall, cpu, out = _cli(root, "replay", cap, "--dsn", db, "--no-progress",
-                                          *extra)
+                    wall, cpu, out = _cli(root, "replay", cap if root == HERE else format1(cap),
+                                          "--dsn", db, "--no-progress", *extra)
                     sizes = _sizes(db, compact=root == HERE) if rnd == 0 else (None, None)
                     results.setdefault(name, []).append((wall, cpu, sizes))
                 db = dbs.fresh("a")
