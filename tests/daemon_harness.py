@@ -158,3 +158,25 @@ def count_ticks(dsn: str) -> int:
 def tick_summary(dsn: str) -> tuple[int, int]:
     with psycopg.connect(dsn) as c:
         return c.execute("select count(*), count(distinct (instrument_id, time)) from tick_data").fetchone()
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (for a daemon's /metrics)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthz(port: int) -> tuple[int, dict]:
+    """A daemon's /healthz: (HTTP status, the JSON body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

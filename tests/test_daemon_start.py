@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -14,6 +13,7 @@ import urllib.request
 
 import psycopg
 from daemon_harness import (
+    free_port,
     Daemon,
     Simulator,
     count_ticks,
@@ -24,12 +24,6 @@ from daemon_harness import (
 )
 from pg_private import private_pg, private_pg_running  # noqa: F401 - fixtures
 
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spool_files(tmp_path) -> list:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon_harness import Daemon, Simulator, count_ticks, load_instruments, wait_for
+from daemon_harness import Daemon, Simulator, count_ticks, free_port, load_instruments, wait_for
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "ingestor.json"
@@ -62,12 +61,6 @@ def references(expr: str) -> tuple[list[tuple[str, set[str]]], set[str]]:
     sels = [(m.group(1), set(_MATCHER.findall(m.group(2) or ""))) for m in _SELECTOR.finditer(expr)]
     grouping = {x.strip() for g in _GROUPING.findall(expr) for x in g.split(",") if x.strip()}
     return sels, grouping
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dashboard_and_alerts_name_only_what_a_daemon_exposes(tmp_path, db):

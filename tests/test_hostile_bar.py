@@ -14,16 +14,12 @@ restart over the same spool starts cleanly.
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
 import struct
 import threading
-import urllib.error
-import urllib.request
 
 import psycopg
 
-from daemon_harness import Daemon, count_ticks, wait_for
+from daemon_harness import Daemon, count_ticks, free_port, healthz, wait_for
 from test_hostile_feed import metric
 from test_hostile_orders import pb
 from test_orders import HOSTILE
@@ -81,9 +77,7 @@ class BarServer:
         self.connections = 0
         self.valid_ticks = 0
         self.stop = threading.Event()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         self.sent_all = threading.Event()
         self._ready = threading.Event()
@@ -143,22 +137,8 @@ class BarServer:
         self.thread.join(10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthz(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_bar_every_bad_input_set_aside_and_every_valid_tick_once(tmp_path, db):
-    port = _free_port()
+    port = free_port()
     srv = BarServer()
     feed = f"tokens = {TOKENS}\n"
     try:
@@ -180,7 +160,7 @@ def test_bar_every_bad_input_set_aside_and_every_valid_tick_once(tmp_path, db):
         for kind in ("invalid", "contradiction"):
             wait_for(lambda: metric(port, f'ingestor_postback_dead_letters_total{{kind="{kind}"}}')
                      == kinds.count(kind), timeout=10, what=f"{kind} postbacks counted")
-        status, health = _healthz(port)
+        status, health = healthz(port)
         assert status == 503 and health["postback_dead_letters"] == len(BAD_POSTBACKS), health
         assert health["last_postback_dead_letter"]
         assert d.terminate() == 0, d.output()
@@ -207,7 +187,7 @@ def test_bar_every_bad_input_set_aside_and_every_valid_tick_once(tmp_path, db):
         d = Daemon(tmp_path, db, srv.url, feed=feed, metrics_port=port, name="restart")
         wait_for(lambda: _metric_or_none(port, 'ingestor_feed_connected{connection="kite-0"}')
                  == 1, timeout=60, what="the restarted daemon connected")
-        status, health = _healthz(port)
+        status, health = healthz(port)
         assert health["failed"] is None and health["postback_dead_letters"] == 0, health
         assert d.proc.poll() is None, d.output()
         assert d.terminate() == 0, d.output()

@@ -10,20 +10,18 @@ the next intact record, the sequence numbers say which records were lost, the ex
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import subprocess
 import sys
 import time
-import urllib.request
 
 import psycopg
 import pytest
 
-from daemon_harness import Daemon, count_ticks, wait_for
+from daemon_harness import Daemon, count_ticks, free_port, healthz, wait_for
 from ingestor.feed.capture import KIND_BINARY, CaptureHeader, CaptureReader, CaptureWriter
 from ingestor.feed.spool import DAMAGED_DIR, Spool
-from test_hostile_feed import TOKEN, HostileServer, ltp_message, metric
+from test_hostile_feed import TOKEN, HostileServer, metric
 
 PACKETS = 50
 T0 = 1_700_000_000_000_000_000
@@ -175,20 +173,6 @@ def test_spool_skip_to_lands_exactly_past_damage(tmp_path):
         sp.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthz(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_daemon_leftover_with_damage_is_replayed_past_it_and_kept(tmp_path, db):
     """A spool segment an earlier run left, one record's length damaged: the daemon replays
     every intact record (it stopped at the damage and then deleted the file), moves the file
@@ -201,7 +185,7 @@ def test_daemon_leftover_with_damage_is_replayed_past_it_and_kept(tmp_path, db):
     offsets = _write_capture(seg, 200, stream="kite-0-old", token=other,
                              t0=time.time_ns() - 3_600_000_000_000)
     _set_length(seg, offsets[10], 2)
-    port = _free_port()
+    port = free_port()
     srv = HostileServer(b"", bad_connections=0)
     try:
         d = Daemon(tmp_path, db, srv.url, feed=f"tokens = [{TOKEN}]\n", metrics_port=port)
@@ -217,7 +201,7 @@ def test_daemon_leftover_with_damage_is_replayed_past_it_and_kept(tmp_path, db):
                  what="the damaged segment moved aside")
         assert metric(port, "ingestor_spool_damaged_total") == 1
         assert metric(port, "ingestor_spool_lost_records_total") == 1
-        status, health = _healthz(port)
+        status, health = healthz(port)
         assert status == 503 and health["spool_damaged"]["stretches"] == 1
         wait_for(lambda: count_ticks(db) > 199 * PACKETS + 5, timeout=60, what="live ticks")
         srv.finish()
@@ -234,7 +218,7 @@ def test_daemon_leftover_with_damage_is_replayed_past_it_and_kept(tmp_path, db):
                    name="again")
         before = count_ticks(db)
         wait_for(lambda: count_ticks(db) > before + 5, timeout=60, what="live ticks again")
-        status, health = _healthz(port)
+        status, health = healthz(port)
         assert health["spool_damaged"]["stretches"] == 0
         srv.finish()
         assert d.terminate() == 0, d.output()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import struct
 import threading
 import urllib.request
 
 import psycopg
-from daemon_harness import Daemon, count_ticks, wait_for
+from daemon_harness import Daemon, count_ticks, free_port, wait_for
 
 
 TOKEN = 408065
@@ -43,9 +42,7 @@ class HostileServer:
         self.active = 0
         self.sent = 0
         self.stop = threading.Event()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         self._ready = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -92,9 +89,7 @@ class HostileServer:
 def test_oversized_message_is_refused_counted_and_the_rest_flows(tmp_path, db):
     """One message over the size limit (the client had none: a 256 MiB message was spooled,
     then killed every start): refused, counted, the connection reopened, the rest ingested."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = HostileServer(b"\x00" * (17 << 20), refused=True)
     try:
         d = Daemon(tmp_path, db, srv.url, feed=f"tokens = [{TOKEN}]\n", metrics_port=port)
@@ -119,9 +114,7 @@ def test_token_zero_is_counted_and_skipped(tmp_path, db):
     """A packet with instrument_token 0 (message 0001 0008 00000000 00002710): registration
     refused it and was retried forever, tick_data stopped while /healthz said 200, and every
     restart failed the same way.  Now it is counted per packet and the rest flows."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = HostileServer(bytes.fromhex("0001000800000000" "00002710"), bad_connections=3)
     try:
         d = Daemon(tmp_path, db, srv.url, feed=f"tokens = [{TOKEN}]\n", metrics_port=port)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import socket
 
 import psycopg
 import pytest
 
-from daemon_harness import Daemon, Simulator, count_ticks, load_instruments, wait_for
+from daemon_harness import Daemon, Simulator, count_ticks, free_port, load_instruments, wait_for
 from ingestor import market_hours
 from ingestor.cli import main
 from ingestor.pipeline.replay import replay
@@ -58,12 +57,6 @@ def capture(tmp_path_factory):
 def filled(db, capture, tmp_path):
     replay(str(capture), db, dead_letter_dir=str(tmp_path / "dead"), progress=False)
     return db
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the calendar --------------------------------------------------------------------------------
