@@ -39,7 +39,7 @@ COLUMNS = ("instrument_token", "exchange_token", "tradingsymbol", "name", "last_
 
 #: Kite's segment id (instrument_token & 0xff) -> exchange (SCHEMA_CONTRACT.md).
 EXCHANGES = {1: "NSE", 2: "NFO", 3: "CDS", 4: "BSE", 5: "BFO", 6: "BCD", 7: "MCX", 8: "MCXSX",
-             9: "NSE", 12: "NCO"}
+             9: "NSE", 12: "NCO", 14: "NCX"}  # 14: Angel's ncx_fo (no Kite segment; ours)
 #: segment ids whose placeholder segment differs from the exchange
 _SEGMENT_NAMES = {9: "INDICES"}
 
