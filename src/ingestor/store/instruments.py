@@ -802,3 +802,15 @@ def angel_keys(conn) -> list[tuple[int, str, int]]:
     """``(exchange_type, token, engine key)`` of every Angel instrument (the decoder's
     preload: ``SmartStreamDecoder.add_keys``)."""
     return [(int(e), str(t), int(k)) for e, t, k in conn.execute(_ANGEL_KEYS)]
+
+
+def angel_decoder(conn, capacity: int = 8192):
+    """A ``SmartStreamDecoder`` keyed by the registry: every Angel key preloaded, a token first
+    met on the feed registered (:func:`register_angel`) before its first tick is decoded.
+    ``conn`` is used from the decoding thread (the pipeline's, as its ``resolve``)."""
+    from ingestor._core import SmartStreamDecoder
+
+    dec = SmartStreamDecoder(capacity)
+    dec.add_keys(angel_keys(conn))
+    dec.resolver = lambda etype, token: register_angel(conn, etype, token)
+    return dec
