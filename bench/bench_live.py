@@ -90,6 +90,23 @@ def _cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def _tick_bytes(dsn: str) -> tuple[int, int]:
+    """tick_data's size as the run left it, then with every chunk compressed (TimescaleDB:
+    decompressed and compressed again, as ``timescale.compact`` does once a chunk closes;
+    forced here on the open chunk too).  Plain PostgreSQL: the table's size, twice."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        if c.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone() is None:
+            n = c.execute("SELECT pg_total_relation_size('tick_data')").fetchone()[0]
+            return n, n
+        written = c.execute("SELECT hypertable_size('tick_data')").fetchone()[0]
+        for (chunk,) in c.execute("SELECT show_chunks('tick_data')").fetchall():
+            c.execute("SELECT decompress_chunk(%s, if_compressed => true)", (chunk,))
+            c.execute("SELECT compress_chunk(%s)", (chunk,))
+        return written, c.execute("SELECT hypertable_size('tick_data')").fetchone()[0]
+
+
 def _free_port() -> int:
     import socket
 
@@ -154,6 +171,7 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
         got, first, last = c.execute(
             "select count(*), min(time), max(time) from tick_data").fetchone()
     span = (last - first).total_seconds() if got else 0
+    written, packed = _tick_bytes(dsn)
     decoded = _counter(text, "ingestor_ticks_decoded_total") or 0
     return {
         "offered ticks/s": rate,
@@ -166,6 +184,8 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
         "p99 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.99) or 0) * 1000,
         "rows via columnstore": _labelled(text, "ingestor_tick_copy_rows_total", "columnstore"),
         "max loop lag ms": (_gauge(text, "ingestor_loop_lag_max_seconds") or 0) * 1000,
+        "tick_data B/tick as written": written / got if got else 0.0,
+        "B/tick compressed": packed / got if got else 0.0,
         "RSS start MiB": rss0,
         "RSS end MiB": rss1,
         # the daemon's CPU over the measured window, per million ticks it decoded then

@@ -137,7 +137,10 @@ def _server_only(dsn: str, cap: str) -> float:
     from ingestor.store.instruments import register_tokens
     from ingestor.store.writer import Writer
 
-    settings = PipelineSettings(open_candle_min_us=1 << 62)  # as replay runs it
+    from ingestor.commands.replay import FLUSH_ROWS
+
+    # as `ingestor replay` runs it: its transaction size, no forming candles upserted
+    settings = PipelineSettings(flush_rows=FLUSH_ROWS, open_candle_min_us=1 << 62)
     batches = []
     with psycopg.connect(dsn, autocommit=True) as setup, CaptureReader(cap) as rd:
         pl = Pipeline(rd.header.stream, resolve=lambda toks: register_tokens(setup, toks),

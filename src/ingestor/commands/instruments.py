@@ -19,7 +19,9 @@ def add_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     load = sub.add_parser("load", help="load a Kite instruments dump (CSV) or an Angel One "
                                        "instrument master (JSON), upsert by token")
-    load.add_argument("file", metavar="FILE")
+    load.add_argument("file", metavar="FILE",
+                      help="the broker's instruments dump: Kite's instruments CSV, or Angel "
+                           "One's OpenAPIScripMaster.json (told apart by a leading '[')")
     load.add_argument("--dsn", help="database (default: INGESTOR_DSN, DATABASE_URL, "
                                     "libpq defaults)")
     load.add_argument("--deactivate-missing", action="store_true",

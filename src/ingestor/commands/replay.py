@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import sys
 
+#: ``ingestor replay``'s tick rows per transaction.  Larger than the daemon's: a replay is a
+#: bulk load, and on TimescaleDB an instrument's ticks go straight into the columnstore only
+#: when a transaction holds enough of them (``writer.direct_min_rows``, 100) -- 200k rows
+#: give 100 per instrument over 2,000 instruments, 50k only 25.
+FLUSH_ROWS = 200_000
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("replay", help="replay a capture into the database",
@@ -15,17 +21,21 @@ def add_parser(sub) -> None:
                        "written).")
     p.add_argument("capture", help="capture file (.cap)")
     p.add_argument("--dsn", help="database (else INGESTOR_DSN, DATABASE_URL, libpq defaults)")
-    p.add_argument("--flush-rows", type=int, default=50_000, help="tick rows per transaction")
+    p.add_argument("--flush-rows", type=int, default=FLUSH_ROWS,
+                   help="tick rows per transaction (default %(default)s)")
     p.add_argument("--snapshot-interval", type=float, default=1.0,
                    help="seconds between depth snapshots per instrument (0: every full packet)")
-    p.add_argument("--dead-letter-dir", default="dead-letter")
+    p.add_argument("--dead-letter-dir", default="dead-letter",
+                   help="where batches the database refuses for their data are set aside "
+                   "(default %(default)s)")
     p.add_argument("--no-direct-compress", dest="direct_compress", action="store_false",
                    help="TimescaleDB: send every tick to the rowstore instead of straight into "
                    "the columnstore (direct COPY is experimental in TimescaleDB)")
     p.add_argument("--direct-min-rows", type=int, default=100,
                    help="TimescaleDB: an instrument's ticks in one transaction go straight "
                    "into the columnstore from this many rows on (default 100)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress line on stderr (it is shown only on a terminal anyway)")
     p.set_defaults(func=run)
 
 
