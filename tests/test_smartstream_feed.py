@@ -107,7 +107,8 @@ def test_refused_login_is_reported_once_and_retried_slowly(caplog):
             stop = asyncio.Event()
             task = asyncio.create_task(feed.run(stop))
             await until(lambda: feed.stats.rejected == 1)
-            await asyncio.sleep(0.3)
+            # the next attempt waits rejected_retry (30 s): stopping now ends that wait
+            await until(lambda: feed.stats.reconnects == 1)
             stop.set()
             await asyncio.wait_for(task, 5)
             return sim, feed
