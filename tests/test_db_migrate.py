@@ -234,7 +234,8 @@ def test_migration_0005_keeps_the_rows_of_an_older_schema(fresh_db, tmp_path):
         mig.migrate(conn, _migrations_before(tmp_path, 5))
         _old_rows(conn)
         before = test_replay._table_digest(conn)
-        assert [m.version for m in mig.migrate(conn)] == [5]
+        # up to 0005 exactly (later migrations are not this test's)
+        assert [m.version for m in mig.migrate(conn, _migrations_before(tmp_path, 6))] == [5]
         assert test_replay._table_digest(conn) == before
         keys = dict(conn.execute(
             "SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint "

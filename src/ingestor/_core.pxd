@@ -409,3 +409,84 @@ cdef class Engine:
                                const depth_t *depth, Py_ssize_t base,
                                Py_ssize_t *need) noexcept nogil
     cdef int _close(self, int64_t now_us, bint all) noexcept nogil
+
+
+# ---------------------------------------------------------------------------
+# Angel One SmartAPI WebSocket 2.0 ("SmartStream") decoding (core/smartstream.pyx).
+#
+# A SmartStream packet becomes the same tick_t (and depth_t for SNAP_QUOTE's 5+5 book) the
+# Kite decoder fills, so the engine, the COPY encoders and the writer are shared.  In those
+# records ``length`` is the Kite length whose fields the packet carries (LTP 8, QUOTE 44,
+# SNAP_QUOTE 184: the engine reads quantity, OI and the book by it), ``mode`` is
+# MODE_LTP/QUOTE/FULL, and ``instrument_token`` is the engine key of (exchange type,
+# token): its low byte is the segment code of the Kite table (price divisor and exchange
+# name), the rest is assigned by the registry (see ``SmartStreamDecoder``).
+
+# The 20+20 level book of a DEPTH (mode 4) packet: no price, so no tick row.
+ctypedef struct depth20_t:
+    int64_t recv_ns
+    int64_t seq
+    int64_t word27              # bytes 27..35: A2's exchange timestamp, A1's sequence number
+    int64_t word35              # bytes 35..43: A1's exchange timestamp, A2's receive time
+    uint32_t instrument_token   # the engine key
+    uint32_t divisor
+    uint32_t bid_quantity[20]
+    uint32_t bid_price[20]
+    uint32_t ask_quantity[20]
+    uint32_t ask_price[20]
+    uint16_t bid_orders[20]
+    uint16_t ask_orders[20]
+    uint8_t segment
+    uint8_t exchange_type
+    uint8_t pad[6]
+
+
+# One slot of the (exchange type, token) -> engine key table: open addressing.
+ctypedef struct ss_slot_t:
+    unsigned char key[28]       # exchange type, then the token NUL-padded to 25 bytes, 2 zeros
+    uint32_t value              # the engine key; 0: refused (not an instrument)
+    uint32_t used
+
+
+cdef enum SSCounter:
+    SS_MESSAGES = 0         # binary messages seen
+    SS_TEXT_MESSAGES        # text messages seen by the batch path (pong, JSON errors)
+    SS_BYTES
+    SS_PACKETS              # packets decoded (tick rows plus depth20 rows)
+    SS_LTP
+    SS_QUOTE
+    SS_SNAP_QUOTE
+    SS_DEPTH
+    SS_MALFORMED            # messages set aside (or kept with trailing bytes) for a reason below
+    SS_EMPTY                # a 0-byte binary message
+    SS_UNKNOWN_MODE         # byte 0 is not 1..4
+    SS_SHORT                # shorter than its mode's packet
+    SS_TRAILING             # longer than its mode's packet (decoded, the rest ignored)
+    SS_UNKNOWN_EXCHANGE     # byte 1 is no exchange type of the documentation
+    SS_BAD_TOKEN            # empty, or not printable ASCII up to its NUL
+    SS_OUT_OF_RANGE         # a price, quantity or depth level outside 0..2^32-1
+    SS_REFUSED_TOKEN        # the registry refused the token (no engine key)
+    SS_BAD_FIELD            # an informational field unrepresentable, stored as 0 (kept)
+    SS_BAD_RECORDS
+    SS_BAD_TIME
+    SS_NCOUNTERS
+
+
+cdef class SmartStreamDecoder(KiteDecoder):
+    cdef readonly object depth20
+    cdef depth20_t *_depth20
+    cdef Py_ssize_t _cap_depth20
+    cdef readonly Py_ssize_t n_depth20
+    cdef uint64_t _ss[<int>SS_NCOUNTERS]
+    cdef ss_slot_t *_table
+    cdef Py_ssize_t _tmask
+    cdef Py_ssize_t _tcount
+    cdef uint32_t _next_local
+    cdef unsigned char _miss[28]        # the key of the last lookup that missed
+    cdef public object resolver
+    cdef dict _tokens                   # engine key -> (exchange type, token)
+
+    cdef int _ensure20(self, Py_ssize_t need) except -1
+    cdef int _grow_table(self) except -1
+    cdef int _insert(self, const unsigned char *key, uint32_t value) except -1
+    cdef int _resolve_miss(self) except -1

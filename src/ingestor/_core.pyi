@@ -1,6 +1,6 @@
 """Type stub of the compiled core (``ingestor._core``)."""
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,22 @@ class KiteDecoder:
     def clear(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
     def reset_stats(self) -> None: ...
+
+# -- Angel One SmartStream decoding (core/smartstream.pyx) ------------------
+
+SS_LENGTHS: dict[int, int]
+SS_SEGMENTS: dict[int, int]
+SS_COUNTER_NAMES: tuple[str, ...]
+DEPTH20_DTYPE: np.dtype
+
+class SmartStreamDecoder(KiteDecoder):
+    depth20: npt.NDArray[Any]
+    n_depth20: int
+    depth20_capacity: int
+    resolver: Callable[[int, str], int | None] | None
+    def add_keys(self, keys: Iterable[tuple[int, str | bytes, int | None]]) -> None: ...
+    def token_of(self, key: int) -> tuple[int, str] | None: ...
+    def keys(self) -> dict[int, tuple[int, str]]: ...
 
 # -- aggregation engine (core/engine.pyx) ------------------------------------
 

@@ -3,7 +3,8 @@
 
 One extension built from files included by concern (the asyncpg/uvloop
 layout), in pipeline order: ``core/frames.pyx`` decodes Kite binary frames
-into numpy buffers, ``core/engine.pyx`` turns decoded ticks into tick rows,
+into numpy buffers (``core/smartstream.pyx``: Angel One SmartStream frames into the
+same buffers), ``core/engine.pyx`` turns decoded ticks into tick rows,
 candles and order-book snapshots in place, ``core/copy.pyx`` encodes numpy
 rows as PostgreSQL binary COPY payloads, ``core/group.pyx`` groups a flush's tick
 rows by instrument for the columnstore.
@@ -167,6 +168,7 @@ SNAPSHOT_DTYPE = _dtype([
 
 
 include "core/frames.pyx"
+include "core/smartstream.pyx"
 include "core/engine.pyx"
 include "core/copy.pyx"
 include "core/group.pyx"

@@ -53,7 +53,8 @@ from ingestor.store.writer import Writer, postback_handler
 
 log = logging.getLogger(__name__)
 
-SQL_ACTIVE_TOKENS = "SELECT instrument_token FROM instruments WHERE is_active ORDER BY instrument_token"
+SQL_ACTIVE_TOKENS = ("SELECT instrument_token FROM instruments WHERE is_active AND broker = 'kite' "
+                     "ORDER BY instrument_token")
 SQL_GAP = ("INSERT INTO feed_gaps (connection, stream, started_at, ended_at, reason, tokens) "
            "VALUES (%s, %s, %s, %s, %s, %s)")
 #: connection errors that waiting will not cure (the server answered: the DSN is wrong)

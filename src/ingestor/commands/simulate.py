@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -32,6 +33,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "simulate", help="simulate a Kite market (capture file)",
         description="Write a realistic, seeded Kite capture: random walks on tick grids "
                     "across all segments, depth ladders, heartbeats between bursts.")
+    p.add_argument("--broker", choices=("kite", "angel"), default="kite",
+                   help="the protocol: kite (default) or angel (Angel One SmartStream: "
+                        "--out/--ticks, or --listen with --rate, --duration, --record, "
+                        "--expected-token as the feed token, --scrip-master)")
+    p.add_argument("--scrip-master", metavar="FILE.json",
+                   help="angel: write the universe as an OpenAPIScripMaster.json")
     model = p.add_argument_group("market model")
     model.add_argument("--tokens", type=int, default=100, metavar="K",
                        help="instruments in the simulated universe (default 100)")
@@ -91,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if args.listen is not None:
         if args.out is not None or args.ticks is not None:
             raise UsageError("simulate: --listen serves live; it takes no --out or --ticks")
-        return _serve(args)
+        return _serve(args) if args.broker == "kite" else _serve_angel(args)
+    if args.broker == "angel":
+        return _capture_angel(args)
     if args.out is None or args.ticks is None:
         raise UsageError("simulate: --out FILE.cap and --ticks N are required")
     if args.ticks < 0:
@@ -189,5 +198,94 @@ def _serve(args: argparse.Namespace) -> int:
           f"{s['text_messages']} text messages ({s['postbacks']} postbacks) to "
           f"{s['connections']} connection(s) in {dt:.1f} s; rejected {s['rejected_403']} (403), "
           f"{s['rejected_429']} (429); {s['drops']} drop(s), {s['stalls']} stall(s)"
+          + (f"; recorded {args.record}" if args.record else ""), flush=True)
+    return 0
+
+
+def _angel_market(args):
+    from ingestor.sim.smartstream import AngelMarket
+
+    market = AngelMarket(args.tokens, args.seed)
+    if args.scrip_master:
+        try:
+            market.write_master(args.scrip_master)
+        except OSError as exc:
+            raise UsageError(f"simulate: cannot write {args.scrip_master}: {exc.strerror}") from None
+    return market
+
+
+def _angel_subs(market, mode: str) -> dict:
+    names = {"ltp": ("ltp",), "quote": ("quote",), "full": ("snap_quote",),
+             "mixed": ("ltp", "quote", "snap_quote", "depth")}.get(mode, ("snap_quote",))
+    subs = {}
+    for i, key in enumerate(market.keys):
+        m = names[i % len(names)]
+        subs[key] = "quote" if m == "depth" and key[0] != 1 else m
+    return subs
+
+
+def _capture_angel(args: argparse.Namespace) -> int:
+    """``--broker angel --out FILE.cap --ticks N``: one SmartStream packet per record."""
+    from ingestor.feed.capture import CaptureHeader, CaptureWriter
+
+    if args.out is None or args.ticks is None:
+        raise UsageError("simulate: --out FILE.cap and --ticks N are required")
+    if args.ticks < 0:
+        raise UsageError("simulate: --ticks must be non-negative")
+    market = _angel_market(args)
+    subs = list(_angel_subs(market, args.mode).items())
+    header = CaptureHeader(broker="angel", extra={"source": "ingestor simulate",
+                                                  "seed": args.seed})
+    try:
+        w = CaptureWriter(args.out, header)
+    except OSError as exc:
+        raise UsageError(f"simulate: cannot write {args.out}: {exc.strerror}") from None
+    done = 0
+    with contextlib.closing(w):
+        while done < args.ticks:
+            recv_ns = market.market.advance(2_000_000)
+            for pkt in market.packets(subs, min(len(subs), args.ticks - done), recv_ns):
+                w.write(pkt, 1, recv_ns)
+                done += 1
+    print(f"simulate: wrote {args.out}: {done} SmartStream packets, {len(subs)} instruments, "
+          f"mode {args.mode}, seed {args.seed}")
+    return 0
+
+
+def _serve_angel(args: argparse.Namespace) -> int:
+    """``--broker angel --listen HOST:PORT``: the SmartStream simulator server."""
+    from ingestor.sim.smartstream import AngelSimServer
+
+    host, port = _parse_listen(args.listen)
+    if args.rate < 0 or (args.duration is not None and args.duration < 0):
+        raise UsageError("simulate: --rate and --duration must be non-negative")
+    server = AngelSimServer(host, port, market=_angel_market(args), rate=args.rate,
+                            feed_token=args.expected_token, record=args.record)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        try:
+            await server.start()
+        except OSError as exc:
+            await server.close()
+            raise Failure(f"simulate: cannot listen on {args.listen}: "
+                          f"{exc.strerror or exc}") from None
+        print(f"listening on {server.url}", flush=True)
+        try:
+            await asyncio.wait_for(stop.wait(), args.duration)
+        except asyncio.TimeoutError:
+            pass
+        await server.close()
+
+    asyncio.run(main())
+    s = server.stats
+    print(f"simulate: served {s['packets']} SmartStream packets to {s['connections']} "
+          f"connection(s); rejected {s['rejected_401']} (401), {s['rejected_429']} (429)"
           + (f"; recorded {args.record}" if args.record else ""), flush=True)
     return 0

@@ -39,7 +39,7 @@ COLUMNS = ("instrument_token", "exchange_token", "tradingsymbol", "name", "last_
 
 #: Kite's segment id (instrument_token & 0xff) -> exchange (SCHEMA_CONTRACT.md).
 EXCHANGES = {1: "NSE", 2: "NFO", 3: "CDS", 4: "BSE", 5: "BFO", 6: "BCD", 7: "MCX", 8: "MCXSX",
-             9: "NSE", 12: "NCO"}
+             9: "NSE", 12: "NCO", 14: "NCDEX"}  # 14: Angel's ncx_fo (no Kite segment; ours)
 #: segment ids whose placeholder segment differs from the exchange
 _SEGMENT_NAMES = {9: "INDICES"}
 
@@ -325,7 +325,7 @@ UPDATE instruments i
        updated_at = now()
   FROM instruments_staging s
  WHERE i.exchange = s.exchange AND i.symbol = s.symbol
-   AND i.instrument_token <> s.instrument_token
+   AND i.instrument_token <> s.instrument_token AND i.broker = 'kite'
 """
 
 _UPSERT = """
@@ -353,7 +353,7 @@ RETURNING (xmax = 0) AS inserted
 
 _DEACTIVATE = """
 UPDATE instruments SET is_active = false, updated_at = now()
- WHERE is_active
+ WHERE is_active AND broker = 'kite'
    AND NOT EXISTS (SELECT 1 FROM instruments_staging s
                     WHERE s.instrument_token = instruments.instrument_token)
 """
@@ -414,7 +414,10 @@ SELECT t.token, t.exchange, t.symbol, t.segment
        AS t (token, exchange, symbol, segment)
 ON CONFLICT DO NOTHING
 """
-_IDS_OF = "SELECT instrument_token, id FROM instruments WHERE instrument_token = ANY(%s::bigint[])"
+# a broker's keys only: a Kite token equal to another broker's key is refused ("could not
+# register"), never given that instrument's id (0006_broker_keys.sql)
+_IDS_OF = ("SELECT instrument_token, id FROM instruments "
+           "WHERE instrument_token = ANY(%s::bigint[]) AND broker = %s")
 _ALL_IDS = "SELECT instrument_token, id FROM instruments"
 
 
@@ -431,12 +434,15 @@ def _check_tokens(tokens) -> list[int]:
     return out
 
 
-def register_tokens(conn, tokens: Iterable[int]) -> dict[int, int]:
+def register_tokens(conn, tokens: Iterable[int], broker: str = "kite") -> dict[int, int]:
     """Ids of ``tokens``, registering the unknown ones (placeholder symbol ``TOKEN:<n>``).
 
     Call it outside the flush transaction (on an idle connection it commits at once), so
     the ids exist for everyone before any row uses them.  Safe concurrently with other
     daemons and with dump loads (``ON CONFLICT DO NOTHING``, then read back).
+
+    ``broker="angel"``: the tokens are Angel engine keys, registered already when the
+    decoder first met them (:func:`register_angel`): their ids are only read.
 
     Returns
     -------
@@ -447,8 +453,9 @@ def register_tokens(conn, tokens: Iterable[int]) -> dict[int, int]:
     if not toks:
         return {}
     with conn.transaction():
-        conn.execute(_REGISTER, _register_params(toks))
-        ids = {int(t): int(i) for t, i in conn.execute(_IDS_OF, (toks,))}
+        if broker == "kite":
+            conn.execute(_REGISTER, _register_params(toks))
+        ids = {int(t): int(i) for t, i in conn.execute(_IDS_OF, (toks, broker))}
     missing = [t for t in toks if t not in ids]
     if missing:  # only if some other row holds (exchange, 'TOKEN:<n>') -- never in practice
         raise RuntimeError(f"could not register instrument token(s) {missing[:5]}")
@@ -467,7 +474,7 @@ async def aregister_tokens(conn, tokens: Iterable[int]) -> dict[int, int]:
         return {}
     async with conn.transaction():
         await conn.execute(_REGISTER, _register_params(toks))
-        cur = await conn.execute(_IDS_OF, (toks,))
+        cur = await conn.execute(_IDS_OF, (toks, "kite"))
         ids = {int(t): int(i) for t, i in await cur.fetchall()}
     missing = [t for t in toks if t not in ids]
     if missing:
@@ -480,3 +487,330 @@ async def aload_ids(conn) -> dict[int, int]:
     cur = await conn.execute(_ALL_IDS)
     return {int(t): int(i) for t, i in await cur.fetchall()}
 
+
+
+# --------------------------------------------------------------------------------------------
+# Angel One: the instrument master (OpenAPIScripMaster.json) and tokens first seen on the feed
+#
+# The master is a JSON array of objects with string values: ``token``, ``symbol``, ``name``,
+# ``expiry`` (``25FEB2021``), ``strike`` and ``tick_size`` in paise (``-1.000000``: no
+# strike), ``lotsize``, ``instrumenttype`` and ``exch_seg``.  An Angel instrument is keyed by
+# (exchange type, token) and its ``instrument_token`` is the engine key the registry assigns
+# once (see sql/0006_broker_keys.sql).  Unlike the Kite dump, whose lines are all or nothing,
+# a bad row of the master is set aside and counted by reason (the master is a broker file of
+# ~10^5 rows that has carried odd rows); a file that is not a JSON array of objects is
+# refused whole.
+
+#: the master's ``exch_seg`` -> SmartStream exchange type
+ANGEL_EXCHANGE_TYPES = {"NSE": 1, "NFO": 2, "BSE": 3, "BFO": 4, "MCX": 5, "NCDEX": 7, "CDS": 13}
+#: a master larger than this is not one (the real one is tens of MB)
+ANGEL_MAX_BYTES = 512 << 20
+_MONTHS = {m: i + 1 for i, m in enumerate(("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL",
+                                           "AUG", "SEP", "OCT", "NOV", "DEC"))}
+_ANGEL_LOCK = _LOAD_LOCK + 1
+
+
+def angel_segment(exchange_type: int) -> int:
+    """The segment code of an exchange type: the low byte of its engine keys."""
+    from ingestor._core import SS_SEGMENTS
+
+    return SS_SEGMENTS[exchange_type]
+
+
+def angel_exchange(exchange_type: int) -> str:
+    """``instruments.exchange`` (and ``tick_data.exchange``) of an exchange type."""
+    return EXCHANGES[angel_segment(exchange_type)]
+
+
+@dataclass(frozen=True)
+class AngelRow:
+    """One validated row of the Angel instrument master."""
+
+    exchange_type: int
+    token: str
+    exchange: str
+    symbol: str
+    name: str | None
+    instrument_type: str | None
+    segment: str
+    tick_size: Decimal | None
+    lot_size: int | None
+    expiry_date: dt.date | None
+    strike_price: Decimal | None
+    is_active: bool
+    index: int
+
+
+@dataclass
+class AngelRead:
+    """What :func:`read_angel` kept and set aside (``rejected``: reason -> rows)."""
+
+    rows: list
+    rejected: dict
+    examples: list
+
+
+def _angel_text(v, what: str) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise ValueError(f"{what} is not a string")
+    v = str(v)
+    if "\x00" in v:
+        raise ValueError(f"{what} contains a NUL character")
+    return _text(v, what)
+
+
+def _angel_paise(v, what: str, *, none_if_negative: bool) -> Decimal | None:
+    text = _angel_text(v, what)
+    if not text:
+        return None
+    d = _dec(text.lstrip("-"), what)
+    if text.startswith("-"):
+        if none_if_negative:
+            return None
+        raise ValueError(f"{what} {_show(text)} is negative")
+    # paise to rupees: exact (two more decimals), then within NUMERIC(18,7)
+    return _dec(str(d / 100), what)
+
+
+def _angel_expiry(v) -> dt.date | None:
+    text = _angel_text(v, "expiry").upper()
+    if not text:
+        return None
+    if len(text) == 9 and text[:2].isdigit() and text[2:5] in _MONTHS and text[5:].isdigit():
+        try:
+            return dt.date(int(text[5:]), _MONTHS[text[2:5]], int(text[:2]))
+        except ValueError:
+            pass
+    raise ValueError(f"expiry {_show(text)} is not a date like 25FEB2021")
+
+
+def _angel_row(obj, index: int) -> AngelRow:
+    if not isinstance(obj, dict):
+        raise ValueError("row is not an object")
+    seg_name = _angel_text(obj.get("exch_seg"), "exch_seg").upper()
+    if seg_name not in ANGEL_EXCHANGE_TYPES:
+        raise ValueError(f"exch_seg {_show(seg_name)} is not one of "
+                         f"{', '.join(ANGEL_EXCHANGE_TYPES)}")
+    etype = ANGEL_EXCHANGE_TYPES[seg_name]
+    token = _angel_text(obj.get("token"), "token")
+    if not 1 <= len(token) <= 25 or any(not 0x21 <= ord(c) <= 0x7E for c in token):
+        raise ValueError(f"token {_show(token)} is not 1..25 printable ASCII characters")
+    symbol = _angel_text(obj.get("symbol"), "symbol")
+    if not symbol:
+        raise ValueError("symbol is empty")
+    lot = _int(_angel_text(obj.get("lotsize"), "lotsize"), "lotsize", minimum=0)
+    if lot is not None and lot >= 1 << 31:
+        raise ValueError(f"lotsize {lot} is out of range")
+    return AngelRow(
+        exchange_type=etype, token=token, exchange=angel_exchange(etype), symbol=symbol,
+        name=_angel_text(obj.get("name"), "name") or None,
+        instrument_type=_angel_text(obj.get("instrumenttype"), "instrumenttype") or None,
+        segment=seg_name,
+        tick_size=_angel_paise(obj.get("tick_size"), "tick_size", none_if_negative=False),
+        lot_size=lot, expiry_date=_angel_expiry(obj.get("expiry")),
+        strike_price=_angel_paise(obj.get("strike"), "strike", none_if_negative=True),
+        is_active=True, index=index)
+
+
+def read_angel(path: str | os.PathLike) -> AngelRead:
+    """Read and validate an Angel One instrument master (``OpenAPIScripMaster.json``).
+
+    Rows that do not validate are set aside, counted by reason (``AngelRead.rejected``, the
+    first few in ``examples`` with their position); within the file the same (exchange type,
+    token) twice keeps the later row, and two tokens with one (exchange, symbol) leave the
+    name to the later row (the earlier stored renamed and inactive, as for Kite dumps).
+
+    Raises
+    ------
+    InstrumentsFileError
+        The file is missing, unreadable, too large, not UTF-8 JSON, or not an array.
+    """
+    import msgspec
+
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as fh:
+            data = fh.read(ANGEL_MAX_BYTES + 1)
+    except OSError as exc:
+        raise InstrumentsFileError(f"cannot read {name}: {exc.strerror or exc}") from None
+    if len(data) > ANGEL_MAX_BYTES:
+        raise InstrumentsFileError(f"{name}: larger than {ANGEL_MAX_BYTES >> 20} MiB: not an "
+                                   f"instrument master")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        items = msgspec.json.decode(data, type=list[msgspec.Raw])
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise InstrumentsFileError(f"{name}: not an Angel One instrument master (a JSON "
+                                   f"array of objects): {str(exc)[:200]}") from None
+    rejected: dict[str, int] = {}
+    examples: list[str] = []
+    by_key: dict[tuple[int, str], AngelRow] = {}
+    for i, raw in enumerate(items):
+        try:
+            obj = msgspec.json.decode(raw)
+            row = _angel_row(obj, i)
+        except (ValueError, msgspec.DecodeError, RecursionError) as exc:
+            reason = str(exc).split(" ", 1)[0] if isinstance(exc, ValueError) else "json"
+            rejected[reason] = rejected.get(reason, 0) + 1
+            if len(examples) < 5:
+                examples.append(f"{name}: row {i}: {str(exc)[:200]}")
+            continue
+        key = (row.exchange_type, row.token)
+        by_key.pop(key, None)
+        by_key[key] = row
+    rows = list(by_key.values())
+    holder: dict[tuple[str, str], int] = {}
+    for i, row in enumerate(rows):
+        k = (row.exchange, row.symbol)
+        if k in holder:
+            from dataclasses import replace
+
+            j = holder[k]
+            rows[j] = replace(rows[j], symbol=f"{rows[j].symbol} [{rows[j].token}]",
+                              is_active=False)
+        holder[k] = i
+    return AngelRead(rows, rejected, examples)
+
+
+_ANGEL_STAGING = """
+CREATE TEMPORARY TABLE angel_staging (
+    exchange_type smallint NOT NULL, broker_token text NOT NULL, seg integer NOT NULL,
+    exchange text NOT NULL, symbol text NOT NULL, name text, instrument_type text,
+    segment text, tick_size numeric, lot_size integer, expiry_date date,
+    strike_price numeric, is_active boolean NOT NULL
+) ON COMMIT DROP
+"""
+_ANGEL_STAGING_COLUMNS = ("exchange_type", "broker_token", "seg", "exchange", "symbol", "name",
+                          "instrument_type", "segment", "tick_size", "lot_size", "expiry_date",
+                          "strike_price", "is_active")
+_ANGEL_FREE_KEYS = """
+UPDATE instruments i
+   SET symbol = i.symbol || ' [' || i.broker_token || ']', is_active = false, updated_at = now()
+  FROM angel_staging s
+ WHERE i.broker = 'angel' AND i.exchange = s.exchange AND i.symbol = s.symbol
+   AND (i.exchange_type, i.broker_token) <> (s.exchange_type, s.broker_token)
+"""
+_ANGEL_UPDATE = """
+UPDATE instruments i
+   SET exchange = s.exchange, symbol = s.symbol, name = s.name,
+       instrument_type = s.instrument_type, segment = s.segment, tick_size = s.tick_size,
+       lot_size = s.lot_size, expiry_date = s.expiry_date, strike_price = s.strike_price,
+       is_active = s.is_active, updated_at = now()
+  FROM angel_staging s
+ WHERE i.broker = 'angel' AND i.exchange_type = s.exchange_type
+   AND i.broker_token = s.broker_token
+   AND (i.exchange, i.symbol, i.name, i.instrument_type, i.segment, i.tick_size, i.lot_size,
+        i.expiry_date, i.strike_price, i.is_active)
+       IS DISTINCT FROM
+       (s.exchange, s.symbol, s.name, s.instrument_type, s.segment, s.tick_size, s.lot_size,
+        s.expiry_date, s.strike_price, s.is_active)
+"""
+# new instruments only draw engine keys (the anti-join runs before nextval); a feed
+# registration racing this load is the only conflict tolerated: an engine key taken by a
+# Kite token is a unique violation, the load refused
+_ANGEL_INSERT = """
+INSERT INTO instruments (broker, exchange_type, broker_token, instrument_token, exchange,
+                         symbol, name, instrument_type, segment, tick_size, lot_size,
+                         expiry_date, strike_price, is_active)
+SELECT 'angel', s.exchange_type, s.broker_token,
+       (nextval('instruments_angel_key_seq')::bigint << 8) | s.seg, s.exchange, s.symbol,
+       s.name, s.instrument_type, s.segment, s.tick_size, s.lot_size, s.expiry_date,
+       s.strike_price, s.is_active
+  FROM angel_staging s
+ WHERE NOT EXISTS (SELECT 1 FROM instruments i
+                    WHERE i.broker = 'angel' AND i.exchange_type = s.exchange_type
+                      AND i.broker_token = s.broker_token)
+ON CONFLICT (broker, exchange_type, broker_token) DO NOTHING
+"""
+_ANGEL_DEACTIVATE = """
+UPDATE instruments SET is_active = false, updated_at = now()
+ WHERE is_active AND broker = 'angel'
+   AND NOT EXISTS (SELECT 1 FROM angel_staging s
+                    WHERE s.exchange_type = instruments.exchange_type
+                      AND s.broker_token = instruments.broker_token)
+"""
+
+
+def load_angel(conn, rows: Iterable[AngelRow], *, deactivate_missing: bool = False) -> LoadResult:
+    """Upsert validated Angel rows in one transaction (COPY to staging, then SQL), new
+    instruments getting their engine keys.  ``deactivate_missing``: as :func:`load_rows`."""
+    rows = list(rows)
+    res = LoadResult(rows=len(rows))
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ANGEL_LOCK,))
+        conn.execute(_ANGEL_STAGING)
+        with conn.cursor().copy(f"COPY angel_staging ({', '.join(_ANGEL_STAGING_COLUMNS)}) "
+                                "FROM STDIN") as cp:
+            for r in rows:
+                cp.write_row((r.exchange_type, r.token, angel_segment(r.exchange_type),
+                              r.exchange, r.symbol, r.name, r.instrument_type, r.segment,
+                              r.tick_size, r.lot_size, r.expiry_date, r.strike_price,
+                              r.is_active))
+        res.renamed = conn.execute(_ANGEL_FREE_KEYS).rowcount
+        res.updated = conn.execute(_ANGEL_UPDATE).rowcount
+        res.inserted = conn.execute(_ANGEL_INSERT).rowcount
+        res.unchanged = res.rows - res.updated - res.inserted
+        if deactivate_missing:
+            res.deactivated = conn.execute(_ANGEL_DEACTIVATE).rowcount
+    return res
+
+
+_ANGEL_REGISTER = """
+INSERT INTO instruments (broker, exchange_type, broker_token, instrument_token, exchange,
+                         symbol, segment)
+SELECT 'angel', %(etype)s, %(token)s, (nextval('instruments_angel_key_seq')::bigint << 8) | %(seg)s,
+       %(exchange)s, %(symbol)s, %(segment)s
+ WHERE NOT EXISTS (SELECT 1 FROM instruments
+                    WHERE broker = 'angel' AND exchange_type = %(etype)s
+                      AND broker_token = %(token)s)
+ON CONFLICT (broker, exchange_type, broker_token) DO NOTHING
+"""
+_ANGEL_KEY_OF = ("SELECT instrument_token FROM instruments "
+                 "WHERE broker = 'angel' AND exchange_type = %s AND broker_token = %s")
+_ANGEL_KEYS = ("SELECT exchange_type, broker_token, instrument_token FROM instruments "
+               "WHERE broker = 'angel'")
+
+
+def register_angel(conn, exchange_type: int, token: str) -> int:
+    """The engine key of an Angel token, registering it when unknown (placeholder symbol
+    ``TOKEN:<token>`` until a master load names it, by key: the id stays).  The decoder's
+    resolver (``SmartStreamDecoder.resolver``); commits at once on an idle connection."""
+    seg = angel_segment(exchange_type)
+    if not 1 <= len(token) <= 25:
+        raise ValueError(f"not an Angel token: {token[:40]!r}")
+    with conn.transaction():
+        conn.execute(_ANGEL_REGISTER, {
+            "etype": exchange_type, "token": token, "seg": seg,
+            "exchange": angel_exchange(exchange_type),
+            "symbol": placeholder_symbol_angel(token),
+            "segment": next(k for k, v in ANGEL_EXCHANGE_TYPES.items() if v == exchange_type)})
+        row = conn.execute(_ANGEL_KEY_OF, (exchange_type, token)).fetchone()
+    if row is None:
+        raise RuntimeError(f"could not register Angel token {token!r} of exchange type "
+                           f"{exchange_type}")
+    return int(row[0])
+
+
+def placeholder_symbol_angel(token: str) -> str:
+    return f"{PLACEHOLDER_PREFIX}{token}"
+
+
+def angel_keys(conn) -> list[tuple[int, str, int]]:
+    """``(exchange_type, token, engine key)`` of every Angel instrument (the decoder's
+    preload: ``SmartStreamDecoder.add_keys``)."""
+    return [(int(e), str(t), int(k)) for e, t, k in conn.execute(_ANGEL_KEYS)]
+
+
+def angel_decoder(conn, capacity: int = 8192):
+    """A ``SmartStreamDecoder`` keyed by the registry: every Angel key preloaded, a token first
+    met on the feed registered (:func:`register_angel`) before its first tick is decoded.
+    ``conn`` is used from the decoding thread (the pipeline's, as its ``resolve``)."""
+    from ingestor._core import SmartStreamDecoder
+
+    dec = SmartStreamDecoder(capacity)
+    dec.add_keys(angel_keys(conn))
+    dec.resolver = lambda etype, token: register_angel(conn, etype, token)
+    return dec
