@@ -301,8 +301,8 @@ def test_an_old_layout_with_rows_and_compressed_chunks_migrates(tsdb_db, tmp_pat
             conn.execute("SELECT compress_chunk(%s)", (chunks[0][0],))
         before = test_replay._table_digest(conn)
 
-        applied = migrate(conn)
-        assert [m.version for m in applied] == [5]
+        applied = migrate(conn)  # 0005 first, then whatever came after it
+        assert [m.version for m in applied][:1] == [5]
         res = ts.setup(conn, "on")
         _pause_jobs(conn)
         assert "ALTER TABLE tick_data DROP CONSTRAINT IF EXISTS tick_data_pkey" in res.statements
