@@ -1,0 +1,186 @@
+"""The log between feed and writer processes: simulator -> feed -> JetStream -> writer ->
+PostgreSQL, with real servers (a private ``nats-server`` per test, on free loopback ports,
+in the test's temporary folder), and the faults each process can meet."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import psycopg
+import pytest
+
+from daemon_harness import (Simulator, count_ticks, ingestor, load_instruments, tick_summary,
+                            wait_for)
+from ingestor import _core
+from ingestor.pipeline.batch import decode_capture
+
+NATS_SERVER = shutil.which("nats-server") or (
+    "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None)
+pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="needs the nats-server binary")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NatsServer:
+    """A private JetStream server (or a cluster node) on a free loopback port."""
+
+    def __init__(self, tmp, name: str = "n1", port: int | None = None,
+                 cluster_port: int | None = None, routes: list[int] = (), cluster: str = ""):
+        self.tmp, self.name = tmp, name
+        self.port = port or free_port()
+        self.cluster_port, self.routes, self.cluster = cluster_port, list(routes), cluster
+        self.store = tmp / f"nats-{name}"
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd",
+                str(self.store), "-n", self.name]
+        if self.cluster_port:
+            args += ["--cluster_name", self.cluster, "--cluster",
+                     f"nats://127.0.0.1:{self.cluster_port}", "--routes",
+                     ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
+        self.log = open(self.tmp / f"nats-{self.name}.log", "a")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self._answers, timeout=30, what=f"nats-server {self.name} answering")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                return s.recv(4).startswith(b"INFO")
+        except OSError:
+            return False
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        self.log.close()
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    s = NatsServer(tmp_path)
+    yield s
+    s.stop()
+
+
+class Role:
+    """An ``ingestor run --role ...`` process with its own config, spool and log file."""
+
+    def __init__(self, tmp, role: str, dsn: str, url: str, servers: list[str], *,
+                 name: str | None = None, log: str = ""):
+        self.name = name or role
+        self.cfg = tmp / f"{self.name}.toml"
+        servers_toml = ", ".join(f'"{s}"' for s in servers)
+        self.cfg.write_text(
+            f"[feed]\nurl = \"{url}\"\nmode = \"full\"\nheartbeat_timeout = 2.0\n"
+            "reconnect_min = 0.1\nreconnect_max = 0.5\n"
+            "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
+            f"[spool]\ndir = \"{tmp / ('spool-' + self.name)}\"\n"
+            f"[writer]\ndead_letter_dir = \"{tmp / 'dead'}\"\n"
+            "[metrics]\nlisten = \"\"\n"
+            f"[log]\nservers = [{servers_toml}]\nstream = \"TEST\"\nduplicate_window = 120.0\n"
+            f"max_feed_restart = 60.0\nack_timeout = 3.0\n{log}")
+        self.logpath = tmp / f"{self.name}.log"
+        self.out = open(self.logpath, "a")
+        env = dict(os.environ, KITE_API_KEY="test-key", KITE_ACCESS_TOKEN="test-token-secret")
+        self.proc = subprocess.Popen(ingestor("run", "--role", role, "--config", str(self.cfg),
+                                              "--dsn", dsn), env=env, stdout=self.out,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=timeout)
+        self.out.close()
+        return rc
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.out.close()
+
+    def output(self) -> str:
+        return self.logpath.read_text()
+
+
+def recorded_prices(record: str) -> dict[int, list]:
+    """Per token, the recorded packets' prices (raw, divisor) in order."""
+    out: dict[int, list] = {}
+    dec = _core.KiteDecoder(capacity=1 << 16)
+    for _ in decode_capture(record, dec):
+        t = dec.ticks[:dec.n_ticks]
+        for tok, p, d in zip(t["instrument_token"].tolist(), t["last_price"].tolist(),
+                             t["divisor"].tolist()):
+            out.setdefault(tok, []).append((p, d))
+    return out
+
+
+def assert_every_tick_once(dsn: str, record: str) -> int:
+    """Every tick the simulator recorded is in tick_data exactly once, in order, and the
+    candles equal SQL over the ticks."""
+    from decimal import Decimal
+
+    from test_candles_sql import CANDLES_SQL
+
+    rec = recorded_prices(record)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("select i.instrument_token, t.price from tick_data t join "
+                            "instruments i on i.id = t.instrument_id "
+                            "order by i.instrument_token, t.time").fetchall()
+        got: dict[int, list] = {}
+        for tok, price in rows:
+            got.setdefault(tok, []).append(price)
+        assert sum(map(len, rec.values())) == len(rows)
+        for tok, prices in rec.items():
+            assert got[tok] == [Decimal(p) / d for p, d in prices], tok
+        n, distinct = tick_summary(dsn)
+        assert n == distinct
+        for label in ("1s", "1m"):
+            stride = f"{_core.timeframe_us(label)} microseconds"
+            expected = conn.execute(CANDLES_SQL, {"stride": stride,
+                                                  "origin": "1970-01-01 00:00:00+05:30"}).fetchall()
+            stored = conn.execute(
+                "select time, instrument_id, open_price, high_price, low_price, close_price, "
+                "volume, trade_count, vwap, open_interest from ohlc_candles where timeframe = %s "
+                "order by instrument_id, time", (label,)).fetchall()
+            assert [tuple(r) for r in stored] == [tuple(r) for r in expected], label
+    return len(rows)
+
+
+def sent_ticks(record: str) -> int:
+    return sum(map(len, recorded_prices(record).values()))
+
+
+def test_feed_jetstream_writer_every_tick_once(tmp_path, db, nats_server):
+    sim = Simulator(tmp_path, tokens=20, rate=2000)
+    load_instruments(db, sim.csv)
+    feed = Role(tmp_path, "feed", db, sim.url, [nats_server.url])
+    writer = Role(tmp_path, "writer", db, sim.url, [nats_server.url])
+    wait_for(lambda: count_ticks(db) > 3000, timeout=90, what="3000 ticks written")
+    sim.stop()
+    sent = sent_ticks(sim.record)
+    wait_for(lambda: count_ticks(db) >= sent, timeout=90, what=f"all {sent} sent ticks written")
+    assert feed.terminate() == 0, feed.output()
+    assert writer.terminate() == 0, writer.output()
+    assert assert_every_tick_once(db, sim.record) > 2000
+    assert "test-token-secret" not in feed.output() + writer.output()
