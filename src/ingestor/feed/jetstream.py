@@ -233,6 +233,8 @@ class Publisher:
         self._emptied = asyncio.Event()
         self._room = asyncio.Event()
         self.published = 0
+        #: acknowledged as already stored (JetStream's duplicate window at work)
+        self.duplicates = 0
         self.resent = 0
         self.oversized = 0
         self.failed: BaseException | None = None
@@ -319,6 +321,9 @@ class Publisher:
         while w and w[0].fut.done() and not w[0].fut.cancelled() and w[0].fut.exception() is None:
             last = w.popleft()
             n += 1
+            ack = last.fut.result()
+            if ack is not None and ack.duplicate:
+                self.duplicates += 1  # stored before (a republished leftover, a resend)
             if w and w[0].sp is not last.sp:
                 last.sp.release(last.seq)
         if last is not None:
@@ -366,6 +371,11 @@ async def publish_streams(pub: Publisher, streams, wakeup: asyncio.Event, stop: 
             got = sp.take()
             if got is None:
                 if sp.consumed:
+                    if sp.recovered:
+                        await pub.drain()
+                        log.info("%s: leftover stream %s republished (%d message(s) the log "
+                                 "already had, dropped by its duplicate window)", pub.label,
+                                 sp.stream, pub.duplicates)
                     if on_done is not None:
                         on_done(sp)
                     continue

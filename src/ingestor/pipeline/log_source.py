@@ -116,29 +116,51 @@ def writer_role(cfg, dsn, plans, spool):
                     tg.create_task(self._consume(js, s), name=f"log-{s.label}")
 
         async def _subscribe(self, js, s):
+            """The subject's durable consumer, made anew from its acknowledgement floor: a
+            writer acknowledges only what is committed, so everything after the floor is
+            delivered again, in order (what the database has is skipped).  Redeliveries of
+            what a dead writer held would otherwise come after ``ack_wait``, behind newer
+            messages."""
             from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+            from nats.js.errors import NotFoundError
 
             g = self.cfg.log
             subject = subject_of(g.subject_prefix, s.label)
-            config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=g.ack_wait,
-                                    max_ack_pending=g.max_ack_pending,
-                                    deliver_policy=DeliverPolicy.ALL, max_deliver=-1,
-                                    filter_subject=subject)
-            return await js.pull_subscribe(subject, durable=f"{g.consumer}-{s.label}",
-                                           stream=g.stream, config=config)
+            durable = f"{g.consumer}-{s.label}"
+            floor = 0
+            try:
+                info = await js.consumer_info(g.stream, durable)
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                await js.delete_consumer(g.stream, durable)
+            except NotFoundError:
+                pass
+            config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+                                    ack_wait=g.ack_wait, max_ack_pending=g.max_ack_pending,
+                                    max_deliver=-1, filter_subject=subject,
+                                    deliver_policy=(DeliverPolicy.BY_START_SEQUENCE if floor
+                                                    else DeliverPolicy.ALL),
+                                    opt_start_seq=floor + 1 if floor else None)
+            log.info("%s: reading %s from log sequence %d", s.label, subject, floor + 1)
+            return await js.pull_subscribe(subject, durable=durable, stream=g.stream,
+                                           config=config)
 
         async def _consume(self, js, s) -> None:
-            psub = await _retry_setup(lambda: self._subscribe(js, s), self.stop)
             driver: Driver = s.driver
             interval = self.cfg.pipeline.flush_interval
             errors = 0
-            while psub is not None and not self.stop.is_set():
+            psub = None
+            while not self.stop.is_set():
+                if psub is None:
+                    psub = await _retry_setup(lambda: self._subscribe(js, s), self.stop)
+                    if psub is None:
+                        break
+                    s.delivered = None  # the consumer's delivery count starts again
                 due = driver.due_in()
                 wait = max(0.02, min(interval if due is None else due, 1.0))
                 try:
                     msgs = await psub.fetch(batch=FETCH, timeout=wait)
                     errors = 0
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
                     msgs = []
                 except (nats.errors.Error, OSError) as exc:
                     # the log away (a node restarting, a leader moving): what is pending in
@@ -150,7 +172,14 @@ def writer_role(cfg, dsn, plans, spool):
                     msgs = []
                     await asyncio.sleep(min(2.0, 0.05 * 2 ** min(errors, 6)))
                 if msgs:
-                    await self._feed(s, msgs)
+                    if not await self._feed(s, msgs):
+                        # a delivery this process never saw: read again from the floor
+                        # (what was fed is skipped, what was missed comes in order)
+                        try:
+                            await psub.unsubscribe()
+                        except Exception:  # noqa: BLE001 - replaced anyway
+                            pass
+                        psub = None
                     try:
                         self.metrics.log_pending.labels(s.label).set(
                             msgs[-1].metadata.num_pending)
@@ -167,13 +196,28 @@ def writer_role(cfg, dsn, plans, spool):
                 self.by_stream[stream] = a  # the writer task releases it after each commit
             return a
 
-        async def _feed(self, s, msgs) -> None:
-            """Runs of consecutive records of one capture stream to the driver."""
+        async def _feed(self, s, msgs) -> bool:
+            """Runs of consecutive records of one capture stream to the driver.  False: the
+            consumer's delivery sequence jumped (a message delivered and lost on the way, a
+            consumer reset): what follows is left for a new read from the floor."""
             driver: Driver = s.driver
             run = bytearray()
             run_stream, run_first, run_next, run_base = None, 0, 0, -1
             pack = RECORD_HEADER.pack
+            ok = True
             for m in msgs:
+                try:
+                    delivered = m.metadata.sequence.consumer
+                except Exception:  # noqa: BLE001 - not a JetStream delivery
+                    delivered = None
+                if delivered is not None:
+                    if s.delivered is not None and delivered != s.delivered + 1:
+                        log.warning("%s: the log's delivery jumped from %d to %d: reading "
+                                    "again from the acknowledged floor", s.label, s.delivered,
+                                    delivered)
+                        ok = False
+                        break
+                    s.delivered = delivered
                 try:
                     stream, seq, recv_ns, kind = decode_message(m.headers)
                 except MalformedMessage as exc:
@@ -198,6 +242,7 @@ def writer_role(cfg, dsn, plans, spool):
                 a.hold(seq, m)
             if run:
                 await driver.feed(run_stream, bytes(run), run_first, run_base)
+            return ok
 
         async def _set_aside(self, s, m, reason: str) -> None:
             self.malformed += 1
