@@ -55,6 +55,7 @@ class Metrics:
         self.log_resent = Counter("ingestor_log_resent", "Messages sent again after a publish was not acknowledged in time (feed role)", ["connection"], registry=r)
         self.log_oversized = Counter("ingestor_log_oversized", "Messages over the log's max_payload, not published (feed role)", registry=r)
         self.log_malformed = Counter("ingestor_log_malformed", "Messages on a raw subject that are not capture records, set aside (writer role)", registry=r)
+        self.log_gaps = Counter("ingestor_log_gaps", "Runs of a capture stream's messages the writer waited for in vain and went on without (writer role)", registry=r)
         self.log_pending = Gauge("ingestor_log_pending", "Messages of the subject not yet delivered to this writer (consumer lag)", ["connection"], registry=r)
         r.register(MarketCollector())
         from ingestor import DEBUG, __version__

@@ -335,8 +335,12 @@ class Publisher:
     def _cancel_pending(self) -> None:
         # a cancelled future gives its place back to the client's in-flight bound
         for e in self.window:
-            if e.fut is not None and not e.fut.done():
+            if e.fut is None:
+                continue
+            if not e.fut.done():
                 e.fut.cancel()
+            elif not e.fut.cancelled():
+                e.fut.exception()  # (retrieved: sent again below, not an unseen error)
 
     async def _resend(self, exc: BaseException) -> None:
         # (the acknowledgement task) first free the in-flight places, so that a sender

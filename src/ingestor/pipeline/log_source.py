@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 
 from ingestor.feed.capture import RECORD_HEADER
 from ingestor.feed.jetstream import (MalformedMessage, _close, _retry_setup, connect_retrying,
@@ -40,8 +41,13 @@ class StreamAcks:
     task calls ``release(last_seq)`` after each committed batch (as it releases a spool
     stream): the messages at or below it are acknowledged."""
 
-    def __init__(self, stream: str, committed: int, acker):
+    def __init__(self, stream: str, committed: int, acker, label: str = ""):
         self.stream = stream
+        #: the connection (subject) it came on
+        self.label = label
+        #: records ahead of ``fed + 1``, waiting for the ones before them: seq -> record
+        self.waiting: dict[int, tuple] = {}
+        self.gap_since: float | None = None
         #: committed in the database (read at first sight, then each batch's)
         self.committed = committed
         #: the highest sequence number handed to the pipeline
@@ -61,6 +67,33 @@ class StreamAcks:
             out.append(held.popleft()[1])
         if out:
             self._acker(out)
+
+
+class _Runs:
+    """Consecutive records of one capture stream gathered into one block for the driver."""
+
+    def __init__(self, driver: Driver):
+        self.driver = driver
+        self.buf = bytearray()
+        self.stream = None
+        self.first = self.next = 0
+        self.base = -1
+
+    async def add(self, a: StreamAcks, seq: int, recv_ns: int, kind: int, data) -> None:
+        if self.buf and (a.stream != self.stream or seq != self.next):
+            await self.flush()
+        if not self.buf:
+            # (base: what the pipeline counts as committed when it switches to the stream)
+            self.stream, self.first, self.base = a.stream, seq, a.fed
+        self.buf += RECORD_HEADER.pack(recv_ns, kind, len(data))
+        self.buf += data
+        self.next = seq + 1
+        a.fed = seq
+
+    async def flush(self) -> None:
+        if self.buf:
+            await self.driver.feed(self.stream, bytes(self.buf), self.first, self.base)
+            self.buf = bytearray()
 
 
 def writer_role(cfg, dsn, plans, spool):
@@ -171,7 +204,11 @@ def writer_role(cfg, dsn, plans, spool):
                                     type(exc).__name__, exc)
                     msgs = []
                     await asyncio.sleep(min(2.0, 0.05 * 2 ** min(errors, 6)))
-                if msgs:
+                if not msgs:
+                    runs = _Runs(driver)
+                    await self._accept_gaps(s.label, runs)
+                    await runs.flush()
+                else:
                     if not await self._feed(s, msgs):
                         # a delivery this process never saw: read again from the floor
                         # (what was fed is skipped, what was missed comes in order)
@@ -188,22 +225,19 @@ def writer_role(cfg, dsn, plans, spool):
                 await driver.tick()
             await driver.finish()
 
-        async def _stream_acks(self, stream: str) -> StreamAcks:
+        async def _stream_acks(self, stream: str, label: str) -> StreamAcks:
             a = self.acks.get(stream)
             if a is None:
                 committed = await _retry_db(lambda: self._committed_of(stream))
-                a = self.acks[stream] = StreamAcks(stream, committed, self._ack)
+                a = self.acks[stream] = StreamAcks(stream, committed, self._ack, label)
                 self.by_stream[stream] = a  # the writer task releases it after each commit
             return a
 
         async def _feed(self, s, msgs) -> bool:
-            """Runs of consecutive records of one capture stream to the driver.  False: the
-            consumer's delivery sequence jumped (a message delivered and lost on the way, a
-            consumer reset): what follows is left for a new read from the floor."""
-            driver: Driver = s.driver
-            run = bytearray()
-            run_stream, run_first, run_next, run_base = None, 0, 0, -1
-            pack = RECORD_HEADER.pack
+            """Each capture stream's records in sequence order to the driver, in runs.
+            False: the consumer's delivery sequence jumped (a message delivered and lost on
+            the way, a consumer reset): what follows is left for a new read from the floor."""
+            runs = _Runs(s.driver)
             ok = True
             for m in msgs:
                 try:
@@ -212,7 +246,7 @@ def writer_role(cfg, dsn, plans, spool):
                     delivered = None
                 if delivered is not None:
                     if s.delivered is not None and delivered != s.delivered + 1:
-                        log.warning("%s: the log's delivery jumped from %d to %d: reading "
+                        log.warning("%s: the log's delivery went from %d to %d: reading "
                                     "again from the acknowledged floor", s.label, s.delivered,
                                     delivered)
                         ok = False
@@ -223,26 +257,52 @@ def writer_role(cfg, dsn, plans, spool):
                 except MalformedMessage as exc:
                     await self._set_aside(s, m, str(exc))
                     continue
-                a = await self._stream_acks(stream)
-                if seq <= a.fed:  # committed, or fed already: a redelivery or a republish
+                a = await self._stream_acks(stream, s.label)
+                if seq <= a.fed or seq in a.waiting:
+                    # committed, or fed already: a redelivery or a republish
                     if seq <= a.committed:
                         self._ack([m])
                     else:
                         a.hold(seq, m)
                     continue
-                if run and (stream != run_stream or seq != run_next):
-                    await driver.feed(run_stream, bytes(run), run_first, run_base)
-                    run = bytearray()
-                if not run:
-                    run_stream, run_first, run_base = stream, seq, a.fed
-                run += pack(recv_ns, kind, len(m.data))
-                run += m.data
-                run_next = seq + 1
-                a.fed = seq
                 a.hold(seq, m)
-            if run:
-                await driver.feed(run_stream, bytes(run), run_first, run_base)
+                if seq != a.fed + 1:
+                    # ahead of the next one: a publish the feed is sending again can land
+                    # after the ones that followed it; wait for it (in order or not at all)
+                    a.waiting[seq] = (recv_ns, kind, m.data)
+                    if a.gap_since is None:
+                        a.gap_since = time.monotonic()
+                    continue
+                await runs.add(a, seq, recv_ns, kind, m.data)
+                await self._drain_waiting(a, runs)
+            await self._accept_gaps(s.label, runs)
+            await runs.flush()
             return ok
+
+        async def _drain_waiting(self, a: StreamAcks, runs: "_Runs") -> None:
+            while a.fed + 1 in a.waiting:
+                seq = a.fed + 1
+                recv_ns, kind, data = a.waiting.pop(seq)
+                await runs.add(a, seq, recv_ns, kind, data)
+            if not a.waiting:
+                a.gap_since = None
+
+        async def _accept_gaps(self, label: str, runs: "_Runs") -> None:
+            """Messages missing for longer than a feed takes to send again are not coming
+            (damaged in the feed's spool, too large for the log): go on without them."""
+            wait = 3 * self.cfg.log.ack_timeout + 5
+            now = time.monotonic()
+            for a in list(self.acks.values()):
+                if a.label != label or not a.waiting or now - a.gap_since < wait:
+                    continue
+                first = min(a.waiting)
+                log.warning("%s: %s: message(s) %d..%d never came (waited %.0f s): going on "
+                            "without them", label, a.stream, a.fed + 1, first - 1, wait)
+                self.metrics.log_gaps.inc()
+                a.fed = first - 1
+                await self._drain_waiting(a, runs)
+                if a.waiting:
+                    a.gap_since = now
 
         async def _set_aside(self, s, m, reason: str) -> None:
             self.malformed += 1
