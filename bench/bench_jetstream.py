@@ -16,7 +16,8 @@ window, not CPU), so this understates what the log allows.
 Run: ``python bench/bench_jetstream.py [--quick] [--seconds S] [--rates 5000,20000]
 [--layouts embedded,js1,js3]``; needs the ``nats-server`` binary; the database server is
 ``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the benchmark creates and
-drops its own database.  Not run by the tests.
+drops its own database; ``INGESTOR_BENCH_LOGS=DIR`` keeps the feed's and writer's logs
+there.  Not run by the tests.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _answers(port: int) -> bool:
         return False
 
 
-def start_nats(tmp: str, nodes: int) -> tuple[list[subprocess.Popen], list[str]]:
+def start_nats(tmp: str, nodes: int, tag: str) -> tuple[list[subprocess.Popen], list[str]]:
     """``nodes`` JetStream servers on free loopback ports (clustered when more than one)."""
     binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
     ports = [_free_port() for _ in range(nodes)]
@@ -56,7 +57,7 @@ def start_nats(tmp: str, nodes: int) -> tuple[list[subprocess.Popen], list[str]]
     procs = []
     for i in range(nodes):
         args = [binary, "-js", "-a", "127.0.0.1", "-p", str(ports[i]), "-n", f"b{i}",
-                "-sd", os.path.join(tmp, f"nats-{nodes}-{i}")]
+                "-sd", os.path.join(tmp, f"nats-{tag}-{i}")]
         if nodes > 1:
             args += ["--cluster_name", "bench", "--cluster", f"nats://127.0.0.1:{cports[i]}",
                      "--routes", ",".join(f"nats://127.0.0.1:{p}"
@@ -69,6 +70,12 @@ def start_nats(tmp: str, nodes: int) -> tuple[list[subprocess.Popen], list[str]]
             raise RuntimeError("nats-server did not start")
         time.sleep(0.1)
     return procs, [f"nats://127.0.0.1:{p}" for p in ports]
+
+
+def _out(name: str):
+    """Where a process's log goes: ``INGESTOR_BENCH_LOGS``/<name>.log, else nowhere."""
+    d = os.environ.get("INGESTOR_BENCH_LOGS")
+    return open(os.path.join(d, f"{name}.log"), "w") if d else subprocess.DEVNULL
 
 
 def _max_labelled(text: str, name: str) -> float:
@@ -85,7 +92,7 @@ def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: i
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
                   "feed_gaps, engine_state")
-    nats, urls = start_nats(tmp, nodes)
+    nats, urls = start_nats(tmp, nodes, f"{nodes}-{rate}")
     record = os.path.join(tmp, f"sim-js{nodes}-{rate}.cap")
     csv = os.path.join(tmp, "instruments.csv")
     sim = subprocess.Popen(_ingestor("simulate", "--listen", "127.0.0.1:0", "--tokens",
@@ -110,7 +117,8 @@ def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: i
                     f"stream = \"{stream}\"\nreplicas = {nodes}\n")
         procs[role] = subprocess.Popen(_ingestor("run", "--role", role, "--config", cfg,
                                                  "--dsn", dsn), env=env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                       stdout=_out(f"{role}-{nodes}-{rate}"),
+                                       stderr=subprocess.STDOUT)
     lag = 0.0
     try:
         time.sleep(2.0)

@@ -91,12 +91,12 @@ class Role:
     started: list = []
 
     def __init__(self, tmp, role: str, dsn: str, url: str, servers: list[str], *,
-                 name: str | None = None, log: str = ""):
+                 name: str | None = None, log: str = "", feed: str = ""):
         self.name = name or role
         self.cfg = tmp / f"{self.name}.toml"
         servers_toml = ", ".join(f'"{s}"' for s in servers)
         self.cfg.write_text(
-            f"[feed]\nurl = \"{url}\"\nmode = \"full\"\nheartbeat_timeout = 2.0\n"
+            f"[feed]\n{feed}url = \"{url}\"\nmode = \"full\"\nheartbeat_timeout = 2.0\n"
             "reconnect_min = 0.1\nreconnect_max = 0.5\n"
             "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
             f"[spool]\ndir = \"{tmp / ('spool-' + self.name)}\"\n"
@@ -390,3 +390,28 @@ def test_writer_puts_a_late_message_back_in_order(tmp_path, db, nats_server):
     with psycopg.connect(db) as c:
         assert c.execute("select committed_seq from stream_offsets where stream = %s",
                          (stream,)).fetchone()[0] == recs[-1].seq
+
+
+async def _add_stream(url: str, **kw) -> None:
+    import nats
+    from nats.js.api import StreamConfig
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().add_stream(StreamConfig(**kw))
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("existing, said", [
+    (dict(name="TEST", subjects=["ingestor.>"], duplicate_window=10.0), "duplicate_window"),
+    (dict(name="OTHER", subjects=["ingestor.raw.>"]), "overlap"),
+])
+def test_a_stream_against_a_guarantee_stops_the_role_loudly(tmp_path, db, nats_server,
+                                                            existing, said):
+    asyncio.run(_add_stream(nats_server.url, **existing))
+    writer = Role(tmp_path, "writer", db, "ws://127.0.0.1:9", [nats_server.url],
+                  feed="tokens = [256265]\n")
+    assert writer.proc.wait(timeout=60) == 1
+    writer.out.close()
+    assert said in writer.output()

@@ -174,12 +174,19 @@ async def ensure_stream(js, cfg):
     """The stream, created when missing; an existing one is checked: its duplicate window
     at least ``log.duplicate_window``, its subjects covering ours (:class:`LogSetupError`
     otherwise: an operator's stream is not changed behind their back)."""
-    from nats.js.errors import NotFoundError
+    from nats.js.errors import BadRequestError, NotFoundError
 
     try:
         info = await js.stream_info(cfg.stream)
     except NotFoundError:
-        info = await js.add_stream(stream_config(cfg))
+        try:
+            info = await js.add_stream(stream_config(cfg))
+        except BadRequestError as exc:
+            if exc.err_code == 10065:  # JSStreamSubjectOverlapErr: never cured by waiting
+                raise LogSetupError(f"log stream {cfg.stream}: its subjects "
+                                    f"{cfg.subject_prefix}.> overlap another stream's on the "
+                                    "servers (set log.subject_prefix or log.stream)") from None
+            raise
         log.info("log: created stream %s (subjects %s.>, %d replica(s), duplicate window %.0f s)",
                  cfg.stream, cfg.subject_prefix, cfg.replicas, cfg.duplicate_window)
         return info
