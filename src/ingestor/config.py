@@ -25,6 +25,11 @@ feeds nothing is implicit: each feed names its own credentials file or its own
 pair of variables, and no two feeds share a source (two feeds on one key would
 share, and exceed, the broker's per-key connection limit).
 
+The log.  ``[log]`` (``LogConfig``) names NATS JetStream servers for ``ingestor run --role
+feed`` / ``--role writer``; without ``servers`` it is off and ``ingestor run`` does everything
+with its local spool.  Its duplicate window must cover the longest feed restart
+(``max_feed_restart``), checked here with the rest.
+
 Example (every key optional)::
 
     [database]
