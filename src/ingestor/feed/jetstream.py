@@ -35,6 +35,7 @@ import asyncio
 import collections
 import logging
 import re
+from typing import Iterator
 
 from ingestor.feed.capture import KIND_BINARY, KIND_TEXT, RECORD_HEADER
 
@@ -84,7 +85,7 @@ def decode_message(headers: dict | None) -> tuple[str, int, int, int]:
         raise MalformedMessage("the stream id is not 1 to 128 of A-Z a-z 0-9 _ . -")
     if not (seq_text.isascii() and seq_text.isdigit() and len(seq_text) <= 19) or \
             int(seq_text) >= _MAX_SEQ:
-        raise MalformedMessage(f"the sequence number is not an integer from 0 to 2^62")
+        raise MalformedMessage("the sequence number is not an integer from 0 to 2^62")
     if not (isinstance(recv, str) and recv.isascii() and recv.isdigit() and len(recv) <= 20) \
             or int(recv) > _MAX_NS:
         raise MalformedMessage(f"{HDR_RECV_NS} is not an unsigned 64-bit integer")
@@ -93,7 +94,7 @@ def decode_message(headers: dict | None) -> tuple[str, int, int, int]:
     return stream, int(seq_text), int(recv), _KINDS[kind]
 
 
-def iter_records(chunk) -> collections.abc.Iterator[tuple[int, int, int, int]]:
+def iter_records(chunk) -> Iterator[tuple[int, int, int, int]]:
     """``(offset of payload, length, recv_ns, kind)`` of each format-1 record of a spool
     chunk (what ``StreamSpool.take`` returns: whole records, checked when read)."""
     pos, n, size = 0, len(chunk), RECORD_HEADER.size
@@ -315,7 +316,7 @@ class Publisher:
             except Exception as exc:  # noqa: BLE001 - a timeout, no stream, a refusal: resend
                 failures += 1
                 await asyncio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
-                await self._resend(exc)
+                await self._resend(exc, say=failures == 1 or failures % 30 == 0)
                 continue
             failures = 0
             done = self._pop_done()
@@ -349,7 +350,7 @@ class Publisher:
             elif not e.fut.cancelled():
                 e.fut.exception()  # (retrieved: sent again below, not an unseen error)
 
-    async def _resend(self, exc: BaseException) -> None:
+    async def _resend(self, exc: BaseException, say: bool = True) -> None:
         # (the acknowledgement task) first free the in-flight places, so that a sender
         # waiting for one (holding the lock) goes on and lets go of the lock
         self._cancel_pending()
@@ -357,9 +358,10 @@ class Publisher:
             self._cancel_pending()
             n = len(self.window)
             head = self.window[0]
-            log.warning("%s: publish of %s:%d not acknowledged (%s); sending it and the %d "
-                        "after it again", self.label, head.sp.stream, head.seq,
-                        type(exc).__name__ + (f": {exc}" if str(exc) else ""), n - 1)
+            if say:  # (the first of a run of failures, then one in 30)
+                log.warning("%s: publish of %s:%d not acknowledged (%s); sending it and the "
+                            "%d after it again", self.label, head.sp.stream, head.seq,
+                            type(exc).__name__ + (f": {exc}" if str(exc) else ""), n - 1)
             # every one from the head on, acknowledged or not: JetStream drops the ids it
             # has, and a message stored after one that was lost is stored again after it
             for e in list(self.window):
