@@ -415,3 +415,24 @@ def test_a_stream_against_a_guarantee_stops_the_role_loudly(tmp_path, db, nats_s
     assert writer.proc.wait(timeout=60) == 1
     writer.out.close()
     assert said in writer.output()
+
+
+def test_feed_spools_while_the_log_is_away(tmp_path, db, nats_server):
+    """No log at the feed's start: it receives and spools meanwhile, and publishes it all,
+    in order, once the server answers."""
+    nats_server.stop()
+    sim = Simulator(tmp_path, tokens=20, rate=2000)
+    load_instruments(db, sim.csv)
+    feed = Role(tmp_path, "feed", db, sim.url, [nats_server.url])
+    spool = tmp_path / "spool-feed"
+    wait_for(lambda: sum(p.stat().st_size for p in spool.glob("*.cap")) > 200_000, timeout=60,
+             what="the feed spooling without the log")
+    nats_server.start()
+    writer = Role(tmp_path, "writer", db, sim.url, [nats_server.url])
+    wait_for(lambda: count_ticks(db) > 2000, timeout=90, what="writing once the log is up")
+    sim.stop()
+    sent = sent_ticks(sim.record)
+    wait_for(lambda: count_ticks(db) >= sent, timeout=90, what=f"all {sent} sent ticks written")
+    assert feed.terminate() == 0, feed.output()
+    assert writer.terminate() == 0, writer.output()
+    assert assert_every_tick_once(db, sim.record) == sent

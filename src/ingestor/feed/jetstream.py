@@ -245,7 +245,6 @@ class Publisher:
         self.duplicates = 0
         self.resent = 0
         self.oversized = 0
-        self.failed: BaseException | None = None
 
     async def _send(self, e: _Entry) -> None:
         import stamina
@@ -397,8 +396,6 @@ async def publish_streams(pub: Publisher, streams, wakeup: asyncio.Event, stop: 
             await pub.publish_chunk(sp, chunk, seq)
             progressed = True
             break
-        if pub.failed is not None:
-            raise pub.failed
         if progressed:
             if not stop.is_set():
                 await asyncio.sleep(linger)  # gathers a busy feed's messages into chunks
@@ -410,7 +407,6 @@ async def publish_streams(pub: Publisher, streams, wakeup: asyncio.Event, stop: 
         except asyncio.TimeoutError:
             pass
     await pub.drain()
-
 
 
 # -- the feed role ---------------------------------------------------------------------
