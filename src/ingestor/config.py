@@ -25,6 +25,11 @@ feeds nothing is implicit: each feed names its own credentials file or its own
 pair of variables, and no two feeds share a source (two feeds on one key would
 share, and exceed, the broker's per-key connection limit).
 
+The log.  ``[log]`` (``LogConfig``) names NATS JetStream servers for ``ingestor run --role
+feed`` / ``--role writer``; without ``servers`` it is off and ``ingestor run`` does everything
+with its local spool.  Its duplicate window must cover the longest feed restart
+(``max_feed_restart``), checked here with the rest.
+
 Example (every key optional)::
 
     [database]
@@ -164,6 +169,45 @@ class RecordConfig(_Base):
     dir: str = ""
 
 
+class LogConfig(_Base):
+    """``[log]``: NATS JetStream between feed and writer processes (``ingestor run --role``);
+    no ``servers``: the log is off, ``ingestor run`` does everything with its local spool."""
+
+    #: nats:// or tls:// URLs of the JetStream servers (no credentials in them)
+    servers: list[str] = []
+    stream: str = "INGESTOR"
+    #: subjects: ``<subject_prefix>.raw.<connection label>``
+    subject_prefix: str = "ingestor"
+    #: 3 for a stream that survives the loss of a host (NATS 2.9 has no sync_interval)
+    replicas: int = 1
+    #: seconds JetStream drops a republished message id: at least ``max_feed_restart``
+    duplicate_window: float = 300.0
+    #: the longest a feed process is expected to be down (a crash and its restart)
+    max_feed_restart: float = 120.0
+    #: retention: seconds (0: no limit) and bytes (0: no limit); at the bytes limit new
+    #: messages are refused (discard new: the feed keeps them in its spool), never old dropped
+    max_age: float = 7 * 86400.0
+    max_bytes: int = 0
+    #: publishes awaiting JetStream's acknowledgement, per feed process
+    max_in_flight: int = 1024
+    #: seconds to wait for a publish's acknowledgement before sending again (same id)
+    ack_timeout: float = 10.0
+    #: the writers' durable consumer name prefix (one consumer per subject)
+    consumer: str = "ingestor-writer"
+    #: seconds JetStream waits for a writer's ack before redelivering (skipped then)
+    ack_wait: float = 300.0
+    #: messages delivered to a writer and not yet acknowledged (committed), per subject
+    max_ack_pending: int = 65536
+    #: a NATS credentials file (JWT + nkey seed), where the server wants one
+    credentials_file: str | None = None
+    #: a CA file for tls:// servers
+    tls_ca_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.servers)
+
+
 class Config(_Base):
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     #: the feeds (``[[feeds]]``): a list once constructed (``None`` in the file's terms is
@@ -177,6 +221,7 @@ class Config(_Base):
     writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     record: RecordConfig = msgspec.field(default_factory=RecordConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
     #: shutdown budget: seconds to flush and commit after SIGTERM
     shutdown_timeout: float = 30.0
 
@@ -266,6 +311,7 @@ def _validate(cfg: Config) -> None:
     _check_pipeline(cfg.pipeline)
     _check_feeds(cfg)
     _check_storage(cfg)
+    _check_log(cfg.log)
     _number("shutdown_timeout", cfg.shutdown_timeout, 0, 3600)
 
 
@@ -461,6 +507,54 @@ def _check_storage(cfg: Config) -> None:
         raise ConfigError("record.dir is spool.dir: the recordings would be replayed as "
                           "leftovers at every start")
     _check_listen(cfg.metrics.listen)
+
+
+_NATS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SUBJECT = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}")
+
+
+def _check_log(g: LogConfig) -> None:
+    from urllib.parse import urlsplit
+
+    for url in g.servers:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"log.servers: {_one_line(exc)}") from None
+        if parts.username or parts.password:
+            raise ConfigError("log.servers: a URL carries credentials: they belong in "
+                              "log.credentials_file")
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ConfigError(f"log.servers: want nats://host:port or tls://host:port (scheme "
+                              f"{parts.scheme[:10]!r}, host {(parts.hostname or '')[:60]!r})")
+    if not isinstance(g.stream, str) or not _NATS_NAME.fullmatch(g.stream):
+        raise ConfigError(f"log.stream = {_show(g.stream)}: want 1 to 64 of A-Z a-z 0-9 _ -")
+    if not isinstance(g.consumer, str) or not _NATS_NAME.fullmatch(g.consumer):
+        raise ConfigError(f"log.consumer = {_show(g.consumer)}: want 1 to 64 of A-Z a-z 0-9 _ -")
+    if not isinstance(g.subject_prefix, str) or not _SUBJECT.fullmatch(g.subject_prefix):
+        raise ConfigError(f"log.subject_prefix = {_show(g.subject_prefix)}: want dot-separated "
+                          "tokens of A-Z a-z 0-9 _ - (no wildcards)")
+    _integer("log.replicas", g.replicas, 1, 5, " (JetStream's limit)")
+    _number("log.duplicate_window", g.duplicate_window, 0, 7 * 86400)
+    _number("log.max_feed_restart", g.max_feed_restart, 0, 7 * 86400)
+    if g.duplicate_window < g.max_feed_restart:
+        raise ConfigError(f"log.duplicate_window = {g.duplicate_window!r}: shorter than "
+                          f"log.max_feed_restart = {g.max_feed_restart!r} (a feed restarted "
+                          "after the window would double what it republishes in the log)")
+    _number("log.max_age", g.max_age, 0, 10 * 365 * 86400, lo_ok=True)
+    if g.max_age and g.max_age < g.duplicate_window:
+        raise ConfigError(f"log.max_age = {g.max_age!r}: shorter than log.duplicate_window "
+                          f"= {g.duplicate_window!r} (JetStream refuses it)")
+    _integer("log.max_bytes", g.max_bytes, 0, 1 << 50, " bytes (0: no limit)")
+    _integer("log.max_in_flight", g.max_in_flight, 1, 65536, " messages")
+    _number("log.ack_timeout", g.ack_timeout, 0, 600)
+    _number("log.ack_wait", g.ack_wait, 0, 86400)
+    _integer("log.max_ack_pending", g.max_ack_pending, 1, 1 << 24, " messages")
+    for key in ("credentials_file", "tls_ca_file"):
+        path = getattr(g, key)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"log.{key} = {_show(path)}: not a file")
 
 
 def _check_listen(listen: str) -> None:

@@ -675,7 +675,8 @@ class Daemon:
                 def left() -> float:
                     return max(0.5, budget - (time.monotonic() - self.stopping_since))
 
-                await asyncio.wait(feeds, timeout=5)
+                if feeds:  # (none in a writer process: ingestor.pipeline.log_source)
+                    await asyncio.wait(feeds, timeout=5)
                 for c in self.connections:
                     if c.streams:
                         c.streams[-1].end()

@@ -49,6 +49,14 @@ class Metrics:
         for kind in POSTBACK_DEAD_LETTER_KINDS:
             self.postback_dead_letters.labels(kind)
         self.writer_fatal = Gauge("ingestor_writer_fatal", "1 while the writer is stopped by a fatal refusal (configuration, schema, server or code; nothing committed)", registry=r)
+        # the log (NATS JetStream, ``--role feed`` / ``--role writer``; absent series stay 0)
+        self.log_up = Gauge("ingestor_log_up", "1 while connected to the log (NATS JetStream)", registry=r)
+        self.log_published = Counter("ingestor_log_published", "Messages JetStream acknowledged (feed role)", ["connection"], registry=r)
+        self.log_resent = Counter("ingestor_log_resent", "Messages sent again after a publish was not acknowledged in time (feed role)", ["connection"], registry=r)
+        self.log_oversized = Counter("ingestor_log_oversized", "Messages over the log's max_payload, not published (feed role)", registry=r)
+        self.log_malformed = Counter("ingestor_log_malformed", "Messages on a raw subject that are not capture records, set aside (writer role)", registry=r)
+        self.log_gaps = Counter("ingestor_log_gaps", "Runs of a capture stream's messages the writer waited for in vain and went on without (writer role)", registry=r)
+        self.log_pending = Gauge("ingestor_log_pending", "Messages of the subject not yet delivered to this writer (consumer lag)", ["connection"], registry=r)
         r.register(MarketCollector())
         from ingestor import DEBUG, __version__
 

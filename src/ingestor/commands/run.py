@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
                    help="mode for every token of the single feed")
     p.add_argument("--metrics", help="host:port of /metrics and /healthz ('' disables)")
     p.add_argument("--spool-dir", help="spool directory")
+    p.add_argument("--role", choices=("feed", "writer"),
+                   help="with [log] configured: feed (broker -> spool -> JetStream) or writer "
+                   "(JetStream -> pipeline -> database); default: everything in one process")
     p.set_defaults(func=run)
 
 
@@ -110,7 +113,13 @@ def run(args) -> int:
         cfg = config_mod.load(args.config)
         apply_flags(cfg, args)
         config_mod.validate(cfg)
-        creds = [config_mod.credentials(cfg, f) for f in cfg.feeds]
+        role = getattr(args, "role", None)
+        if role and not cfg.log.enabled:
+            raise config_mod.ConfigError(f"--role {role}: needs the log: set log.servers in "
+                                         "the config ([log] table)")
+        # a writer reads the log, not the broker: it needs no broker credentials
+        creds = [config_mod.credentials(cfg, f) if role != "writer" else ("", "")
+                 for f in cfg.feeds]
     except config_mod.ConfigError as exc:
         raise UsageError(str(exc)) from None
     dsn = resolve_dsn(args.dsn, config_dsn=cfg.database.dsn)
@@ -138,6 +147,14 @@ def run(args) -> int:
         async def main():
             from ingestor.daemon import Daemon
 
+            if role == "feed":
+                from ingestor.feed.jetstream import feed_role
+
+                return await feed_role(cfg, dsn, plans, spool).run()
+            if role == "writer":
+                from ingestor.pipeline.log_source import writer_role
+
+                return await writer_role(cfg, dsn, plans, spool).run()
             return await Daemon(cfg, dsn, plans, spool=spool).run()
 
         return runner(main())

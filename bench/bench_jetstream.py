@@ -1,0 +1,213 @@
+"""The log: simulator -> feed -> NATS JetStream -> writer -> PostgreSQL, beside the
+single-process daemon (simulator -> daemon with its local spool -> PostgreSQL), same rates,
+same machine, same run.
+
+For each offered rate and each layout (embedded daemon; JetStream with 1 node; JetStream
+with 3 clustered nodes and 3 replicas): ticks ingested per second, ticks lost (every packet
+the simulator recorded must be in ``tick_data`` after the graceful stops), p50/p99
+tick-to-commit (the writer's histogram: the receive time travels with each message, so it
+spans feed, log and writer), and the largest consumer lag the writer saw.
+
+Everything shares this machine (2 cores here): the simulator, the feed, one or three
+``nats-server`` processes, the writer and PostgreSQL.  On separate machines the feed's and
+the writer's CPU would not compete (the log then costs a network round trip per publish
+window, not CPU), so this understates what the log allows.
+
+Run: ``python bench/bench_jetstream.py [--quick] [--seconds S] [--rates 5000,20000]
+[--layouts embedded,js1,js3]``; needs the ``nats-server`` binary; the database server is
+``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the benchmark creates and
+drops its own database; ``INGESTOR_BENCH_LOGS=DIR`` keeps the feed's and writer's logs
+there.  Not run by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_live import _free_port, _ingestor, _metrics, _quantile  # noqa: E402
+from bench_live import run_rate as run_embedded  # noqa: E402
+from common import scratch_database, table  # noqa: E402
+
+TITLE = ("log: simulator -> feed -> JetStream -> writer -> PostgreSQL vs the single-process "
+         "daemon (all on this machine)")
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            return s.recv(4).startswith(b"INFO")
+    except OSError:
+        return False
+
+
+def start_nats(tmp: str, nodes: int, tag: str) -> tuple[list[subprocess.Popen], list[str]]:
+    """``nodes`` JetStream servers on free loopback ports (clustered when more than one)."""
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    ports = [_free_port() for _ in range(nodes)]
+    cports = [_free_port() for _ in range(nodes)]
+    procs = []
+    for i in range(nodes):
+        args = [binary, "-js", "-a", "127.0.0.1", "-p", str(ports[i]), "-n", f"b{i}",
+                "-sd", os.path.join(tmp, f"nats-{tag}-{i}")]
+        if nodes > 1:
+            args += ["--cluster_name", "bench", "--cluster", f"nats://127.0.0.1:{cports[i]}",
+                     "--routes", ",".join(f"nats://127.0.0.1:{p}"
+                                          for j, p in enumerate(cports) if j != i)]
+        procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+    end = time.monotonic() + 30
+    while not all(_answers(p) for p in ports):
+        if time.monotonic() > end:
+            raise RuntimeError("nats-server did not start")
+        time.sleep(0.1)
+    return procs, [f"nats://127.0.0.1:{p}" for p in ports]
+
+
+def _out(name: str):
+    """Where a process's log goes: ``INGESTOR_BENCH_LOGS``/<name>.log, else nowhere."""
+    d = os.environ.get("INGESTOR_BENCH_LOGS")
+    return open(os.path.join(d, f"{name}.log"), "w") if d else subprocess.DEVNULL
+
+
+def _max_labelled(text: str, name: str) -> float:
+    vals = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)]
+    return max(vals) if vals else 0.0
+
+
+def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: int) -> dict:
+    import psycopg
+
+    from ingestor._core import KiteDecoder
+    from ingestor.pipeline.batch import decode_capture
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
+                  "feed_gaps, engine_state")
+    nats, urls = start_nats(tmp, nodes, f"{nodes}-{rate}")
+    record = os.path.join(tmp, f"sim-js{nodes}-{rate}.cap")
+    csv = os.path.join(tmp, "instruments.csv")
+    sim = subprocess.Popen(_ingestor("simulate", "--listen", "127.0.0.1:0", "--tokens",
+                                     str(tokens), "--rate", str(rate), "--duration",
+                                     str(seconds + 60), "--record", record,
+                                     "--instruments-csv", csv),
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = sim.stdout.readline().split()[-1]
+    subprocess.run(_ingestor("instruments", "load", csv, "--dsn", dsn), check=True,
+                   capture_output=True)
+    env = dict(os.environ, KITE_API_KEY="bench", KITE_ACCESS_TOKEN="bench")
+    procs, ports = {}, {}
+    stream = f"BENCH{nodes}_{rate}"
+    for role in ("feed", "writer"):
+        ports[role] = _free_port()
+        cfg = os.path.join(tmp, f"{role}-{nodes}-{rate}.toml")
+        with open(cfg, "w") as f:
+            f.write(f"[feed]\nurl = \"{url}\"\nmode = \"full\"\n"
+                    f"[spool]\ndir = \"{os.path.join(tmp, f'spool-{role}-{nodes}-{rate}')}\"\n"
+                    f"[metrics]\nlisten = \"127.0.0.1:{ports[role]}\"\n"
+                    "[log]\nservers = [" + ", ".join(f'"{u}"' for u in urls) + "]\n"
+                    f"stream = \"{stream}\"\nreplicas = {nodes}\n")
+        procs[role] = subprocess.Popen(_ingestor("run", "--role", role, "--config", cfg,
+                                                 "--dsn", dsn), env=env,
+                                       stdout=_out(f"{role}-{nodes}-{rate}"),
+                                       stderr=subprocess.STDOUT)
+    lag = 0.0
+    try:
+        time.sleep(2.0)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:  # the consumer lag, sampled once a second
+            time.sleep(1.0)
+            try:
+                lag = max(lag, _max_labelled(_metrics(ports["writer"]), "ingestor_log_pending"))
+            except OSError:
+                pass
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(timeout=30)
+        procs["feed"].send_signal(signal.SIGTERM)
+        procs["feed"].wait(timeout=120)
+        # the writer has everything once it committed every logged message: its last
+        # metrics, then the graceful stop
+        time.sleep(2.0)
+        text = _metrics(ports["writer"])
+        procs["writer"].send_signal(signal.SIGTERM)
+        procs["writer"].wait(timeout=120)
+    finally:
+        for p in (sim, *procs.values(), *nats):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    dec = KiteDecoder()
+    for _ in decode_capture(record, dec):
+        pass
+    sent = dec.stats()["packets"]
+    with psycopg.connect(dsn) as c:
+        got, first, last = c.execute(
+            "select count(*), min(time), max(time) from tick_data").fetchone()
+    span = (last - first).total_seconds() if got else 0
+    return {
+        "offered ticks/s": rate,
+        "ingested ticks/s": got / span if span else 0.0,
+        "sent": sent,
+        "in tick_data": got,
+        "lost": sent - got,
+        "p50 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.5) or 0) * 1000,
+        "p99 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.99) or 0) * 1000,
+        "max consumer lag msgs": lag,
+    }
+
+
+def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: int = 500,
+        layouts=("embedded", "js1", "js3")) -> list[dict]:
+    import psycopg
+
+    from ingestor.store import timescale
+    from ingestor.store.migrate import migrate
+
+    rates = rates or ([5_000] if quick else [10_000, 25_000, 50_000])
+    seconds = seconds or (5 if quick else 20)
+    rows = []
+    with scratch_database() as dsn:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            migrate(c)
+            timescale.setup(c, "auto")
+        with tempfile.TemporaryDirectory() as tmp:
+            for rate in rates:
+                for layout in layouts:
+                    if layout == "embedded":
+                        r = run_embedded(dsn, rate, seconds, tokens, tmp)
+                        r = {k: r[k] for k in ("offered ticks/s", "ingested ticks/s", "sent",
+                                               "in tick_data", "lost", "p50 tick->commit ms",
+                                               "p99 tick->commit ms")}
+                        r["max consumer lag msgs"] = float("nan")
+                    else:
+                        r = run_log(dsn, rate, seconds, tokens, tmp, nodes=int(layout[2:]))
+                    rows.append({"layout": layout, **r})
+    return rows
+
+
+if __name__ == "__main__":
+    argv = sys.argv
+    rates = [int(x) for x in argv[argv.index("--rates") + 1].split(",")] if "--rates" in argv else None
+    secs = float(argv[argv.index("--seconds") + 1]) if "--seconds" in argv else None
+    layouts = (argv[argv.index("--layouts") + 1].split(",") if "--layouts" in argv
+               else ("embedded", "js1", "js3"))
+    rows = run(quick="--quick" in argv, rates=rates, seconds=secs, layouts=layouts)
+    print(table(rows, TITLE))
+    best = {}
+    for r in rows:
+        if r["lost"] == 0:
+            best[r["layout"]] = max(best.get(r["layout"], 0.0), r["ingested ticks/s"])
+    for layout, v in best.items():
+        share = f" ({v / best['embedded']:.2f} of embedded)" if best.get("embedded") else ""
+        print(f"{layout}: highest loss-free ingested rate {v:,.0f} ticks/s{share}")

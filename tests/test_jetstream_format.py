@@ -1,0 +1,111 @@
+"""The log's message format and settings, without servers: the capture-record fields
+round-trip through a message's headers; a hostile message is a ``MalformedMessage`` (never
+another exception); every [log] setting is checked at load (exit 2 naming the key)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ingestor import config as config_mod
+from ingestor.cli import main
+from ingestor.feed.capture import KIND_BINARY, KIND_TEXT, RECORD_HEADER
+from ingestor.feed.jetstream import (MalformedMessage, decode_message, encode_headers,
+                                     iter_records, label_of_stream, subject_of)
+
+streams = st.from_regex(r"[A-Za-z0-9_.\-]{1,128}", fullmatch=True)
+
+
+@given(streams, st.integers(0, (1 << 62) - 1), st.integers(0, (1 << 64) - 1),
+       st.sampled_from([KIND_BINARY, KIND_TEXT]))
+def test_headers_round_trip_every_field(stream, seq, recv_ns, kind):
+    h = encode_headers(stream, seq, recv_ns, kind)
+    assert all(isinstance(v, str) for v in h.values())  # NATS headers are text
+    assert h["Nats-Msg-Id"] == f"{stream}:{seq}"  # JetStream's duplicate key
+    assert decode_message(h) == (stream, seq, recv_ns, kind)
+
+
+@given(st.one_of(st.none(), st.text(), st.dictionaries(
+    st.sampled_from(["Nats-Msg-Id", "Ingestor-Recv-Ns", "Ingestor-Kind", "X"]),
+    st.one_of(st.text(max_size=40), st.integers(), st.none()))))
+def test_hostile_headers_are_malformed_never_a_crash(headers):
+    try:
+        stream, seq, recv_ns, kind = decode_message(headers)
+    except MalformedMessage:
+        return
+    assert 0 <= seq < 1 << 62 and 0 <= recv_ns < 1 << 64 and kind in (1, 2) and stream
+
+
+@pytest.mark.parametrize("headers", [
+    {"Nats-Msg-Id": "s:1", "Ingestor-Recv-Ns": "1", "Ingestor-Kind": "3"},
+    {"Nats-Msg-Id": "s:-1", "Ingestor-Recv-Ns": "1", "Ingestor-Kind": "1"},
+    {"Nats-Msg-Id": "s:١", "Ingestor-Recv-Ns": "1", "Ingestor-Kind": "1"},  # not ASCII digits
+    {"Nats-Msg-Id": ":1", "Ingestor-Recv-Ns": "1", "Ingestor-Kind": "1"},
+    {"Nats-Msg-Id": "a b:1", "Ingestor-Recv-Ns": "1", "Ingestor-Kind": "1"},
+    {"Nats-Msg-Id": "s:1", "Ingestor-Recv-Ns": str(1 << 64), "Ingestor-Kind": "1"},
+    {"Nats-Msg-Id": "s:1", "Ingestor-Kind": "1"},
+])
+def test_each_bad_field_named(headers):
+    with pytest.raises(MalformedMessage):
+        decode_message(headers)
+
+
+def test_records_of_a_spool_chunk():
+    recs = [(b"\x00\x01", 1, 10), (b"", 2, 11), (b"x" * 300, 1, 12)]
+    chunk = b"".join(RECORD_HEADER.pack(ns, kind, len(p)) + p for p, kind, ns in recs)
+    got = [(chunk[off:off + n], kind, ns) for off, n, ns, kind in iter_records(chunk)]
+    assert got == recs
+
+
+def test_subjects_and_labels():
+    assert subject_of("ingestor", "kite-0") == "ingestor.raw.kite-0"
+    assert label_of_stream("kite-0-3fdf2a78254b") == "kite-0"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize("body, key", [
+    ('servers = ["http://h:4222"]', "log.servers"),
+    ('servers = ["nats://u:p@h:4222"]', "log.servers"),
+    ('servers = ["nats://h:4222"]\nreplicas = 7', "log.replicas"),
+    ('servers = ["nats://h:4222"]\nduplicate_window = 30.0\nmax_feed_restart = 60.0',
+     "log.duplicate_window"),
+    ('servers = ["nats://h:4222"]\nmax_age = 60.0', "log.max_age"),
+    ('servers = ["nats://h:4222"]\nstream = "a.b"', "log.stream"),
+    ('servers = ["nats://h:4222"]\nsubject_prefix = "a.>"', "log.subject_prefix"),
+    ('servers = ["nats://h:4222"]\nmax_in_flight = 0', "log.max_in_flight"),
+    ('servers = ["nats://h:4222"]\nack_timeout = nan', "log.ack_timeout"),
+    ('servers = ["nats://h:4222"]\ncredentials_file = "/nonexistent/x.creds"',
+     "log.credentials_file"),
+    ('servers = ["nats://h:4222"]\nsurprise = 1', "log.surprise"),
+])
+def test_bad_log_settings_refused_naming_the_key(tmp_path, capsys, body, key):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[feed]\ntokens = [1]\n[log]\n{body}\n")
+    with pytest.raises(config_mod.ConfigError, match=key.replace(".", r"\.")):
+        config_mod.load(str(cfg))
+    assert main(["run", "--config", str(cfg), "--role", "feed"]) == 2
+    assert key in capsys.readouterr().err
+
+
+def test_role_needs_the_log(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[feed]\ntokens = [1]\n")
+    assert main(["run", "--config", str(cfg), "--role", "writer"]) == 2
+    assert "log.servers" in capsys.readouterr().err
+
+
+def test_defaults_are_off_and_valid():
+    cfg = config_mod.load(None)
+    assert not cfg.log.enabled
+    assert cfg.log.duplicate_window >= cfg.log.max_feed_restart
