@@ -4,11 +4,12 @@ through its view, against the same read on ingestor's tables by instrument id.
 The bar (docs/compat.md): a read through a view costs at most 1.5x the base-table read, or
 1 ms more, whichever is larger.
 
-One capture (``--ticks`` over ``--tokens`` instruments, mixed modes; the simulator opens the
-next trading day every ~500 messages, so 5M ticks span about 200 short days: the tables hold
-as many chunks as months of retention do, and planning over hypertables costs what it costs
-then) is replayed by ``ingestor replay`` into a database of its own on the server ``--dsn``
-names; ``ingestor migrate``
+One capture (``--ticks`` over ``--tokens`` instruments, mixed modes; now and then the
+simulator opens the next trading day: 5M ticks over 300 instruments are 10 sessions of about
+15 minutes on 10 days, so a table holds ten or twenty chunks, far fewer than months of
+retention leave: planning over hypertables costs more in production than here) is replayed
+by ``ingestor replay`` into a database of its own on the server ``--dsn`` names; ``ingestor
+migrate``
 lays it out first (hypertables where the server has TimescaleDB; ``--retention off``, so that
 no policy drops the simulated day while it is read), then ``ingestor migrate --compat all``
 creates the schemas.  ``instruments`` is padded to ``--instruments`` rows without data (a
