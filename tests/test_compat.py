@@ -613,13 +613,16 @@ def test_per_symbol_reads_use_indexes(filled):
                 "001": f"SELECT * FROM market_data WHERE symbol = %s AND time BETWEEN {window}",
                 "003": f"SELECT * FROM market_data WHERE symbol = %s AND timestamp BETWEEN "
                        f"{window} AND interval = 'tick'",
+                # the candles' one branch: the interval's VALUES row, then the candle index
+                "003 candles": f"SELECT * FROM market_data WHERE symbol = %s AND timestamp "
+                               f"BETWEEN {window} AND interval = '1min'",
                 "004": f"SELECT * FROM market_data WHERE symbol = %s AND timestamp BETWEEN "
                        f"{window} ORDER BY timestamp DESC",
                 "002": f"SELECT * FROM ohlcv_data WHERE instrument_id = '{key}' "
                        f"AND timeframe = '1m' AND timestamp BETWEEN {window}",
             }
             for code, q in reads.items():
-                conn.execute(f"SET search_path = {compat.SEEDS[code].schema}")
+                conn.execute(f"SET search_path = {compat.SEEDS[code[:3]].schema}")
                 plan = conn.execute("EXPLAIN (FORMAT JSON) " + q,
                                     (sym,) if "%s" in q else None).fetchone()[0]
                 scans = _scans(plan)

@@ -7,7 +7,8 @@ retention policies, and with ``--roles`` creates the reader and writer roles and
 grants.  Every step is idempotent: running it again changes nothing, or applies changed
 settings.  ``--check`` only reports whether the schema is current (exit 1 if not).
 ``--compat 001,...`` creates (again) the reference schemas' compatibility views and their
-read-only roles (``ingestor.store.compat``), ``--drop-compat`` drops them.
+read-only roles (``ingestor.store.compat``), ``--drop-compat`` drops them; with
+``--login-users`` also a login user per schema, its password from the environment.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compat-account-filter", metavar="LIST",
                    help="in these compatibility schemas, orders and fills only of the account "
                         "the session names in app.current_user_id (default: every account)")
+    p.add_argument("--login-users", metavar="LIST",
+                   help="with --compat: also a login user per schema, CODE=NAME[,...] (a bare "
+                        "CODE: <schema>_login), a member of its read-only role; its password "
+                        "from the environment variable INGESTOR_COMPAT_PASSWORD_<NAME> (NAME in "
+                        "capitals); a second run sets it again (see docs/compat.md)")
     p.add_argument("--config", metavar="FILE",
                    help="the daemon's settings file: --compat refuses views built on a "
                         "timeframe its pipeline.timeframes lacks (default: the defaults)")
@@ -146,15 +152,18 @@ def _compat_plan(args: argparse.Namespace):
     from ingestor.cli import UsageError
     from ingestor.store import compat
 
+    if not args.compat and (args.compat_timeframe or args.compat_exchanges
+                            or args.compat_account_filter or args.login_users):
+        raise UsageError("--compat-timeframe/--compat-exchanges/--compat-account-filter/"
+                         "--login-users need --compat"
+                         + (" (--drop-compat drops the login users --login-users created)"
+                            if args.drop_compat and args.login_users else ""))
     if not (args.compat or args.drop_compat):
-        if args.compat_timeframe or args.compat_exchanges or args.compat_account_filter:
-            raise UsageError("--compat-timeframe/--compat-exchanges/--compat-account-filter "
-                             "need --compat")
         return None
     if args.compat and args.drop_compat:
         raise UsageError("--compat and --drop-compat: one at a time")
     if args.drop_compat:
-        return ("drop", compat.parse_codes(args.drop_compat, "--drop-compat"), None)
+        return ("drop", compat.parse_codes(args.drop_compat, "--drop-compat"), None, [])
     configured = ()
     if args.config:
         from ingestor.config import load
@@ -168,7 +177,8 @@ def _compat_plan(args: argparse.Namespace):
         raise UsageError("--compat-timeframe/--compat-exchanges/--compat-account-filter name "
                          f"{', '.join(sorted(named - set(codes)))}, which --compat does not")
     compat.check(codes, settings)
-    return ("create", codes, settings)
+    users = compat.parse_login_users(args.login_users, codes) if args.login_users else []
+    return ("create", codes, settings, users)
 
 
 def _compat_run(conn, plan) -> None:
@@ -176,13 +186,15 @@ def _compat_run(conn, plan) -> None:
 
     if plan is None:
         return
-    action, codes, settings = plan
+    action, codes, settings, users = plan
     if action == "drop":
-        compat.drop(conn, codes)
+        notes = compat.drop(conn, codes)
         print("compatibility schemas dropped: "
               + ", ".join(compat.SEEDS[c].schema for c in codes))
+        for note in notes:
+            print(note)
         return
-    for note in compat.create(conn, codes, settings):
+    for note in compat.create(conn, codes, settings, users):
         print(note)
     for c in codes:
         seed = compat.SEEDS[c]

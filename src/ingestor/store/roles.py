@@ -5,8 +5,10 @@ per database, so :func:`ensure_roles` does two things every time it runs:
 
 * creates each role if no role of that name exists yet (``DO`` block testing ``pg_roles``;
   a concurrent creator is tolerated), as ``NOLOGIN`` group roles: log-in users are made
-  members (``CREATE ROLE svc LOGIN IN ROLE ingestor_reader``), so passwords are never this
-  code's business;
+  members (``CREATE ROLE svc LOGIN IN ROLE ingestor_reader``).  The one exception is a
+  compatibility schema's login user, made only on request (``ingestor migrate --compat ...
+  --login-users``, :func:`login_user_sql`): its password comes from the environment and
+  reaches the server only as the verifier libpq computes (SCRAM or MD5), never as text;
 * grants, in this database and schema: ``CONNECT``/``TEMPORARY`` on the database (the
   writer COPYs into temporary staging tables), ``USAGE`` on the schema; ``SELECT`` on every
   table to the reader; ``SELECT, INSERT, UPDATE`` on every table and ``USAGE, SELECT`` on
@@ -158,3 +160,57 @@ def compat_reader_revokes(role: str, database: str) -> list:
         "EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM %I', {db}, {lit}); "
         "EXECUTE format('ALTER ROLE %I IN DATABASE %I RESET search_path', {lit}, {db}); "
         "END IF; END $ingestor$").format(lit=sql.Literal(role), db=sql.Literal(database))]
+
+
+#: The comment marking a login user ``--login-users`` created (``COMMENT ON ROLE``: roles are
+#: cluster-wide, and so are their comments): ``--drop-compat`` drops only roles so marked.
+LOGIN_MARK = "ingestor compat login user of {schema} (ingestor migrate --login-users)"
+
+
+def login_mark(schema: str) -> str:
+    """The comment a login user of ``schema`` created by ``--login-users`` carries."""
+    return LOGIN_MARK.format(schema=check_name(schema))
+
+
+def password_verifier(conn, user: str, password: str) -> str:
+    """What the server stores for ``password``: libpq's ``PQencryptPasswordConn`` with the
+    server's ``password_encryption`` (SCRAM-SHA-256, or MD5 on servers set so), as ``psql``'s
+    ``\\password`` sends it.  The password itself never goes over the wire, nor into a server
+    log that records statements.  Both values are registered for redaction."""
+    from ingestor.logs import register_secret
+
+    register_secret(password)
+    algorithm = conn.execute("SHOW password_encryption").fetchone()[0]
+    verifier = conn.pgconn.encrypt_password(
+        password.encode(), user.encode(), algorithm.encode()).decode()
+    register_secret(verifier)
+    return verifier
+
+
+def login_user_sql(user: str, verifier: str, group: str, database: str, schema: str,
+                   create: bool) -> list:
+    """Create (``create``) or update a compatibility schema's login user (``Composed`` list).
+
+    A ``LOGIN`` role with the password ``verifier`` (see :func:`password_verifier`), a member
+    of ``group`` (the schema's reader role, whose privileges it inherits), its
+    ``search_path`` in ``database`` set to ``schema`` (role settings apply to the role that
+    logs in, not to its groups), and, when created, the :func:`login_mark` comment.  Updating
+    sets the password again and restores the membership and the setting: running it twice
+    leaves one user with the latest password.
+    """
+    from psycopg import sql
+
+    u, g = sql.Identifier(check_name(user)), sql.Identifier(check_name(group))
+    db, sc = sql.Identifier(database), sql.Identifier(check_name(schema))
+    pw = sql.Literal(verifier)
+    if create:
+        out = [sql.SQL("CREATE ROLE {u} LOGIN INHERIT PASSWORD {pw} IN ROLE {g}").format(
+                   u=u, pw=pw, g=g),
+               sql.SQL("COMMENT ON ROLE {u} IS {mark}").format(
+                   u=u, mark=sql.Literal(login_mark(schema)))]
+    else:
+        out = [sql.SQL("ALTER ROLE {u} LOGIN PASSWORD {pw}").format(u=u, pw=pw),
+               sql.SQL("GRANT {g} TO {u}").format(g=g, u=u)]
+    out.append(sql.SQL("ALTER ROLE {u} IN DATABASE {db} SET search_path = {sc}").format(
+        u=u, db=db, sc=sc))
+    return out

@@ -29,6 +29,13 @@ unchanged, reading ingestor's tables without a copy.  ``ingestor migrate --compa
   ``SELECT`` on its views only (views run with their owner's rights: the role needs and has
   no privilege on ingestor's tables) and ``search_path`` set to the schema in this database
   (:func:`ingestor.store.roles.compat_reader_grants`).
+* **Login users, only on request.**  ``--login-users 001=quant_svc`` also makes a ``LOGIN``
+  user per schema named, a member of its reader role with its own ``search_path``; the
+  password comes from the environment (``INGESTOR_COMPAT_PASSWORD_QUANT_SVC``:
+  :data:`PASSWORD_ENV_PREFIX` and the name in capitals) and reaches the server as libpq's
+  verifier only (:func:`ingestor.store.roles.password_verifier`).  A second run sets the
+  password again.  The user carries a comment saying ingestor made it; ``--drop-compat``
+  drops such users (and only those) once no other database configures them.
 """
 
 from __future__ import annotations
@@ -106,6 +113,14 @@ ACCOUNT_FILTER = (
 
 _EXCHANGE = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
 
+#: A login user's password is read from this prefix and the user's name in capitals.
+PASSWORD_ENV_PREFIX = "INGESTOR_COMPAT_PASSWORD_"
+#: Shorter passwords are refused (and could not be redacted reliably from text).
+MIN_PASSWORD = 8
+#: Login user names: lower case (the variable's name is the name in capitals, one to one;
+#: PostgreSQL folds unquoted names to lower case), not pg_ (reserved by the server).
+_LOGIN_NAME = re.compile(r"^(?!pg_)[a-z_][a-z0-9_]{0,62}$")
+
 
 @dataclass
 class CompatSettings:
@@ -134,6 +149,85 @@ class CompatSettings:
             from ingestor.config import TIMEFRAMES
 
             self.configured = tuple(TIMEFRAMES)
+
+
+@dataclass(frozen=True)
+class LoginUser:
+    """A login user ``--login-users`` asks for.
+
+    Attributes
+    ----------
+    code : str
+        The seed whose reader role it joins.
+    name : str
+        The role's name.
+    password : str
+        From the environment (not in the ``repr``).
+    """
+
+    code: str
+    name: str
+    password: str = field(repr=False)
+
+    @property
+    def variable(self) -> str:
+        """The environment variable its password is read from."""
+        return password_variable(self.name)
+
+
+def password_variable(name: str) -> str:
+    """``quant_svc`` -> ``INGESTOR_COMPAT_PASSWORD_QUANT_SVC``."""
+    return PASSWORD_ENV_PREFIX + name.upper()
+
+
+def parse_login_users(text: str, codes: list[str], environ=None) -> list[LoginUser]:
+    """The ``--login-users`` flag: ``CODE=NAME`` items (a bare ``CODE``: ``<schema>_login``),
+    comma-separated, or ``all`` (every schema of ``codes``, default names).
+
+    Each password is read from the environment (:func:`password_variable`) and registered
+    for redaction.  :class:`CompatError` (one line, naming the variable, never a value) for
+    a malformed item, a code ``--compat`` does not name, a name given twice, or a password
+    missing, empty or shorter than :data:`MIN_PASSWORD`.
+    """
+    import os
+
+    from ingestor.logs import register_secret
+
+    env = os.environ if environ is None else environ
+    flag = "--login-users"
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if [t.lower() for t in items] == ["all"]:
+        items = list(codes)
+    if not items:
+        raise CompatError(f"{flag}: name at least one schema, as CODE=NAME (e.g. 001=quant_svc)")
+    wanted: dict[str, str] = {}
+    for item in items:
+        code_text, sep, name = item.partition("=")
+        code = parse_codes(code_text, flag)[0]
+        name = name.strip() if sep else f"{SEEDS[code].schema}_login"
+        if not _LOGIN_NAME.match(name):
+            raise CompatError(f"{flag}: invalid login user name {name!r}: lower-case letters, "
+                              "digits and _ (at most 63, not starting with a digit or pg_)")
+        if code not in codes:
+            raise CompatError(f"{flag}: {code} is not among the schemas --compat creates")
+        if code in wanted:
+            raise CompatError(f"{flag}: {code} named twice (one login user per schema)")
+        if name in wanted.values() or name in {s.role for s in SEEDS.values()}:
+            raise CompatError(f"{flag}: {name!r} cannot be a login user here (taken)")
+        wanted[code] = name
+    out = []
+    for code, name in wanted.items():
+        var = password_variable(name)
+        password = env.get(var, "")
+        if not password:
+            raise CompatError(f"{flag}: set {var} to the password of login user {name} "
+                              f"(compat {code}); passwords are read from the environment only")
+        register_secret(password)
+        if len(password) < MIN_PASSWORD:
+            raise CompatError(f"{flag}: the password in {var} is shorter than {MIN_PASSWORD} "
+                              "characters")
+        out.append(LoginUser(code, name, password))
+    return out
 
 
 def parse_codes(text: str, flag: str = "--compat") -> list[str]:
@@ -272,7 +366,8 @@ def _describe(seed: Seed, settings: CompatSettings) -> str:
     return "; ".join(parts)
 
 
-def create(conn, codes: list[str], settings: CompatSettings | None = None) -> list[str]:
+def create(conn, codes: list[str], settings: CompatSettings | None = None,
+           login_users: list[LoginUser] = ()) -> list[str]:
     """Create (or re-create) the compatibility schemas of ``codes`` and their reader roles.
 
     Parameters
@@ -285,16 +380,21 @@ def create(conn, codes: list[str], settings: CompatSettings | None = None) -> li
         Seed codes (:func:`parse_codes`).
     settings : CompatSettings, optional
         Granularity and exchanges per schema; the configured timeframes.
+    login_users : list of LoginUser, optional
+        Login users to create, or whose password to set again (:func:`parse_login_users`).
 
     Returns
     -------
     list of str
-        Notes for the user (timeframes some rows would come from but are not configured).
+        Notes for the user (timeframes some rows would come from but are not configured;
+        each login user created or updated).
 
     Raises
     ------
     CompatError
-        A view would be built on a timeframe that is not configured.
+        A view would be built on a timeframe that is not configured; a login user's name is
+        taken by a role ingestor did not create (or by another schema's login user).  Nothing
+        is changed then.
     """
     from psycopg import sql
 
@@ -321,18 +421,55 @@ def create(conn, codes: list[str], settings: CompatSettings | None = None) -> li
             conn.execute(roles.create_role_sql(seed.role))
             for stmt in roles.compat_reader_grants(seed.role, database, seed.schema):
                 conn.execute(stmt)
+        for user in login_users:
+            notes.append(_login_user(conn, user, database))
     return notes
 
 
-def drop(conn, codes: list[str]) -> None:
+def _login_user(conn, user: LoginUser, database: str) -> str:
+    """Create or update one login user (inside :func:`create`'s transaction)."""
+    from ingestor.store import roles
+
+    seed = SEEDS[user.code]
+    mark = roles.login_mark(seed.schema)
+    row = conn.execute("SELECT shobj_description(oid, 'pg_authid') FROM pg_catalog.pg_roles "
+                       "WHERE rolname = %s", (user.name,)).fetchone()
+    if row is not None and row[0] != mark:
+        other = [s.schema for s in SEEDS.values() if row[0] == roles.login_mark(s.schema)]
+        raise CompatError(
+            f"--login-users: {user.name} is the login user of {other[0]}, not {seed.schema}: "
+            "one schema per login user" if other else
+            f"--login-users: a role {user.name} exists that ingestor did not create: choose "
+            f"another name (or grant it {seed.role} yourself)")
+    verifier = roles.password_verifier(conn, user.name, user.password)
+    for stmt in roles.login_user_sql(user.name, verifier, seed.role, database, seed.schema,
+                                     create=row is None):
+        conn.execute(stmt)
+    return (f"compat {user.code}: login user {user.name} "
+            f"{'created' if row is None else 'password set again'} (member of {seed.role}, "
+            f"search_path {seed.schema}; password from {user.variable})")
+
+
+def drop(conn, codes: list[str]) -> list[str]:
     """Drop the compatibility schemas of ``codes``; with the last one, the base indexes.
 
     The reader roles are cluster-wide (other databases may use them): they lose their
-    privileges here and are kept; ``DROP ROLE`` is the operator's call.
+    privileges here and are kept; ``DROP ROLE`` is the operator's call.  Login users that
+    ``--login-users`` created for these schemas (marked by their comment) lose their
+    ``search_path`` here and are dropped, unless another database still configures them or
+    objects depend on them (kept, with a note).  Login users made by hand are left alone.
+
+    Returns
+    -------
+    list of str
+        A note per login user dropped or kept.
     """
+    import psycopg
     from psycopg import sql
 
     from ingestor.store import roles
+
+    notes: list[str] = []
 
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
@@ -344,12 +481,37 @@ def drop(conn, codes: list[str]) -> None:
                 sql.Identifier(seed.schema)))
             for stmt in roles.compat_reader_revokes(seed.role, database):
                 conn.execute(stmt)
+            for (name,) in conn.execute(
+                    "SELECT rolname FROM pg_catalog.pg_roles WHERE "
+                    "shobj_description(oid, 'pg_authid') = %s ORDER BY 1",
+                    (roles.login_mark(seed.schema),)).fetchall():
+                u = sql.Identifier(name)
+                conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET search_path").format(
+                    u, sql.Identifier(database)))
+                elsewhere = [r[0] for r in conn.execute(
+                    "SELECT d.datname FROM pg_catalog.pg_db_role_setting s "
+                    "JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase "
+                    "JOIN pg_catalog.pg_roles r ON r.oid = s.setrole "
+                    "WHERE r.rolname = %s AND d.datname <> %s ORDER BY 1",
+                    (name, database))]
+                if elsewhere:
+                    notes.append(f"login user {name} kept: database(s) {', '.join(elsewhere)} "
+                                 "still configure it")
+                    continue
+                try:
+                    with conn.transaction():
+                        conn.execute(sql.SQL("DROP ROLE {}").format(u))
+                    notes.append(f"login user {name} dropped")
+                except psycopg.errors.DependentObjectsStillExist:
+                    notes.append(f"login user {name} kept: objects depend on it "
+                                 "(DROP OWNED BY it, then DROP ROLE)")
         left = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = ANY(%s)",
                             ([s.schema for s in SEEDS.values()],)).fetchone()[0]
         if not left:
             for name in BASE_INDEXES:
                 conn.execute(sql.SQL("DROP INDEX IF EXISTS {}.{}").format(
                     sql.Identifier(base), sql.Identifier(name)))
+    return notes
 
 
 def present(conn) -> dict[str, str]:
