@@ -30,10 +30,16 @@ def test_warning_only_on_the_debug_build(caplog):
     assert all(r.levelno == logging.WARNING for r in warned)
 
 
-def test_replay_says_it_at_start(tmp_path):
-    # before anything else: even a replay that fails at once has said which core it runs
-    r = subprocess.run(ingestor("replay", str(tmp_path / "none.cap"), "--dsn",
-                                "host=127.0.0.1 port=1"),
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2
+def test_replay_says_it_at_start_and_not_before_an_error(db, tmp_path):
+    from ingestor.sim.market import generate_capture
+
+    cap = tmp_path / "s.cap"
+    generate_capture(cap, ticks=1_000, tokens=5, seed=1)
+    r = subprocess.run(ingestor("replay", str(cap), "--dsn", db), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
     assert ("ingestor replay on the DEBUG build of the core" in r.stderr) == bool(DEBUG)
+    # an error at once is its one line, nothing else
+    bad = subprocess.run(ingestor("replay", str(tmp_path / "none.cap"), "--dsn", db),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -53,7 +53,6 @@ def run(args) -> int:
     from ingestor.pipeline import PipelineSettings
     from ingestor.pipeline.replay import replay
 
-    from ingestor.metrics import warn_debug_build
     from ingestor.pipeline.replay import ReplayInterrupted
 
     if args.flush_rows < 1 or args.snapshot_interval < 0 or args.direct_min_rows < 1:
@@ -61,7 +60,6 @@ def run(args) -> int:
                          "--snapshot-interval >= 0")
     if not args.progress_every > 0:
         raise UsageError("--progress-every must be > 0")
-    warn_debug_build("ingestor replay")
     settings = PipelineSettings(flush_rows=args.flush_rows,
                                 snapshot_interval_us=int(args.snapshot_interval * 1e6),
                                 dense_rows=args.direct_min_rows)

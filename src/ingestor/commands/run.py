@@ -114,9 +114,6 @@ def run(args) -> int:
     except config_mod.ConfigError as exc:
         raise UsageError(str(exc)) from None
     dsn = resolve_dsn(args.dsn, config_dsn=cfg.database.dsn)
-    from ingestor.metrics import warn_debug_build
-
-    warn_debug_build("ingestor run")
     spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.alarm_at, cfg.spool.segment_bytes,
                   keep_dir=cfg.record.dir, fsync_interval=cfg.spool.fsync_interval)
     try:
@@ -143,6 +140,9 @@ def run(args) -> int:
 
             return await Daemon(cfg, dsn, plans, spool=spool).run()
 
+        from ingestor.metrics import warn_debug_build
+
+        warn_debug_build("ingestor run")  # once everything is checked: not before an error line
         return runner(main())
     finally:
         spool.close()

@@ -24,6 +24,7 @@ from ingestor.pipeline import state
 from ingestor.feed.capture import CaptureReader
 from ingestor.pipeline.driver import Driver, drive_capture
 from ingestor.pipeline.pipeline import FlushBatch, Pipeline, PipelineSettings
+from ingestor.metrics import warn_debug_build
 from ingestor.progress import EVERY, Progress
 from ingestor.store.writer import Writer, postback_handler
 
@@ -150,6 +151,8 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
         load_state(setup, pipeline)
         writer = Writer(dsn, dead_letter_dir=dead_letter_dir, on_texts=postback_handler(),
                         direct_compress=direct_compress)
+        # the capture and the database are checked: the work starts (never before an error)
+        warn_debug_build("ingestor replay")
         mode = None if progress is None else ("bar" if progress else "off")
         shown = Progress(f"replay {os.path.basename(path)}", max(1, os.path.getsize(path)),
                          start=reader.data_offset, mode=mode, every=progress_every)
