@@ -35,10 +35,12 @@ async def _one_session(code: int) -> KiteFeed:
 def test_close_log_level(caplog, code, level):
     caplog.set_level(logging.DEBUG, "ingestor.feed.kite")
     feed = asyncio.run(_one_session(code))
-    closed = [r for r in caplog.records if "connection closed" in r.getMessage()]
+    closed = [r for r in caplog.records
+              if r.name == "ingestor.feed.kite" and "connection closed" in r.getMessage()]
     assert len(closed) == 1, caplog.text
     assert closed[0].levelno == level
     assert f"received {code}" in closed[0].getMessage()
     assert feed.stats.messages == 1
     if level == logging.INFO:
-        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+        assert not [r for r in caplog.records
+                    if r.name.startswith("ingestor") and r.levelno >= logging.WARNING], caplog.text
