@@ -12,11 +12,28 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+def core_build() -> str:
+    """``"debug"`` when the Cython core is the debug build (``make debug``/``make test`` leave
+    it in a checkout: checks on, several times slower), else ``"release"``."""
+    from ingestor import DEBUG
+
+    return "debug" if DEBUG else "release"
+
+
+def warn_debug_build(what: str) -> None:
+    """One WARNING line at the start of ``what`` (``run``, ``replay``) on the debug core."""
+    if core_build() == "debug":
+        logging.getLogger("ingestor").warning(
+            "%s on the DEBUG build of the core (checks on, several times slower): for "
+            "production, install a release build (make compile, or pip install .)", what)
 
 
 class Metrics:
@@ -58,11 +75,11 @@ class Metrics:
         self.log_gaps = Counter("ingestor_log_gaps", "Runs of a capture stream's messages the writer waited for in vain and went on without (writer role)", registry=r)
         self.log_pending = Gauge("ingestor_log_pending", "Messages of the subject not yet delivered to this writer (consumer lag)", ["connection"], registry=r)
         r.register(MarketCollector())
-        from ingestor import DEBUG, __version__
+        from ingestor import __version__
 
         # the debug build of the core is several times slower: a dashboard shows which one runs
         Info("ingestor_build", "Version and core build (release, or debug: checks on, slower)",
-             registry=r).info({"version": __version__, "core": "debug" if DEBUG else "release"})
+             registry=r).info({"version": __version__, "core": core_build()})
 
     def attach(self, daemon) -> None:
         """Read the daemon's own counters at scrape time (see ``CoreCollector``)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ingestor.progress import EVERY
+
 #: ``ingestor replay``'s tick rows per transaction.  Larger than the daemon's: a replay is a
 #: bulk load, and on TimescaleDB an instrument's ticks go straight into the columnstore only
 #: when a transaction holds enough of them (``writer.direct_min_rows``, 100) -- 200k rows
@@ -16,9 +18,10 @@ def add_parser(sub) -> None:
                        description="Push a capture through decode, aggregation and binary COPY "
                        "into the database as fast as it can; prints ticks, candles, snapshots, "
                        "seconds, ticks/s and the time per stage. Exactly once: replaying the "
-                       "same capture twice writes it once. Exit status 3: the capture held "
-                       "damaged records (skipped and counted; the intact ones around them "
-                       "written).")
+                       "same capture twice writes it once, and a replay interrupted (Ctrl-C, "
+                       "exit status 130) says how far it committed: running it again resumes "
+                       "there. Exit status 3: the capture held damaged records (skipped and "
+                       "counted; the intact ones around them written).")
     p.add_argument("capture", help="capture file (.cap)")
     p.add_argument("--dsn", help="database (else INGESTOR_DSN, DATABASE_URL, libpq defaults)")
     p.add_argument("--flush-rows", type=int, default=FLUSH_ROWS,
@@ -35,7 +38,11 @@ def add_parser(sub) -> None:
                    help="TimescaleDB: an instrument's ticks in one transaction go straight "
                    "into the columnstore from this many rows on (default 100)")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress line on stderr (it is shown only on a terminal anyway)")
+                   help="no progress on stderr (a bar on a terminal, else a log line every "
+                   "--progress-every seconds)")
+    p.add_argument("--progress-every", type=float, default=EVERY, metavar="SECONDS",
+                   help="seconds between progress log lines when stderr is not a terminal "
+                   "(default %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -46,9 +53,13 @@ def run(args) -> int:
     from ingestor.pipeline import PipelineSettings
     from ingestor.pipeline.replay import replay
 
+    from ingestor.pipeline.replay import ReplayInterrupted
+
     if args.flush_rows < 1 or args.snapshot_interval < 0 or args.direct_min_rows < 1:
         raise UsageError("--flush-rows and --direct-min-rows must be >= 1 and "
                          "--snapshot-interval >= 0")
+    if not args.progress_every > 0:
+        raise UsageError("--progress-every must be > 0")
     settings = PipelineSettings(flush_rows=args.flush_rows,
                                 snapshot_interval_us=int(args.snapshot_interval * 1e6),
                                 dense_rows=args.direct_min_rows)
@@ -56,7 +67,11 @@ def run(args) -> int:
         result = replay(args.capture, resolve_dsn(args.dsn), settings=settings,
                         dead_letter_dir=args.dead_letter_dir,
                         progress=False if args.no_progress else None,
-                        direct_compress=args.direct_compress)
+                        direct_compress=args.direct_compress,
+                        progress_every=args.progress_every)
+    except ReplayInterrupted as exc:
+        print(f"ingestor: {exc}", file=sys.stderr)
+        return 130
     except FileNotFoundError:
         raise UsageError(f"{args.capture}: no such file") from None
     except CaptureError as exc:

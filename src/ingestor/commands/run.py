@@ -157,6 +157,9 @@ def run(args) -> int:
                 return await writer_role(cfg, dsn, plans, spool).run()
             return await Daemon(cfg, dsn, plans, spool=spool).run()
 
+        from ingestor.metrics import warn_debug_build
+
+        warn_debug_build("ingestor run")  # once everything is checked: not before an error line
         return runner(main())
     finally:
         spool.close()

@@ -51,6 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     out = p.add_argument_group("capture output")
     out.add_argument("--out", metavar="FILE.cap", help="capture file to write")
     out.add_argument("--ticks", type=int, metavar="N", help="packets to write")
+    out.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                     help="progress: a bar on a terminal, else a log line this often "
+                          "(default %(default)s)")
     live = p.add_argument_group("live Kite-protocol server")
     live.add_argument("--listen", metavar="HOST:PORT",
                       help="serve the Kite ticker WebSocket protocol here (port 0: any free port)")
@@ -111,9 +114,14 @@ def run(args: argparse.Namespace) -> int:
             market.write_instruments_csv(args.instruments_csv)
         except OSError as exc:
             raise UsageError(f"simulate: cannot write {args.instruments_csv}: {exc.strerror}") from None
+    from ingestor.progress import Progress
+
     t0 = time.perf_counter()
     try:
-        r = generate_capture(args.out, args.ticks, mode=args.mode, seed=args.seed, market=market)
+        with Progress(f"simulate {os.path.basename(args.out)}", args.ticks, unit="ticks",
+                      every=args.progress_every) as shown:
+            r = generate_capture(args.out, args.ticks, mode=args.mode, seed=args.seed,
+                                 market=market, progress=lambda n: shown.update(n, n))
     except OSError as exc:
         raise UsageError(f"simulate: cannot write {args.out}: {exc.strerror}") from None
     dt = time.perf_counter() - t0

@@ -59,6 +59,8 @@ def subscribe_requests(subscriptions: dict[int, str]) -> list[str]:
 #: The largest WebSocket message accepted.  A Kite message of 3000 full packets is ~550 KB;
 #: 16 MiB is far above any real frame, and far below what a spool record can hold (2^32).
 MAX_MESSAGE_BYTES = 16 << 20
+#: close codes of an orderly close: normal closure, going away (a server shutting down)
+ORDERLY_CLOSE = (1000, 1001)
 
 
 @dataclass
@@ -214,7 +216,11 @@ class KiteFeed:
                 log.error("%s: %s", self.label, stats.last_error)
                 return "oversized"
             stats.last_error = redact(f"connection closed: {exc}")
-            log.warning("%s: %s", self.label, stats.last_error)
+            # 1000 (normal) and 1001 (going away: a server shutting down or restarting) are an
+            # orderly close (RFC 6455 section 7.4.1), not a fault: INFO; the rest warn
+            orderly = exc.rcvd is not None and exc.rcvd.code in ORDERLY_CLOSE
+            log.log(logging.INFO if orderly else logging.WARNING, "%s: %s", self.label,
+                    stats.last_error)
             return "closed"
         except OSError as exc:
             stats.last_error = redact(f"{type(exc).__name__}: {exc}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -25,6 +24,8 @@ from ingestor.pipeline import state
 from ingestor.feed.capture import CaptureReader
 from ingestor.pipeline.driver import Driver, drive_capture
 from ingestor.pipeline.pipeline import FlushBatch, Pipeline, PipelineSettings
+from ingestor.metrics import warn_debug_build
+from ingestor.progress import EVERY, Progress
 from ingestor.store.writer import Writer, postback_handler
 
 
@@ -34,6 +35,23 @@ def load_state(conn, pipeline: Pipeline) -> "state.Loaded":
     See ``ingestor.pipeline.state.load_state``; returns what it seeded (``state.Loaded``).
     """
     return state.load_state(conn, pipeline)
+
+
+class ReplayInterrupted(KeyboardInterrupt):
+    """A replay stopped by SIGINT: what of ``stream`` the database holds (``committed``, its
+    sequence number; -1: nothing), where it stood before (``before``), the ticks this run
+    committed.  Replaying the capture again resumes after ``committed`` (exactly once)."""
+
+    def __init__(self, path: str, stream: str, committed: int, before: int, ticks: int):
+        super().__init__(path, stream, committed)
+        self.path, self.stream, self.committed = path, stream, committed
+        self.before, self.ticks = before, ticks
+
+    def __str__(self) -> str:
+        where = (f"stream {self.stream} committed up to sequence number {self.committed}"
+                 if self.committed >= 0 else f"nothing of stream {self.stream} committed")
+        return (f"{self.path}: interrupted: {where} ({self.ticks:,} ticks written by this run); "
+                f"replaying it again resumes there")
 
 
 @dataclass
@@ -102,8 +120,18 @@ class ReplayResult:
 def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
            queue_batches: int = 2, dead_letter_dir: str = "dead-letter",
            progress: bool | None = None, chunk_size: int = 1 << 22,
-           direct_compress: bool = True) -> ReplayResult:
-    """Replay the capture at ``path`` into the database ``dsn`` (see the module docstring)."""
+           direct_compress: bool = True, progress_every: float = EVERY) -> ReplayResult:
+    """Replay the capture at ``path`` into the database ``dsn`` (see the module docstring).
+
+    ``progress``: a bar on stderr (True), none (False), or None: a bar when stderr is a
+    terminal, else a log line every ``progress_every`` seconds (``ingestor.progress``).
+
+    Raises
+    ------
+    ReplayInterrupted
+        On SIGINT (Ctrl-C): says what the database holds of the stream, where a second
+        replay of the capture resumes.
+    """
     from ingestor.store.dsn import connect
     from ingestor.store.instruments import register_tokens
     from ingestor.store.migrate import require_current
@@ -123,15 +151,23 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
         load_state(setup, pipeline)
         writer = Writer(dsn, dead_letter_dir=dead_letter_dir, on_texts=postback_handler(),
                         direct_compress=direct_compress)
-        show = sys.stderr.isatty() if progress is None else progress
+        # the capture and the database are checked: the work starts (never before an error)
+        warn_debug_build("ingestor replay")
+        mode = None if progress is None else ("bar" if progress else "off")
+        shown = Progress(f"replay {os.path.basename(path)}", max(1, os.path.getsize(path)),
+                         start=reader.data_offset, mode=mode, every=progress_every)
         t0 = time.perf_counter()
-        asyncio.run(_run(reader, pipeline, writer, queue_batches, show, done))
+        try:
+            with shown:
+                asyncio.run(_run(reader, pipeline, writer, queue_batches, shown, done))
+        except KeyboardInterrupt:
+            # what the database holds is the truth: a batch in flight was rolled back
+            raise ReplayInterrupted(path, stream, committed(setup, stream), done,
+                                    writer.stats.ticks) from None
         seconds = time.perf_counter() - t0
     finally:
         reader.close()
         setup.close()
-    if show:
-        sys.stderr.write("\r\x1b[K")
     stages = dict(pipeline.timings)
     stages["write"] = writer.stats.write_seconds
     return ReplayResult(stream, writer.stats.ticks, writer.stats.candles, writer.stats.snapshots,
@@ -157,26 +193,30 @@ async def write_batches(queue: asyncio.Queue, writer: Writer,
 
 
 async def _run(reader: CaptureReader, pipeline: Pipeline, writer: Writer, queue_batches: int,
-               show: bool, committed: int) -> None:
+               shown: Progress, committed: int) -> None:
     queue: asyncio.Queue = asyncio.Queue(maxsize=queue_batches)
-    size = max(1, os.path.getsize(reader.path))
     driver = Driver(pipeline, queue)
+    last = committed
 
     def progress(done: int) -> None:
-        if show:
-            sys.stderr.write(f"\rreplay {done / size:6.1%}  {pipeline.totals['ticks']:,} ticks")
+        note = (f"committed {writer.stats.ticks:,} ticks, up to seq {last}"
+                if last >= 0 else "nothing committed yet")
+        shown.update(done, pipeline.totals["ticks"], note)
+
+    def on_written(b: FlushBatch, outcome: str, seconds: float) -> None:
+        nonlocal last
+        last = max(last, b.last_seq)
 
     await writer.connect()
     try:
         async with asyncio.TaskGroup() as tg:
-            write = tg.create_task(write_batches(queue, writer), name="writer")
+            write = tg.create_task(write_batches(queue, writer, on_written), name="writer")
 
             async def produce() -> None:
-                try:
-                    await drive_capture(driver, reader, committed, progress)
-                finally:
-                    if not write.done():
-                        await queue.put(None)
+                await drive_capture(driver, reader, committed, progress)
+                # the end of input; on a failure or an interrupt (cancelled) the task group
+                # cancels the writer instead: waiting here on a full queue would never end
+                await queue.put(None)
 
             tg.create_task(produce(), name="pipeline")
     except BaseExceptionGroup as eg:

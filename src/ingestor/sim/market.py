@@ -31,7 +31,7 @@ import datetime as _dt
 import os
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -684,7 +684,8 @@ def _session_close_ns(now_ns: int) -> int:
 
 def generate_capture(path: str | os.PathLike, ticks: int, tokens: int = 100, mode: str = "mixed",
                      seed: int = 0, *, market: Market | None = None, stream: str | None = None,
-                     session_reset_probability: float = 0.002) -> dict:
+                     session_reset_probability: float = 0.002,
+                     progress: Callable[[int], None] | None = None) -> dict:
     """Write a simulated Kite capture of ``ticks`` packets.
 
     Bursts of messages (1 to 100 packets each, a few ms apart) alternate
@@ -717,6 +718,8 @@ def generate_capture(path: str | os.PathLike, ticks: int, tokens: int = 100, mod
         id is derived from the seed unless ``stream`` is given).
     market : Market, optional
         Use (and advance) this market instead of a fresh one.
+    progress : callable, optional
+        Called with the packets written so far after each burst.
 
     Returns
     -------
@@ -791,6 +794,8 @@ def generate_capture(path: str | os.PathLike, ticks: int, tokens: int = 100, mod
                 w.write(mv[off[i]:off[i + 1]], KIND_BINARY, int(times[i]))
             messages += n_msgs
             written += int(counts.sum())
+            if progress is not None:
+                progress(written)
             mk.clock_ns = int(times[-1])
             # A quiet spell: heartbeats about every second until the next burst.
             quiet = int(rng.integers(100_000_000, 3_500_000_000))
