@@ -528,7 +528,8 @@ class Daemon:
                 try:
                     result = self._compact_once()
                 except BaseException as exc:  # noqa: BLE001 - reported on the loop
-                    loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+                    # bound now: the name is unset once the except clause ends
+                    loop.call_soon_threadsafe(lambda e=exc: done.done() or done.set_exception(e))
                 else:
                     loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
