@@ -3,7 +3,6 @@ two-COPY split of a batch's payload the writer sends (exercised on plain Postgre
 
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
 import psycopg

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import time
 
 from ingestor.cli import Failure, UsageError

@@ -280,7 +280,6 @@ class RecordScanner:
 
     def _scan_v2(self, buf, final: bool) -> tuple[list[Block], int]:
         n = len(buf)
-        mv = memoryview(buf)
         out = None
         opos = 0
         pos = 0

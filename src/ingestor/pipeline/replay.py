@@ -210,7 +210,7 @@ async def _run(reader: CaptureReader, pipeline: Pipeline, writer: Writer, queue_
     await writer.connect()
     try:
         async with asyncio.TaskGroup() as tg:
-            write = tg.create_task(write_batches(queue, writer, on_written), name="writer")
+            tg.create_task(write_batches(queue, writer, on_written), name="writer")
 
             async def produce() -> None:
                 await drive_capture(driver, reader, committed, progress)
