@@ -154,6 +154,9 @@ class WriterConfig(_Base):
     #: sends every tick to the rowstore, compressed later by the policy)
     direct_compress: bool = True
     direct_min_rows: int = 100
+    #: write a batch's rows on a second connection while the batch before is still in its
+    #: transaction (the server's second core); false: one transaction at a time
+    overlap: bool = True
     #: TimescaleDB: seconds between compactions of closed tick_data chunks (0: never)
     compact_interval: float = 300.0
 

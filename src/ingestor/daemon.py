@@ -177,7 +177,8 @@ class Daemon:
         self.writer = Writer(dsn, dead_letter_dir=cfg.writer.dead_letter_dir,
                              max_rejects=cfg.writer.max_rejects, retry_for=None,
                              on_texts=self._postbacks, metrics=self.metrics,
-                             direct_compress=cfg.writer.direct_compress)
+                             direct_compress=cfg.writer.direct_compress,
+                             overlap=cfg.writer.overlap)
         self._on_texts = postback_handler()
         #: each batch's postback result until its transaction commits (retries overwrite it)
         self._postback_results: dict[int, object] = {}
@@ -429,16 +430,19 @@ class Daemon:
 
     async def _write(self) -> None:
         m = self.metrics
-        while True:
+
+        async def take():
             b = await self.queue.get()
+            if b is None:
+                self.queue.task_done()
+            return b
+
+        def written(b: FlushBatch, outcome: str, seconds: float) -> None:
+            # in commit order, one call per batch taken (Writer.write_all)
             try:
-                if b is None:
-                    return
-                t0 = time.perf_counter()
-                outcome = await self.writer.write(b)
                 self._count_postback_letters(b, outcome == "written")
                 m.batches.labels(outcome).inc()
-                m.flush_latency.observe(time.perf_counter() - t0)
+                m.flush_latency.observe(seconds)
                 if outcome == "written":
                     m.ticks_written.inc(b.n_ticks)
                     m.candles_written.inc(b.n_candles)
@@ -453,6 +457,8 @@ class Daemon:
                 m.db_up.set(1)
             finally:
                 self.queue.task_done()
+
+        await self.writer.write_all(take, written)
 
     async def _gaps(self) -> None:
         """Record feed gaps (retried)."""

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--direct-min-rows", type=int, default=100,
                    help="TimescaleDB: an instrument's ticks in one transaction go straight "
                    "into the columnstore from this many rows on (default 100)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="one transaction at a time on one connection, instead of writing the "
+                   "next batch's rows on a second connection while the one before commits")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress on stderr (a bar on a terminal, else a log line every "
                    "--progress-every seconds)")
@@ -68,7 +71,7 @@ def run(args) -> int:
                         dead_letter_dir=args.dead_letter_dir,
                         progress=False if args.no_progress else None,
                         direct_compress=args.direct_compress,
-                        progress_every=args.progress_every)
+                        progress_every=args.progress_every, overlap=args.overlap)
     except ReplayInterrupted as exc:
         print(f"ingestor: {exc}", file=sys.stderr)
         return 130

@@ -75,6 +75,8 @@ class ReplayResult:
     damaged: int = 0
     damaged_bytes: int = 0
     lost_records: int = 0
+    #: transactions written overlapped with the one before (``Writer.write_all``)
+    overlapped: int = 0
 
     @property
     def ticks_per_s(self) -> float:
@@ -120,7 +122,8 @@ class ReplayResult:
 def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
            queue_batches: int = 2, dead_letter_dir: str = "dead-letter",
            progress: bool | None = None, chunk_size: int = 1 << 22,
-           direct_compress: bool = True, progress_every: float = EVERY) -> ReplayResult:
+           direct_compress: bool = True, progress_every: float = EVERY,
+           overlap: bool = True) -> ReplayResult:
     """Replay the capture at ``path`` into the database ``dsn`` (see the module docstring).
 
     ``progress``: a bar on stderr (True), none (False), or None: a bar when stderr is a
@@ -150,7 +153,7 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
                             settings=settings, committed=done)
         load_state(setup, pipeline)
         writer = Writer(dsn, dead_letter_dir=dead_letter_dir, on_texts=postback_handler(),
-                        direct_compress=direct_compress)
+                        direct_compress=direct_compress, overlap=overlap)
         # the capture and the database are checked: the work starts (never before an error)
         warn_debug_build("ingestor replay")
         mode = None if progress is None else ("bar" if progress else "off")
@@ -176,20 +179,14 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
                         reader.truncated_bytes, pipeline.totals["bad_tokens"],
                         writer.stats.direct_rows, writer.stats.rowstore_rows,
                         damaged=reader.damaged, damaged_bytes=reader.damaged_bytes,
-                        lost_records=reader.lost_records)
+                        lost_records=reader.lost_records, overlapped=writer.stats.overlapped)
 
 
 async def write_batches(queue: asyncio.Queue, writer: Writer,
                         on_written: Callable[[FlushBatch, str, float], None] | None = None) -> None:
-    """The writer's side of a driver's queue, until it gets None: one transaction per batch."""
-    while True:
-        b = await queue.get()
-        if b is None:
-            return
-        t0 = time.perf_counter()
-        outcome = await writer.write(b)
-        if on_written is not None:
-            on_written(b, outcome, time.perf_counter() - t0)
+    """The writer's side of a driver's queue, until it gets None: one transaction per batch
+    (overlapping the next one's rows with it: ``Writer.write_all``)."""
+    await writer.write_all(queue.get, on_written)
 
 
 async def _run(reader: CaptureReader, pipeline: Pipeline, writer: Writer, queue_batches: int,

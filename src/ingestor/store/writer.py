@@ -83,6 +83,7 @@ of the newest dead-letter file); given a ``metrics`` object it also counts
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -115,10 +116,11 @@ SQL_STAGE = (
     "(LIKE ohlc_candles, ord bigint GENERATED ALWAYS AS IDENTITY) ON COMMIT DELETE ROWS")
 SQL_COPY_TICKS = f"COPY tick_data ({_TICK_COLS}) FROM STDIN (FORMAT BINARY)"
 SQL_COPY_CANDLES = f"COPY ohlc_candles ({_CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
-# for the rest of the transaction only (its last statement is the offset's upsert)
+# for the rest of the transaction only, and turned off after the one COPY it is for
 SQL_DIRECT_ON = ("SELECT set_config('timescaledb.enable_direct_compress_copy', 'on', true), "
                  "set_config('timescaledb.enable_direct_compress_copy_client_sorted', 'on', "
                  "true)")
+SQL_DIRECT_OFF = SQL_DIRECT_ON.replace("'on'", "'off'")
 # Whether tick_data is laid out for direct-to-columnstore COPY: the server has the setting,
 # the columnstore is segmented and ordered as the core emits, and no unique index blocks it.
 SQL_DIRECT_LAYOUT = """
@@ -171,6 +173,28 @@ SQL_RETRACT = (
     "WHERE s.instrument_id = r.id "
     "AND s.time = timestamptz 'epoch' + r.t * interval '1 microsecond'")
 
+# Whether the first backend holds a lock the second waits for (``Writer._wait_commit``).
+SQL_BLOCKS = "SELECT %s = ANY(pg_blocking_pids(%s))"
+#: seconds between ``_wait_commit``'s looks at whether the batch before waits for this one
+YIELD_CHECK = 0.2
+
+
+@dataclass
+class _InFlight:
+    batch: FlushBatch
+    conn: "psycopg.AsyncConnection"
+    task: "asyncio.Task"
+    t0: float
+
+
+class _Behind(Exception):
+    """The batch before failed: this one rolled back and is written again after it."""
+
+
+class _Yield(Exception):
+    """The batch before waited for a lock this one held: this one rolled back."""
+
+
 __all__ = ["ConnectionLost", "DeadLetters", "StreamAdvanced", "Writer", "WriterStats",
            "WriterStopped", "postback_handler"]
 
@@ -197,6 +221,10 @@ class WriterStats:
     rowstore_rows: int = 0
     #: direct COPYs the server turned into rowstore ones (its warning)
     direct_refused: int = 0
+    #: batches ``write_all`` wrote overlapped with the one before, and those it had to write
+    #: again one at a time (a failure, or a lock the batch before waited for)
+    overlapped: int = 0
+    overlap_retries: int = 0
 
     @property
     def write_seconds(self) -> float:
@@ -269,12 +297,16 @@ class Writer:
     direct_compress : bool
         Send each batch's dense part of ticks straight into TimescaleDB's columnstore when
         ``tick_data`` is laid out for it (see the module docstring); False never does.
+    overlap : bool
+        ``write_all`` writes a batch's rows on a second connection while the batch before
+        is still in its transaction (see the module docstring); False: one at a time.
     """
 
     def __init__(self, dsn: str, *, dead_letter_dir: str = "dead-letter", max_rejects: int = 3,
                  retry_for: float | None = 60.0, backoff_max: float = 5.0,
                  on_texts: Callable[[psycopg.AsyncConnection, FlushBatch], Awaitable[None]] | None = None,
-                 fatal_retry: float | None = _AUTO, metrics=None, direct_compress: bool = True):
+                 fatal_retry: float | None = _AUTO, metrics=None, direct_compress: bool = True,
+                 overlap: bool = True):
         register_secret(password_of(dsn))
         self.dsn = dsn
         self.params = conninfo_to_dict(dsn)
@@ -289,6 +321,9 @@ class Writer:
         self.fatal_retry = fatal_retry
         self.metrics = metrics
         self.conn: psycopg.AsyncConnection | None = None
+        #: ``write_all``'s second connection (``overlap``)
+        self.conn2: psycopg.AsyncConnection | None = None
+        self.overlap = overlap
         self.stats = WriterStats()
         #: False from a lost connection or a fatal refusal until the next successful flush
         #: (health, metrics)
@@ -313,13 +348,18 @@ class Writer:
     async def connect(self) -> None:
         if self.conn is not None and not self.conn.closed:
             return
-        self.conn = await psycopg.AsyncConnection.connect(**self.params)
-        self.conn.add_notice_handler(self._notice)
-        await self.conn.execute(SQL_STAGE)
-        await self.conn.execute(SQL_SNAP_STAGE)
-        await self.conn.execute(SQL_STATE_STAGE)
+        self.conn = await self._open()
         self.direct = self.direct_compress and await self._direct_layout()
         await self.conn.commit()
+
+    async def _open(self) -> psycopg.AsyncConnection:
+        conn = await psycopg.AsyncConnection.connect(**self.params)
+        conn.add_notice_handler(self._notice)
+        await conn.execute(SQL_STAGE)
+        await conn.execute(SQL_SNAP_STAGE)
+        await conn.execute(SQL_STATE_STAGE)
+        await conn.commit()
+        return conn
 
     async def _direct_layout(self) -> bool:
         """Whether ``tick_data`` takes direct-to-columnstore COPYs (logged once if it cannot
@@ -357,9 +397,11 @@ class Writer:
                             "the rowstore until the writer reconnects", msg)
 
     async def close(self) -> None:
-        if self.conn is not None:
-            await self.conn.close()
-            self.conn = None
+        for name in ("conn", "conn2"):
+            conn = getattr(self, name)
+            if conn is not None:
+                await conn.close()
+                setattr(self, name, None)
 
     async def write(self, batch: FlushBatch) -> str:
         """Commit ``batch``; returns ``"written"``, ``"skipped"`` or ``"dead-letter"``.
@@ -427,6 +469,163 @@ class Writer:
                     continue
                 await self._fatal(batch, reason, sqlstate_of(exc))
 
+    async def write_all(self, take: Callable[[], Awaitable[FlushBatch | None]],
+                        on_written: Callable[[FlushBatch, str, float], None] | None = None
+                        ) -> None:
+        """Write the batches ``take()`` returns until it returns None, in order.
+
+        Each batch is one transaction, committed after the one before (its offset check
+        holds as in :meth:`write`).  With ``overlap``, while batch N is in its transaction
+        on one connection, batch N+1's rows go in on the other (``_bulk``: the server's
+        second core); N+1 then waits, on the client's side, for N's commit before its
+        locking statements and its offset (``_locking``).  Should N fail, N+1 rolls back,
+        and both are written again one at a time by :meth:`write`, which classifies the
+        error, retries, sets aside or stops exactly as always.  The only lock N+1's rows can
+        hold that N may wait for is TimescaleDB's when both create the same chunk: N+1 finds
+        that out (``pg_blocking_pids``) while it waits and rolls back, and is written again
+        after N.  ``on_written(batch, outcome, seconds)`` is called in commit order.
+        """
+        inflight: collections.deque = collections.deque()
+        taking: asyncio.Future | None = None
+        try:
+            while True:
+                # the next batch, or the oldest in flight committing, whichever comes first: a
+                # batch is settled (``on_written``) as soon as it commits, not when one follows
+                if taking is None:
+                    taking = asyncio.ensure_future(take())
+                if inflight and not taking.done():
+                    await asyncio.wait([taking, inflight[0].task],
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if inflight[0].task.done():
+                        await self._settle(inflight, on_written)
+                        continue
+                b = await taking
+                taking = None
+                if b is None:
+                    break
+                if not (self.overlap and self.fatal is None and b.last_seq >= b.first_seq):
+                    while inflight:
+                        await self._settle(inflight, on_written)
+                    await self._write_timed(b, on_written)
+                    continue
+                if len(inflight) == 2:
+                    await self._settle(inflight, on_written)
+                try:
+                    conn = await self._free_conn(inflight)
+                except psycopg.Error:  # the sequential path waits for the database
+                    while inflight:
+                        await self._settle(inflight, on_written)
+                    await self._write_timed(b, on_written)
+                    continue
+                before = inflight[-1] if inflight else None
+                work = asyncio.create_task(self._overlapped(conn, b, before),
+                                           name=f"flush {b.stream} {b.first_seq}..{b.last_seq}")
+                inflight.append(_InFlight(b, conn, work, time.perf_counter()))
+            while inflight:
+                await self._settle(inflight, on_written)
+        finally:
+            if taking is not None:
+                taking.cancel()
+            if inflight:  # cancelled or failed: nothing in flight may outlive the call
+                for f in inflight:
+                    f.task.cancel()
+                await asyncio.gather(*(f.task for f in inflight), return_exceptions=True)
+
+    async def _write_timed(self, b: FlushBatch, on_written) -> None:
+        t0 = time.perf_counter()
+        outcome = await self.write(b)
+        if on_written is not None:
+            on_written(b, outcome, time.perf_counter() - t0)
+
+    async def _free_conn(self, inflight) -> psycopg.AsyncConnection:
+        """The connection no batch in flight uses, open."""
+        busy = {id(f.conn) for f in inflight}
+        await self.connect()
+        if id(self.conn) not in busy:
+            return self.conn
+        if self.conn2 is None or self.conn2.closed:
+            self.conn2 = await self._open()
+        return self.conn2
+
+    async def _settle(self, inflight, on_written) -> None:
+        """Wait for the oldest batch in flight; written again one at a time if it failed."""
+        f = inflight[0]
+        try:
+            outcome = await f.task
+            inflight.popleft()
+            self.up = True
+            self.stats.overlapped += 1
+            seconds = time.perf_counter() - f.t0
+            self.stats.flush_seconds.append(seconds)
+            if len(self.stats.flush_seconds) > 10_000:
+                del self.stats.flush_seconds[:5_000]
+            if on_written is not None:
+                on_written(f.batch, outcome, seconds)
+            return
+        except asyncio.CancelledError:
+            if not f.task.cancelled():  # this call itself is cancelled
+                raise
+            exc: BaseException = asyncio.CancelledError()
+        except Exception as e:  # noqa: BLE001 - every failure is redone by write()
+            exc = e
+        inflight.popleft()
+        # The batches after it roll back (they wait for it): let them finish, so that no
+        # connection is inside a transaction when write() takes one.
+        if inflight:
+            await asyncio.wait([g.task for g in inflight])
+        for conn in {id(f.conn): f.conn, **{id(g.conn): g.conn for g in inflight}}.values():
+            if conn.broken:
+                await self._forget(conn)
+        self.stats.overlap_retries += 1
+        if not isinstance(exc, _Behind):
+            log.debug("overlapped flush of %s %d..%d not committed (%s): writing it again "
+                      "on its own", f.batch.stream, f.batch.first_seq, f.batch.last_seq,
+                      describe_error(exc) if isinstance(exc, psycopg.Error) else repr(exc))
+        await self._write_timed(f.batch, on_written)
+        while inflight:  # each rolled back behind it: written again too, in order
+            await self._settle(inflight, on_written)
+
+    async def _forget(self, conn) -> None:
+        if conn is self.conn:
+            await self._drop()
+        elif conn is self.conn2:
+            self.conn2 = None
+            try:
+                await conn.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+
+    async def _overlapped(self, conn, b: FlushBatch, before: "_InFlight | None") -> str:
+        """Batch ``b``'s transaction on ``conn``, overlapping ``before``'s (see ``write_all``)."""
+        outcome = "written"
+        async with conn.transaction():
+            await self._bulk(conn, b)
+            if before is not None:
+                await self._wait_commit(conn, before)
+            verdict = await self._check_offset(conn, b)
+            if verdict is not None:
+                outcome = verdict
+                raise psycopg.Rollback()
+            await self._locking(conn, b)
+            await offsets.aadvance(conn, b.stream, b.last_seq)
+        if outcome == "written":
+            self._count(b)
+        return outcome
+
+    async def _wait_commit(self, conn, before: "_InFlight") -> None:
+        """Wait for the batch before to commit; give way (``_Yield``) if it waits for a lock
+        this transaction holds, and roll back (``_Behind``) if it failed."""
+        mine, theirs = conn.info.backend_pid, before.conn.info.backend_pid
+        while True:
+            done, _ = await asyncio.wait([before.task], timeout=YIELD_CHECK)
+            if done:
+                if before.task.cancelled() or before.task.exception() is not None:
+                    raise _Behind()
+                return
+            cur = await conn.execute(SQL_BLOCKS, (mine, theirs))
+            if (await cur.fetchone())[0]:
+                raise _Yield()
+
     def _stop(self, batch: FlushBatch, reason: str) -> bool:
         """Enter (or stay in) the fatal state; returns True if this is news (logged)."""
         self.up = False
@@ -468,46 +667,72 @@ class Writer:
         if b.last_seq < b.first_seq:
             return await self._tail(b)
         async with conn.transaction():
-            committed = await offsets.acommitted(conn, b.stream, lock=True)
-            if committed >= b.last_seq:
-                self.stats.skipped_batches += 1
-                return "skipped"
-            if committed >= b.first_seq:
-                # Another writer of this stream committed part of this range:
-                # the pipeline must restart from the database's offset.
-                raise StreamAdvanced(b.stream, committed, b.first_seq)
-            dense = b.n_dense_ticks if self.direct and b.in_order else 0
-            async with conn.cursor() as cur:
-                if b.n_ticks > dense:
-                    await self._copy_ticks(cur, b, dense, direct=False)
-                if b.new_candles:
-                    async with cur.copy(SQL_COPY_CANDLES) as cp:
-                        await cp.write(b.new_candles)
-                if b.candles:
-                    async with cur.copy(SQL_COPY_STAGE) as cp:
-                        await cp.write(b.candles)
-                    await cur.execute(SQL_UPSERT)
-                if b.retracted:
-                    await _retract(cur, b)
+            verdict = await self._check_offset(conn, b)
+            if verdict is not None:
+                return verdict
+            await self._bulk(conn, b)
+            await self._locking(conn, b)
+            await offsets.aadvance(conn, b.stream, b.last_seq)
+        self._count(b)
+        return "written"
+
+    async def _check_offset(self, conn, b: FlushBatch) -> str | None:
+        """Lock the stream's offset row: ``"skipped"`` if the batch is committed already;
+        :class:`StreamAdvanced` if another writer committed part of it; else None."""
+        committed = await offsets.acommitted(conn, b.stream, lock=True)
+        if committed >= b.last_seq:
+            self.stats.skipped_batches += 1
+            return "skipped"
+        if committed >= b.first_seq:
+            # Another writer of this stream committed part of this range:
+            # the pipeline must restart from the database's offset.
+            raise StreamAdvanced(b.stream, committed, b.first_seq)
+        return None
+
+    async def _bulk(self, conn, b: FlushBatch) -> None:
+        """The batch's inserts of rows no other batch has (ticks, closed candles never stored,
+        snapshots): they take no lock another batch's transaction waits for, so they may run
+        while the batch before is still in its transaction (see ``write_all``)."""
+        dense = b.n_dense_ticks if self.direct and b.in_order else 0
+        async with conn.cursor() as cur:
+            if b.n_ticks > dense:
+                await self._copy_ticks(cur, b, dense, direct=False)
+            if dense:
+                # the setting is local to the transaction: on for this one COPY only
+                await cur.execute(SQL_DIRECT_ON)
+                await self._copy_ticks(cur, b, dense, direct=True)
+                await cur.execute(SQL_DIRECT_OFF)
+            if b.new_candles:
+                async with cur.copy(SQL_COPY_CANDLES) as cp:
+                    await cp.write(b.new_candles)
+            if b.n_snapshots and not b.retracted:
+                async with cur.copy(SQL_COPY_SNAPS) as cp:
+                    await cp.write(b.snapshots)
+
+    async def _locking(self, conn, b: FlushBatch) -> None:
+        """The batch's statements that update rows an earlier batch may hold (candle and
+        state upserts, retracted snapshots, postbacks): run once the batch before committed."""
+        async with conn.cursor() as cur:
+            if b.candles:
+                async with cur.copy(SQL_COPY_STAGE) as cp:
+                    await cp.write(b.candles)
+                await cur.execute(SQL_UPSERT)
+            if b.retracted:
+                await _retract(cur, b)
                 if b.n_snapshots:
                     async with cur.copy(SQL_COPY_SNAPS) as cp:
                         await cp.write(b.snapshots)
-                if b.n_state:
-                    await _write_state(cur, b)
-            if b.texts and self.on_texts is not None:
-                await self.on_texts(conn, b)
-            if dense:
-                # last, so that the setting (local to the transaction) touches nothing else
-                async with conn.cursor() as cur:
-                    await cur.execute(SQL_DIRECT_ON)
-                    await self._copy_ticks(cur, b, dense, direct=True)
-            await offsets.aadvance(conn, b.stream, b.last_seq)
+            if b.n_state:
+                await _write_state(cur, b)
+        if b.texts and self.on_texts is not None:
+            await self.on_texts(conn, b)
+
+    def _count(self, b: FlushBatch) -> None:
         s = self.stats
         s.batches += 1
         s.ticks += b.n_ticks
         s.candles += b.n_candles
         s.snapshots += b.n_snapshots
-        return "written"
 
     async def _copy_ticks(self, cur, b: FlushBatch, dense: int, *, direct: bool) -> None:
         """COPY the batch's dense part (``direct``) or the rest of its ticks (all of them
