@@ -8,6 +8,8 @@ its own, alternating variants round by round (medians over ``--repeat`` rounds):
   ``python setup.py build_ext --inplace`` there) into a database that checkout migrated:
   the previous layout and writer;
 * ``replay``: this checkout's ``ingestor replay``, timed as a whole process;
+* ``replay, one connection``: the same with ``--no-overlap`` (one transaction at a time:
+  the next batch's rows wait for the commit before them);
 * ``replay, direct COPY off``: the same with ``--no-direct-compress`` (every tick through
   the rowstore; TimescaleDB only);
 * ``(a) server only``: this checkout's writer sending the very batches replay makes, with
@@ -187,6 +189,7 @@ def run(dsn: str, baseline: str | None, ticks: int, tokens: int, repeat: int) ->
             tsdb = _available(dsn)
             variants = [("baseline", baseline, [])] if baseline else []
             variants.append(("replay", HERE, []))
+            variants.append(("replay, one connection", HERE, ["--no-overlap"]))
             if tsdb:
                 variants.append(("replay, direct COPY off", HERE, ["--no-direct-compress"]))
             for rnd in range(repeat):

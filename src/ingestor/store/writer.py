@@ -1,6 +1,10 @@
 """The writer: one transaction per ``FlushBatch``, exactly once, never dropping.
 
-A flush is one transaction on one connection (psycopg 3, async):
+A flush is one transaction (psycopg 3, async).  ``Writer.write`` runs it on one connection in
+the order below; ``Writer.write_all`` (replay and the daemon) overlaps consecutive batches on
+two connections: batch N+1's inserts of rows no other batch has (steps 2-4's COPYs) run while
+batch N is still in its transaction, and its offset check, upserts, postbacks and offset wait,
+on the client's side, for N's commit (see "Two connections" below).
 
 1. lock the stream's offset row and read its committed sequence number; a
    batch at or below it was written already (a retry after a lost commit
@@ -40,6 +44,16 @@ its warning is caught, counted (``WriterStats.direct_refused``) and logged once,
 and the writer stops asking.  ``direct_compress=False`` (setting
 ``writer.direct_compress``) never asks: TimescaleDB calls the feature
 experimental.
+
+Two connections.  The server applies a transaction on one backend, one core; overlapping
+two batches gives it the second (measured in ``bench/bench_storage.py``: ``replay`` against
+``replay, one connection``).  Commit order and the exactly-once protocol are unchanged: N+1
+takes the offset row's lock, checks and advances it only after N committed.  Its early
+inserts cannot conflict with N's rows (ticks are new per instrument and time, closed candles
+never stored and snapshots are each written once); should N fail, N+1 rolls back and both are
+written again one at a time by ``write``, which classifies the error as below.  One lock N+1
+can hold that N may wait for: TimescaleDB's, when both create the same chunk.  N+1 looks
+(``pg_blocking_pids``) while it waits, rolls back if it blocks N, and is written after it.
 
 What happens when the database refuses a flush is decided by one classification of the
 error's SQLSTATE, shared with the order store (``ingestor.store.errors.classify``):
