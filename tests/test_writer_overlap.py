@@ -22,9 +22,8 @@ from ingestor.pipeline import PipelineSettings
 from ingestor.pipeline.replay import replay
 from ingestor.sim.market import generate_capture
 from ingestor.store.migrate import migrate
-from ingestor.store.offsets import committed
 from ingestor.store.writer import Writer
-from test_writer_errors import T0, tick_batch
+from test_writer_errors import T0, _offset, _ticks, tick_batch
 
 #: every stored row of each table, in a fixed order, as one digest (engine_state without its
 #: updated_at, which is the time of the write)
@@ -44,16 +43,6 @@ DIGESTS = {
 def _digests(dsn) -> dict:
     with psycopg.connect(dsn) as conn:
         return {k: conn.execute(q).fetchone()[0] for k, q in DIGESTS.items()}
-
-
-def _ticks(dsn) -> int:
-    with psycopg.connect(dsn) as conn:
-        return conn.execute("select count(*) from tick_data").fetchone()[0]
-
-
-def _offset(dsn, stream) -> int:
-    with psycopg.connect(dsn) as conn:
-        return committed(conn, stream)
 
 
 async def _write_all(w: Writer, batches) -> list:

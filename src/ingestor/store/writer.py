@@ -717,25 +717,21 @@ class Writer:
                 await self._copy_ticks(cur, b, dense, direct=True)
                 await cur.execute(SQL_DIRECT_OFF)
             if b.new_candles:
-                async with cur.copy(SQL_COPY_CANDLES) as cp:
-                    await cp.write(b.new_candles)
+                await _copy(cur, SQL_COPY_CANDLES, b.new_candles)
             if b.n_snapshots and not b.retracted:
-                async with cur.copy(SQL_COPY_SNAPS) as cp:
-                    await cp.write(b.snapshots)
+                await _copy(cur, SQL_COPY_SNAPS, b.snapshots)
 
     async def _locking(self, conn, b: FlushBatch) -> None:
         """The batch's statements that update rows an earlier batch may hold (candle and
         state upserts, retracted snapshots, postbacks): run once the batch before committed."""
         async with conn.cursor() as cur:
             if b.candles:
-                async with cur.copy(SQL_COPY_STAGE) as cp:
-                    await cp.write(b.candles)
+                await _copy(cur, SQL_COPY_STAGE, b.candles)
                 await cur.execute(SQL_UPSERT)
             if b.retracted:
                 await _retract(cur, b)
                 if b.n_snapshots:
-                    async with cur.copy(SQL_COPY_SNAPS) as cp:
-                        await cp.write(b.snapshots)
+                    await _copy(cur, SQL_COPY_SNAPS, b.snapshots)
             if b.n_state:
                 await _write_state(cur, b)
         if b.texts and self.on_texts is not None:
@@ -794,16 +790,12 @@ class Writer:
                 if b.retracted:
                     await _retract(cur, b)
                 if b.n_snapshots:
-                    async with cur.copy(SQL_COPY_SNAP_STAGE) as cp:
-                        await cp.write(b.snapshots)
+                    await _copy(cur, SQL_COPY_SNAP_STAGE, b.snapshots)
                     await cur.execute(SQL_INSERT_SNAPS)
                 if b.n_state:
                     # the flushed candles and books are now stored: a restart must know it
                     await _write_state(cur, b)
-        s = self.stats
-        s.batches += 1
-        s.candles += b.n_candles
-        s.snapshots += b.n_snapshots
+        self._count(b)
         return "written"
 
     async def _set_aside(self, batch: FlushBatch, reason: str, sqlstate: str | None = None) -> str:
@@ -850,8 +842,13 @@ async def _stage_candles(cur, b: FlushBatch) -> None:
     # would keep ``candles``.
     for payload in (b.new_candles, b.candles):
         if payload:
-            async with cur.copy(SQL_COPY_STAGE) as cp:
-                await cp.write(payload)
+            await _copy(cur, SQL_COPY_STAGE, payload)
+
+
+async def _copy(cur, sql: str, data) -> None:
+    """One COPY of one binary payload."""
+    async with cur.copy(sql) as cp:
+        await cp.write(data)
 
 
 async def _retract(cur, b: FlushBatch) -> None:
@@ -859,8 +856,7 @@ async def _retract(cur, b: FlushBatch) -> None:
 
 
 async def _write_state(cur, b: FlushBatch) -> None:
-    async with cur.copy(SQL_COPY_STATE) as cp:
-        await cp.write(b.state)
+    await _copy(cur, SQL_COPY_STATE, b.state)
     await cur.execute(SQL_UPSERT_STATE)
 
 
