@@ -8,7 +8,9 @@ p50/p99 (the daemon's histogram: receive time of a batch's newest tick to
 its commit), the largest event-loop lag, and the daemon's RSS at start and
 end.
 
-Run: ``python bench/bench_live.py [--quick] [--seconds S] [--rates 20000,50000]``
+Run: ``python bench/bench_live.py [--quick] [--seconds S] [--rates 20000,50000]
+[--flush-interval S] [--compare-overlap]`` (the last: each rate also with the writer on one
+connection, ``writer.overlap = false``)
 or ``ingestor bench --only live``; the database server is
 ``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the benchmark
 creates and drops its own database.
@@ -116,7 +118,7 @@ def _free_port() -> int:
 
 
 def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
-             flush_interval: float | None = None) -> dict:
+             flush_interval: float | None = None, overlap: bool = True) -> dict:
     import psycopg
 
     from ingestor._core import KiteDecoder
@@ -138,10 +140,15 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
     env = dict(os.environ, KITE_API_KEY="bench", KITE_ACCESS_TOKEN="bench")
     args = ["run", "--dsn", dsn, "--url", url, "--mode", "full", "--metrics", f"127.0.0.1:{port}",
             "--spool-dir", os.path.join(tmp, f"spool-{rate}")]
+    settings = ""
     if flush_interval is not None:
+        settings += f"[pipeline]\nflush_interval = {flush_interval}\n"
+    if not overlap:
+        settings += "[writer]\noverlap = false\n"
+    if settings:
         cfg = os.path.join(tmp, f"live-{rate}.toml")
         with open(cfg, "w") as f:
-            f.write(f"[pipeline]\nflush_interval = {flush_interval}\n")
+            f.write(settings)
         args += ["--config", cfg]
     daemon = subprocess.Popen(_ingestor(*args), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -174,6 +181,7 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
     written, packed = _tick_bytes(dsn)
     decoded = _counter(text, "ingestor_ticks_decoded_total") or 0
     return {
+        "writer": "two connections" if overlap else "one connection",
         "offered ticks/s": rate,
         "delivered ticks/s": sent / span if span else 0.0,
         "ingested ticks/s": got / span if span else 0.0,
@@ -195,7 +203,7 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
 
 
 def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: int = 500,
-        flush_interval: float | None = None) -> list[dict]:
+        flush_interval: float | None = None, overlaps=(True,)) -> list[dict]:
     import psycopg
 
     from ingestor.store import timescale
@@ -210,7 +218,9 @@ def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: i
             timescale.setup(c, "auto")  # as `ingestor migrate` lays the tables out
         with tempfile.TemporaryDirectory() as tmp:
             for rate in rates:
-                rows.append(run_rate(dsn, rate, seconds, tokens, tmp, flush_interval))
+                for overlap in overlaps:
+                    rows.append(run_rate(dsn, rate, seconds, tokens, tmp, flush_interval,
+                                         overlap))
     return rows
 
 
@@ -219,7 +229,10 @@ if __name__ == "__main__":
     rates = [int(x) for x in argv[argv.index("--rates") + 1].split(",")] if "--rates" in argv else None
     secs = float(argv[argv.index("--seconds") + 1]) if "--seconds" in argv else None
     fi = float(argv[argv.index("--flush-interval") + 1]) if "--flush-interval" in argv else None
-    rows = run(quick="--quick" in argv, rates=rates, seconds=secs, flush_interval=fi)
+    # --compare-overlap: each rate with the writer's two connections and with one, side by side
+    overlaps = (True, False) if "--compare-overlap" in argv else (True,)
+    rows = run(quick="--quick" in argv, rates=rates, seconds=secs, flush_interval=fi,
+               overlaps=overlaps)
     print(table(rows, TITLE))
     ok = [r["delivered ticks/s"] for r in rows
           if r["lost"] == 0 and r["p99 tick->commit ms"] < 500]
