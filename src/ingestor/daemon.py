@@ -171,7 +171,7 @@ class Daemon:
         """``spool``: opened and locked by the caller (one daemon per folder)."""
         self.cfg = cfg
         self.dsn = dsn
-        self.metrics = Metrics()
+        self.metrics = Metrics(sessions=cfg.sessions)
         self.spool = spool
         self.stop = asyncio.Event()
         self.stopping_since: float | None = None
