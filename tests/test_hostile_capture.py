@@ -320,3 +320,27 @@ def test_replay_until_damage_commits_what_precedes_it_then_resumes(tmp_path, db)
     assert r.returncode == 3, r.stdout + r.stderr
     assert f"damaged stretch at byte offset {offsets[50]}" in r.stdout
     assert count_ticks(db) == 199 * PACKETS
+
+
+def test_many_damaged_stretches_are_listed_up_to_a_bound_and_all_counted(tmp_path):
+    """A file damaged everywhere: the first MAX_LISTED_DAMAGE stretches are named, the rest
+    counted (memory and log lines stay bounded), and the counters hold every one."""
+    from ingestor.feed.capture import MAX_LISTED_DAMAGE
+
+    path = tmp_path / "d.cap"
+    n = 2 * MAX_LISTED_DAMAGE + 50
+    offsets = _write_capture(path, 2 * n + 1)
+    data = bytearray(path.read_bytes())
+    for k in range(1, 2 * n, 2):  # every other record's payload (the last one intact)
+        data[offsets[k] + 40] ^= 0x01
+    path.write_bytes(bytes(data))
+    with CaptureReader(path) as rd:
+        assert [x.seq for x in rd.records()] == list(range(0, 2 * n + 1, 2))
+        assert rd.damaged == n and rd.lost_records == n
+        assert len(rd.damage) == MAX_LISTED_DAMAGE and rd.unlisted_damage == n - MAX_LISTED_DAMAGE
+        assert [d.first_lost for d in rd.damage] == list(range(1, 2 * MAX_LISTED_DAMAGE, 2))
+    r = _ingestor("decode", str(path), "--summary-json")
+    s = json.loads(r.stdout)
+    assert len(s["damaged"]["at"]) == MAX_LISTED_DAMAGE
+    assert s["damaged"]["not_listed"] == n - MAX_LISTED_DAMAGE
+    assert r.stderr.count("damaged stretch at byte offset") == MAX_LISTED_DAMAGE

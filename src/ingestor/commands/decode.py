@@ -77,7 +77,8 @@ def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
         "truncated_record_bytes": reader.truncated_bytes,
         "damaged": {"stretches": reader.damaged, "bytes": reader.damaged_bytes,
                     "records_lost": reader.lost_records,
-                    "at": [d.to_dict() for d in reader.damage]},
+                    "at": [d.to_dict() for d in reader.damage],
+                    "not_listed": reader.unlisted_damage},
         "stopped_at_damage": (None if reader.stopped_at is None
                               else dict(reader.stopped_at.to_dict(),
                                         bytes_left=reader.left_bytes)),
