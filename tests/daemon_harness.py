@@ -50,7 +50,8 @@ class Simulator:
 
 class Daemon:
     def __init__(self, tmp, dsn: str, url: str, *, config: str = "", feed: str = "",
-                 name: str = "daemon", metrics_port: int | None = None, writer: str = ""):
+                 name: str = "daemon", metrics_port: int | None = None, writer: str = "",
+                 env: dict | None = None):
         self.cfg = tmp / f"{name}.toml"
         self.cfg.write_text(
             f"[feed]\n{feed}mode = \"full\"\nheartbeat_timeout = 2.0\nreconnect_min = 0.1\n"
@@ -61,7 +62,8 @@ class Daemon:
             f"[metrics]\nlisten = \"{f'127.0.0.1:{metrics_port}' if metrics_port else ''}\"\n"
             + config)
         self.log = open(tmp / f"{name}.log", "w")
-        env = dict(os.environ, KITE_API_KEY="test-key", KITE_ACCESS_TOKEN="test-token-secret")
+        env = dict(os.environ, KITE_API_KEY="test-key", KITE_ACCESS_TOKEN="test-token-secret",
+                   **(env or {}))
         self.proc = subprocess.Popen(ingestor("run", "--config", str(self.cfg), "--dsn", dsn,
                                               "--url", url), env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, text=True)

@@ -5,6 +5,7 @@ instruments until the broker sends them; malformed DSNs never echoed."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import logging
 import re
 from pathlib import Path
@@ -485,3 +486,51 @@ def test_long_values_are_not_echoed_whole(tmp_path, capsys):
     line = _refused(tmp_path, capsys, f'[pipeline]\ntimeframes = ["{"x" * 5000}"]\n',
                     "pipeline.timeframes")
     assert len(line) < 400
+
+
+# -- [sessions]: market hours per segment --------------------------------------------------
+
+SESSIONS = [
+    ('forex = "09:00-17:00"', "sessions.forex: unknown session"),
+    ('equity = "9-15"', "sessions.equity = '9-15': want"),
+    ('equity = "15:30-09:15"', "sessions.equity = '15:30-09:15': opens at 15:30, not before"),
+    ('equity = "09:15-25:00"', "sessions.equity = '09:15-25:00': times must be 00:00 to 23:59"),
+    ('equity = "09:15-15:30@XXXX"', "sessions.equity = '09:15-15:30@XXXX': unknown holiday"),
+    ('equity = "09:15-15:30,currency=09:00-19:00"', "sessions.equity"),  # one item per key
+    ('equity = "equity=09:15-15:30"', "sessions.equity"),
+    ('equity = 915', "sessions.equity = 915: want a string"),
+    ('equity = {opens = "09:15"}', "sessions.equity = {'opens': '09:15'}: want a string"),
+    ('equity = ""', "sessions.equity = '': want"),
+    ('"\\u0000equity" = "09:15-15:30"', "sessions.\\x00equity: unknown session"),
+]
+
+
+@pytest.mark.parametrize("line,says", SESSIONS)
+def test_bad_sessions_refused(tmp_path, capsys, line, says):
+    _refused(tmp_path, capsys, f"[sessions]\n{line}\n", says)
+
+
+def test_sessions_not_a_table_refused(tmp_path, capsys):
+    _refused(tmp_path, capsys, 'sessions = "equity=09:15-15:30"\n', "sessions: expected a table")
+
+
+def test_sessions_load_and_feed_the_market_open_metric(tmp_path, monkeypatch):
+    from ingestor import market_hours
+    from ingestor.config import load
+    from ingestor.metrics import MarketCollector, Metrics
+
+    cfg = load(_write(tmp_path, '[sessions]\ncommodity = "09:00-23:55@XNSE"\n'
+                                'currency = "09:00-19:00@none"\n'))
+    assert cfg.sessions == {"commodity": "09:00-23:55@XNSE", "currency": "09:00-19:00@none"}
+    by = {s.name: s for s in MarketCollector(environ={}, sessions=cfg.sessions).sessions}
+    assert by["commodity"].closes == dt.time(23, 55) and by["currency"].closes == dt.time(19)
+    assert by["currency"].calendar == "none" and by["equity"] == market_hours.DEFAULT_SESSIONS[0]
+    # INGESTOR_SESSIONS goes over the file
+    env = {market_hours.ENV: "currency=10:00-17:00"}
+    by = {s.name: s for s in MarketCollector(environ=env, sessions=cfg.sessions).sessions}
+    assert by["currency"].opens == dt.time(10) and by["currency"].calendar == "none"
+    # the daemon's metrics (Daemon: Metrics(sessions=cfg.sessions)) judge by them
+    monkeypatch.delenv(market_hours.ENV, raising=False)
+    m = Metrics(sessions=cfg.sessions)
+    assert {s.name: s.closes for s in m.market.sessions}["commodity"] == dt.time(23, 55)
+    assert 'ingestor_market_open{session="commodity"}' in m.render().decode()

@@ -174,6 +174,10 @@ def test_systemd_unit_keeps_its_promises(tmp_path):
     assert u["Environment"] == ["PGPASSFILE=%d/pgpass"]
     assert u["ProtectSystem"] == ["strict"] and u["NoNewPrivileges"] == ["yes"]
     assert "run --config" in u["ExecStart"][0]
+    # readiness from the daemon itself (tests/test_sdnotify.py): only the main process speaks
+    assert u["Type"] == ["notify"] and u["NotifyAccess"] == ["main"]
+    # the daemon pings at half the interval from a loop that turns every 0.1 s
+    assert float(u["WatchdogSec"][0].removesuffix("s")) >= 10
     # no secret in the unit: only placeholders ("access_token=...")
     assert not re.search(r"(?i)(api_key|access_token|password)\s*=\s*(?!\.\.\.)\S", UNIT.read_text())
     analyze = shutil.which("systemd-analyze")

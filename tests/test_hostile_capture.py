@@ -230,3 +230,117 @@ def test_daemon_leftover_with_damage_is_replayed_past_it_and_kept(tmp_path, db):
                                 "from tick_data").fetchone()
     assert n == distinct
     assert (spool_dir / DAMAGED_DIR / seg.name).exists()
+
+
+def test_decode_names_each_damaged_stretch_by_file_offset_and_seqs(tmp_path):
+    """Two damaged records: the summary names the file, each stretch's byte offset (where the
+    intact records stop) and the sequence numbers lost there; the JSON summary lists them."""
+    path = tmp_path / "d.cap"
+    offsets = _write_capture(path, 100, first_seq=500)
+    _set_length(path, offsets[10], 2)
+    data = bytearray(path.read_bytes())
+    data[offsets[40] + 40] ^= 0x01  # record 40's payload: its CRC fails
+    path.write_bytes(bytes(data))
+    r = _ingestor("decode", str(path))
+    assert r.returncode == 3, r.stderr
+    assert f"{path}: damaged stretch at byte offset {offsets[10]} " in r.stdout
+    assert "record seq 510 lost" in r.stdout
+    assert f"{path}: damaged stretch at byte offset {offsets[40]} " in r.stdout
+    assert "record seq 540 lost" in r.stdout
+    assert f"first at byte offset {offsets[10]}" in r.stderr
+    r = _ingestor("decode", str(path), "--summary-json")
+    s = json.loads(r.stdout)
+    assert [(d["offset"], d["bytes"], d["first_lost_seq"], d["records_lost"])
+            for d in s["damaged"]["at"]] == [
+        (offsets[10], offsets[11] - offsets[10], 510, 1),
+        (offsets[40], offsets[41] - offsets[40], 540, 1)]
+    assert s["stopped_at_damage"] is None and s["ticks"] == 98 * PACKETS
+    # the reader, for any chunking: the same stretches
+    for chunk_size in (37, 1 << 20):
+        with CaptureReader(path, chunk_size=chunk_size) as rd:
+            list(rd.chunks())
+            assert [(d.start, d.end, d.first_lost, d.lost) for d in rd.damage] == [
+                (offsets[10], offsets[11], 510, 1), (offsets[40], offsets[41], 540, 1)]
+
+
+def test_damage_running_to_the_end_of_the_file_is_named(tmp_path):
+    path = tmp_path / "d.cap"
+    offsets = _write_capture(path, 20)
+    with open(path, "ab") as f:
+        f.write(b"\x00\x13garbage" * 50)  # after the last record: not a record at all
+    data = bytearray(path.read_bytes())
+    data[offsets[19] + 30] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with CaptureReader(path) as rd:
+        assert [x.seq for x in rd.records()] == list(range(19))
+        [d] = rd.damage
+        assert (d.start, d.end, d.first_lost, d.lost) == (offsets[19], path.stat().st_size, 19,
+                                                           None)
+
+
+def test_decode_until_damage_stops_at_the_first_stretch(tmp_path):
+    """--until-damage: the records before the first damage are decoded, none after; the
+    summary says where it stopped and the bytes left; exit status 3."""
+    path = tmp_path / "d.cap"
+    offsets = _write_capture(path, 100)
+    _set_length(path, offsets[30], 2)
+    _set_length(path, offsets[60], 2)
+    r = _ingestor("decode", str(path), "--until-damage", "--summary-json")
+    assert r.returncode == 3, r.stderr
+    s = json.loads(r.stdout)
+    assert s["ticks"] == 30 * PACKETS
+    stop = s["stopped_at_damage"]
+    assert stop["offset"] == offsets[30] and stop["first_lost_seq"] == 30
+    assert stop["bytes_left"] == path.stat().st_size - offsets[30]
+    assert s["damaged"]["stretches"] == 1 and s["damaged"]["records_lost"] == 1
+    r = _ingestor("decode", str(path), "--until-damage")
+    assert r.returncode == 3
+    assert f"stopped at the first damage (--until-damage): {path}: damaged stretch at byte " \
+           f"offset {offsets[30]}" in r.stdout
+    # without the option: both stretches skipped, the rest decoded
+    s = json.loads(_ingestor("decode", str(path), "--summary-json").stdout)
+    assert s["ticks"] == 98 * PACKETS and len(s["damaged"]["at"]) == 2
+
+
+def test_replay_until_damage_commits_what_precedes_it_then_resumes(tmp_path, db):
+    """replay --until-damage commits every record before the first damage and names where it
+    stopped (exit 3); a replay without the option then goes on past it, exactly once."""
+    path = tmp_path / "d.cap"
+    offsets = _write_capture(path, 200)
+    _set_length(path, offsets[50], 2)
+    r = _ingestor("replay", str(path), "--dsn", db, "--no-progress", "--until-damage")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert count_ticks(db) == 50 * PACKETS
+    assert f"damaged stretch at byte offset {offsets[50]}" in r.stdout
+    assert "stopped at the first damage" in r.stdout
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT committed_seq FROM stream_offsets WHERE stream = 'damaged'"
+                            ).fetchone()[0] == 49
+    r = _ingestor("replay", str(path), "--dsn", db, "--no-progress")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"damaged stretch at byte offset {offsets[50]}" in r.stdout
+    assert count_ticks(db) == 199 * PACKETS
+
+
+def test_many_damaged_stretches_are_listed_up_to_a_bound_and_all_counted(tmp_path):
+    """A file damaged everywhere: the first MAX_LISTED_DAMAGE stretches are named, the rest
+    counted (memory and log lines stay bounded), and the counters hold every one."""
+    from ingestor.feed.capture import MAX_LISTED_DAMAGE
+
+    path = tmp_path / "d.cap"
+    n = 2 * MAX_LISTED_DAMAGE + 50
+    offsets = _write_capture(path, 2 * n + 1)
+    data = bytearray(path.read_bytes())
+    for k in range(1, 2 * n, 2):  # every other record's payload (the last one intact)
+        data[offsets[k] + 40] ^= 0x01
+    path.write_bytes(bytes(data))
+    with CaptureReader(path) as rd:
+        assert [x.seq for x in rd.records()] == list(range(0, 2 * n + 1, 2))
+        assert rd.damaged == n and rd.lost_records == n
+        assert len(rd.damage) == MAX_LISTED_DAMAGE and rd.unlisted_damage == n - MAX_LISTED_DAMAGE
+        assert [d.first_lost for d in rd.damage] == list(range(1, 2 * MAX_LISTED_DAMAGE, 2))
+    r = _ingestor("decode", str(path), "--summary-json")
+    s = json.loads(r.stdout)
+    assert len(s["damaged"]["at"]) == MAX_LISTED_DAMAGE
+    assert s["damaged"]["not_listed"] == n - MAX_LISTED_DAMAGE
+    assert r.stderr.count("damaged stretch at byte offset") == MAX_LISTED_DAMAGE

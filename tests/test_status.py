@@ -290,3 +290,23 @@ def test_timescaledb_state_is_reported(capsys, tsdb_db, capture, tmp_path):
     assert {j["table"] for j in d["jobs"]} == set(ts.DEFAULT_TABLES)
     rc, text = status(capsys, "--dsn", tsdb_db, "--at", "2024-08-12T09:15:50")
     assert "TimescaleDB" in text and "chunks" in text
+
+
+def test_sessions_from_the_config_file_and_what_overrides_them(capsys, filled, tmp_path,
+                                                              monkeypatch):
+    """``--config``'s ``[sessions]`` sets the hours status judges by; INGESTOR_SESSIONS and
+    --session go over it."""
+    cfg = tmp_path / "ingestor.toml"
+    cfg.write_text(f'[spool]\ndir = "{tmp_path / "spool"}"\n[metrics]\nlisten = ""\n'
+                   '[sessions]\nequity = "09:15-15:30@none"\n')   # a weekdays-only calendar
+    monkeypatch.delenv(market_hours.ENV, raising=False)
+    holiday = ("--dsn", filled, "--config", str(cfg), "--at", "2024-08-15T11:00")
+    rc, rep = status_json(capsys, *holiday)
+    eq = {s["name"]: s for s in rep["sessions"]}["equity"]
+    assert eq["open"] and rc == 1, rep                   # open on Independence Day: stale
+    assert any(a.startswith("NSE:") for a in rep["attention"])
+    rc, rep = status_json(capsys, *holiday, "--session", "equity=09:15-15:30@XNSE")
+    assert rc == 0, rep["attention"]                     # the flag goes over the file
+    monkeypatch.setenv(market_hours.ENV, "equity=09:15-15:30@XNSE")
+    rc, rep = status_json(capsys, *holiday)
+    assert rc == 0, rep["attention"]                     # and so does the environment

@@ -47,6 +47,9 @@ Example (every key optional)::
     [pipeline]
     flush_rows = 50000
     flush_interval = 1.0
+
+    [sessions]                         # market hours per segment (IST), see market_hours
+    commodity = "09:00-23:55@XNSE"
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -225,6 +228,10 @@ class Config(_Base):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     record: RecordConfig = msgspec.field(default_factory=RecordConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    #: ``[sessions]``: per-segment market hours, ``equity = "09:15-15:30"`` or with a holiday
+    #: calendar ``"09:00-23:55@XNSE"`` (``ingestor.market_hours``: the sessions and their
+    #: defaults); ``INGESTOR_SESSIONS`` and ``status --session`` override them
+    sessions: dict[str, Any] = {}  # values checked in _check_sessions: a message names the key
     #: shutdown budget: seconds to flush and commit after SIGTERM
     shutdown_timeout: float = 30.0
 
@@ -315,6 +322,7 @@ def _validate(cfg: Config) -> None:
     _check_feeds(cfg)
     _check_storage(cfg)
     _check_log(cfg.log)
+    _check_sessions(cfg.sessions)
     _number("shutdown_timeout", cfg.shutdown_timeout, 0, 3600)
 
 
@@ -558,6 +566,23 @@ def _check_log(g: LogConfig) -> None:
         path = getattr(g, key)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"log.{key} = {_show(path)}: not a file")
+
+
+def _check_sessions(sessions: dict[str, Any]) -> None:
+    from ingestor.market_hours import DEFAULT_SESSIONS, SessionError, check_item
+
+    known = [s.name for s in DEFAULT_SESSIONS]
+    for name, value in sessions.items():
+        if name not in known:
+            raise ConfigError(f"sessions.{_show(name)[1:-1]}: unknown session (one of "
+                              f"{', '.join(known)})")
+        if not isinstance(value, str):
+            raise ConfigError(f"sessions.{name} = {_show(value)}: want a string "
+                              f"\"HH:MM-HH:MM\" or \"HH:MM-HH:MM@CALENDAR\"")
+        try:
+            check_item(name, value)
+        except SessionError as exc:
+            raise ConfigError(f"sessions.{name} = {_show(value)}: {exc}") from None
 
 
 def _check_listen(listen: str) -> None:

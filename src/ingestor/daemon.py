@@ -49,6 +49,7 @@ from ingestor.feed.spool import Spool, StreamSpool
 from ingestor.metrics import Metrics, serve
 from ingestor.pipeline.driver import Driver, drive_streams
 from ingestor.pipeline.pipeline import FlushBatch, Pipeline, PipelineSettings
+from ingestor.sdnotify import Notifier
 from ingestor.store.writer import Writer, postback_handler
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class Daemon:
         """``spool``: opened and locked by the caller (one daemon per folder)."""
         self.cfg = cfg
         self.dsn = dsn
-        self.metrics = Metrics()
+        self.metrics = Metrics(sessions=cfg.sessions)
         self.spool = spool
         self.stop = asyncio.Event()
         self.stopping_since: float | None = None
@@ -214,6 +215,9 @@ class Daemon:
             self.metrics.reconnects.labels(c.label)
             self.metrics.feed_lag.labels(c.label)
         self.metrics.db_up.set(0)
+        #: systemd's readiness protocol (nothing without $NOTIFY_SOCKET): see _notify_state
+        self.notifier = Notifier()
+        self._watchdog_due = 0.0
 
     # -- feed side (event loop) ----------------------------------------------
 
@@ -582,6 +586,30 @@ class Daemon:
             m.spool_bytes.set(self.spool.bytes)
             m.spool_dropped.set(self.spool.dropped)
             m.spool_alarm.set(1 if self.spool.alarmed else 0)
+            self._notify_state(loop.time())
+
+    def _notify_state(self, now: float) -> None:
+        """systemd (``Type=notify``): ``WATCHDOG=1`` from this loop while it turns; ``READY=1``
+        once every feed connection is receiving (the spool takes what arrives), whether the
+        database answers or not: with it away the daemon spools, which is its normal way
+        through an outage, so that is said in ``STATUS`` rather than holding back the start.
+        A process without feeds (the writer role) is ready once its database answered."""
+        n = self.notifier
+        if not n.enabled:
+            return
+        if n.watchdog_interval and now >= self._watchdog_due:
+            self._watchdog_due = now + n.watchdog_interval
+            n.notify("WATCHDOG=1")
+        if self.stop.is_set():
+            return
+        feeds = [bool(c.feed is not None and c.feed.stats.connected) for c in self.connections]
+        db = bool(self.writer.up and self.pipeline_ready)
+        status = (f"receiving on {sum(feeds)} of {len(feeds)} connection(s); "
+                  if feeds else "") + ("database connected" if db else "database away: spooling")
+        if all(feeds) and (feeds or db):
+            n.set_ready(status)
+        else:
+            n.set_status(status)
 
     def decoder_totals(self) -> dict[str, int]:
         """Decoder counters summed over every pipeline of this run (read at scrape time)."""
@@ -622,6 +650,7 @@ class Daemon:
             return
         self.stopping_since = time.monotonic()
         self.stop.set()
+        self.notifier.stopping(f"stopping ({why}): draining the spool, committing")
         for c in self.connections:
             if c.feed is not None:
                 asyncio.ensure_future(c.feed.close())

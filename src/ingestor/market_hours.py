@@ -18,9 +18,11 @@ currency    CDS, BCD, MCXSX                   09:00-17:00
 commodity   MCX, NCO                          09:00-23:30
 =========== ================================ =============
 
-Override with ``NAME=HH:MM-HH:MM`` items (``ingestor status --session``, or the
-``INGESTOR_SESSIONS`` environment variable as a comma-separated list, read by the daemon
-too), optionally with a calendar: ``commodity=09:00-23:55@XNSE`` (US daylight saving
+Override with ``NAME=HH:MM-HH:MM`` items: in the configuration file's ``[sessions]`` table
+(``equity = "09:15-15:30"``; ``ingestor run`` and ``ingestor status --config`` read it), the
+``INGESTOR_SESSIONS`` environment variable as a comma-separated list (the daemon and status
+both), or ``ingestor status --session``, each over the one before; optionally with a
+calendar: ``commodity=09:00-23:55@XNSE`` (US daylight saving
 moves MCX's close), ``equity=09:15-15:30@none`` (weekdays only).  Special sessions the
 exchanges announce at short notice (Muhurat trading on Diwali, a Saturday mock session)
 are not in any calendar: on such a day the status command's ``--at`` and the alert's
@@ -165,12 +167,29 @@ def parse(items: Iterable[str], base: Iterable[Session] = DEFAULT_SESSIONS) -> t
     return tuple(sessions.values())
 
 
-def from_env(environ: Mapping[str, str] | None = None, extra: Iterable[str] = ()) -> tuple[Session, ...]:
-    """The defaults, then ``INGESTOR_SESSIONS``, then ``extra`` (command-line items)."""
+def check_item(name: str, value: str) -> None:
+    """One ``[sessions]`` entry of a configuration file (``name = "HH:MM-HH:MM[@CAL]"``):
+    :class:`SessionError` saying what is wrong, without the ``session 'name':`` prefix."""
+    if not isinstance(value, str) or "=" in value or "," in value:
+        raise SessionError("want \"HH:MM-HH:MM\" or \"HH:MM-HH:MM@CALENDAR\"")
+    try:
+        parse([f"{name}={value}"])
+    except SessionError as exc:
+        raise SessionError(re.sub(r"^session '[^']*': ", "", str(exc))) from None
+
+
+def from_env(environ: Mapping[str, str] | None = None, extra: Iterable[str] = (),
+             configured: Mapping[str, str] | None = None) -> tuple[Session, ...]:
+    """The defaults, then ``configured`` (a configuration file's ``[sessions]``, checked at its
+    load), then ``INGESTOR_SESSIONS``, then ``extra`` (command-line items)."""
     env = os.environ if environ is None else environ
+    try:
+        base = parse([f"{k}={v}" for k, v in (configured or {}).items()])
+    except SessionError as exc:
+        raise SessionError(f"{exc} (in the configuration's [sessions])") from None
     items = [*env.get(ENV, "").split(","), *extra]
     try:
-        return parse(items)
+        return parse(items, base)
     except SessionError as exc:
         where = "" if not env.get(ENV) else f" (with {ENV} set)"
         raise SessionError(f"{exc}{where}") from None

@@ -37,7 +37,8 @@ def warn_debug_build(what: str) -> None:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, sessions=None) -> None:
+        """``sessions``: the configuration's ``[sessions]`` (``ingestor_market_open``)."""
         r = self.registry = CollectorRegistry()
         self.ticks_written = Counter("ingestor_ticks_written", "Tick rows committed to tick_data", registry=r)
         self.candles_written = Counter("ingestor_candles_written", "Candle rows upserted", registry=r)
@@ -74,7 +75,8 @@ class Metrics:
         self.log_malformed = Counter("ingestor_log_malformed", "Messages on a raw subject that are not capture records, set aside (writer role)", registry=r)
         self.log_gaps = Counter("ingestor_log_gaps", "Runs of a capture stream's messages the writer waited for in vain and went on without (writer role)", registry=r)
         self.log_pending = Gauge("ingestor_log_pending", "Messages of the subject not yet delivered to this writer (consumer lag)", ["connection"], registry=r)
-        r.register(MarketCollector())
+        self.market = MarketCollector(sessions=sessions)
+        r.register(self.market)
         from ingestor import __version__
 
         # the debug build of the core is several times slower: a dashboard shows which one runs
@@ -169,15 +171,16 @@ class CoreCollector:
 
 class MarketCollector:
     """``ingestor_market_open{session}``: 1 while the trading session is open, by the calendar
-    and hours of :mod:`ingestor.market_hours` (``INGESTOR_SESSIONS`` overrides the hours), the
+    and hours of :mod:`ingestor.market_hours` (``sessions``: the configuration's
+    ``[sessions]``; ``INGESTOR_SESSIONS`` overrides both), the
     ones ``ingestor status`` judges by.  The alerting rules that only hold in market hours
     ("no ticks for N seconds") join on it, so Prometheus needs no calendar of its own."""
 
-    def __init__(self, environ=None):
+    def __init__(self, environ=None, sessions=None):
         from ingestor import market_hours
 
         self._mh = market_hours
-        self.sessions = market_hours.from_env(environ)
+        self.sessions = market_hours.from_env(environ, configured=sessions)
         today = dt.datetime.now(market_hours.IST).date()
         for s in self.sessions:  # load the holiday calendars now, not in the first scrape
             s.holiday(today)

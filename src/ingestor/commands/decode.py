@@ -18,20 +18,51 @@ from ingestor.feed.capture import CaptureError, CaptureReader
 EXIT_DAMAGED = 3
 
 
+def add_until_damage(p, done: str) -> None:
+    p.add_argument("--until-damage", action="store_true",
+                   help=f"stop at the first damaged record: the records before it are {done}, "
+                   "the summary says where it lies and how many bytes were left (exit status "
+                   "3); default: skip each damaged stretch and go on after it")
+
+
+def damage_lines(path: str, damage: list, unlisted: int, stopped_at, left_bytes: int,
+                 done: str) -> list[str]:
+    """One line per damaged stretch (file, byte offset, records lost), and where an
+    ``--until-damage`` run stopped."""
+    out = ["  " + d.describe(path) for d in damage if d is not stopped_at]
+    if unlisted:
+        out.append(f"  ... and {unlisted} more damaged stretch(es), counted only")
+    if stopped_at is not None:
+        out.append(f"stopped at the first damage (--until-damage): {stopped_at.describe(path)}; "
+                   f"the records before it {done}, {left_bytes} bytes from there on not "
+                   f"processed (without --until-damage the intact records after it are "
+                   f"{done} too)")
+    return out
+
+
+def damage_note(path: str, damage: list) -> str:
+    """The last line of a run that met damage."""
+    where = f" (first at byte offset {damage[0].start})" if damage else ""
+    return f"ingestor: {path}: damaged records found{where} (exit status {EXIT_DAMAGED})"
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("decode", help="decode a capture file",
                        description="Decode a capture file. Prints counts per mode, per "
                        "message kind and per error reason; with --jsonl, one JSON object "
                        "per tick (the official Kite client's keys) on stdout instead, and "
                        "the summary on stderr. Exit status 3: the capture held damaged "
-                       "records (skipped and counted; the intact ones around them decoded).")
+                       "records (skipped and counted, each named by its byte offset; the intact ones "
+                       "around them decoded), or, with --until-damage, stopped at the first.")
     p.add_argument("capture", help="capture file (.cap)")
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per tick")
     p.add_argument("--summary-json", action="store_true", help="print the summary as JSON")
+    add_until_damage(p, "decoded")
     p.set_defaults(func=run)
 
 
 def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
+    """The summary (``--summary-json``); ``format_summary`` prints it for people."""
     errors = {k: stats[k] for k in ("empty_message", "unknown_length", "truncated",
                                     "trailing_bytes", "bad_records", "bad_time")}
     return {
@@ -45,7 +76,12 @@ def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
         "errors": errors,
         "truncated_record_bytes": reader.truncated_bytes,
         "damaged": {"stretches": reader.damaged, "bytes": reader.damaged_bytes,
-                    "records_lost": reader.lost_records},
+                    "records_lost": reader.lost_records,
+                    "at": [d.to_dict() for d in reader.damage],
+                    "not_listed": reader.unlisted_damage},
+        "stopped_at_damage": (None if reader.stopped_at is None
+                              else dict(reader.stopped_at.to_dict(),
+                                        bytes_left=reader.left_bytes)),
         "seconds": round(seconds, 6),
         "ticks_per_s": round(stats["packets"] / seconds) if seconds > 0 else None,
     }
@@ -62,8 +98,10 @@ def format_summary(s: dict) -> str:
     d = s["damaged"]
     if d["stretches"] or d["records_lost"]:
         lines.append(f"damaged: {d['stretches']} stretch(es), {d['bytes']} bytes, "
-                     f"{d['records_lost']} record(s) lost (skipped; the intact records around "
-                     f"them decoded)")
+                     f"{d['records_lost']} record(s) lost"
+                     + (" (skipped; the intact records around them decoded)"
+                        if s["stopped_at_damage"] is None else ""))
+        lines.extend(s.get("damage_lines", []))
     if s["truncated_record_bytes"]:
         lines.append(f"truncated last record: {s['truncated_record_bytes']} bytes ignored")
     if s["ticks_per_s"] is not None:
@@ -77,7 +115,7 @@ def run(args) -> int:
     from ingestor.cli import UsageError
 
     try:
-        reader = CaptureReader(args.capture)
+        reader = CaptureReader(args.capture, until_damage=args.until_damage)
     except FileNotFoundError:
         raise UsageError(f"{args.capture}: no such file") from None
     except IsADirectoryError:
@@ -109,10 +147,12 @@ def run(args) -> int:
     if args.summary_json:
         print(msgspec.json.encode(summary).decode(), file=dest)
     else:
+        summary["damage_lines"] = damage_lines(args.capture, reader.damage,
+                                               reader.unlisted_damage, reader.stopped_at,
+                                               reader.left_bytes, "decoded")
         print(format_summary(summary), file=dest)
     out.flush()
     if reader.damage_found:
-        print(f"ingestor: {args.capture}: damaged records found (exit status {EXIT_DAMAGED})",
-              file=sys.stderr)
+        print(damage_note(args.capture, reader.damage), file=sys.stderr)
         return EXIT_DAMAGED
     return 0

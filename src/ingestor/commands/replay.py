@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
                        "same capture twice writes it once, and a replay interrupted (Ctrl-C, "
                        "exit status 130) says how far it committed: running it again resumes "
                        "there. Exit status 3: the capture held damaged records (skipped and "
-                       "counted; the intact ones around them written).")
+                       "counted, each named by its byte offset; the intact ones around them written), "
+                       "or, with --until-damage, stopped at the first.")
     p.add_argument("capture", help="capture file (.cap)")
     p.add_argument("--dsn", help="database (else INGESTOR_DSN, DATABASE_URL, libpq defaults)")
     p.add_argument("--flush-rows", type=int, default=FLUSH_ROWS,
@@ -40,6 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="one transaction at a time on one connection, instead of writing the "
                    "next batch's rows on a second connection while the one before commits")
+    from ingestor.commands.decode import add_until_damage
+
+    add_until_damage(p, "committed")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress on stderr (a bar on a terminal, else a log line every "
                    "--progress-every seconds)")
@@ -71,7 +75,8 @@ def run(args) -> int:
                         dead_letter_dir=args.dead_letter_dir,
                         progress=False if args.no_progress else None,
                         direct_compress=args.direct_compress,
-                        progress_every=args.progress_every, overlap=args.overlap)
+                        progress_every=args.progress_every, overlap=args.overlap,
+                        until_damage=args.until_damage)
     except ReplayInterrupted as exc:
         print(f"ingestor: {exc}", file=sys.stderr)
         return 130
@@ -81,9 +86,10 @@ def run(args) -> int:
         raise UsageError(str(exc)) from None
     print("\n".join(result.lines()))
     if result.damaged or result.lost_records:
-        from ingestor.commands.decode import EXIT_DAMAGED
+        from ingestor.commands.decode import EXIT_DAMAGED, damage_lines, damage_note
 
-        print(f"ingestor: {args.capture}: damaged records found (exit status {EXIT_DAMAGED})",
-              file=sys.stderr)
+        print("\n".join(damage_lines(args.capture, result.damage, result.unlisted_damage,
+                                     result.stopped_at, result.left_bytes, "committed")))
+        print(damage_note(args.capture, result.damage), file=sys.stderr)
         return EXIT_DAMAGED
     return 0

@@ -63,8 +63,8 @@ def add_parser(sub) -> None:
     p.add_argument("--session", action="append", default=[], metavar="NAME=HH:MM-HH:MM[@CAL]",
                    help="a segment's trading hours in IST and, optionally, its holiday calendar "
                    "(XNSE, XBOM, none); repeatable; sessions: equity (default 09:15-15:30), "
-                   "currency (09:00-17:00), commodity (09:00-23:30); also read from "
-                   "INGESTOR_SESSIONS (comma-separated)")
+                   "currency (09:00-17:00), commodity (09:00-23:30); over the config file's "
+                   "[sessions] and INGESTOR_SESSIONS (comma-separated)")
     p.add_argument("--at", metavar="TIMESTAMP",
                    help="judge as of this ISO time instead of now (no offset: IST), e.g. for "
                    "a post-mortem (default: now)")
@@ -445,16 +445,17 @@ def run(args) -> int:
 
     if not args.stale > 0 or not args.grace >= 0 or not args.timeout > 0:
         raise UsageError("--stale and --timeout must be > 0, --grace >= 0")
-    try:
-        sessions = market_hours.from_env(extra=args.session)
-    except market_hours.SessionError as exc:
-        raise UsageError(str(exc)) from None
     at = _at(args.at)
     cfg = None
     if args.config:
         from ingestor import config
 
         cfg = config.load(args.config)
+    try:
+        sessions = market_hours.from_env(extra=args.session,
+                                         configured=cfg.sessions if cfg else None)
+    except market_hours.SessionError as exc:
+        raise UsageError(str(exc)) from None
     spool_dir = args.spool_dir or (cfg.spool.dir if cfg else None)
     dead_dir = args.dead_letter_dir or (cfg.writer.dead_letter_dir if cfg else None)
     listen = args.metrics if args.metrics is not None else (cfg.metrics.listen if cfg else None)

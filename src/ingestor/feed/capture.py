@@ -374,6 +374,44 @@ def read_blocks(f: BinaryIO, offset: int, scanner: RecordScanner, *, end: int | 
             return
 
 
+@dataclass
+class Damage:
+    """One damaged stretch of a capture: the file offsets ``start`` (where the intact records
+    stop) and ``end`` (where they go on; the file's end when none follow), and the records
+    known lost in it: ``lost`` sequence numbers from ``first_lost`` (0: the bytes were
+    damaged but no whole record is known missing; None: not known, the stretch runs to the
+    end of the file or format 1 stopped there)."""
+
+    start: int
+    end: int
+    first_lost: int
+    lost: int | None
+
+    @property
+    def bytes(self) -> int:
+        return self.end - self.start
+
+    def describe(self, path: str) -> str:
+        if self.lost is None:
+            what = f"records from seq {self.first_lost} on not readable"
+        elif self.lost == 0:
+            what = "no record lost"
+        elif self.lost == 1:
+            what = f"record seq {self.first_lost} lost"
+        else:
+            what = f"records seq {self.first_lost}..{self.first_lost + self.lost - 1} lost"
+        return (f"{path}: damaged stretch at byte offset {self.start} ({self.bytes} bytes, "
+                f"{what})")
+
+    def to_dict(self) -> dict:
+        return {"offset": self.start, "bytes": self.bytes, "first_lost_seq": self.first_lost,
+                "records_lost": self.lost}
+
+
+#: damaged stretches a reader lists one by one (and logs); those after are only counted
+MAX_LISTED_DAMAGE = 100
+
+
 class CaptureReader:
     """Read a capture file: its header, then records or raw chunks of records.
 
@@ -383,12 +421,25 @@ class CaptureReader:
     Python call per message); the sequence numbers of consecutive chunks jump
     over records lost to damage.  Either warns once if the file ends inside a
     record (``truncated`` is then True), and once per damaged stretch
-    (``damaged``, ``damaged_bytes``, ``lost_records``; ``damage_found``).
+    (``damaged``, ``damaged_bytes``, ``lost_records``; ``damage_found``), naming the file and
+    the byte offset; ``damage`` lists the stretches (``Damage``, the first
+    ``MAX_LISTED_DAMAGE``).
+
+    ``until_damage``: stop at the first damaged stretch: the records before it are yielded,
+    none after it; ``stopped_at`` is then that stretch and ``left_bytes`` what the file holds
+    from its start on (not read).
     """
 
-    def __init__(self, path: str | os.PathLike, chunk_size: int = 1 << 22):
+    def __init__(self, path: str | os.PathLike, chunk_size: int = 1 << 22, *,
+                 until_damage: bool = False):
         self.path = os.fspath(path)
         self.chunk_size = chunk_size
+        self.until_damage = until_damage
+        self.damage: list[Damage] = []
+        self.stopped_at: Damage | None = None
+        self.left_bytes = 0
+        #: damaged stretches met beyond the first MAX_LISTED_DAMAGE (counted, not listed)
+        self.unlisted_damage = 0
         self.truncated = False
         self.truncated_bytes = 0
         self.damaged = 0
@@ -434,22 +485,60 @@ class CaptureReader:
     def chunks(self) -> Iterator[tuple[memoryview, int]]:
         """Yield ``(chunk, seq_of_first_record)``; each chunk holds whole format-1 records."""
         sc = self.scanner()
-        for b in read_blocks(self._f, self.data_offset, sc, chunk_size=self.chunk_size):
+        # where the intact records stopped, and the sequence number expected there: a block
+        # starting later in the file, or with a later number, has damage before it
+        prev_end, expected = self.data_offset, self.header.first_seq
+
+        def sync() -> None:
             self.damaged, self.damaged_bytes, self.lost_records = (sc.damaged, sc.damaged_bytes,
                                                                    sc.lost_records)
+
+        for b in read_blocks(self._f, self.data_offset, sc, chunk_size=self.chunk_size):
+            sync()
+            if b.start != prev_end or b.first_seq != expected:
+                d = self._note(Damage(prev_end, b.start, expected, b.first_seq - expected))
+                if self.until_damage:
+                    self._stop(d)
+                    return
             yield b.data, b.first_seq
-        self.damaged, self.damaged_bytes, self.lost_records = (sc.damaged, sc.damaged_bytes,
-                                                               sc.lost_records)
-        if self.damage_found:
+            prev_end, expected = b.end, b.first_seq + b.count
+        sync()
+        tail = os.fstat(self._f.fileno()).st_size - sc.truncated_bytes
+        if prev_end < tail and (sc.damaged_bytes or sc.stopped):
+            # damage up to the end of the file (or where format 1 stopped): nothing intact after
+            d = self._note(Damage(prev_end, tail, expected, None))
+            if self.until_damage:
+                self._stop(d)
+        if self.damage_found and self.stopped_at is None:
             log.warning("%s: %d damaged stretch(es) skipped (%d bytes, %d record(s) known lost)%s",
                         self.path, sc.damaged, sc.damaged_bytes, sc.lost_records,
                         ": format 1 cannot resynchronise, the rest of the file was not read"
                         if sc.stopped else "; the intact records after each were read")
-        if sc.truncated_bytes:
+        if sc.truncated_bytes and self.stopped_at is None:
             self.truncated = True
             self.truncated_bytes = sc.truncated_bytes
             log.warning("%s: last record truncated (%d bytes ignored); a crash while recording?",
                         self.path, sc.truncated_bytes)
+
+    def _note(self, d: Damage) -> Damage:
+        if len(self.damage) < MAX_LISTED_DAMAGE:
+            self.damage.append(d)
+            log.warning("%s", d.describe(self.path))
+        else:
+            if not self.unlisted_damage:
+                log.warning("%s: more than %d damaged stretches: the rest are only counted",
+                            self.path, MAX_LISTED_DAMAGE)
+            self.unlisted_damage += 1
+        return d
+
+    def _stop(self, d: Damage) -> None:
+        self.stopped_at = d
+        self.left_bytes = os.fstat(self._f.fileno()).st_size - d.start
+        # what was met of the file is this one stretch (the scanner may have read past it)
+        self.damaged, self.damaged_bytes = 1, d.bytes
+        self.lost_records = d.lost or 0
+        log.warning("%s: stopped at the first damaged stretch (--until-damage): byte offset %d, "
+                    "%d bytes from there not processed", self.path, d.start, self.left_bytes)
 
     def records(self) -> Iterator[Record]:
         for chunk, seq in self.chunks():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ingestor.pipeline import state
@@ -77,6 +77,12 @@ class ReplayResult:
     lost_records: int = 0
     #: transactions written overlapped with the one before (``Writer.write_all``)
     overlapped: int = 0
+    #: the stretches (``feed.capture.Damage``), those beyond the listed ones, and where an
+    #: ``until_damage`` replay stopped with the bytes it left
+    damage: list = field(default_factory=list)
+    unlisted_damage: int = 0
+    stopped_at: object = None
+    left_bytes: int = 0
 
     @property
     def ticks_per_s(self) -> float:
@@ -110,8 +116,9 @@ class ReplayResult:
                        f"can have it): counted and skipped")
         if self.damaged or self.lost_records:
             out.append(f"damaged: {self.damaged} stretch(es), {self.damaged_bytes} bytes, "
-                       f"{self.lost_records} record(s) lost (skipped; the intact records around "
-                       f"them written)")
+                       f"{self.lost_records} record(s) lost"
+                       + (" (skipped; the intact records around them written)"
+                          if self.stopped_at is None else ""))
         if self.truncated_bytes:
             out.append(f"truncated last record: {self.truncated_bytes} bytes ignored")
         if self.dead_letters:
@@ -123,11 +130,13 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
            queue_batches: int = 2, dead_letter_dir: str = "dead-letter",
            progress: bool | None = None, chunk_size: int = 1 << 22,
            direct_compress: bool = True, progress_every: float = EVERY,
-           overlap: bool = True) -> ReplayResult:
+           overlap: bool = True, until_damage: bool = False) -> ReplayResult:
     """Replay the capture at ``path`` into the database ``dsn`` (see the module docstring).
 
     ``progress``: a bar on stderr (True), none (False), or None: a bar when stderr is a
     terminal, else a log line every ``progress_every`` seconds (``ingestor.progress``).
+    ``until_damage``: stop at the capture's first damaged stretch (everything before it is
+    committed; the result says where).
 
     Raises
     ------
@@ -143,7 +152,7 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
     # Replay never upserts forming candles mid-run (only its final flush writes them), so
     # every candle closed during the run was never stored: all go to the plain COPY.
     settings = replace(settings or PipelineSettings(), open_candle_min_us=1 << 62)
-    reader = CaptureReader(path, chunk_size=chunk_size)
+    reader = CaptureReader(path, chunk_size=chunk_size, until_damage=until_damage)
     setup = connect(dsn, autocommit=True)
     try:
         require_current(setup)
@@ -179,7 +188,9 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
                         reader.truncated_bytes, pipeline.totals["bad_tokens"],
                         writer.stats.direct_rows, writer.stats.rowstore_rows,
                         damaged=reader.damaged, damaged_bytes=reader.damaged_bytes,
-                        lost_records=reader.lost_records, overlapped=writer.stats.overlapped)
+                        lost_records=reader.lost_records, damage=list(reader.damage),
+                        unlisted_damage=reader.unlisted_damage, stopped_at=reader.stopped_at,
+                        left_bytes=reader.left_bytes, overlapped=writer.stats.overlapped)
 
 
 async def write_batches(queue: asyncio.Queue, writer: Writer,

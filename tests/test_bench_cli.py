@@ -1,0 +1,99 @@
+"""``ingestor bench --json / --compare / --png / --results``: results a script can read, the
+change against an earlier run, a chart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _ingestor(*args, code: str = "") -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; ``code`` runs first (to hide a module)."""
+    prog = f"{code}\nimport sys\nfrom ingestor.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", prog, *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _results(rate_ltp: float, rate_full: float, core: str = "release") -> dict:
+    return {"format": 1, "started": "2026-11-28T10:00:00+00:00", "quick": False,
+            "machine": {"cpu": "Test CPU", "cores": 2, "usable_cores": 2, "core": core,
+                        "python": "3.11", "ingestor": "0.1.0", "arch": "x86_64", "os": "Linux"},
+            "stages": {"decode": {"title": "decode", "seconds": 1.0, "rows": [
+                {"mode": "ltp", "batch pkt/s": rate_ltp, "twin pkt/s": "n/a"},
+                {"mode": "full", "batch pkt/s": rate_full, "twin pkt/s": 1000.0}]},
+                "copy": {"title": "copy", "seconds": 1.0, "rows": [
+                    {"bench": "copy_encode", "case": "ticks", "impl": "core",
+                     "rows_per_s": 4e6, "vs_psycopg": 20.0}]}}}
+
+
+def test_json_results_carry_machine_build_and_rows(tmp_path):
+    out = tmp_path / "run.json"
+    r = _ingestor("bench", "--only", "decode", "--quick", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["format"] == 1 and data["quick"] is True
+    m = data["machine"]
+    assert m["core"] in ("debug", "release") and m["usable_cores"] >= 1 and m["cpu"]
+    rows = data["stages"]["decode"]["rows"]
+    assert {r["mode"] for r in rows} >= {"ltp", "full"}
+    assert all(isinstance(r["batch pkt/s"], float) and r["batch pkt/s"] > 0 for r in rows)
+
+
+def test_compare_prints_each_figure_with_its_ratio(tmp_path):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_results(1e6, 4e5)))
+    new.write_text(json.dumps(_results(2e6, 2e5, core="debug")))
+    r = _ingestor("bench", "--results", str(new), "--compare", str(old))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    ltp = next(ln for ln in lines if ln.startswith("decode") and "ltp" in ln and "batch" in ln)
+    assert ltp.split()[-1] == "2.00", ltp                        # twice the rate now
+    full = next(ln for ln in lines if ln.startswith("decode") and "full" in ln and "batch" in ln)
+    assert full.split()[-1] == "0.50", full
+    assert any("copy_encode / ticks / core" in ln and ln.split()[-1] == "1.00" for ln in lines)
+    assert not any("twin" in ln and "ltp" in ln for ln in lines)   # "n/a" is no figure
+    assert "differ in machine or core build" in r.stdout          # debug against release
+
+
+def test_png_chart_is_written(tmp_path):
+    pytest.importorskip("matplotlib")  # in the [test] extra: this runs wherever the tests do
+    res, png = tmp_path / "r.json", tmp_path / "chart.png"
+    res.write_text(json.dumps(_results(1e6, 4e5)))
+    r = _ingestor("bench", "--results", str(res), "--png", str(png))
+    assert r.returncode == 0, r.stderr
+    assert "2 stage(s)" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_png_without_matplotlib_says_how_to_install(tmp_path):
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps(_results(1e6, 4e5)))
+    r = _ingestor("bench", "--results", str(res), "--png", str(tmp_path / "c.png"),
+                  code="import sys; sys.modules['matplotlib'] = None")
+    assert r.returncode == 2
+    assert "pip install 'ingestor[bench]'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("content", ["", "not json", "[]", '{"format": 1}',
+                                     '{"format": 1, "stages": {"x": {"rows": [1]}}}',
+                                     '{"format": 9, "stages": {}}', "[" * 100_000])
+def test_bad_results_file_is_one_line_exit_2(tmp_path, content):
+    bad, good = tmp_path / "bad.json", tmp_path / "good.json"
+    bad.write_text(content)
+    good.write_text(json.dumps(_results(1e6, 4e5)))
+    r = _ingestor("bench", "--results", str(good), "--compare", str(bad))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "not a bench results file" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_results_alone_or_with_a_run_option_is_a_usage_error(tmp_path):
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps(_results(1e6, 4e5)))
+    assert _ingestor("bench", "--results", str(res)).returncode == 2
+    assert _ingestor("bench", "--results", str(res), "--compare", str(res),
+                     "--quick").returncode == 2
