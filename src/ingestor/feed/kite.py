@@ -118,10 +118,16 @@ class KiteFeed:
         self.stats = FeedStats()
         self.stream: str | None = None
         self._ws = None
+        #: set by a reload (fresh credentials): the connection's close is not a fault
+        self._reload = False
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = self.reconnect_min
+        first = True
         while not stop.is_set():
+            if not first:
+                self._before_reconnect()
+            first = False
             started = time.time_ns()
             reason = await self._session(stop)
             if stop.is_set():
@@ -130,6 +136,8 @@ class KiteFeed:
                 self.on_disconnect(self.stream, started if not self.stats.connected else time.time_ns(), reason)
             if reason == "rejected":
                 wait = self.rejected_retry
+            elif reason == "reload":
+                wait = 0.0
             else:
                 wait = delay * (0.5 + random.random())
                 delay = min(delay * 2, self.reconnect_max)
@@ -146,21 +154,51 @@ class KiteFeed:
         if self._ws is not None:
             await self._ws.close()
 
+    # -- what a broker changes (the rest of the session is shared) -------------------------
+
+    def _before_reconnect(self) -> None:
+        """Called before every connection attempt but the first (fresh credentials)."""
+
+    def _connect(self):
+        """The connection attempt: ``websockets.asyncio.client.connect(...)``."""
+        return connect(self._url, open_timeout=self.connect_timeout,
+                       max_size=self.max_message_bytes, compression=None, ping_interval=None,
+                       additional_headers={"X-Kite-Version": "3"})
+
+    def _refused(self, exc: InvalidStatus) -> bool:
+        """True (said once, clearly) when the broker refused the credentials."""
+        if exc.response.status_code != 403:
+            return False
+        self.stats.rejected += 1
+        self.stats.last_error = "access token rejected (HTTP 403)"
+        log.error("%s: the broker rejected the API key or access token (HTTP 403: expired "
+                  "or wrong); retrying in %.0f s", self.label, self.rejected_retry)
+        return True
+
+    def _requests(self) -> list[str]:
+        """The subscription requests sent on every connect."""
+        return subscribe_requests(self.subscriptions)
+
+    def _started(self, ws) -> list:
+        """Tasks that run beside the receive loop of a connection (cancelled at its end)."""
+        return []
+
+    def _text(self, stream: str, msg: str, now: int) -> None:
+        """A text message: Kite's (postbacks, errors) are handed on as they came."""
+        payload = msg.encode()
+        self.stats.bytes += len(payload)
+        self.on_message(stream, payload, True, now)
+
+    # -- one connection ----------------------------------------------------------------------
+
     async def _session(self, stop: asyncio.Event) -> str:
         """One connection, until it fails; returns why it ended."""
         try:
-            ws = await connect(self._url, open_timeout=self.connect_timeout,
-                               max_size=self.max_message_bytes,
-                               compression=None, ping_interval=None,
-                               additional_headers={"X-Kite-Version": "3"})
+            ws = await self._connect()
         except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status == 403:
-                self.stats.rejected += 1
-                self.stats.last_error = "access token rejected (HTTP 403)"
-                log.error("%s: the broker rejected the API key or access token (HTTP 403: expired "
-                          "or wrong); retrying in %.0f s", self.label, self.rejected_retry)
+            if self._refused(exc):
                 return "rejected"
+            status = exc.response.status_code
             self.stats.last_error = f"HTTP {status}"
             log.warning("%s: connection refused with HTTP %d", self.label, status)
             return f"HTTP {status}"
@@ -180,12 +218,15 @@ class KiteFeed:
         on_message = self.on_message
         stats = self.stats
         stream = self.stream
+        text = self._text
+        side = self._started(ws)
+        self._reload = False
         try:
             if self.on_connect:
                 self.on_connect(self.stream)
             log.info("%s: connected (stream %s), subscribing %d tokens", self.label, self.stream,
                      len(self.subscriptions))
-            for req in subscribe_requests(self.subscriptions):
+            for req in self._requests():
                 await ws.send(req)
             loop = asyncio.get_running_loop()
             recv = ws.recv
@@ -195,12 +236,13 @@ class KiteFeed:
                     msg = await recv()
                     now = time.time_ns()
                     tm.reschedule(loop.time() + self.heartbeat_timeout)
-                    is_text = isinstance(msg, str)
-                    payload = msg.encode() if is_text else msg
                     stats.messages += 1
-                    stats.bytes += len(payload)
                     stats.last_message_ns = now
-                    on_message(stream, payload, is_text, now)
+                    if isinstance(msg, str):
+                        text(stream, msg, now)
+                        continue
+                    stats.bytes += len(msg)
+                    on_message(stream, msg, False, now)
             return "stopped"
         except TimeoutError:
             stats.last_error = f"no message for {self.heartbeat_timeout:g} s (stalled)"
@@ -209,6 +251,8 @@ class KiteFeed:
         except websockets.exceptions.ConnectionClosed as exc:
             if stop.is_set():
                 return "stopped"
+            if self._reload:
+                return "reload"
             if exc.sent is not None and exc.sent.code == 1009:
                 stats.oversized += 1
                 stats.last_error = (f"a message over {self.max_message_bytes} bytes (no real "
@@ -227,6 +271,8 @@ class KiteFeed:
             log.warning("%s: %s", self.label, stats.last_error)
             return stats.last_error
         finally:
+            for t in side:
+                t.cancel()
             self._ws = None
             if not stop.is_set():
                 # a stalled or broken peer would not answer a closing handshake
