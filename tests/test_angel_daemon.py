@@ -56,6 +56,36 @@ def _want(packets: list[bytes], dsn: str) -> tuple[Counter, int]:
     return want, depth
 
 
+def _want_depth20(packets: list[bytes], dsn: str) -> Counter:
+    """Every DEPTH packet sent as the ``order_book_depth20`` row it must be (its time aside)."""
+    import datetime as dt
+
+    with psycopg.connect(dsn) as conn:
+        id_of = {(int(e), t): i for e, t, i in conn.execute(
+            "SELECT exchange_type, broker_token, id FROM instruments WHERE broker = 'angel'")}
+    want: Counter = Counter()
+    for p in packets:
+        d = parse_packet(p)
+        if d["subscription_mode"] != 4:
+            continue
+        sides = []
+        for side in ("depth_20_buy_data", "depth_20_sell_data"):
+            lv = d[side]
+            sides += [tuple(Decimal(x["price"]) / 100 for x in lv),
+                      tuple(x["quantity"] for x in lv), tuple(x["no_of_orders"] for x in lv)]
+        ms = d["word27"]
+        want[(id_of[d["exchange_type"], d["token"]], *sides,
+              dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc))] += 1
+    return want
+
+
+def _got_depth20(dsn: str) -> Counter:
+    with psycopg.connect(dsn) as conn:
+        return Counter((i, *(tuple(a) for a in arrays), et) for i, *arrays, et in conn.execute(
+            "SELECT instrument_id, bid_prices, bid_quantities, bid_orders, ask_prices, "
+            "ask_quantities, ask_orders, exchange_time FROM order_book_depth20"))
+
+
 def _got(dsn: str) -> Counter:
     with psycopg.connect(dsn) as conn:
         return Counter((i, p) for i, p in conn.execute(
@@ -85,6 +115,9 @@ def test_angel_feed_every_sent_tick_once(tmp_path, db):
     n, distinct = tick_summary(db)
     assert n == distinct == sent
     assert n_depth > 0
+    # every DEPTH packet is one order_book_depth20 row, exact, its exchange time to the ms
+    assert _got_depth20(db) == _want_depth20(sim.sent(), db)
+    assert _count(db, "SELECT count(*) FROM order_book_depth20") == n_depth
     out = d.output()
     for secret in ANGEL_ENV.values():
         assert secret not in out
