@@ -124,3 +124,112 @@ def test_angel_feed_every_sent_tick_once(tmp_path, db):
     with psycopg.connect(db) as conn:
         # the spool's capture header said angel: the segments kept say so too
         assert conn.execute("SELECT count(*) FROM stream_offsets").fetchone()[0] == 1
+
+
+def _captured(*dirs) -> list[bytes]:
+    """The binary packets of the capture files under ``dirs`` (a daemon's recording and
+    spool), in receive order; every file's header says angel."""
+    from ingestor.feed.capture import KIND_BINARY, CaptureReader
+
+    out = []
+    for path in capture_files(*dirs):
+        with CaptureReader(path) as rd:
+            assert rd.header.broker == "angel", path
+            out += [bytes(r.payload) for r in rd.records() if r.kind == KIND_BINARY]
+    return out
+
+
+def test_angel_sigkill_and_restart_replays_the_spool_with_its_decoder(tmp_path, db):
+    sim = AngelSimulator(tmp_path, tokens=TOKENS, rate=2000, seed=SEED)
+    feeds = angel_feed_toml(sim.url, extra=_modes_toml())
+    record = f'[record]\ndir = "{tmp_path / "rec"}"\n'
+    try:
+        _load_master(db, sim.master)
+        d = Daemon(tmp_path, db, None, feeds=feeds, env=ANGEL_ENV, config=record)
+        wait_for(lambda: count_ticks(db) > 1000, timeout=60, what="1000 ticks written")
+        d.kill()                            # SIGKILL: no flush, no cleanup
+        assert list((tmp_path / "spool").glob("*.cap")), "the killed daemon's stream is spooled"
+        d2 = Daemon(tmp_path, db, None, feeds=feeds, env=ANGEL_ENV, config=record,
+                    name="daemon2")
+        wait_for(lambda: count_ticks(db) > 3000, timeout=60, what="3000 ticks written")
+    finally:
+        sim.stop()
+    assert d2.terminate() == 0, d2.output()
+    assert "replayed spool" in d2.output()
+    # exactly every tick either daemon received (the killed one's spool, replayed through the
+    # SmartStream decoder, and the second one's stream), once, at its exact price
+    packets = _captured(tmp_path / "rec", tmp_path / "spool")
+    want, n_depth = _want(packets, db)
+    assert _got(db) == want
+    n, distinct = tick_summary(db)
+    assert n == distinct == sum(want.values()) > 3000
+    assert _got_depth20(db) == _want_depth20(packets, db)
+    assert _count(db, "SELECT count(*) FROM stream_offsets") == 2
+
+
+def test_kite_and_angel_feeds_in_one_daemon(tmp_path, db):
+    kite = Simulator(tmp_path, tokens=20, rate=1500)
+    angel = AngelSimulator(tmp_path, tokens=TOKENS, rate=1500, seed=SEED)
+    feeds = (f'[[feeds]]\nname = "kite"\nbroker = "kite"\nurl = "{kite.url}"\nmode = "full"\n'
+             'api_key_env = "KITE_API_KEY"\naccess_token_env = "KITE_ACCESS_TOKEN"\n'
+             "heartbeat_timeout = 2.0\nreconnect_min = 0.1\nreconnect_max = 0.5\n"
+             + angel_feed_toml(angel.url, extra=_modes_toml()))
+    try:
+        load_instruments(db, kite.csv)
+        _load_master(db, angel.master)
+        d = Daemon(tmp_path, db, None, feeds=feeds, env=ANGEL_ENV)
+        both = ("SELECT count(DISTINCT i.broker) FROM tick_data t JOIN instruments i "
+                "ON i.id = t.instrument_id")
+        wait_for(lambda: count_ticks(db) > 3000 and _count(db, both) == 2, timeout=60,
+                 what="3000 ticks of both brokers written")
+    finally:
+        kite.stop()
+        angel.stop()
+    want, _ = _want(angel.sent(), db)
+    n_kite = kite.sent_packets()
+    wait_for(lambda: count_ticks(db) >= n_kite + sum(want.values()), timeout=60,
+             what="every sent tick written")
+    assert d.terminate() == 0, d.output()
+    assert _got(db) == want
+    n, distinct = tick_summary(db)
+    assert n == distinct == n_kite + sum(want.values())
+    with psycopg.connect(db) as conn:
+        labels = {r[0] for r in conn.execute("SELECT stream FROM stream_offsets")}
+    assert {s.split("-")[0] for s in labels} == {"kite", "angel"}
+    for secret in (*ANGEL_ENV.values(), "test-token-secret"):
+        assert secret not in d.output()
+
+
+def test_replay_and_decode_of_an_angel_capture(tmp_path, db):
+    import json
+
+    from test_smartstream_oracle import _client
+
+    cap, master = tmp_path / "a.cap", tmp_path / "master.json"
+    subprocess.run(ingestor("simulate", "--broker", "angel", "--out", str(cap), "--ticks", "3000",
+                            "--tokens", str(TOKENS), "--seed", str(SEED), "--mode", "mixed",
+                            "--scrip-master", str(master)), check=True, capture_output=True)
+    _load_master(db, str(master))
+    r = subprocess.run(ingestor("replay", str(cap), "--dsn", db, "--no-progress"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    packets = _captured(cap.parent)
+    want, n_depth = _want(packets, db)
+    assert n_depth > 0 and _got(db) == want
+    assert _got_depth20(db) == _want_depth20(packets, db)
+    # a second replay: the stream's offset is committed, nothing is written twice
+    r = subprocess.run(ingestor("replay", str(cap), "--dsn", db, "--no-progress"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _got(db) == want
+    assert _count(db, "SELECT count(*) FROM order_book_depth20") == n_depth
+    # decode --jsonl: one line per packet, the official client's dict (plus recv_ns)
+    r = subprocess.run(ingestor("decode", str(cap), "--jsonl"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    client = _client()
+    assert len(lines) == len(packets)
+    for line, frame in zip(lines, packets):
+        assert isinstance(line.pop("recv_ns"), int)
+        assert line == client._parse_binary_data(frame)
+    assert "snap_quote" in r.stderr and "(angel)" in r.stderr

@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
 
 
 def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
+    if reader.header.broker == "angel":
+        return _summarize_angel(stats, seconds, reader)
     errors = {k: stats[k] for k in ("empty_message", "unknown_length", "truncated",
                                     "trailing_bytes", "bad_records", "bad_time")}
     return {
@@ -43,6 +45,29 @@ def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
         "modes": {k: stats[k] for k in ("ltp", "quote", "full", "index_quote", "index_full")},
         "malformed_messages": stats["malformed_messages"],
         "errors": errors,
+        "truncated_record_bytes": reader.truncated_bytes,
+        "damaged": {"stretches": reader.damaged, "bytes": reader.damaged_bytes,
+                    "records_lost": reader.lost_records},
+        "seconds": round(seconds, 6),
+        "ticks_per_s": round(stats["packets"] / seconds) if seconds > 0 else None,
+    }
+
+
+def _summarize_angel(stats: dict, seconds: float, reader: CaptureReader) -> dict:
+    """The summary of a SmartStream capture: its decoder's counters (one packet a message;
+    no heartbeats: pings are control frames or texts)."""
+    from ingestor._core import SS_COUNTER_NAMES
+
+    modes = ("ltp", "quote", "snap_quote", "depth")
+    skip = {"messages", "text_messages", "bytes", "packets", "malformed_messages", *modes}
+    return {
+        "stream": reader.header.stream,
+        "broker": reader.header.broker,
+        "messages": {"binary": stats["messages"], "text": stats["text_messages"]},
+        "ticks": stats["packets"],
+        "modes": {k: stats[k] for k in modes},
+        "malformed_messages": stats["malformed_messages"],
+        "errors": {k: stats[k] for k in SS_COUNTER_NAMES if k not in skip},
         "truncated_record_bytes": reader.truncated_bytes,
         "damaged": {"stretches": reader.damaged, "bytes": reader.damaged_bytes,
                     "records_lost": reader.lost_records},
@@ -84,8 +109,11 @@ def run(args) -> int:
         raise UsageError(f"{args.capture}: is a directory") from None
     except CaptureError as exc:
         raise UsageError(str(exc)) from None
-    if reader.header.broker != "kite":
-        raise UsageError(f"{args.capture}: broker {reader.header.broker!r} is not supported (kite)")
+    if reader.header.broker not in ("kite", "angel"):
+        raise UsageError(f"{args.capture}: broker {reader.header.broker!r} is not supported "
+                         "(kite, angel)")
+    if reader.header.broker == "angel":
+        return _run_angel(args, reader)
     dec = KiteDecoder(capacity=1 << 15)
     out = sys.stdout.buffer
     enc = msgspec.json.Encoder()
@@ -116,3 +144,81 @@ def run(args) -> int:
               file=sys.stderr)
         return EXIT_DAMAGED
     return 0
+
+
+def _run_angel(args, reader: CaptureReader) -> int:
+    """A SmartStream capture: the decoder's counts; with ``--jsonl`` one line per packet the
+    decoder took, in the official client's shape (``ingestor.jsonl.smartstream_dict``)."""
+    from ingestor._core import SmartStreamDecoder
+    from ingestor.cli import UsageError
+    from ingestor.pipeline.batch import decode_capture
+
+    dec = SmartStreamDecoder(capacity=1 << 15)
+    out = sys.stdout.buffer
+    enc = msgspec.json.Encoder()
+    t0 = time.perf_counter()
+    with reader:
+        try:
+            if args.jsonl:
+                _angel_jsonl(reader, dec, out, enc)
+            else:
+                for _ in decode_capture(args.capture, dec, reader=reader):
+                    pass
+        except CaptureError as exc:
+            raise UsageError(str(exc)) from None
+    seconds = time.perf_counter() - t0
+    summary = summarize(dec.stats(), seconds, reader)
+    dest = sys.stderr if args.jsonl else sys.stdout
+    if args.summary_json:
+        print(msgspec.json.encode(summary).decode(), file=dest)
+    else:
+        print(format_summary(summary), file=dest)
+    out.flush()
+    if reader.damage_found:
+        print(f"ingestor: {args.capture}: damaged records found (exit status {EXIT_DAMAGED})",
+              file=sys.stderr)
+        return EXIT_DAMAGED
+    return 0
+
+
+def _angel_jsonl(reader: CaptureReader, dec, out, enc) -> None:
+    from ingestor.jsonl import smartstream_dict
+
+    buf = bytearray()
+    for chunk, seq in reader.chunks():
+        mv = memoryview(chunk)
+        pos = 0
+        while pos < len(chunk):
+            start = pos
+            pos, seq_after, _ = dec.feed_capture(chunk, pos, seq)
+            # packets the decoder took, in order: ticks and depth20 rows by sequence number
+            taken = sorted([(int(s), int(r)) for s, r in zip(
+                dec.ticks["seq"][:dec.n_ticks].tolist(), dec.ticks["recv_ns"][:dec.n_ticks].tolist())]
+                + [(int(s), int(r)) for s, r in zip(
+                    dec.depth20["seq"][:dec.n_depth20].tolist(),
+                    dec.depth20["recv_ns"][:dec.n_depth20].tolist())])
+            if taken:
+                frames = _payloads(mv[start:pos], seq)
+                for s, recv_ns in taken:
+                    enc.encode_into(smartstream_dict(frames[s], recv_ns), buf, -1)
+                    buf += b"\n"
+            dec.clear()
+            seq = seq_after
+            if len(buf) > 1 << 20:
+                out.write(buf)
+                buf.clear()
+    out.write(buf)
+
+
+def _payloads(records, first_seq: int) -> dict:
+    """{seq: payload} of whole capture records (the bytes one ``feed_capture`` call walked)."""
+    from ingestor.feed.capture import RECORD_HEADER
+
+    out, pos, seq = {}, 0, first_seq
+    while pos < len(records):
+        _, _, plen = RECORD_HEADER.unpack_from(records, pos)
+        pos += RECORD_HEADER.size
+        out[seq] = records[pos:pos + plen]
+        pos += plen
+        seq += 1
+    return out
