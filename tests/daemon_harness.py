@@ -76,13 +76,15 @@ class AngelSimulator:
 
 
 def angel_feed_toml(url: str, *, name: str = "angel", env_prefix: str = "ANGEL",
-                    extra: str = "") -> str:
-    """An Angel One ``[[feeds]]`` table reading its four credentials from ``<prefix>_*``."""
-    return (f"[[feeds]]\nname = \"{name}\"\nbroker = \"angel\"\nurl = \"{url}\"\n"
-            f"api_key_env = \"{env_prefix}_API_KEY\"\nclient_code_env = \"{env_prefix}_CLIENT_CODE\"\n"
-            f"access_token_env = \"{env_prefix}_JWT\"\nfeed_token_env = \"{env_prefix}_FEED_TOKEN\"\n"
+                    extra: str = "", credentials_file=None, rejected_retry: float = 30.0) -> str:
+    """An Angel One ``[[feeds]]`` table reading its four credentials from ``<prefix>_*``, or
+    from ``credentials_file``."""
+    creds = (f'credentials_file = "{credentials_file}"\n' if credentials_file else
+             f"api_key_env = \"{env_prefix}_API_KEY\"\nclient_code_env = \"{env_prefix}_CLIENT_CODE\"\n"
+             f"access_token_env = \"{env_prefix}_JWT\"\nfeed_token_env = \"{env_prefix}_FEED_TOKEN\"\n")
+    return (f"[[feeds]]\nname = \"{name}\"\nbroker = \"angel\"\nurl = \"{url}\"\n{creds}"
             "heartbeat_timeout = 5.0\nreconnect_min = 0.1\nreconnect_max = 0.5\n"
-            f"rejected_retry = 30.0\nping_interval = 1.0\n{extra}")
+            f"rejected_retry = {rejected_retry}\nping_interval = 1.0\n{extra}")
 
 
 #: the credentials ``angel_feed_toml`` reads (secrets that must never reach a log)

@@ -233,3 +233,38 @@ def test_replay_and_decode_of_an_angel_capture(tmp_path, db):
         assert isinstance(line.pop("recv_ns"), int)
         assert line == client._parse_binary_data(frame)
     assert "snap_quote" in r.stderr and "(angel)" in r.stderr
+
+
+def _write_credentials(path, feed_token: str) -> None:
+    path.write_text("# Angel One, refreshed daily\napi_key=angel-api-key\nclient_code=A123456\n"
+                    f"jwt=jwt-of-{feed_token}\nfeed_token={feed_token}\n")
+
+
+def test_expired_feed_token_said_clearly_then_fresh_file_on_sighup(tmp_path, db):
+    """The daily refresh: the simulator takes only today's feed token; the daemon starts with
+    yesterday's (HTTP 401: said once, clearly, no secret in it), waits (rejected_retry is long),
+    and on SIGHUP reads the credentials file again -- rewritten by the operator -- and
+    connects at once."""
+    import signal
+
+    creds = tmp_path / "angel.env"
+    _write_credentials(creds, "feed-day-one")
+    sim = AngelSimulator(tmp_path, "--expected-token", "feed-day-two", tokens=TOKENS,
+                         rate=1000, seed=SEED)
+    try:
+        _load_master(db, sim.master)
+        d = Daemon(tmp_path, db, None, env={},
+                   feeds=angel_feed_toml(sim.url, credentials_file=creds, rejected_retry=3600))
+        wait_for(lambda: "HTTP 401" in d.output(), timeout=60, what="the refused login said")
+        assert count_ticks(db) == 0
+        _write_credentials(creds, "feed-day-two")
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: count_ticks(db) > 200, timeout=60, what="ticks after the fresh tokens")
+    finally:
+        sim.stop()
+    assert d.terminate() == 0, d.output()
+    out = d.output()
+    assert "expire daily" in out and "credentials file" in out
+    assert out.count("HTTP 401") == 1
+    for secret in ("feed-day-one", "feed-day-two", "jwt-of-feed-day", "angel-api-key"):
+        assert secret not in out

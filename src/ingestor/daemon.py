@@ -726,6 +726,16 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
+
+        def on_hangup():
+            # the operator wrote fresh daily tokens to an Angel feed's credentials file
+            angel = [c for c in self.connections if c.plan.broker == "angel" and c.feed]
+            log.info("SIGHUP: %d Angel One connection(s) reconnect with their credentials "
+                     "read again", len(angel))
+            for c in angel:
+                asyncio.ensure_future(c.feed.reload())
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         server = None
         if self.cfg.metrics.listen:
             host, _, port = self.cfg.metrics.listen.rpartition(":")

@@ -192,11 +192,9 @@ def _angel_jsonl(reader: CaptureReader, dec, out, enc) -> None:
             start = pos
             pos, seq_after, _ = dec.feed_capture(chunk, pos, seq)
             # packets the decoder took, in order: ticks and depth20 rows by sequence number
-            taken = sorted([(int(s), int(r)) for s, r in zip(
-                dec.ticks["seq"][:dec.n_ticks].tolist(), dec.ticks["recv_ns"][:dec.n_ticks].tolist())]
-                + [(int(s), int(r)) for s, r in zip(
-                    dec.depth20["seq"][:dec.n_depth20].tolist(),
-                    dec.depth20["recv_ns"][:dec.n_depth20].tolist())])
+            t, d = dec.ticks[:dec.n_ticks], dec.depth20[:dec.n_depth20]
+            taken = sorted(zip(t["seq"].tolist() + d["seq"].tolist(),
+                               t["recv_ns"].tolist() + d["recv_ns"].tolist()))
             if taken:
                 frames = _payloads(mv[start:pos], seq)
                 for s, recv_ns in taken:

@@ -116,10 +116,14 @@ class KiteFeed:
         self.connect_timeout = connect_timeout
         self.max_message_bytes = max_message_bytes
         self.stats = FeedStats()
+        #: the client's logger (a broker's subclass logs under its own module)
+        self._log = log
         self.stream: str | None = None
         self._ws = None
         #: set by a reload (fresh credentials): the connection's close is not a fault
         self._reload = False
+        #: set to cut the wait before the next attempt short (a reload)
+        self._wake: asyncio.Event | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = self.reconnect_min
@@ -145,10 +149,19 @@ class KiteFeed:
                 delay = self.reconnect_min  # it was up: start backing off afresh
             self.stats.connected = False
             self.stats.reconnects += 1
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=wait)
-            except asyncio.TimeoutError:
-                pass
+            await self._pause(stop, wait)
+
+    async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
+        """Wait before the next attempt: ``seconds``, or until stopped or woken (a reload)."""
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.clear()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def close(self) -> None:
         if self._ws is not None:
@@ -171,8 +184,8 @@ class KiteFeed:
             return False
         self.stats.rejected += 1
         self.stats.last_error = "access token rejected (HTTP 403)"
-        log.error("%s: the broker rejected the API key or access token (HTTP 403: expired "
-                  "or wrong); retrying in %.0f s", self.label, self.rejected_retry)
+        self._log.error("%s: the broker rejected the API key or access token (HTTP 403: "
+                        "expired or wrong); retrying in %.0f s", self.label, self.rejected_retry)
         return True
 
     def _requests(self) -> list[str]:
@@ -200,11 +213,12 @@ class KiteFeed:
                 return "rejected"
             status = exc.response.status_code
             self.stats.last_error = f"HTTP {status}"
-            log.warning("%s: connection refused with HTTP %d", self.label, status)
+            self._log.warning("%s: connection refused with HTTP %d", self.label, status)
             return f"HTTP {status}"
         except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as exc:
             self.stats.last_error = redact(f"{type(exc).__name__}: {exc}")
-            log.warning("%s: cannot connect: %s", self.label, self.stats.last_error)
+            self._log.warning("%s: cannot connect: %s", self.label,
+                              self.stats.last_error)
             return self.stats.last_error
         self._ws = ws
         if stop.is_set():  # connected after the daemon began to stop: not a stream
@@ -224,8 +238,8 @@ class KiteFeed:
         try:
             if self.on_connect:
                 self.on_connect(self.stream)
-            log.info("%s: connected (stream %s), subscribing %d tokens", self.label, self.stream,
-                     len(self.subscriptions))
+            self._log.info("%s: connected (stream %s), subscribing %d tokens", self.label,
+                           self.stream, len(self.subscriptions))
             for req in self._requests():
                 await ws.send(req)
             loop = asyncio.get_running_loop()
@@ -246,7 +260,7 @@ class KiteFeed:
             return "stopped"
         except TimeoutError:
             stats.last_error = f"no message for {self.heartbeat_timeout:g} s (stalled)"
-            log.warning("%s: %s; reconnecting", self.label, stats.last_error)
+            self._log.warning("%s: %s; reconnecting", self.label, stats.last_error)
             return "stalled"
         except websockets.exceptions.ConnectionClosed as exc:
             if stop.is_set():
@@ -257,18 +271,18 @@ class KiteFeed:
                 stats.oversized += 1
                 stats.last_error = (f"a message over {self.max_message_bytes} bytes (no real "
                                     f"frame is near that): refused, reconnecting")
-                log.error("%s: %s", self.label, stats.last_error)
+                self._log.error("%s: %s", self.label, stats.last_error)
                 return "oversized"
             stats.last_error = redact(f"connection closed: {exc}")
             # 1000 (normal) and 1001 (going away: a server shutting down or restarting) are an
             # orderly close (RFC 6455 section 7.4.1), not a fault: INFO; the rest warn
             orderly = exc.rcvd is not None and exc.rcvd.code in ORDERLY_CLOSE
-            log.log(logging.INFO if orderly else logging.WARNING, "%s: %s", self.label,
-                    stats.last_error)
+            self._log.log(logging.INFO if orderly else logging.WARNING, "%s: %s", self.label,
+                          stats.last_error)
             return "closed"
         except OSError as exc:
             stats.last_error = redact(f"{type(exc).__name__}: {exc}")
-            log.warning("%s: %s", self.label, stats.last_error)
+            self._log.warning("%s: %s", self.label, stats.last_error)
             return stats.last_error
         finally:
             for t in side:

@@ -141,6 +141,7 @@ class SmartStreamFeed(KiteFeed):
                          "x-client-code": client_code, "x-feed-token": feed_token}
         self.refresh = refresh
         self._refresh_failed = False
+        self._log = log
         #: texts received: ``pong``s and JSON errors (never handed on)
         self.pongs = 0
         self.errors: list[str] = []
@@ -156,7 +157,11 @@ class SmartStreamFeed(KiteFeed):
 
     async def reload(self) -> None:
         """Reconnect now with the credentials read again (an operator's SIGHUP to the daemon
-        after writing fresh tokens to the credentials file)."""
+        after writing fresh tokens to the credentials file): a live connection is closed (not
+        a fault: no warning), a wait before the next attempt (a refused login's) is cut
+        short."""
+        if self._wake is not None:
+            self._wake.set()
         if self._ws is not None:
             self._reload = True
             await self._ws.close()
@@ -190,9 +195,9 @@ class SmartStreamFeed(KiteFeed):
         self.stats.rejected += 1
         self.stats.last_error = f"login refused (HTTP 401{': ' + why if why else ''})"
         log.error("%s: SmartStream refused the credentials (HTTP 401%s). The JWT and feed token "
-                  "expire daily: write fresh ones to the feed's credentials file (jwt=, "
-                  "feed_token=); it is read again before the next attempt, in %.0f s (SIGHUP: "
-                  "at once)", self.label, f", {why}" if why else "", self.rejected_retry)
+                  "expire daily: write fresh ones (the jwt and feed_token lines) to the feed's "
+                  "credentials file; it is read again before the next attempt, in %.0f s "
+                  "(SIGHUP: at once)", self.label, f", {why}" if why else "", self.rejected_retry)
         return True
 
     def _requests(self) -> list[str]:
