@@ -39,8 +39,15 @@ def _load_master(dsn: str, master: str) -> None:
                    capture_output=True)
 
 
+def _ms(ms: int):
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc) if ms > 0 else None
+
+
 def _want(packets: list[bytes], dsn: str) -> tuple[Counter, int]:
-    """(instrument id, exact price) of every tick packet sent, and the number of DEPTH ones."""
+    """(instrument id, exact price, exchange time to the millisecond) of every tick packet
+    sent, and the number of DEPTH ones."""
     with psycopg.connect(dsn) as conn:
         id_of = {(int(e), t): i for e, t, i in conn.execute(
             "SELECT exchange_type, broker_token, id FROM instruments WHERE broker = 'angel'")}
@@ -52,7 +59,8 @@ def _want(packets: list[bytes], dsn: str) -> tuple[Counter, int]:
             depth += 1
             continue
         div = 10**7 if d["exchange_type"] == 13 else 100
-        want[(id_of[d["exchange_type"], d["token"]], Decimal(d["last_traded_price"]) / div)] += 1
+        want[(id_of[d["exchange_type"], d["token"]], Decimal(d["last_traded_price"]) / div,
+              _ms(d["exchange_timestamp"]))] += 1
     return want, depth
 
 
@@ -88,8 +96,8 @@ def _got_depth20(dsn: str) -> Counter:
 
 def _got(dsn: str) -> Counter:
     with psycopg.connect(dsn) as conn:
-        return Counter((i, p) for i, p in conn.execute(
-            "SELECT t.instrument_id, t.price FROM tick_data t JOIN instruments i "
+        return Counter((i, p, et) for i, p, et in conn.execute(
+            "SELECT t.instrument_id, t.price, t.exchange_time FROM tick_data t JOIN instruments i "
             "ON i.id = t.instrument_id WHERE i.broker = 'angel'"))
 
 
@@ -112,6 +120,9 @@ def test_angel_feed_every_sent_tick_once(tmp_path, db):
     wait_for(lambda: count_ticks(db) >= sent, timeout=60, what=f"all {sent} sent ticks written")
     assert d.terminate() == 0, d.output()
     assert _got(db) == want                     # every tick once, at its exact price
+    # exchange_time keeps the exchange's milliseconds (the simulator's LTP and QUOTE packets
+    # carry its clock's)
+    assert any(et is not None and et.microsecond for _, _, et in want)
     n, distinct = tick_summary(db)
     assert n == distinct == sent
     assert n_depth > 0
