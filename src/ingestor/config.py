@@ -128,8 +128,10 @@ class FeedConfig(_Base):
     #: the broker's limits (Kite Connect docs: 3000 instruments per connection, 3 connections)
     tokens_per_connection: int = 3000
     max_connections: int = 3
-    #: seconds without any message (the broker heartbeats about every second) before reconnecting
-    heartbeat_timeout: float = 10.0
+    #: seconds without any message before reconnecting (Kite heartbeats about every second:
+    #: 10; Angel One answers the ping every ``ping_interval``: 40 by default, and more than
+    #: ``ping_interval``)
+    heartbeat_timeout: float | None = None
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     #: delay between attempts after the broker rejects the token (HTTP 403)
@@ -141,6 +143,8 @@ class FeedConfig(_Base):
             self.name = self.broker
         if self.url is None:
             self.url = ANGEL_URL if self.broker == "angel" else KITE_URL
+        if self.heartbeat_timeout is None:
+            self.heartbeat_timeout = 40.0 if self.broker == "angel" else 10.0
 
 
 KITE_URL = "wss://ws.kite.trade"
@@ -514,6 +518,11 @@ def _check_feeds(cfg: Config) -> None:
                                   f"(1 to {MAX_TOKEN}, digits, no leading zero)")
         if f.broker == "angel":
             _number(f"{k}.ping_interval", f.ping_interval, 0, 3600)
+            if isinstance(f.heartbeat_timeout, (int, float)) and \
+                    f.heartbeat_timeout <= f.ping_interval:
+                raise ConfigError(f"{k}.heartbeat_timeout = {f.heartbeat_timeout!r}: not more "
+                                  f"than ping_interval = {f.ping_interval!r} (a quiet market's "
+                                  "only message is the pong)")
         _integer(f"{k}.tokens_per_connection", f.tokens_per_connection, 1, 3000,
                  " (the broker's limit)")
         _integer(f"{k}.max_connections", f.max_connections, 1, 3, " (the broker's limit)")

@@ -334,17 +334,22 @@ class Daemon:
     def _registry(self, fn, what: str):
         """``fn(conn)`` on the pipeline thread's connection: retried while the database is away.
 
-        Only a lost or refused connection is retried (``store.errors.classify``); anything
+        Only a lost or refused connection is retried (``store.errors.classify``; a reconnection
+        the server did not answer, where the connection had to be opened again); anything
         else -- a missing privilege, a broken schema -- is raised: the pipeline task fails,
         the daemon says why and exits 1, and the spool keeps the messages for the next start.
         """
         import psycopg
         import stamina
 
+        from ingestor.errors import DatabaseUnavailable
         from ingestor.store.dsn import connect
         from ingestor.store.errors import classify
 
         def away(exc: Exception) -> bool:
+            if isinstance(exc, DatabaseUnavailable):
+                # reconnecting failed: the server is away, unless it answered (a wrong DSN)
+                return not any(m in str(exc) for m in _NOT_TRANSIENT)
             return isinstance(exc, psycopg.Error) and classify(exc) == "connection"
 
         for attempt in stamina.retry_context(on=away, attempts=None, timeout=None,
