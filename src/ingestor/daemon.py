@@ -1,6 +1,7 @@
 """``ingestor run``: the daemon.
 
-    feed (KiteFeed, one per connection) -> spool (write-ahead log: memory + disk)
+    feed (KiteFeed or SmartStreamFeed, one per connection) -> spool (write-ahead log: memory
+      + disk; each stream's capture header names its broker)
       -> Driver (pipeline in a worker thread: decode, aggregate, encode)
       -> bounded queue -> writer (one transaction per batch, stream offsets)
       -> spool released

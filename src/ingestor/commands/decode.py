@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("decode", help="decode a capture file",
                        description="Decode a capture file. Prints counts per mode, per "
                        "message kind and per error reason; with --jsonl, one JSON object "
-                       "per tick (the official Kite client's keys) on stdout instead, and "
+                       "per tick (the official Kite client's keys; for an Angel One capture "
+                       "the official smartapi-python client's) on stdout instead, and "
                        "the summary on stderr. Exit status 3: the capture held damaged "
                        "records (skipped and counted; the intact ones around them decoded).")
     p.add_argument("capture", help="capture file (.cap)")
@@ -97,8 +98,7 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
-    from ingestor._core import KiteDecoder
-    from ingestor.pipeline.batch import decode_capture
+    from ingestor._core import KiteDecoder, SmartStreamDecoder
     from ingestor.cli import UsageError
 
     try:
@@ -112,58 +112,19 @@ def run(args) -> int:
     if reader.header.broker not in ("kite", "angel"):
         raise UsageError(f"{args.capture}: broker {reader.header.broker!r} is not supported "
                          "(kite, angel)")
-    if reader.header.broker == "angel":
-        return _run_angel(args, reader)
-    dec = KiteDecoder(capacity=1 << 15)
+    # the header says whose frames: Angel One's SmartStream, or Kite's
+    angel = reader.header.broker == "angel"
+    dec = SmartStreamDecoder(capacity=1 << 15) if angel else KiteDecoder(capacity=1 << 15)
     out = sys.stdout.buffer
     enc = msgspec.json.Encoder()
     t0 = time.perf_counter()
     with reader:
         try:
-            for batch in decode_capture(args.capture, dec, reader=reader):
-                if args.jsonl and dec.n_ticks:
-                    from ingestor.jsonl import tick_dicts
-
-                    buf = bytearray()
-                    for d in tick_dicts(dec.ticks[:dec.n_ticks], dec.depth[:dec.n_depth]):
-                        enc.encode_into(d, buf, -1)
-                        buf += b"\n"
-                    out.write(buf)
-        except CaptureError as exc:
-            raise UsageError(str(exc)) from None
-    seconds = time.perf_counter() - t0
-    summary = summarize(dec.stats(), seconds, reader)
-    dest = sys.stderr if args.jsonl else sys.stdout
-    if args.summary_json:
-        print(msgspec.json.encode(summary).decode(), file=dest)
-    else:
-        print(format_summary(summary), file=dest)
-    out.flush()
-    if reader.damage_found:
-        print(f"ingestor: {args.capture}: damaged records found (exit status {EXIT_DAMAGED})",
-              file=sys.stderr)
-        return EXIT_DAMAGED
-    return 0
-
-
-def _run_angel(args, reader: CaptureReader) -> int:
-    """A SmartStream capture: the decoder's counts; with ``--jsonl`` one line per packet the
-    decoder took, in the official client's shape (``ingestor.jsonl.smartstream_dict``)."""
-    from ingestor._core import SmartStreamDecoder
-    from ingestor.cli import UsageError
-    from ingestor.pipeline.batch import decode_capture
-
-    dec = SmartStreamDecoder(capacity=1 << 15)
-    out = sys.stdout.buffer
-    enc = msgspec.json.Encoder()
-    t0 = time.perf_counter()
-    with reader:
-        try:
-            if args.jsonl:
+            if angel and args.jsonl:
+                # one line per packet the decoder took, in the official client's shape
                 _angel_jsonl(reader, dec, out, enc)
             else:
-                for _ in decode_capture(args.capture, dec, reader=reader):
-                    pass
+                _decode(args, reader, dec, out, enc)
         except CaptureError as exc:
             raise UsageError(str(exc)) from None
     seconds = time.perf_counter() - t0
@@ -179,6 +140,22 @@ def _run_angel(args, reader: CaptureReader) -> int:
               file=sys.stderr)
         return EXIT_DAMAGED
     return 0
+
+
+def _decode(args, reader: CaptureReader, dec, out, enc) -> None:
+    """The capture through the decoder's batch path; with ``--jsonl`` (Kite) the ticks as
+    the official client's dicts."""
+    from ingestor.pipeline.batch import decode_capture
+
+    for _ in decode_capture(args.capture, dec, reader=reader):
+        if args.jsonl and dec.n_ticks:
+            from ingestor.jsonl import tick_dicts
+
+            buf = bytearray()
+            for d in tick_dicts(dec.ticks[:dec.n_ticks], dec.depth[:dec.n_depth]):
+                enc.encode_into(d, buf, -1)
+                buf += b"\n"
+            out.write(buf)
 
 
 def _angel_jsonl(reader: CaptureReader, dec, out, enc) -> None:

@@ -66,7 +66,8 @@ def candle_columns(timeframes) -> list:
     ]
 
 
-SNAPSHOT_COLUMNS = [
+#: a book's columns, 5 levels (snapshots) or 20 (depth20): the same arrays
+_BOOK_COLUMNS = [
     ("time", "timestamptz_us", {"field": "time_us"}),
     ("instrument_id", "int4"),
     ("bid_prices", "numeric[]", {"field": "bid_price", **_PRICE}),
@@ -75,6 +76,9 @@ SNAPSHOT_COLUMNS = [
     ("ask_prices", "numeric[]", {"field": "ask_price", **_PRICE}),
     ("ask_quantities", "int8[]", {"field": "ask_quantity"}),
     ("ask_orders", "int4[]", {"field": "ask_orders"}),
+]
+
+SNAPSHOT_COLUMNS = _BOOK_COLUMNS + [
     ("total_bid_quantity", "int8"),
     ("total_ask_quantity", "int8"),
 ]
@@ -89,15 +93,7 @@ DEPTH20ROW_DTYPE = np.dtype([
     ("ask_price", "<u4", (20,)), ("ask_quantity", "<u4", (20,)), ("ask_orders", "<u2", (20,)),
 ])
 
-DEPTH20_COLUMNS = [
-    ("time", "timestamptz_us", {"field": "time_us"}),
-    ("instrument_id", "int4"),
-    ("bid_prices", "numeric[]", {"field": "bid_price", **_PRICE}),
-    ("bid_quantities", "int8[]", {"field": "bid_quantity"}),
-    ("bid_orders", "int4[]", {"field": "bid_orders"}),
-    ("ask_prices", "numeric[]", {"field": "ask_price", **_PRICE}),
-    ("ask_quantities", "int8[]", {"field": "ask_quantity"}),
-    ("ask_orders", "int4[]", {"field": "ask_orders"}),
+DEPTH20_COLUMNS = _BOOK_COLUMNS + [
     ("exchange_time", "timestamptz_us", {"field": "exchange_time_us", "null_if_zero": True}),
 ]
 
