@@ -48,15 +48,63 @@ class Simulator:
         return dec.stats()["packets"]
 
 
+class AngelSimulator:
+    """``ingestor simulate --broker angel --listen``: the SmartStream simulator process, with its
+    instrument master and its recording of every packet sent."""
+
+    def __init__(self, tmp, *extra: str, tokens: int = 30, rate: int = 3000, seed: int = 5,
+                 duration: float = 120, name: str = "angel"):
+        self.record = str(tmp / f"{name}-sim.cap")
+        self.master = str(tmp / f"{name}-OpenAPIScripMaster.json")
+        self.proc = subprocess.Popen(
+            ingestor("simulate", "--broker", "angel", "--listen", "127.0.0.1:0", "--tokens",
+                     str(tokens), "--rate", str(rate), "--duration", str(duration), "--seed",
+                     str(seed), "--record", self.record, "--scrip-master", self.master, *extra),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert "ws://" in line, (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
+        self.url = line[line.index("ws://"):].split()[0]
+
+    stop = Simulator.stop
+
+    def sent(self) -> list[bytes]:
+        """Every packet the simulator sent, in order (complete once it has stopped)."""
+        from ingestor.feed.capture import KIND_BINARY, CaptureReader
+
+        with CaptureReader(self.record) as rd:
+            return [bytes(r.payload) for r in rd.records() if r.kind == KIND_BINARY]
+
+
+def angel_feed_toml(url: str, *, name: str = "angel", env_prefix: str = "ANGEL",
+                    extra: str = "", credentials_file=None, rejected_retry: float = 30.0) -> str:
+    """An Angel One ``[[feeds]]`` table reading its four credentials from ``<prefix>_*``, or
+    from ``credentials_file``."""
+    creds = (f'credentials_file = "{credentials_file}"\n' if credentials_file else
+             f"api_key_env = \"{env_prefix}_API_KEY\"\nclient_code_env = \"{env_prefix}_CLIENT_CODE\"\n"
+             f"access_token_env = \"{env_prefix}_JWT\"\nfeed_token_env = \"{env_prefix}_FEED_TOKEN\"\n")
+    return (f"[[feeds]]\nname = \"{name}\"\nbroker = \"angel\"\nurl = \"{url}\"\n{creds}"
+            "heartbeat_timeout = 5.0\nreconnect_min = 0.1\nreconnect_max = 0.5\n"
+            f"rejected_retry = {rejected_retry}\nping_interval = 1.0\n{extra}")
+
+
+#: the credentials ``angel_feed_toml`` reads (secrets that must never reach a log)
+ANGEL_ENV = {"ANGEL_API_KEY": "angel-api-key", "ANGEL_CLIENT_CODE": "A123456",
+             "ANGEL_JWT": "angel-jwt-secret", "ANGEL_FEED_TOKEN": "angel-feed-secret"}
+
+
 class Daemon:
-    def __init__(self, tmp, dsn: str, url: str, *, config: str = "", feed: str = "",
+    def __init__(self, tmp, dsn: str, url: str | None, *, config: str = "", feed: str = "",
                  name: str = "daemon", metrics_port: int | None = None, writer: str = "",
-                 env: dict | None = None):
+                 feeds: str | None = None, env: dict | None = None):
+        """``feeds``: ``[[feeds]]`` tables in place of the single Kite ``[feed]`` (then ``url``
+        is not passed); ``env``: more environment variables (credentials)."""
         self.cfg = tmp / f"{name}.toml"
-        self.cfg.write_text(
+        head = feeds if feeds is not None else (
             f"[feed]\n{feed}mode = \"full\"\nheartbeat_timeout = 2.0\nreconnect_min = 0.1\n"
-            "reconnect_max = 0.5\nrejected_retry = 30.0\n"
-            "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
+            "reconnect_max = 0.5\nrejected_retry = 30.0\n")
+        self.cfg.write_text(
+            head
+            + "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
             f"[spool]\ndir = \"{tmp / 'spool'}\"\n"
             f"[writer]\ndead_letter_dir = \"{tmp / 'dead'}\"\n{writer}"
             f"[metrics]\nlisten = \"{f'127.0.0.1:{metrics_port}' if metrics_port else ''}\"\n"
@@ -64,8 +112,9 @@ class Daemon:
         self.log = open(tmp / f"{name}.log", "w")
         env = dict(os.environ, KITE_API_KEY="test-key", KITE_ACCESS_TOKEN="test-token-secret",
                    **(env or {}))
+        url_flag = ["--url", url] if feeds is None else []
         self.proc = subprocess.Popen(ingestor("run", "--config", str(self.cfg), "--dsn", dsn,
-                                              "--url", url), env=env, stdout=self.log,
+                                              *url_flag), env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, text=True)
         self.logpath = tmp / f"{name}.log"
 

@@ -122,6 +122,7 @@ def test_simulator_to_database_every_tick_once(db, tmp_path):
     assert all(len(p) == LENGTHS[p[0]] for p in sent)
     assert pl.decoder.stats()["malformed_messages"] == 0
     assert pl.decoder.stats()["depth"] == len(depth)
+    assert pl.totals["depth20"] == len(depth)
     with psycopg.connect(db) as conn:
         key_of = {(e, t): k for e, t, k in ins.angel_keys(conn)}
         id_of = dict(conn.execute("SELECT instrument_token, id FROM instruments "
@@ -148,3 +149,5 @@ def test_simulator_to_database_every_tick_once(db, tmp_path):
     _ingest(path, db)
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM tick_data").fetchone()[0] == len(rows)
+        # DEPTH packets: one order_book_depth20 row each, exactly once over both passes
+        assert conn.execute("SELECT count(*) FROM order_book_depth20").fetchone()[0] == len(depth)

@@ -404,7 +404,7 @@ def test_receive_time_window():
 def test_engine_takes_smartstream_ticks():
     """The shared engine makes tick rows from SmartStream ticks as from Kite's: quantity and
     volume for QUOTE, OI and the best level for SNAP_QUOTE, the currency divisor, the
-    exchange time to the second."""
+    exchange time to the millisecond (the golden LTP's is ...000123 ms)."""
     dec = feed_all([golden_ltp(), golden_quote_currency(), golden_snap_quote()])
     eng = Engine(tick_capacity=64, candle_capacity=256, snapshot_capacity=64)
     unknown = eng.unknown_tokens(dec)
@@ -417,7 +417,9 @@ def test_engine_takes_smartstream_ticks():
                         for t in dec.ticks[:3])
     assert ltp["flags"] & _core.ROW_HAS_QUANTITY == 0
     assert ltp["flags"] & _core.ROW_HAS_EXCHANGE_TIME
-    assert ltp["exchange_time_us"] == 1_700_000_000 * 10**6
+    assert ltp["exchange_time_us"] == 1_700_000_000_123 * 1000
+    assert int(dec.ticks[0]["exchange_timestamp"]) == 1_700_000_000
+    assert int(dec.ticks[0]["exchange_ms"]) == 123
     assert quote["divisor"] == 10_000_000 and quote["price"] == 831_234_000
     assert quote["flags"] & _core.ROW_HAS_VOLUME and quote["volume"] == 987_654
     assert snap["flags"] & _core.ROW_HAS_BOOK and snap["flags"] & _core.ROW_HAS_OI

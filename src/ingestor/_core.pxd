@@ -53,6 +53,8 @@ ctypedef struct tick_t:
     uint8_t mode                # MODE_LTP, MODE_QUOTE, MODE_FULL
     uint8_t segment             # instrument_token & 0xff
     int32_t depth_row           # row of this packet's book in the depth buffer, else -1
+    uint16_t exchange_ms        # the exchange timestamp's milliseconds (SmartStream's is in
+                                # ms: 0..999; Kite's is whole seconds: 0)
 
 
 # The 5+5 level book of a full packet (100 bytes), struct-of-arrays.

@@ -82,6 +82,7 @@ def _tick_fields(Py_ssize_t base):
         ("mode", "u1", base + _off(&_T.mode, &_T)),
         ("segment", "u1", base + _off(&_T.segment, &_T)),
         ("depth_row", "<i4", base + _off(&_T.depth_row, &_T)),
+        ("exchange_ms", "<u2", base + _off(&_T.exchange_ms, &_T)),
     ]
 
 

@@ -63,9 +63,12 @@ import msgspec
 
 from ingestor.logs import register_secret
 
-Mode = Literal["ltp", "quote", "full"]
-#: Brokers with a feed client.  Angel One's SmartAPI ("smartapi") joins here with its client.
-Broker = Literal["kite"]
+Mode = Literal["ltp", "quote", "full", "snap_quote", "depth"]
+#: Kite's modes (``snap_quote`` and ``depth`` are Angel One's; its ``full`` is SNAP_QUOTE)
+KITE_MODES = ("ltp", "quote", "full")
+ANGEL_MODES = ("ltp", "quote", "full", "snap_quote", "depth")
+#: Brokers with a feed client: Kite Connect, Angel One SmartAPI WebSocket 2.0 (SmartStream)
+Broker = Literal["kite", "angel"]
 
 #: The candle timeframes the schema stores: exactly the set of ``ohlc_candles_timeframe_check``
 #: (``store/sql/0001_market_data.sql``; a test keeps the two equal).  A label outside it would
@@ -80,6 +83,14 @@ MAX_TOKEN = (1 << 32) - 1
 DEFAULT_API_KEY_ENV = "KITE_API_KEY"
 DEFAULT_ACCESS_TOKEN_ENV = "KITE_ACCESS_TOKEN"
 CREDENTIAL_KEYS = ("api_key", "access_token")
+#: Angel One: the credentials file's keys, and the variables a single Angel feed reads
+ANGEL_CREDENTIAL_KEYS = ("api_key", "client_code", "jwt", "feed_token")
+ANGEL_DEFAULT_ENV = ("ANGEL_API_KEY", "ANGEL_CLIENT_CODE", "ANGEL_JWT", "ANGEL_FEED_TOKEN")
+#: SmartStream's limit of (token, mode) subscriptions a session
+ANGEL_MAX_SUBSCRIPTIONS = 1000
+#: an Angel token in ``tokens``: ``exchange:token``, the exchange by name or number
+ANGEL_EXCHANGE_NAMES = {"nse_cm": 1, "nse_fo": 2, "bse_cm": 3, "bse_fo": 4, "mcx_fo": 5,
+                        "ncx_fo": 7, "cde_fo": 13}
 
 _NAME = re.compile(r"[a-z0-9_-]{1,32}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -96,10 +107,13 @@ class DatabaseConfig(_Base):
 
 class FeedConfig(_Base):
     #: short identifier in stream ids, connection labels and metrics; unique among feeds
-    name: str = "kite"
+    name: str | None = None            # (default: the broker's name)
     broker: Broker = "kite"
-    url: str = "wss://ws.kite.trade"
-    tokens: list[int] = []
+    #: the broker's endpoint (default: Kite's; Angel One's for ``broker = "angel"``)
+    url: str | None = None
+    #: Kite: instrument tokens.  Angel One: ``"exchange:token"`` strings, the exchange by
+    #: SmartStream name or number (``"nse_cm:3045"``, ``"1:3045"``)
+    tokens: list[int | str] = []
     mode: Mode = "full"
     modes: dict[str, Mode] = {}
     credentials_file: str | None = None
@@ -107,16 +121,69 @@ class FeedConfig(_Base):
     #: KITE_ACCESS_TOKEN when unset; several feeds: no default)
     api_key_env: str | None = None
     access_token_env: str | None = None
+    #: Angel One: the variables of the client code and the feed token (the API key's and the
+    #: JWT's are ``api_key_env`` / ``access_token_env``); one feed: ANGEL_API_KEY,
+    #: ANGEL_CLIENT_CODE, ANGEL_JWT, ANGEL_FEED_TOKEN when unset
+    client_code_env: str | None = None
+    feed_token_env: str | None = None
+    #: Angel One: seconds between text ``ping``s (the SmartAPI docs: 30)
+    ping_interval: float = 30.0
     #: the broker's limits (Kite Connect docs: 3000 instruments per connection, 3 connections)
     tokens_per_connection: int = 3000
     max_connections: int = 3
-    #: seconds without any message (the broker heartbeats about every second) before reconnecting
-    heartbeat_timeout: float = 10.0
+    #: seconds without any message before reconnecting (Kite heartbeats about every second:
+    #: 10; Angel One answers the ping every ``ping_interval``: 40 by default, and more than
+    #: ``ping_interval``)
+    heartbeat_timeout: float | None = None
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     #: delay between attempts after the broker rejects the token (HTTP 403)
     rejected_retry: float = 60.0
     connect_timeout: float = 10.0
+
+    def __post_init__(self):
+        if self.name is None:
+            self.name = self.broker
+        if self.url is None:
+            self.url = ANGEL_URL if self.broker == "angel" else KITE_URL
+        if self.heartbeat_timeout is None:
+            self.heartbeat_timeout = 40.0 if self.broker == "angel" else 10.0
+
+
+KITE_URL = "wss://ws.kite.trade"
+ANGEL_URL = "wss://smartapisocket.angelone.in/smart-stream"
+
+
+def angel_key(value: str) -> tuple[int, str]:
+    """``(exchange type, token)`` of an Angel ``tokens`` entry (``"nse_cm:3045"`` or
+    ``"1:3045"``); ``ValueError`` when it is not one."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError("want exchange:token (nse_cm:3045)")
+    exch, token = value.split(":", 1)
+    exch = exch.strip().lower()
+    if exch.isdigit() and int(exch) in ANGEL_EXCHANGE_NAMES.values():
+        etype = int(exch)
+    elif exch in ANGEL_EXCHANGE_NAMES:
+        etype = ANGEL_EXCHANGE_NAMES[exch]
+    else:
+        raise ValueError(f"exchange {exch[:20]!r} is not one of "
+                         f"{', '.join(ANGEL_EXCHANGE_NAMES)} (or their numbers)")
+    if not 1 <= len(token) <= 25 or any(not 0x21 <= ord(c) <= 0x7E for c in token):
+        raise ValueError("the token: want 1 to 25 printable ASCII characters, no spaces")
+    return etype, token
+
+
+def angel_key_text(key: tuple[int, str]) -> str:
+    """The canonical ``tokens`` entry of an Angel key (``"1:3045"``)."""
+    return f"{key[0]}:{key[1]}"
+
+
+def per_connection(f: "FeedConfig") -> int:
+    """Subscriptions per connection: the configured number, within the broker's limit (Angel
+    One: 1000 a session; the default 3000 is Kite's)."""
+    if f.broker == "angel":
+        return min(f.tokens_per_connection, ANGEL_MAX_SUBSCRIPTIONS)
+    return f.tokens_per_connection
 
 
 class PipelineConfig(_Base):
@@ -427,27 +494,53 @@ def _check_feeds(cfg: Config) -> None:
                               f"{parts.scheme[:10]!r}, host {(parts.hostname or '')[:60]!r})")
         seen = set()
         for t in f.tokens:
-            _integer(f"{k}.tokens", t, 1, MAX_TOKEN, " (an instrument token)")
+            if f.broker == "angel":
+                try:
+                    t = angel_key(t)
+                except ValueError as exc:
+                    raise ConfigError(f"{k}.tokens: {_show(t)}: {exc}") from None
+            else:
+                _integer(f"{k}.tokens", t, 1, MAX_TOKEN, " (an instrument token)")
             if t in seen:
-                raise ConfigError(f"{k}.tokens: {t} is listed twice")
+                raise ConfigError(f"{k}.tokens: {_show(t)} is listed twice")
             seen.add(t)
             owner = owners.setdefault((f.broker, t), k)
             if owner != k:
-                raise ConfigError(f"{k}.tokens: {t} is also subscribed by {owner} (broker "
+                raise ConfigError(f"{k}.tokens: {_show(t)} is also subscribed by {owner} (broker "
                                   f"{f.broker!r}): an instrument is fed by one stream")
         all_tokens.setdefault(f.broker, []).append(k)
-        for key in f.modes:
-            if not (key.isascii() and key.isdigit() and key == str(int(key))
-                    and 1 <= int(key) <= MAX_TOKEN):
+        modes = ANGEL_MODES if f.broker == "angel" else KITE_MODES
+        for key, mode in [(None, f.mode), *f.modes.items()]:
+            if mode not in modes:
+                raise ConfigError(f"{k}.{'mode' if key is None else 'modes'}: {_show(mode)} is "
+                                  f"not a {f.broker} mode ({', '.join(modes)})")
+        for key, mode in f.modes.items():
+            if f.broker == "angel":
+                try:
+                    etype, _ = angel_key(key)
+                except ValueError as exc:
+                    raise ConfigError(f"{k}.modes: key {_show(key)}: {exc}") from None
+                if mode == "depth" and etype != 1:
+                    raise ConfigError(f"{k}.modes: {_show(key)}: the depth mode is nse_cm "
+                                      "(exchange type 1) only")
+            elif not (key.isascii() and key.isdigit() and key == str(int(key))
+                      and 1 <= int(key) <= MAX_TOKEN):
                 raise ConfigError(f"{k}.modes: key {_show(key)} is not an instrument token "
                                   f"(1 to {MAX_TOKEN}, digits, no leading zero)")
+        if f.broker == "angel":
+            _number(f"{k}.ping_interval", f.ping_interval, 0, 3600)
+            if isinstance(f.heartbeat_timeout, (int, float)) and \
+                    f.heartbeat_timeout <= f.ping_interval:
+                raise ConfigError(f"{k}.heartbeat_timeout = {f.heartbeat_timeout!r}: not more "
+                                  f"than ping_interval = {f.ping_interval!r} (a quiet market's "
+                                  "only message is the pong)")
         _integer(f"{k}.tokens_per_connection", f.tokens_per_connection, 1, 3000,
                  " (the broker's limit)")
         _integer(f"{k}.max_connections", f.max_connections, 1, 3, " (the broker's limit)")
-        limit = f.tokens_per_connection * f.max_connections
+        limit = per_connection(f) * f.max_connections
         if len(f.tokens) > limit:
             raise ConfigError(f"{k}.tokens: {len(f.tokens)} tokens exceed {limit} "
-                              f"({f.max_connections} connections x {f.tokens_per_connection})")
+                              f"({f.max_connections} connections x {per_connection(f)})")
         _number(f"{k}.heartbeat_timeout", f.heartbeat_timeout, 1, 3600, lo_ok=True)
         _number(f"{k}.reconnect_min", f.reconnect_min, 0, 3600)
         _number(f"{k}.reconnect_max", f.reconnect_max, 0, 3600)
@@ -470,25 +563,39 @@ def _check_feeds(cfg: Config) -> None:
                                       "each feed's tokens")
 
 
+def _env_keys(f: FeedConfig) -> tuple[str, ...]:
+    """The settings naming a feed's environment variables (Angel One has four)."""
+    base = ("api_key_env", "access_token_env")
+    return base + ("client_code_env", "feed_token_env") if f.broker == "angel" else base
+
+
 def _credential_sources(f: FeedConfig, several: bool, k: str) -> dict[str, tuple]:
     """The feed's credential sources, keyed by the setting that names them (checked)."""
     out = {}
     if f.credentials_file:  # ("" is none, as it always was)
         out["credentials_file"] = ("file", os.path.realpath(f.credentials_file))
-    if (f.api_key_env is None) != (f.access_token_env is None):
-        raise ConfigError(f"{k}: api_key_env and access_token_env go together (set both)")
-    if f.api_key_env is not None:
-        for key in ("api_key_env", "access_token_env"):
+    keys = _env_keys(f)
+    if f.broker != "angel" and (f.client_code_env or f.feed_token_env):
+        raise ConfigError(f"{k}: client_code_env and feed_token_env are Angel One's "
+                          "(broker = \"angel\")")
+    given = [getattr(f, key) is not None for key in keys]
+    if any(given) and not all(given):
+        raise ConfigError(f"{k}: {', '.join(keys[:-1])} and {keys[-1]} go together (set "
+                          f"{'both' if len(keys) == 2 else 'all'})")
+    if all(given):
+        for key in keys:
             if not _ENV_NAME.fullmatch(getattr(f, key)):
                 raise ConfigError(f"{k}.{key} = {_show(getattr(f, key))}: not an environment "
                                   "variable name")
-        if f.api_key_env == f.access_token_env:
-            raise ConfigError(f"{k}.access_token_env: the same variable as api_key_env")
-        out["api_key_env"] = ("env", f.api_key_env)
-        out["access_token_env"] = ("env", f.access_token_env)
+        seen: dict[str, str] = {}
+        for key in keys:
+            if getattr(f, key) in seen:
+                raise ConfigError(f"{k}.{key}: the same variable as {seen[getattr(f, key)]}")
+            seen[getattr(f, key)] = key
+            out[key] = ("env", getattr(f, key))
     if several and not out:
         raise ConfigError(f"{k}: with several feeds each names its credentials: set "
-                          "credentials_file, or api_key_env and access_token_env")
+                          f"credentials_file, or {', '.join(keys)}")
     return out
 
 
@@ -613,8 +720,9 @@ def api_env_names(cfg: Config, f: FeedConfig) -> tuple[str, str] | None:
     return None
 
 
-def read_credentials_file(path: str, key: str = "credentials_file") -> dict[str, str]:
-    """``api_key`` / ``access_token`` of a credentials file.  An unknown key or a line that is
+def read_credentials_file(path: str, key: str = "credentials_file",
+                          keys: tuple[str, ...] = CREDENTIAL_KEYS) -> dict[str, str]:
+    """``api_key`` / ``access_token`` (``keys``) of a credentials file.  An unknown key or a line that is
     not ``key=value`` is a :class:`ConfigError` naming the file, the line and the key, never
     a value (values are secrets)."""
     try:
@@ -630,21 +738,68 @@ def read_credentials_file(path: str, key: str = "credentials_file") -> dict[str,
         if not line or line.startswith("#"):
             continue
         if "=" not in line:
-            raise ConfigError(f"{key} {path}: line {n} is not key=value (api_key=... or "
-                              "access_token=...)")
+            raise ConfigError(f"{key} {path}: line {n} is not key=value ("
+                              + ", ".join(f"{w}=..." for w in keys) + ")")
         k, v = line.split("=", 1)
         k = k.strip()
-        if k not in CREDENTIAL_KEYS:
+        if k not in keys:
             shown = k if len(k) <= 40 else k[:40] + "..."
-            raise ConfigError(f"{key} {path}: line {n}: unknown key {shown!r} (want api_key "
-                              "or access_token)")
+            raise ConfigError(f"{key} {path}: line {n}: unknown key {shown!r} (want "
+                              f"{', '.join(keys[:-1])} or {keys[-1]})")
         if k in values:
             raise ConfigError(f"{key} {path}: line {n}: {k} given twice")
         values[k] = v.strip().strip('"').strip("'")
     return values
 
 
-def credentials(cfg: Config, feed: FeedConfig | None = None, environ=None) -> tuple[str, str]:
+def credentials(cfg: Config, feed: FeedConfig | None = None, environ=None) -> tuple:
+    """A feed's credentials: Kite ``(api_key, access_token)``, Angel One ``(api_key,
+    client_code, jwt, feed_token)`` (:func:`angel_credentials`)."""
+    f = feed if feed is not None else cfg.feeds[0]
+    if f.broker == "angel":
+        return angel_credentials(cfg, f, environ)
+    return kite_credentials(cfg, f, environ)
+
+
+def angel_credentials(cfg: Config, feed: FeedConfig | None = None,
+                      environ=None) -> tuple[str, str, str, str]:
+    """``(api_key, client_code, jwt, feed_token)`` of an Angel One feed: each from its
+    environment variable, else its credentials file (lines ``api_key=``, ``client_code=``,
+    ``jwt=``, ``feed_token=``; read, and checked, whenever it is set).  The JWT and the feed
+    token expire daily: the feed reads the file again before it reconnects (a refused login,
+    a dropped connection), so an operator writes fresh ones to the file (see the README)."""
+    env = os.environ if environ is None else environ
+    f = feed if feed is not None else cfg.feeds[0]
+    k = feed_key(cfg, cfg.feeds.index(f))
+    if f.api_key_env is not None:
+        names = (f.api_key_env, f.client_code_env, f.access_token_env, f.feed_token_env)
+    elif len(cfg.feeds) == 1:
+        names = ANGEL_DEFAULT_ENV
+    else:
+        names = None
+    values = dict.fromkeys(ANGEL_CREDENTIAL_KEYS)
+    if names is not None:
+        for name, var in zip(ANGEL_CREDENTIAL_KEYS, names):
+            values[name] = env.get(var) or None
+    if f.credentials_file:
+        kept = read_credentials_file(f.credentials_file, f"{k}.credentials_file",
+                                     ANGEL_CREDENTIAL_KEYS)
+        for name in ANGEL_CREDENTIAL_KEYS:
+            values[name] = values[name] or kept.get(name) or None
+    missing = [n for n in ANGEL_CREDENTIAL_KEYS if not values[n]]
+    if missing:
+        ways = [" / ".join(names)] if names else []
+        ways.append(f"{', '.join(ANGEL_CREDENTIAL_KEYS)} in {f.credentials_file}"
+                    if f.credentials_file else f"{k}.credentials_file")
+        raise ConfigError(f"{k} ({f.name}): Angel One needs the API key, client code, JWT and "
+                          f"feed token ({', '.join(missing)} missing): set " + ", or ".join(ways))
+    for n in ANGEL_CREDENTIAL_KEYS:  # (the client code too: it names the account)
+        register_secret(values[n])
+    return tuple(values[n] for n in ANGEL_CREDENTIAL_KEYS)
+
+
+def kite_credentials(cfg: Config, feed: FeedConfig | None = None,
+                     environ=None) -> tuple[str, str]:
     """``(api_key, access_token)`` of ``feed`` (default the only feed) from its environment
     variables, else its credentials file (the file is read, and checked, whenever it is set)."""
     env = os.environ if environ is None else environ

@@ -1,6 +1,7 @@
 """``ingestor run``: the daemon.
 
-    feed (KiteFeed, one per connection) -> spool (write-ahead log: memory + disk)
+    feed (KiteFeed or SmartStreamFeed, one per connection) -> spool (write-ahead log: memory
+      + disk; each stream's capture header names its broker)
       -> Driver (pipeline in a worker thread: decode, aggregate, encode)
       -> bounded queue -> writer (one transaction per batch, stream offsets)
       -> spool released
@@ -41,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ingestor.config import Config, FeedConfig
+from ingestor.config import Config, FeedConfig, per_connection
 from ingestor.errors import SchemaNotCurrent
 from ingestor.feed.capture import KIND_BINARY, KIND_TEXT
 from ingestor.feed.kite import KiteFeed
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 SQL_ACTIVE_TOKENS = ("SELECT instrument_token FROM instruments WHERE is_active AND broker = 'kite' "
                      "ORDER BY instrument_token")
+SQL_ACTIVE_ANGEL = ("SELECT exchange_type, broker_token FROM instruments WHERE is_active "
+                    "AND broker = 'angel' ORDER BY exchange_type, broker_token")
 SQL_GAP = ("INSERT INTO feed_gaps (connection, stream, started_at, ended_at, reason, tokens) "
            "VALUES (%s, %s, %s, %s, %s, %s)")
 #: connection errors that waiting will not cure (the server answered: the DSN is wrong)
@@ -82,26 +85,49 @@ def settings_of(cfg: Config) -> PipelineSettings:
                             dense_rows=cfg.writer.direct_min_rows)
 
 
-def save_subscriptions(spool_dir: str, feeds: dict[str, dict[int, str]]) -> None:
-    """Each feed's subscribed set, beside the spool (what to subscribe without the database)."""
+def save_subscriptions(spool_dir: str, feeds: dict[str, dict]) -> None:
+    """Each feed's subscribed set, beside the spool (what to subscribe without the database):
+    Kite tokens as numbers, Angel One's (exchange type, token) as ``"1:3045"``."""
+    from ingestor.config import angel_key_text
+
     os.makedirs(spool_dir, exist_ok=True)
     path = os.path.join(spool_dir, SUBSCRIPTIONS_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({name: {str(t): m for t, m in sorted(toks.items())}
+        json.dump({name: {angel_key_text(t) if isinstance(t, tuple) else str(t): m
+                          for t, m in sorted(toks.items())}
                    for name, toks in feeds.items()}, f)
     os.replace(tmp, path)
 
 
-def load_subscriptions(spool_dir: str) -> dict[str, dict[int, str]] | None:
+def _subscription_key(text: str):
+    """A saved token: an int (Kite), an (exchange type, token) pair (Angel One), else None."""
+    from ingestor.config import angel_key
+
+    if text.isdigit():
+        return int(text) if 0 < int(text) < 1 << 32 else None
+    try:
+        return angel_key(text)
+    except ValueError:
+        return None
+
+
+def load_subscriptions(spool_dir: str) -> dict[str, dict] | None:
     """What :func:`save_subscriptions` kept (entries that do not check out are left out)."""
+    from ingestor.config import ANGEL_MODES
+
     try:
         with open(os.path.join(spool_dir, SUBSCRIPTIONS_FILE), "rb") as f:
             raw = json.loads(f.read(16 << 20))
-        return {str(name): {int(t): str(m) for t, m in toks.items()
-                            if str(t).isdigit() and 0 < int(t) < 1 << 32
-                            and m in ("ltp", "quote", "full")}
-                for name, toks in raw.items() if isinstance(toks, dict)}
+        out = {}
+        for name, toks in raw.items():
+            if not isinstance(toks, dict):
+                continue
+            keys = ((_subscription_key(str(t)), m) for t, m in toks.items())
+            out[str(name)] = {k: str(m) for k, m in keys
+                              if k is not None and m in ANGEL_MODES
+                              and (isinstance(k, tuple) or m in ("ltp", "quote", "full"))}
+        return out
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
@@ -112,8 +138,19 @@ class FeedPlan:
 
     feed: FeedConfig
     api_key: str
+    #: Kite's access token; Angel One's JWT
     access_token: str
-    tokens: dict[int, str]
+    #: Kite: {token: mode}; Angel One: {(exchange type, token): mode}
+    tokens: dict
+    #: Angel One: the client code and the feed token
+    client_code: str = ""
+    feed_token: str = ""
+    #: Angel One: () -> (jwt, feed_token) read again (the credentials file) before a reconnect
+    refresh: object = None
+
+    @property
+    def broker(self) -> str:
+        return self.feed.broker
 
 
 class SideConnection:
@@ -153,7 +190,7 @@ class SideConnection:
 class Connection:
     """One feed connection: its feed client, its spool streams (oldest first), its driver."""
 
-    def __init__(self, label: str, tokens: dict[int, str], plan: FeedPlan):
+    def __init__(self, label: str, tokens: dict, plan: FeedPlan):
         self.label = label
         self.tokens = tokens
         self.plan = plan
@@ -164,6 +201,18 @@ class Connection:
         self.gap_start: tuple[str, int, str] | None = None
         self.n_binary = 0
         self.n_text = 0
+
+    def gap_tokens(self) -> list[int]:
+        """The engine keys (``instruments.instrument_token``) of the connection's
+        subscriptions, for ``feed_gaps.tokens``: Kite's tokens; for Angel One the keys its
+        decoder knows (the registry assigns them when a token is first met)."""
+        if self.plan.broker != "angel":
+            return sorted(self.tokens)
+        if self.driver is None:
+            return []
+        wanted = set(self.tokens)
+        return sorted(k for k, key in self.driver.pipeline.decoder.keys().items()
+                      if key in wanted)
 
 
 class Daemon:
@@ -199,10 +248,12 @@ class Daemon:
         self.side = SideConnection(dsn)
         #: the pipeline thread's connection (instrument registration), reconnected on demand
         self._resolve_conn = None
+        #: the pipelines (two worker threads) take turns on that connection
+        self._resolve_lock = threading.Lock()
         #: each feed's tokens over its connections (labels <feed name>-<n>)
         self.connections = []
         for plan in plans:
-            per = plan.feed.tokens_per_connection
+            per = per_connection(plan.feed)
             items = sorted(plan.tokens.items())
             self.connections += [Connection(f"{plan.feed.name}-{i // per}",
                                             dict(items[i:i + per]), plan)
@@ -225,7 +276,7 @@ class Daemon:
         now = time.time_ns()
         if conn.streams and not conn.streams[-1].ended:
             conn.streams[-1].end()
-        sp = self.spool.stream(stream)
+        sp = self.spool.stream(stream, broker=conn.plan.broker)
         sp.wakeup = self._waker(conn)
         conn.streams.append(sp)
         self.by_stream[stream] = sp
@@ -233,7 +284,7 @@ class Daemon:
         if conn.gap_start is not None:
             old_stream, started, reason = conn.gap_start
             self.gaps.append((conn.label, old_stream, _ts(started), _ts(now), reason,
-                              sorted(conn.tokens)))
+                              conn.gap_tokens()))
             conn.gap_start = None
 
     def _waker(self, conn: Connection):
@@ -269,26 +320,47 @@ class Daemon:
 
     # -- pipeline side -------------------------------------------------------
 
-    def _resolve(self, tokens: list[int]) -> dict[int, int]:
-        """Instrument ids of new tokens (worker thread): retried while the database is away.
+    def _resolve(self, tokens: list[int], broker: str = "kite") -> dict[int, int]:
+        """Instrument ids of new tokens (worker thread): retried while the database is away
+        (:meth:`_registry`).  Angel One's keys were registered when the decoder met their
+        tokens (:meth:`_register_angel`): their ids are read."""
+        from ingestor.store.instruments import register_tokens
 
-        Only a lost or refused connection is retried (``store.errors.classify``); anything
+        return self._registry(lambda conn: register_tokens(conn, tokens, broker=broker),
+                              f"{len(tokens)} new instrument(s)")
+
+    def _register_angel(self, exchange_type: int, token: str) -> int:
+        """The engine key of an Angel One token the decoder first met (worker thread, the
+        decoder's resolver): registered if unknown, retried while the database is away."""
+        from ingestor.store.instruments import register_angel
+
+        return self._registry(lambda conn: register_angel(conn, exchange_type, token),
+                              "a new Angel One instrument")
+
+    def _registry(self, fn, what: str):
+        """``fn(conn)`` on the pipeline thread's connection: retried while the database is away.
+
+        Only a lost or refused connection is retried (``store.errors.classify``; a reconnection
+        the server did not answer, where the connection had to be opened again); anything
         else -- a missing privilege, a broken schema -- is raised: the pipeline task fails,
         the daemon says why and exits 1, and the spool keeps the messages for the next start.
         """
         import psycopg
         import stamina
 
+        from ingestor.errors import DatabaseUnavailable
         from ingestor.store.dsn import connect
         from ingestor.store.errors import classify
-        from ingestor.store.instruments import register_tokens
 
         def away(exc: Exception) -> bool:
+            if isinstance(exc, DatabaseUnavailable):
+                # reconnecting failed: the server is away, unless it answered (a wrong DSN)
+                return not any(m in str(exc) for m in _NOT_TRANSIENT)
             return isinstance(exc, psycopg.Error) and classify(exc) == "connection"
 
         for attempt in stamina.retry_context(on=away, attempts=None, timeout=None,
                                              wait_initial=0.2, wait_max=5.0):
-            with attempt:
+            with attempt, self._resolve_lock:
                 if self.stop.is_set() and self.stopping_since is not None and \
                         time.monotonic() - self.stopping_since > self.cfg.shutdown_timeout:
                     raise RuntimeError("stopping with new instruments unregistered: the spool "
@@ -296,21 +368,36 @@ class Daemon:
                 try:
                     if self._resolve_conn is None or self._resolve_conn.closed:
                         self._resolve_conn = connect(self.dsn, autocommit=True)
-                    return register_tokens(self._resolve_conn, tokens)
+                    return fn(self._resolve_conn)
                 except Exception as exc:
                     if away(exc):
-                        log.warning("cannot register %d new instrument(s) yet: %s",
-                                    len(tokens), exc)
+                        log.warning("cannot register %s yet: %s", what, exc)
                     if self._resolve_conn is not None:
                         self._resolve_conn.close()
                         self._resolve_conn = None
                     raise
         raise AssertionError("unreachable")
 
-    def _new_pipeline(self, label: str, setup, tokens=None) -> Pipeline:
+    def _new_pipeline(self, label: str, setup, tokens=None, broker: str = "kite") -> Pipeline:
+        """A pipeline for one broker's streams: Kite's decoder, or Angel One's SmartStream
+        decoder keyed by the registry (its keys preloaded from ``setup``; a token first met
+        registered through :meth:`_register_angel`)."""
         from ingestor.pipeline.state import load_state
 
-        pl = Pipeline(f"{label}-idle", resolve=self._resolve, settings=self.settings)
+        pl = Pipeline(f"{label}-idle", resolve=lambda toks: self._resolve(toks, broker),
+                      settings=self.settings)
+        if broker == "angel":
+            from ingestor._core import SmartStreamDecoder
+            from ingestor.store.instruments import angel_keys
+
+            dec = SmartStreamDecoder(8192)
+            keys = angel_keys(setup)
+            dec.add_keys(keys)
+            dec.resolver = self._register_angel
+            pl.decoder = dec
+            if tokens is not None:  # the connection's (exchange type, token)s: engine keys
+                wanted = set(tokens)
+                tokens = [k for e, t, k in keys if (e, t) in wanted]
         # a connection's engine continues only its instruments (tokens): another engine's
         # pending candles and books are not its to write at shutdown; recovery takes them all
         load_state(setup, pl, tokens=tokens)
@@ -385,7 +472,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for conn in self.connections:
             pl = await loop.run_in_executor(None, self._new_pipeline, conn.label, setup,
-                                            conn.tokens)
+                                            conn.tokens, conn.plan.broker)
             conn.driver = Driver(pl, self.queue, self.pool,
                                  flush_interval=self.cfg.pipeline.flush_interval,
                                  open_candle_interval=self.cfg.pipeline.open_candle_interval)
@@ -415,17 +502,25 @@ class Daemon:
                 size = self.spool.bytes
                 log.info("replaying %d stream(s) an earlier run left in the spool (%d bytes)",
                          len(leftovers), size)
-                pl = await loop.run_in_executor(None, self._new_pipeline, "recovery", setup)
                 for sp in leftovers:
                     self.by_stream[sp.stream] = sp
-                rec = Driver(pl, self.queue, self.pool)
-                done_now = asyncio.Event()
-                done_now.set()
-                await drive_streams(rec, lambda: leftovers, asyncio.Event(), done_now,
-                                    self._committed_of)
+                # one recovery pipeline per broker: each stream through its header's decoder
+                by_broker: dict[str, list] = {}
+                for sp in leftovers:
+                    by_broker.setdefault(sp.broker, []).append(sp)
+                ticks = 0
+                for broker, streams in sorted(by_broker.items()):
+                    pl = await loop.run_in_executor(None, self._new_pipeline,
+                                                    f"recovery-{broker}", setup, None, broker)
+                    rec = Driver(pl, self.queue, self.pool)
+                    done_now = asyncio.Event()
+                    done_now.set()
+                    await drive_streams(rec, lambda s=streams: s, asyncio.Event(), done_now,
+                                        self._committed_of)
+                    ticks += pl.totals["ticks"]
                 await self.queue.join()  # committed before the live pipelines seed from it
                 log.info("replayed spool left by an earlier run: %d stream(s), %d ticks",
-                         len(leftovers), pl.totals["ticks"])
+                         len(leftovers), ticks)
             await self._live_drivers(setup)
         finally:
             await loop.run_in_executor(None, setup.close)
@@ -672,6 +767,16 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
+
+        def on_hangup():
+            # the operator wrote fresh daily tokens to an Angel feed's credentials file
+            angel = [c for c in self.connections if c.plan.broker == "angel" and c.feed]
+            log.info("SIGHUP: %d Angel One connection(s) reconnect with their credentials "
+                     "read again", len(angel))
+            for c in angel:
+                asyncio.ensure_future(c.feed.reload())
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         server = None
         if self.cfg.metrics.listen:
             host, _, port = self.cfg.metrics.listen.rpartition(":")
@@ -682,6 +787,9 @@ class Daemon:
         for conn in self.connections:
             p = conn.plan
             f = p.feed
+            if p.broker == "angel":
+                conn.feed = self._angel_feed(conn)
+                continue
             conn.feed = KiteFeed(
                 conn.label, f.url, p.api_key, p.access_token, conn.tokens,
                 on_message=lambda s, p, t, r, c=conn: self._on_message(c, s, p, t, r),
@@ -748,6 +856,21 @@ class Daemon:
                  s.candles, s.snapshots, s.batches)
         return 1 if (self.failed or timed_out) else 0
 
+    def _angel_feed(self, conn: Connection):
+        from ingestor.feed.smartstream import SmartStreamFeed
+
+        p, f = conn.plan, conn.plan.feed
+        return SmartStreamFeed(
+            conn.label, f.url, p.api_key, p.client_code, p.access_token, p.feed_token,
+            conn.tokens,
+            on_message=lambda s, m, t, r, c=conn: self._on_message(c, s, m, t, r),
+            on_connect=lambda s, c=conn: self._on_connect(c, s),
+            on_disconnect=lambda s, st, why, c=conn: self._on_disconnect(c, s, st, why),
+            heartbeat_timeout=f.heartbeat_timeout, reconnect_min=f.reconnect_min,
+            reconnect_max=f.reconnect_max, rejected_retry=f.rejected_retry,
+            connect_timeout=f.connect_timeout, ping_interval=f.ping_interval,
+            refresh=p.refresh)
+
     async def _guard(self, name: str, coro):
         """Run one of the daemon's tasks; a failure is said once, loudly, with the task's name,
         and stops the daemon with exit status 1 (nothing is lost: what is not committed stays
@@ -769,5 +892,5 @@ class Daemon:
             if c.gap_start is not None:  # stopped while disconnected: the gap ends here
                 stream, started, reason = c.gap_start
                 self.gaps.append((c.label, stream, _ts(started), _ts(now),
-                                  f"{reason}; daemon stopped", sorted(c.tokens)))
+                                  f"{reason}; daemon stopped", c.gap_tokens()))
                 c.gap_start = None

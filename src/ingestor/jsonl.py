@@ -105,3 +105,62 @@ def _depth(book, div: float) -> dict:
         "buy": side(book["bid_quantity"], book["bid_price"], book["bid_orders"]),
         "sell": side(book["ask_quantity"], book["ask_price"], book["ask_orders"]),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Angel One SmartStream packets (``ingestor decode --jsonl`` of a capture whose header says
+# ``angel``): the dicts of the official client, smartapi-python 1.5.5
+# (``SmartWebSocketV2._parse_binary_data``), key for key and value for value, so code written
+# against that client reads ours unchanged.  Its values are as it gives them: prices raw in
+# paise (it divides nothing), the total buy/sell quantities as doubles, the OI-change field
+# read as an int64 (the docs call it a float64 "garbage" field), the best five filed by their
+# flag and then swapped (flag 1 lands under ``best_5_buy_data``), the 20-level order counts as
+# signed int16, and for DEPTH the word at byte 35 as both ``exchange_timestamp`` and
+# ``packet_received_time`` (no sequence number, no price).  Plus ``recv_ns``, as the Kite
+# lines have.  Only packets the decoder took are printed (it checks the lengths the client
+# does not).
+
+import struct as _struct
+
+_A1_HEAD = _struct.Struct("<BB25sqqq")
+_A1_QUOTE = _struct.Struct("<qqqddqqqq")
+_A1_SNAP = _struct.Struct("<qqq")
+_A1_TAIL = _struct.Struct("<qqqq")
+_A1_BEST = _struct.Struct("<HqqH")
+_A1_LEVEL = _struct.Struct("<iih")
+_A1_MODES = {1: "LTP", 2: "QUOTE", 3: "SNAP_QUOTE", 4: "DEPTH"}
+_A1_QUOTE_KEYS = ("last_traded_quantity", "average_traded_price", "volume_trade_for_the_day",
+                  "total_buy_quantity", "total_sell_quantity", "open_price_of_the_day",
+                  "high_price_of_the_day", "low_price_of_the_day", "closed_price")
+
+
+def smartstream_dict(frame, recv_ns: int | None = None) -> dict:
+    """The official client's dict of one well-formed SmartStream packet (see above)."""
+    mode, etype, tok, seq, ts, ltp = _A1_HEAD.unpack_from(frame)
+    token = tok.split(b"\0", 1)[0].decode("latin-1")
+    d = {"subscription_mode": mode, "exchange_type": etype, "token": token,
+         "sequence_number": seq, "exchange_timestamp": ts, "last_traded_price": ltp,
+         "subscription_mode_val": _A1_MODES.get(mode)}
+    if mode in (2, 3):
+        d.update(zip(_A1_QUOTE_KEYS, _A1_QUOTE.unpack_from(frame, 51)))
+    if mode == 3:
+        d["last_traded_timestamp"], d["open_interest"], \
+            d["open_interest_change_percentage"] = _A1_SNAP.unpack_from(frame, 123)
+        d.update(zip(("upper_circuit_limit", "lower_circuit_limit", "52_week_high_price",
+                      "52_week_low_price"), _A1_TAIL.unpack_from(frame, 347)))
+        flag0, flag1 = [], []
+        for i in range(10):
+            flag, qty, price, orders = _A1_BEST.unpack_from(frame, 147 + 20 * i)
+            (flag0 if flag == 0 else flag1).append(
+                {"flag": flag, "quantity": qty, "price": price, "no of orders": orders})
+        d["best_5_buy_data"], d["best_5_sell_data"] = flag1, flag0
+    if mode == 4:
+        del d["sequence_number"], d["last_traded_price"], d["subscription_mode_val"]
+        d["packet_received_time"] = ts
+        for side, base in (("depth_20_buy_data", 43), ("depth_20_sell_data", 243)):
+            d[side] = [dict(zip(("quantity", "price", "num_of_orders"),
+                                _A1_LEVEL.unpack_from(frame, base + 10 * i)))
+                       for i in range(20)]
+    if recv_ns is not None:
+        d["recv_ns"] = recv_ns
+    return d

@@ -103,7 +103,10 @@ def postback_dead_letter_kind(reason: str) -> str:
         return "refused"
     return "invalid"
 MALFORMED_REASONS = ("empty_message", "unknown_length", "truncated", "trailing_bytes", "bad_records",
-                     "bad_token", "bad_time")
+                     "bad_token", "bad_time",
+                     # Angel One's SmartStream decoder (SS_COUNTER_NAMES): packets set aside
+                     "unknown_mode", "short", "unknown_exchange", "out_of_range",
+                     "refused_token")
 
 
 class CoreCollector:

@@ -50,7 +50,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("decode", help="decode a capture file",
                        description="Decode a capture file. Prints counts per mode, per "
                        "message kind and per error reason; with --jsonl, one JSON object "
-                       "per tick (the official Kite client's keys) on stdout instead, and "
+                       "per tick (the official Kite client's keys; for an Angel One capture "
+                       "the official smartapi-python client's) on stdout instead, and "
                        "the summary on stderr. Exit status 3: the capture held damaged "
                        "records (skipped and counted, each named by its byte offset; the intact ones "
                        "around them decoded), or, with --until-damage, stopped at the first.")
@@ -63,15 +64,25 @@ def add_parser(sub) -> None:
 
 def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
     """The summary (``--summary-json``); ``format_summary`` prints it for people."""
+    if reader.header.broker == "angel":
+        return _summarize_angel(stats, seconds, reader)
     errors = {k: stats[k] for k in ("empty_message", "unknown_length", "truncated",
                                     "trailing_bytes", "bad_records", "bad_time")}
+    return _summary(stats, seconds, reader,
+                    {"binary": stats["messages"] - stats["heartbeats"],
+                     "heartbeat": stats["heartbeats"], "text": stats["text_messages"]},
+                    ("ltp", "quote", "full", "index_quote", "index_full"), errors)
+
+
+def _summary(stats: dict, seconds: float, reader: CaptureReader, messages: dict, modes,
+             errors: dict) -> dict:
+    """What every broker's summary holds, around its own messages, modes and errors."""
     return {
         "stream": reader.header.stream,
         "broker": reader.header.broker,
-        "messages": {"binary": stats["messages"] - stats["heartbeats"],
-                     "heartbeat": stats["heartbeats"], "text": stats["text_messages"]},
+        "messages": messages,
         "ticks": stats["packets"],
-        "modes": {k: stats[k] for k in ("ltp", "quote", "full", "index_quote", "index_full")},
+        "modes": {k: stats[k] for k in modes},
         "malformed_messages": stats["malformed_messages"],
         "errors": errors,
         "truncated_record_bytes": reader.truncated_bytes,
@@ -85,6 +96,18 @@ def summarize(stats: dict, seconds: float, reader: CaptureReader) -> dict:
         "seconds": round(seconds, 6),
         "ticks_per_s": round(stats["packets"] / seconds) if seconds > 0 else None,
     }
+
+
+def _summarize_angel(stats: dict, seconds: float, reader: CaptureReader) -> dict:
+    """The summary of a SmartStream capture: its decoder's counters (one packet a message;
+    no heartbeats: pings are control frames or texts)."""
+    from ingestor._core import SS_COUNTER_NAMES
+
+    modes = ("ltp", "quote", "snap_quote", "depth")
+    skip = {"messages", "text_messages", "bytes", "packets", "malformed_messages", *modes}
+    return _summary(stats, seconds, reader,
+                    {"binary": stats["messages"], "text": stats["text_messages"]}, modes,
+                    {k: stats[k] for k in SS_COUNTER_NAMES if k not in skip})
 
 
 def format_summary(s: dict) -> str:
@@ -110,8 +133,7 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
-    from ingestor._core import KiteDecoder
-    from ingestor.pipeline.batch import decode_capture
+    from ingestor._core import KiteDecoder, SmartStreamDecoder
     from ingestor.cli import UsageError
 
     try:
@@ -122,23 +144,22 @@ def run(args) -> int:
         raise UsageError(f"{args.capture}: is a directory") from None
     except CaptureError as exc:
         raise UsageError(str(exc)) from None
-    if reader.header.broker != "kite":
-        raise UsageError(f"{args.capture}: broker {reader.header.broker!r} is not supported (kite)")
-    dec = KiteDecoder(capacity=1 << 15)
+    if reader.header.broker not in ("kite", "angel"):
+        raise UsageError(f"{args.capture}: broker {reader.header.broker!r} is not supported "
+                         "(kite, angel)")
+    # the header says whose frames: Angel One's SmartStream, or Kite's
+    angel = reader.header.broker == "angel"
+    dec = SmartStreamDecoder(capacity=1 << 15) if angel else KiteDecoder(capacity=1 << 15)
     out = sys.stdout.buffer
     enc = msgspec.json.Encoder()
     t0 = time.perf_counter()
     with reader:
         try:
-            for batch in decode_capture(args.capture, dec, reader=reader):
-                if args.jsonl and dec.n_ticks:
-                    from ingestor.jsonl import tick_dicts
-
-                    buf = bytearray()
-                    for d in tick_dicts(dec.ticks[:dec.n_ticks], dec.depth[:dec.n_depth]):
-                        enc.encode_into(d, buf, -1)
-                        buf += b"\n"
-                    out.write(buf)
+            if angel and args.jsonl:
+                # one line per packet the decoder took, in the official client's shape
+                _angel_jsonl(reader, dec, out, enc)
+            else:
+                _decode(args, reader, dec, out, enc)
         except CaptureError as exc:
             raise UsageError(str(exc)) from None
     seconds = time.perf_counter() - t0
@@ -156,3 +177,60 @@ def run(args) -> int:
         print(damage_note(args.capture, reader.damage), file=sys.stderr)
         return EXIT_DAMAGED
     return 0
+
+
+def _decode(args, reader: CaptureReader, dec, out, enc) -> None:
+    """The capture through the decoder's batch path; with ``--jsonl`` (Kite) the ticks as
+    the official client's dicts."""
+    from ingestor.pipeline.batch import decode_capture
+
+    for _ in decode_capture(args.capture, dec, reader=reader):
+        if args.jsonl and dec.n_ticks:
+            from ingestor.jsonl import tick_dicts
+
+            buf = bytearray()
+            for d in tick_dicts(dec.ticks[:dec.n_ticks], dec.depth[:dec.n_depth]):
+                enc.encode_into(d, buf, -1)
+                buf += b"\n"
+            out.write(buf)
+
+
+def _angel_jsonl(reader: CaptureReader, dec, out, enc) -> None:
+    from ingestor.jsonl import smartstream_dict
+
+    buf = bytearray()
+    for chunk, seq in reader.chunks():
+        mv = memoryview(chunk)
+        pos = 0
+        while pos < len(chunk):
+            start = pos
+            pos, seq_after, _ = dec.feed_capture(chunk, pos, seq)
+            # packets the decoder took, in order: ticks and depth20 rows by sequence number
+            t, d = dec.ticks[:dec.n_ticks], dec.depth20[:dec.n_depth20]
+            taken = sorted(zip(t["seq"].tolist() + d["seq"].tolist(),
+                               t["recv_ns"].tolist() + d["recv_ns"].tolist()))
+            if taken:
+                frames = _payloads(mv[start:pos], seq)
+                for s, recv_ns in taken:
+                    enc.encode_into(smartstream_dict(frames[s], recv_ns), buf, -1)
+                    buf += b"\n"
+            dec.clear()
+            seq = seq_after
+            if len(buf) > 1 << 20:
+                out.write(buf)
+                buf.clear()
+    out.write(buf)
+
+
+def _payloads(records, first_seq: int) -> dict:
+    """{seq: payload} of whole capture records (the bytes one ``feed_capture`` call walked)."""
+    from ingestor.feed.capture import RECORD_HEADER
+
+    out, pos, seq = {}, 0, first_seq
+    while pos < len(records):
+        _, _, plen = RECORD_HEADER.unpack_from(records, pos)
+        pos += RECORD_HEADER.size
+        out[seq] = records[pos:pos + plen]
+        pos += plen
+        seq += 1
+    return out

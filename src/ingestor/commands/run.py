@@ -11,15 +11,17 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run the daemon",
                        description="Connect to the broker's WebSocket, ingest ticks, candles and "
                        "depth into the database, survive disconnects and database outages. "
-                       "Credentials from KITE_API_KEY / KITE_ACCESS_TOKEN or the feed's "
+                       "Credentials from KITE_API_KEY / KITE_ACCESS_TOKEN (Angel One: ANGEL_API_KEY, "
+                       "ANGEL_CLIENT_CODE, ANGEL_JWT, ANGEL_FEED_TOKEN) or the feed's "
                        "credentials_file (each feed its own when there are several).")
     p.add_argument("--config", help="TOML settings file (unknown keys are errors)")
     p.add_argument("--dsn", help="database (else INGESTOR_DSN, DATABASE_URL, the config, libpq defaults)")
     p.add_argument("--url", help="the single feed's endpoint (default the broker's; the daemon "
                    "adds api_key and access_token)")
-    p.add_argument("--tokens", help="comma-separated instrument tokens (default: the config's, "
-                   "else every active instrument)")
-    p.add_argument("--mode", choices=("ltp", "quote", "full"),
+    p.add_argument("--tokens", help="comma-separated instrument tokens (Angel One: "
+                   "exchange:token, e.g. nse_cm:3045; default: the config's, else every active "
+                   "instrument)")
+    p.add_argument("--mode", choices=("ltp", "quote", "full", "snap_quote", "depth"),
                    help="mode for every token of the single feed")
     p.add_argument("--metrics", help="host:port of /metrics and /healthz ('' disables)")
     p.add_argument("--spool-dir", help="spool directory")
@@ -29,17 +31,24 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def plan_tokens(feed, active: list[int] | None, last: dict[int, str] | None) -> dict[int, str]:
-    """Token -> mode of one feed: its configured tokens, else every active instrument (None:
-    the database was not reachable), else the set the feed subscribed last time (``last``).
+def plan_tokens(feed, active, last: dict | None) -> dict:
+    """Token -> mode of one feed: its configured tokens, else every active instrument of its
+    broker (None: the database was not reachable), else the set the feed subscribed last
+    time (``last``).  Kite's tokens are integers; Angel One's ``(exchange type, token)``.
 
     Configured tokens are not registered as instruments here: a token becomes an
     instrument (``TOKEN:<n>`` until a dump names it) when the broker sends its first
     packet (the pipeline's resolve), so a mistyped or expired token in a config never
     becomes an "active instrument" that every later run subscribes."""
     from ingestor.cli import Failure
+    from ingestor.config import angel_key, per_connection
 
-    tokens = list(feed.tokens)
+    angel = feed.broker == "angel"
+    if isinstance(active, dict):
+        active = active.get(feed.broker)
+    if last:
+        last = {t: m for t, m in last.items() if isinstance(t, tuple) == angel}
+    tokens = [angel_key(t) for t in feed.tokens] if angel else list(feed.tokens)
     if not tokens:
         if active is None:
             if not last:
@@ -51,24 +60,40 @@ def plan_tokens(feed, active: list[int] | None, last: dict[int, str] | None) -> 
             return dict(last)
         tokens = active
         if not tokens:
-            raise Failure("no instruments to subscribe: load a dump (ingestor instruments load) "
+            load = "OpenAPIScripMaster.json" if angel else "a dump"
+            raise Failure(f"no instruments to subscribe: load {load} (ingestor instruments load) "
                           f"or set the tokens of feed {feed.name!r}")
-    limit = feed.tokens_per_connection * feed.max_connections
+    limit = per_connection(feed) * feed.max_connections
     if len(tokens) > limit:
         raise Failure(f"feed {feed.name!r}: {len(tokens)} tokens exceed the broker's limit of "
                       f"{limit} ({feed.max_connections} connections x "
-                      f"{feed.tokens_per_connection} tokens)")
-    return {t: feed.modes.get(str(t), feed.mode) for t in tokens}
+                      f"{per_connection(feed)} tokens)")
+    if not angel:
+        return {t: feed.modes.get(str(t), feed.mode) for t in tokens}
+    modes = {angel_key(k): m for k, m in feed.modes.items()}
+    plan = {t: modes.get(t, feed.mode) for t in tokens}
+    from ingestor.feed.smartstream import check_subscriptions
+
+    items = sorted(plan.items())
+    per = per_connection(feed)
+    for i in range(0, len(items), per):
+        try:
+            check_subscriptions(dict(items[i:i + per]))
+        except ValueError as exc:
+            raise Failure(f"feed {feed.name!r}: {exc}") from None
+    return plan
 
 
-def active_tokens(dsn: str) -> list[int] | None:
-    """The database's active instruments, or None when it does not answer (yet)."""
-    from ingestor.daemon import SQL_ACTIVE_TOKENS
+def active_tokens(dsn: str) -> dict | None:
+    """The database's active instruments by broker (Kite's tokens; Angel One's (exchange
+    type, token)), or None when it does not answer (yet)."""
+    from ingestor.daemon import SQL_ACTIVE_ANGEL, SQL_ACTIVE_TOKENS
     from ingestor.store.dsn import connect
 
     try:
         with connect(dsn, autocommit=True, connect_timeout=5) as setup:
-            return [int(r[0]) for r in setup.execute(SQL_ACTIVE_TOKENS)]
+            return {"kite": [int(r[0]) for r in setup.execute(SQL_ACTIVE_TOKENS)],
+                    "angel": [(int(e), str(t)) for e, t in setup.execute(SQL_ACTIVE_ANGEL)]}
     except Exception as exc:  # noqa: BLE001 - the database may come later: the daemon waits
         log.warning("database not reachable at start (%s)", exc)
         return None
@@ -88,16 +113,30 @@ def apply_flags(cfg, args) -> None:
     if args.url:
         f.url = args.url
     if args.tokens:
-        try:
-            f.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
-        except ValueError:
-            raise UsageError(f"--tokens: not a list of integers: {args.tokens!r}") from None
+        if f.broker == "angel":  # exchange:token, checked with the rest of the config
+            f.tokens = [t.strip() for t in args.tokens.split(",") if t.strip()]
+        else:
+            try:
+                f.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+            except ValueError:
+                raise UsageError(f"--tokens: not a list of integers: {args.tokens!r}") from None
     if args.mode:
-        f.mode = args.mode
+        f.mode = args.mode  # (checked against the broker's modes with the rest)
     if args.metrics is not None:
         cfg.metrics.listen = args.metrics
     if args.spool_dir:
         cfg.spool.dir = args.spool_dir
+
+
+def _angel_refresh(cfg, feed):
+    """The Angel feed's credentials read again (the JWT and feed token expire daily): the
+    feed calls it before it reconnects."""
+    from ingestor import config as config_mod
+
+    def refresh() -> tuple[str, str]:
+        _, _, jwt, feed_token = config_mod.angel_credentials(cfg, feed)
+        return jwt, feed_token
+    return refresh
 
 
 def run(args) -> int:
@@ -118,6 +157,9 @@ def run(args) -> int:
             raise config_mod.ConfigError(f"--role {role}: needs the log: set log.servers in "
                                          "the config ([log] table)")
         # a writer reads the log, not the broker: it needs no broker credentials
+        if role and any(f.broker == "angel" for f in cfg.feeds):
+            raise config_mod.ConfigError(f"--role {role}: Angel One feeds run in the one-process "
+                                         "daemon only (ingestor run without --role) for now")
         creds = [config_mod.credentials(cfg, f) if role != "writer" else ("", "")
                  for f in cfg.feeds]
     except config_mod.ConfigError as exc:
@@ -133,9 +175,15 @@ def run(args) -> int:
         active = None if all(f.tokens for f in cfg.feeds) else active_tokens(dsn)
         last = load_subscriptions(cfg.spool.dir) or {}
         plans = []
-        for feed, (api_key, token) in zip(cfg.feeds, creds):
+        for feed, cred in zip(cfg.feeds, creds):
             tokens = plan_tokens(feed, active, last.get(feed.name))
-            plans.append(FeedPlan(feed, api_key, token, tokens))
+            if feed.broker == "angel":
+                api_key, client_code, jwt, feed_token = cred
+                plans.append(FeedPlan(feed, api_key, jwt, tokens, client_code=client_code,
+                                      feed_token=feed_token,
+                                      refresh=_angel_refresh(cfg, feed)))
+            else:
+                plans.append(FeedPlan(feed, *cred, tokens))
         save_subscriptions(cfg.spool.dir, {p.feed.name: p.tokens for p in plans})
         try:
             import uvloop

@@ -1011,7 +1011,8 @@ cdef class Engine:
                     row.ask_quantity = lv.ask_quantity[0]
                     row.flags |= ROW_HAS_OI_ | ROW_HAS_BOOK_
                 if tk.exchange_timestamp:
-                    row.exchange_time_us = <int64_t>tk.exchange_timestamp * 1000000
+                    row.exchange_time_us = (<int64_t>tk.exchange_timestamp * 1000000
+                                            + <int64_t>tk.exchange_ms * 1000)
                     row.flags |= ROW_HAS_EXCHANGE_TIME_
                 else:
                     row.exchange_time_us = 0

@@ -11,7 +11,7 @@
 #              13 cde_fo)
 #     2    25  token: ASCII, NUL-terminated and NUL-padded
 #    27     8  sequence number (not for indices)     *      *        *
-#    35     8  exchange timestamp, epoch ms          *      *        *
+#    35     8  exchange timestamp, epoch ms          *      *        *    (exchange_time, to the ms)
 #    43     8  last traded price, paise             *      *        *    (LTP ends: 51)
 #    51     8  last traded quantity                         *        *
 #    59     8  average traded price                         *        *
@@ -204,9 +204,11 @@ cdef inline bint _ss_parse(const unsigned char *m, uint8_t mode, tick_t *t, leve
     cdef double f
     cdef int i
     cdef const unsigned char *q
-    # the exchange timestamp (ms) is exchange_time, to the second (tick_t holds seconds)
+    # the exchange timestamp (ms) is exchange_time, to the millisecond: its seconds and
+    # its milliseconds (tick_t's exchange_timestamp holds seconds, as Kite's)
     if ms > 0 and ms // 1000 <= <int64_t>0xFFFFFFFF:
         t.exchange_timestamp = <uint32_t>(ms // 1000)
+        t.exchange_ms = <uint16_t>(ms % 1000)
     elif ms != 0:
         bad[0] += 1
     if not _ss_u32(_ss_i64(m + 43), &t.last_price):

@@ -116,12 +116,22 @@ class KiteFeed:
         self.connect_timeout = connect_timeout
         self.max_message_bytes = max_message_bytes
         self.stats = FeedStats()
+        #: the client's logger (a broker's subclass logs under its own module)
+        self._log = log
         self.stream: str | None = None
         self._ws = None
+        #: set by a reload (fresh credentials): the connection's close is not a fault
+        self._reload = False
+        #: set to cut the wait before the next attempt short (a reload)
+        self._wake: asyncio.Event | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = self.reconnect_min
+        first = True
         while not stop.is_set():
+            if not first:
+                self._before_reconnect()
+            first = False
             started = time.time_ns()
             reason = await self._session(stop)
             if stop.is_set():
@@ -130,6 +140,8 @@ class KiteFeed:
                 self.on_disconnect(self.stream, started if not self.stats.connected else time.time_ns(), reason)
             if reason == "rejected":
                 wait = self.rejected_retry
+            elif reason == "reload":
+                wait = 0.0
             else:
                 wait = delay * (0.5 + random.random())
                 delay = min(delay * 2, self.reconnect_max)
@@ -137,36 +149,76 @@ class KiteFeed:
                 delay = self.reconnect_min  # it was up: start backing off afresh
             self.stats.connected = False
             self.stats.reconnects += 1
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=wait)
-            except asyncio.TimeoutError:
-                pass
+            await self._pause(stop, wait)
+
+    async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
+        """Wait before the next attempt: ``seconds``, or until stopped or woken (a reload)."""
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.clear()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def close(self) -> None:
         if self._ws is not None:
             await self._ws.close()
 
+    # -- what a broker changes (the rest of the session is shared) -------------------------
+
+    def _before_reconnect(self) -> None:
+        """Called before every connection attempt but the first (fresh credentials)."""
+
+    def _connect(self):
+        """The connection attempt: ``websockets.asyncio.client.connect(...)``."""
+        return connect(self._url, open_timeout=self.connect_timeout,
+                       max_size=self.max_message_bytes, compression=None, ping_interval=None,
+                       additional_headers={"X-Kite-Version": "3"})
+
+    def _refused(self, exc: InvalidStatus) -> bool:
+        """True (said once, clearly) when the broker refused the credentials."""
+        if exc.response.status_code != 403:
+            return False
+        self.stats.rejected += 1
+        self.stats.last_error = "access token rejected (HTTP 403)"
+        self._log.error("%s: the broker rejected the API key or access token (HTTP 403: "
+                        "expired or wrong); retrying in %.0f s", self.label, self.rejected_retry)
+        return True
+
+    def _requests(self) -> list[str]:
+        """The subscription requests sent on every connect."""
+        return subscribe_requests(self.subscriptions)
+
+    def _started(self, ws) -> list:
+        """Tasks that run beside the receive loop of a connection (cancelled at its end)."""
+        return []
+
+    def _text(self, stream: str, msg: str, now: int) -> None:
+        """A text message: Kite's (postbacks, errors) are handed on as they came."""
+        payload = msg.encode()
+        self.stats.bytes += len(payload)
+        self.on_message(stream, payload, True, now)
+
+    # -- one connection ----------------------------------------------------------------------
+
     async def _session(self, stop: asyncio.Event) -> str:
         """One connection, until it fails; returns why it ended."""
         try:
-            ws = await connect(self._url, open_timeout=self.connect_timeout,
-                               max_size=self.max_message_bytes,
-                               compression=None, ping_interval=None,
-                               additional_headers={"X-Kite-Version": "3"})
+            ws = await self._connect()
         except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status == 403:
-                self.stats.rejected += 1
-                self.stats.last_error = "access token rejected (HTTP 403)"
-                log.error("%s: the broker rejected the API key or access token (HTTP 403: expired "
-                          "or wrong); retrying in %.0f s", self.label, self.rejected_retry)
+            if self._refused(exc):
                 return "rejected"
+            status = exc.response.status_code
             self.stats.last_error = f"HTTP {status}"
-            log.warning("%s: connection refused with HTTP %d", self.label, status)
+            self._log.warning("%s: connection refused with HTTP %d", self.label, status)
             return f"HTTP {status}"
         except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as exc:
             self.stats.last_error = redact(f"{type(exc).__name__}: {exc}")
-            log.warning("%s: cannot connect: %s", self.label, self.stats.last_error)
+            self._log.warning("%s: cannot connect: %s", self.label,
+                              self.stats.last_error)
             return self.stats.last_error
         self._ws = ws
         if stop.is_set():  # connected after the daemon began to stop: not a stream
@@ -180,12 +232,15 @@ class KiteFeed:
         on_message = self.on_message
         stats = self.stats
         stream = self.stream
+        text = self._text
+        side = self._started(ws)
+        self._reload = False
         try:
             if self.on_connect:
                 self.on_connect(self.stream)
-            log.info("%s: connected (stream %s), subscribing %d tokens", self.label, self.stream,
-                     len(self.subscriptions))
-            for req in subscribe_requests(self.subscriptions):
+            self._log.info("%s: connected (stream %s), subscribing %d tokens", self.label,
+                           self.stream, len(self.subscriptions))
+            for req in self._requests():
                 await ws.send(req)
             loop = asyncio.get_running_loop()
             recv = ws.recv
@@ -195,38 +250,43 @@ class KiteFeed:
                     msg = await recv()
                     now = time.time_ns()
                     tm.reschedule(loop.time() + self.heartbeat_timeout)
-                    is_text = isinstance(msg, str)
-                    payload = msg.encode() if is_text else msg
                     stats.messages += 1
-                    stats.bytes += len(payload)
                     stats.last_message_ns = now
-                    on_message(stream, payload, is_text, now)
+                    if isinstance(msg, str):
+                        text(stream, msg, now)
+                        continue
+                    stats.bytes += len(msg)
+                    on_message(stream, msg, False, now)
             return "stopped"
         except TimeoutError:
             stats.last_error = f"no message for {self.heartbeat_timeout:g} s (stalled)"
-            log.warning("%s: %s; reconnecting", self.label, stats.last_error)
+            self._log.warning("%s: %s; reconnecting", self.label, stats.last_error)
             return "stalled"
         except websockets.exceptions.ConnectionClosed as exc:
             if stop.is_set():
                 return "stopped"
+            if self._reload:
+                return "reload"
             if exc.sent is not None and exc.sent.code == 1009:
                 stats.oversized += 1
                 stats.last_error = (f"a message over {self.max_message_bytes} bytes (no real "
                                     f"frame is near that): refused, reconnecting")
-                log.error("%s: %s", self.label, stats.last_error)
+                self._log.error("%s: %s", self.label, stats.last_error)
                 return "oversized"
             stats.last_error = redact(f"connection closed: {exc}")
             # 1000 (normal) and 1001 (going away: a server shutting down or restarting) are an
             # orderly close (RFC 6455 section 7.4.1), not a fault: INFO; the rest warn
             orderly = exc.rcvd is not None and exc.rcvd.code in ORDERLY_CLOSE
-            log.log(logging.INFO if orderly else logging.WARNING, "%s: %s", self.label,
-                    stats.last_error)
+            self._log.log(logging.INFO if orderly else logging.WARNING, "%s: %s", self.label,
+                          stats.last_error)
             return "closed"
         except OSError as exc:
             stats.last_error = redact(f"{type(exc).__name__}: {exc}")
-            log.warning("%s: %s", self.label, stats.last_error)
+            self._log.warning("%s: %s", self.label, stats.last_error)
             return stats.last_error
         finally:
+            for t in side:
+                t.cancel()
             self._ws = None
             if not stop.is_set():
                 # a stalled or broken peer would not answer a closing handshake

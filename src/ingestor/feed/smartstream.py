@@ -17,7 +17,9 @@ answers the server's control pings (the WebSocket library does); ``pong`` and JS
 texts are the client's own business and are not handed on (SmartStream carries no order
 updates: those come from another socket).
 
-Everything else is :class:`ingestor.feed.kite.KiteFeed`'s: the reconnect loop with
+Everything else is :class:`ingestor.feed.kite.KiteFeed`'s (this class changes only its
+hooks: the connect, a refused login, the requests, text messages, the pinger): the receive
+loop, the reconnect loop with
 exponential backoff and jitter, the watchdog (nothing received, not even a ``pong``, for
 ``heartbeat_timeout``: reconnect), a refused login reported once and retried slowly, a
 fresh stream id per connection, resubscription on every connect.
@@ -28,8 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-import uuid
 from typing import Callable
 
 import websockets
@@ -113,6 +113,11 @@ class SmartStreamFeed(KiteFeed):
         As :class:`ingestor.feed.kite.KiteFeed`; only binary messages reach ``on_message``.
     ping_interval : float
         Seconds between text ``ping``s (the docs: 30).
+    refresh : callable, optional
+        ``refresh() -> (jwt, feed_token)``: the credentials read again (the daemon: the
+        credentials file), called before every reconnection.  The JWT and the feed token
+        expire daily; a refused login (HTTP 401) says so and the next attempt uses what the
+        file holds then.  A failing ``refresh`` keeps the tokens it had (said once).
     """
 
     def __init__(self, label: str, url: str, api_key: str, client_code: str, jwt: str,
@@ -121,7 +126,8 @@ class SmartStreamFeed(KiteFeed):
                  heartbeat_timeout: float = 40.0, reconnect_min: float = 0.5,
                  reconnect_max: float = 30.0, rejected_retry: float = 60.0,
                  connect_timeout: float = 10.0, ping_interval: float = 30.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 refresh: Callable[[], tuple[str, str]] | None = None):
         check_subscriptions(subscriptions)
         super().__init__(label, url, api_key, "", {}, on_message, on_connect=on_connect,
                          on_disconnect=on_disconnect, heartbeat_timeout=heartbeat_timeout,
@@ -133,21 +139,80 @@ class SmartStreamFeed(KiteFeed):
         self.ping_interval = ping_interval
         self._headers = {"Authorization": jwt, "x-api-key": api_key,
                          "x-client-code": client_code, "x-feed-token": feed_token}
+        self.refresh = refresh
+        self._refresh_failed = False
+        self._log = log
         #: texts received: ``pong``s and JSON errors (never handed on)
         self.pongs = 0
         self.errors: list[str] = []
+        #: times fresh credentials were taken (``refresh`` gave other tokens)
+        self.credential_changes = 0
 
     def set_credentials(self, jwt: str, feed_token: str) -> None:
         """Fresh daily tokens: used from the next (re)connection on."""
+        if (jwt, feed_token) != (self._headers["Authorization"], self._headers["x-feed-token"]):
+            self.credential_changes += 1
         self._headers["Authorization"] = jwt
         self._headers["x-feed-token"] = feed_token
 
-    def _text(self, text: str) -> None:
-        if text.strip() == "pong":
+    async def reload(self) -> None:
+        """Reconnect now with the credentials read again (an operator's SIGHUP to the daemon
+        after writing fresh tokens to the credentials file): a live connection is closed (not
+        a fault: no warning), a wait before the next attempt (a refused login's) is cut
+        short."""
+        if self._wake is not None:
+            self._wake.set()
+        if self._ws is not None:
+            self._reload = True
+            await self._ws.close()
+
+    def _before_reconnect(self) -> None:
+        if self.refresh is None:
+            return
+        try:
+            jwt, feed_token = self.refresh()
+        except Exception as exc:  # noqa: BLE001 - a file mid-write, a bad line: keep the old
+            if not self._refresh_failed:
+                log.warning("%s: cannot read the credentials again (%s); keeping the ones "
+                            "read before", self.label, redact(str(exc))[:300])
+            self._refresh_failed = True
+            return
+        self._refresh_failed = False
+        before = self.credential_changes
+        self.set_credentials(jwt, feed_token)
+        if self.credential_changes != before:
+            log.info("%s: fresh JWT and feed token read from the credentials", self.label)
+
+    def _connect(self):
+        return connect(self._url, open_timeout=self.connect_timeout,
+                       max_size=self.max_message_bytes, compression=None,
+                       ping_interval=None, additional_headers=self._headers, logger=_ws_log)
+
+    def _refused(self, exc: InvalidStatus) -> bool:
+        if exc.response.status_code != 401:
+            return False
+        why = redact(str(exc.response.headers.get("x-error-message", ""))[:200])
+        self.stats.rejected += 1
+        self.stats.last_error = f"login refused (HTTP 401{': ' + why if why else ''})"
+        log.error("%s: SmartStream refused the credentials (HTTP 401%s). The JWT and feed token "
+                  "expire daily: write fresh ones (the jwt and feed_token lines) to the feed's "
+                  "credentials file; it is read again before the next attempt, in %.0f s "
+                  "(SIGHUP: at once)", self.label, f", {why}" if why else "", self.rejected_retry)
+        return True
+
+    def _requests(self) -> list[str]:
+        return subscribe_requests(self.subscriptions)
+
+    def _started(self, ws) -> list:
+        return [asyncio.get_running_loop().create_task(self._pinger(ws))]
+
+    def _text(self, stream: str, msg: str, now: int) -> None:
+        self.stats.bytes += len(msg)
+        if msg.strip() == "pong":
             self.pongs += 1
             return
         # {"correlationID": ..., "errorCode": "E1001|E1002", "errorMessage": ...}, or anything
-        shown = redact(text[:300])
+        shown = redact(msg[:300])
         if len(self.errors) < 100:
             self.errors.append(shown)
         log.warning("%s: SmartStream says: %s", self.label, shown)
@@ -159,92 +224,3 @@ class SmartStreamFeed(KiteFeed):
                 await ws.send("ping")
         except websockets.exceptions.ConnectionClosed:
             pass  # the session sees it too
-
-    async def _session(self, stop: asyncio.Event) -> str:
-        """One connection, until it fails; returns why it ended."""
-        try:
-            ws = await connect(self._url, open_timeout=self.connect_timeout,
-                               max_size=self.max_message_bytes, compression=None,
-                               ping_interval=None, additional_headers=self._headers,
-                               logger=_ws_log)
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status == 401:
-                why = redact(str(exc.response.headers.get("x-error-message", ""))[:200])
-                self.stats.rejected += 1
-                self.stats.last_error = f"login refused (HTTP 401{': ' + why if why else ''})"
-                log.error("%s: SmartStream refused the credentials (HTTP 401%s: the JWT and "
-                          "feed token expire daily); retrying in %.0f s", self.label,
-                          f", {why}" if why else "", self.rejected_retry)
-                return "rejected"
-            self.stats.last_error = f"HTTP {status}"
-            log.warning("%s: connection refused with HTTP %d", self.label, status)
-            return f"HTTP {status}"
-        except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as exc:
-            self.stats.last_error = redact(f"{type(exc).__name__}: {exc}")
-            log.warning("%s: cannot connect: %s", self.label, self.stats.last_error)
-            return self.stats.last_error
-        self._ws = ws
-        if stop.is_set():
-            ws.transport.abort()
-            self._ws = None
-            return "stopped"
-        self.stream = f"{self.label}-{uuid.uuid4().hex[:12]}"
-        self.stats.connects += 1
-        self.stats.connected = True
-        self.stats.last_message_ns = time.time_ns()
-        stats, stream, on_message = self.stats, self.stream, self.on_message
-        pinger = asyncio.get_running_loop().create_task(self._pinger(ws))
-        try:
-            if self.on_connect:
-                self.on_connect(stream)
-            log.info("%s: connected (stream %s), subscribing %d tokens", self.label, stream,
-                     len(self.subscriptions))
-            for req in subscribe_requests(self.subscriptions):
-                await ws.send(req)
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout(self.heartbeat_timeout) as tm:
-                while not stop.is_set():
-                    msg = await ws.recv()
-                    now = time.time_ns()
-                    tm.reschedule(loop.time() + self.heartbeat_timeout)
-                    stats.messages += 1
-                    stats.last_message_ns = now
-                    if isinstance(msg, str):
-                        stats.bytes += len(msg)
-                        self._text(msg)
-                        continue
-                    stats.bytes += len(msg)
-                    on_message(stream, msg, False, now)
-            return "stopped"
-        except TimeoutError:
-            stats.last_error = f"no message for {self.heartbeat_timeout:g} s (stalled)"
-            log.warning("%s: %s; reconnecting", self.label, stats.last_error)
-            return "stalled"
-        except websockets.exceptions.ConnectionClosed as exc:
-            if stop.is_set():
-                return "stopped"
-            if exc.sent is not None and exc.sent.code == 1009:
-                stats.oversized += 1
-                stats.last_error = f"a message over {self.max_message_bytes} bytes: refused"
-                log.error("%s: %s", self.label, stats.last_error)
-                return "oversized"
-            stats.last_error = redact(f"connection closed: {exc}")
-            log.warning("%s: %s", self.label, stats.last_error)
-            return "closed"
-        except OSError as exc:
-            stats.last_error = redact(f"{type(exc).__name__}: {exc}")
-            log.warning("%s: %s", self.label, stats.last_error)
-            return stats.last_error
-        finally:
-            pinger.cancel()
-            self._ws = None
-            if not stop.is_set():
-                if ws.transport is not None:
-                    ws.transport.abort()
-            else:
-                try:
-                    await asyncio.wait_for(ws.close(), 2)
-                except Exception:  # noqa: BLE001 - closing a broken connection
-                    if ws.transport is not None:
-                        ws.transport.abort()

@@ -86,9 +86,12 @@ class StreamSpool:
     """
 
     def __init__(self, spool: "Spool", stream: str, first_seq: int = 0, *,
-                 recovered: list[Segment] | None = None):
+                 recovered: list[Segment] | None = None, broker: str = "kite"):
         self.spool = spool
         self.stream = stream
+        #: whose protocol the records are (the segments' capture header): which decoder reads
+        #: them back
+        self.broker = broker
         self._lock = threading.Lock()
         #: next sequence number to append
         self.next_seq = first_seq
@@ -345,7 +348,8 @@ class StreamSpool:
     def _open_segment(self, first_seq: int) -> Segment:
         sp = self.spool
         path = os.path.join(sp.dir, f"{self.stream}.{first_seq:012d}.cap")
-        w = CaptureWriter(path, CaptureHeader(stream=self.stream, first_seq=first_seq),
+        w = CaptureWriter(path, CaptureHeader(broker=self.broker, stream=self.stream,
+                                              first_seq=first_seq),
                           buffer_size=1 << 20)
         sp._writers[path] = w
         seg = Segment(path, first_seq, first_seq, w.bytes)
@@ -491,11 +495,11 @@ class Spool:
             try:
                 with CaptureReader(path) as rd:
                     info.append((rd.header.stream, rd.header.first_seq, rd.first_recv_ns(), path,
-                                 os.path.getsize(path), rd.version))
+                                 os.path.getsize(path), rd.version, rd.header.broker))
             except (OSError, ValueError) as exc:
                 log.error("spool file %s is unreadable (%s): left in place", path, exc)
         start: dict[str, int] = {}
-        for stream, _, first_ns, _, _, _ in sorted(info, key=lambda x: (x[0], x[1])):
+        for stream, _, first_ns, *_ in sorted(info, key=lambda x: (x[0], x[1])):
             start.setdefault(stream, first_ns)
         by_stream: dict[str, list] = {}
         for item in sorted(info, key=lambda x: (start[x[0]], x[0], x[1])):
@@ -503,18 +507,19 @@ class Spool:
         out = []
         for stream, items in by_stream.items():
             segs = []
-            for i, (_, first_seq, _, path, size, version) in enumerate(items):
+            for i, (_, first_seq, _, path, size, version, _) in enumerate(items):
                 # a segment's end is the next one's start; the last one's is found by reading
                 end = items[i + 1][1] if i + 1 < len(items) else UNKNOWN_END
                 segs.append(Segment(path, first_seq, end, size, closed=True, version=version))
-            sp = StreamSpool(self, stream, recovered=segs)
+            # a stream is one connection's: one broker (its first segment's header says which)
+            sp = StreamSpool(self, stream, recovered=segs, broker=items[0][6])
             sp.next_seq = UNKNOWN_END
             out.append(sp)
             self.streams.append(sp)
         return out
 
-    def stream(self, stream: str, first_seq: int = 0) -> StreamSpool:
-        sp = StreamSpool(self, stream, first_seq)
+    def stream(self, stream: str, first_seq: int = 0, broker: str = "kite") -> StreamSpool:
+        sp = StreamSpool(self, stream, first_seq, broker=broker)
         self.streams.append(sp)
         self.start()
         return sp

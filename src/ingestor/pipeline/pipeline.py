@@ -72,11 +72,15 @@ class FlushBatch:
     #: ordered batches.  The engine's per-instrument clock makes every live and replayed
     #: tick later than the instrument's stored ones, so batches are in order.
     in_order: bool = True
+    #: binary COPY of ``order_book_depth20`` rows: Angel One's DEPTH packets (20 levels a
+    #: side), one row per packet, timed by its receive time (see ``Pipeline``)
+    depth20: bytes = b""
+    n_depth20: int = 0
 
     @property
     def nbytes(self) -> int:
         return (len(self.ticks) + len(self.candles) + len(self.new_candles)
-                + len(self.snapshots) + len(self.state))
+                + len(self.snapshots) + len(self.state) + len(self.depth20))
 
 
 @dataclass
@@ -129,12 +133,17 @@ class Pipeline:
         self._enc_candles = tables.candle_encoder(s.timeframes)
         self._enc_new_candles = tables.candle_encoder(s.timeframes)
         self._enc_snaps = tables.snapshot_encoder()
+        self._enc_depth20 = tables.depth20_encoder()
+        #: each instrument's last depth20 row time (µs): rows strictly later, as ticks are
+        self._depth20_last: dict[int, int] = {}
+        #: {engine key: instrument id}, as the engine has them (depth20 rows need the ids)
+        self._ids: dict[int, int] = {}
         lengths = [_core.timeframe_us(tf) for tf in s.timeframes]
         self._open_tf = np.array([ln >= s.open_candle_min_us for ln in lengths], dtype=bool)
         #: seconds spent per stage
         self.timings = {"decode": 0.0, "aggregate": 0.0, "encode": 0.0}
         self.totals = {"ticks": 0, "candles": 0, "snapshots": 0, "batches": 0, "skipped_messages": 0,
-                       "bad_tokens": 0}
+                       "bad_tokens": 0, "depth20": 0}
         self._texts: list = []
         self._retracted: list = []
         #: latest price of every instrument: {instrument_id: (raw, divisor)} (for positions)
@@ -144,8 +153,10 @@ class Pipeline:
     # -- state ---------------------------------------------------------------
 
     def _begin(self) -> None:
-        for enc in (self._enc_ticks, self._enc_candles, self._enc_snaps, self._enc_new_candles):
+        for enc in (self._enc_ticks, self._enc_candles, self._enc_snaps, self._enc_new_candles,
+                    self._enc_depth20):
             enc.begin()
+        self._n_depth20 = 0
         self._n = [0, 0, 0]
         self._n_new = 0
         self._first_seq = self.committed + 1
@@ -158,7 +169,7 @@ class Pipeline:
 
         Call right after ``take()``: the current batch must be empty.
         """
-        if (self._n != [0, 0, 0] or self._texts or self._retracted
+        if (self._n != [0, 0, 0] or self._texts or self._retracted or self._n_depth20
                 or self._last_seq != self.committed):
             raise RuntimeError("new_stream() with a batch pending: take() it first")
         self.stream = stream
@@ -169,12 +180,22 @@ class Pipeline:
     def has_pending(self) -> bool:
         """Rows, texts or messages not yet handed out in a batch."""
         return bool(self._n[0] or self._n[1] or self._n[2] or self._texts or self._retracted
-                    or self._last_seq != self.committed or self.decoder.n_ticks)
+                    or self._last_seq != self.committed or self.decoder.n_ticks
+                    or self._n_depth20 or getattr(self.decoder, "n_depth20", 0))
 
     def set_ids(self, ids: dict[int, int]) -> None:
+        self._ids.update(ids)
         if ids:
             self.engine.set_instruments(np.fromiter(ids.keys(), np.uint32, len(ids)),
                                         np.fromiter(ids.values(), np.int64, len(ids)))
+
+    def seed_depth20(self, rows) -> None:
+        """``(instrument_id, last time µs)`` of stored ``order_book_depth20`` rows: later rows
+        of those instruments are stamped after them (``ingestor.pipeline.state.load_state``)."""
+        for iid, last_us in rows:
+            if last_us is not None:
+                self._depth20_last[int(iid)] = max(int(last_us),
+                                                   self._depth20_last.get(int(iid), 0))
 
     def seed(self, token: int, last_time_us: int, last_cum_volume: int | None) -> None:
         """Continue an instrument from the database's last tick."""
@@ -253,7 +274,46 @@ class Pipeline:
                 if r >= n:
                     break
                 start = r
+        if getattr(dec, "n_depth20", 0):
+            self._consume_depth20(dec)
         dec.clear()
+
+    def _consume_depth20(self, dec) -> None:
+        """The decoder's DEPTH packets as ``order_book_depth20`` rows (those past the committed
+        offset).  A row's time is its packet's receive time, made strictly increasing per
+        instrument (after the instrument's last stored row, ``seed_depth20``), as tick times
+        are; ``exchange_time`` is the packet's exchange timestamp word: the official clients
+        disagree on which of the two words it is (README, Angel One), so the first that reads
+        as epoch milliseconds of 2000..2100 is taken, else none."""
+        d = dec.depth20[:dec.n_depth20]
+        d = d[(d["seq"] > self.committed) & (d["instrument_token"] != 0)]
+        if not len(d):
+            return
+        t0 = time.perf_counter()
+        keys = d["instrument_token"]
+        unknown = sorted({int(k) for k in keys.tolist()} - self._ids.keys())
+        if unknown:
+            self.set_ids(self.resolve(unknown))
+        rows = np.zeros(len(d), tables.DEPTH20ROW_DTYPE)
+        ids = self._ids
+        rows["instrument_id"] = [ids[k] for k in keys.tolist()]
+        last = self._depth20_last
+        times = (d["recv_ns"] // 1000).tolist()
+        for i, iid in enumerate(rows["instrument_id"].tolist()):
+            t = max(times[i], last.get(iid, -1) + 1)
+            last[iid] = times[i] = t
+        rows["time_us"] = times
+        lo, hi = 946_684_800_000, 4_102_444_800_000          # 2000-01-01 .. 2100-01-01, ms
+        w27, w35 = d["word27"], d["word35"]
+        ok27 = (w27 >= lo) & (w27 < hi)
+        ok35 = (w35 >= lo) & (w35 < hi)
+        rows["exchange_time_us"] = np.where(ok27, w27, np.where(ok35, w35, 0)) * 1000
+        for f in ("divisor", "bid_price", "bid_quantity", "bid_orders", "ask_price",
+                  "ask_quantity", "ask_orders"):
+            rows[f] = d[f]
+        self._enc_depth20.encode_rows(rows)
+        self._n_depth20 += len(rows)
+        self.timings["encode"] += time.perf_counter() - t0
 
     def _drain(self) -> None:
         eng = self.engine
@@ -327,7 +387,7 @@ class Pipeline:
         limit = s.flush_rows
         if s.first_batch_rows and self.totals["batches"] < 20:
             limit = min(limit, s.first_batch_rows << self.totals["batches"])
-        return self._n[0] >= limit
+        return self._n[0] + self._n_depth20 >= limit
 
     def take(self, *, final: bool = False, open_candles: bool = True) -> FlushBatch:
         """End the current batch and start the next.
@@ -365,6 +425,12 @@ class Pipeline:
             else:
                 enc.clear()
                 payloads.append(b"")
+        depth20 = b""
+        if self._n_depth20:
+            self._enc_depth20.end()
+            depth20 = self._enc_depth20.take()
+        else:
+            self._enc_depth20.clear()
         # the state of the instruments this batch changed: O(instruments touched), not ticks
         st = self.engine.take_state()
         state_payload = encode_state(st, self.stream, max(self._last_seq, self.committed))
@@ -375,19 +441,20 @@ class Pipeline:
                            self._first_recv_ns, state=state_payload, n_state=len(st),
                            retracted=self._retracted, new_candles=payloads[3],
                            n_new_candles=self._n_new, n_dense_ticks=dense,
-                           dense_bytes=split)
+                           dense_bytes=split, depth20=depth20, n_depth20=self._n_depth20)
         self._texts = []
         self._retracted = []
         self.totals["ticks"] += self._n[0]
         self.totals["candles"] += self._n[1]
         self.totals["snapshots"] += self._n[2]
+        self.totals["depth20"] += self._n_depth20
         self.totals["batches"] += 1
         self.committed = max(self.committed, self._last_seq)
         self._begin()
         return batch
 
     def _consume_pending(self) -> None:
-        if self.decoder.n_ticks:
+        if self.decoder.n_ticks or getattr(self.decoder, "n_depth20", 0):
             self._consume()
 
 

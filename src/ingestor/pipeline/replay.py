@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ingestor.pipeline import state
-from ingestor.feed.capture import CaptureReader
+from ingestor.feed.capture import CaptureError, CaptureReader
 from ingestor.pipeline.driver import Driver, drive_capture
 from ingestor.pipeline.pipeline import FlushBatch, Pipeline, PipelineSettings
 from ingestor.metrics import warn_debug_build
@@ -83,6 +83,8 @@ class ReplayResult:
     unlisted_damage: int = 0
     stopped_at: object = None
     left_bytes: int = 0
+    #: ``order_book_depth20`` rows (Angel One's DEPTH packets)
+    depth20: int = 0
 
     @property
     def ticks_per_s(self) -> float:
@@ -104,7 +106,10 @@ class ReplayResult:
             out.append(f"skipped {self.skipped_messages:,} messages already written (exactly once)")
         d = self.decoder
         bad = {k: d[k] for k in ("empty_message", "unknown_length", "truncated", "trailing_bytes",
-                                 "bad_records") if d.get(k)}
+                                 "bad_records", "unknown_mode", "short", "unknown_exchange",
+                                 "bad_token", "out_of_range", "refused_token") if d.get(k)}
+        if self.depth20:
+            out.append(f"order_book_depth20: {self.depth20:,} rows (20-level books)")
         if d.get("bad_time"):
             out.append(f"{d['bad_time']:,} record(s) with a receive time outside 2000 .. now + "
                        f"1 day: refused and counted")
@@ -158,8 +163,16 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
         require_current(setup)
         stream = reader.header.stream
         done = committed(setup, stream)
-        pipeline = Pipeline(stream, resolve=lambda toks: register_tokens(setup, toks),
+        broker = reader.header.broker
+        if broker not in ("kite", "angel"):
+            raise CaptureError(f"{path}: broker {broker[:40]!r} is not supported (kite, angel)")
+        pipeline = Pipeline(stream, resolve=lambda toks: register_tokens(setup, toks,
+                                                                         broker=broker),
                             settings=settings, committed=done)
+        if broker == "angel":  # the header says whose frames: SmartStream's decoder, keyed by
+            from ingestor.store.instruments import angel_decoder  # the registry
+
+            pipeline.decoder = angel_decoder(setup)
         load_state(setup, pipeline)
         writer = Writer(dsn, dead_letter_dir=dead_letter_dir, on_texts=postback_handler(),
                         direct_compress=direct_compress, overlap=overlap)
@@ -190,7 +203,8 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
                         damaged=reader.damaged, damaged_bytes=reader.damaged_bytes,
                         lost_records=reader.lost_records, damage=list(reader.damage),
                         unlisted_damage=reader.unlisted_damage, stopped_at=reader.stopped_at,
-                        left_bytes=reader.left_bytes, overlapped=writer.stats.overlapped)
+                        left_bytes=reader.left_bytes, overlapped=writer.stats.overlapped,
+                        depth20=pipeline.totals["depth20"])
 
 
 async def write_batches(queue: asyncio.Queue, writer: Writer,

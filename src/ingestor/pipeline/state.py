@@ -376,6 +376,16 @@ def decode_state(blobs) -> np.ndarray:
 #: far belongs to offsets someone reset (tables emptied to ingest again): stale.  Both kinds are
 #: seeded from tick_data instead (as before engine_state; nothing when the ticks were emptied
 #: too).  One probe of stream_offsets' key per row.
+#: the last ``order_book_depth20`` row time (µs) of each Angel One instrument that has one
+#: (DEPTH is nse_cm only): one backward index probe per instrument
+SQL_DEPTH20_LAST = """
+SELECT i.id, (EXTRACT(EPOCH FROM d.last) * 1000000)::bigint
+  FROM instruments i
+ CROSS JOIN LATERAL (SELECT max(time) AS last FROM order_book_depth20 x
+                      WHERE x.instrument_id = i.id) d
+ WHERE i.broker = 'angel' AND i.exchange_type = 1 AND d.last IS NOT NULL
+"""
+
 SQL_LOAD_STATE = """
 SELECT i.instrument_token, e.instrument_id, e.last_time, e.last_volume,
        CASE WHEN EXISTS (SELECT FROM stream_offsets o
@@ -508,6 +518,8 @@ def load_state(conn, pipeline_or_engine, *, candles: bool = True, tokens=None) -
 
     t0 = time.perf_counter()
     _set_ids(pipeline_or_engine, load_ids(conn))
+    if hasattr(pipeline_or_engine, "seed_depth20"):
+        pipeline_or_engine.seed_depth20(conn.execute(SQL_DEPTH20_LAST).fetchall())
     out, legacy = _seed_rows(pipeline_or_engine, conn.execute(SQL_LOAD_STATE).fetchall(),
                              candles, tokens)
     if legacy and candles:
@@ -524,6 +536,9 @@ async def aload_state(conn, pipeline_or_engine, *, candles: bool = True, tokens=
 
     t0 = time.perf_counter()
     _set_ids(pipeline_or_engine, await aload_ids(conn))
+    if hasattr(pipeline_or_engine, "seed_depth20"):
+        cur = await conn.execute(SQL_DEPTH20_LAST)
+        pipeline_or_engine.seed_depth20(await cur.fetchall())
     cur = await conn.execute(SQL_LOAD_STATE)
     out, legacy = _seed_rows(pipeline_or_engine, await cur.fetchall(), candles, tokens)
     if legacy and candles:

@@ -8,6 +8,8 @@ NULL.  The writer and the benchmarks build their encoders from here.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ingestor import _core
 from ingestor._core import CopyEncoder
 from ingestor.store.instruments import EXCHANGES
@@ -64,7 +66,8 @@ def candle_columns(timeframes) -> list:
     ]
 
 
-SNAPSHOT_COLUMNS = [
+#: a book's columns, 5 levels (snapshots) or 20 (depth20): the same arrays
+_BOOK_COLUMNS = [
     ("time", "timestamptz_us", {"field": "time_us"}),
     ("instrument_id", "int4"),
     ("bid_prices", "numeric[]", {"field": "bid_price", **_PRICE}),
@@ -73,9 +76,30 @@ SNAPSHOT_COLUMNS = [
     ("ask_prices", "numeric[]", {"field": "ask_price", **_PRICE}),
     ("ask_quantities", "int8[]", {"field": "ask_quantity"}),
     ("ask_orders", "int4[]", {"field": "ask_orders"}),
+]
+
+SNAPSHOT_COLUMNS = _BOOK_COLUMNS + [
     ("total_bid_quantity", "int8"),
     ("total_ask_quantity", "int8"),
 ]
+
+
+#: ``order_book_depth20`` rows (Angel One's DEPTH packets), made by the pipeline from the
+#: SmartStream decoder's ``depth20`` buffer (``_core.DEPTH20_DTYPE``)
+DEPTH20ROW_DTYPE = np.dtype([
+    ("time_us", "<i8"), ("exchange_time_us", "<i8"), ("instrument_id", "<i4"),
+    ("divisor", "<u4"),
+    ("bid_price", "<u4", (20,)), ("bid_quantity", "<u4", (20,)), ("bid_orders", "<u2", (20,)),
+    ("ask_price", "<u4", (20,)), ("ask_quantity", "<u4", (20,)), ("ask_orders", "<u2", (20,)),
+])
+
+DEPTH20_COLUMNS = _BOOK_COLUMNS + [
+    ("exchange_time", "timestamptz_us", {"field": "exchange_time_us", "null_if_zero": True}),
+]
+
+
+def depth20_encoder() -> CopyEncoder:
+    return CopyEncoder(DEPTH20ROW_DTYPE, DEPTH20_COLUMNS)
 
 
 def tick_encoder() -> CopyEncoder:

@@ -150,6 +150,9 @@ COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 COPY_TRAILER = b"\xff\xff"
 SQL_COPY_STAGE = f"COPY ingestor_candle_stage ({_CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
 SQL_COPY_SNAPS = f"COPY order_book_snapshots ({_SNAP_COLS}) FROM STDIN (FORMAT BINARY)"
+# Angel One's DEPTH packets (FlushBatch.depth20): rows only a message makes, so only here
+SQL_COPY_DEPTH20 = (f"COPY order_book_depth20 ({', '.join(c[0] for c in tables.DEPTH20_COLUMNS)}) "
+                    "FROM STDIN (FORMAT BINARY)")
 # A batch covering no message (see _transaction) writes its snapshots through a staging table,
 # skipping keys already present: the offset cannot tell whether it was committed before.
 SQL_SNAP_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS ingestor_snapshot_stage "
@@ -720,6 +723,8 @@ class Writer:
                 await _copy(cur, SQL_COPY_CANDLES, b.new_candles)
             if b.n_snapshots and not b.retracted:
                 await _copy(cur, SQL_COPY_SNAPS, b.snapshots)
+            if b.depth20:  # rows of their own: each DEPTH packet's time is new per instrument
+                await _copy(cur, SQL_COPY_DEPTH20, b.depth20)
 
     async def _locking(self, conn, b: FlushBatch) -> None:
         """The batch's statements that update rows an earlier batch may hold (candle and

@@ -239,7 +239,8 @@ class Engine:
             row["ask_quantity"] = book["ask_quantity"][0]
             flags |= ROW_HAS_OI | ROW_HAS_BOOK
         if tk["exchange_timestamp"]:
-            row["exchange_time_us"] = tk["exchange_timestamp"] * 1_000_000
+            row["exchange_time_us"] = (tk["exchange_timestamp"] * 1_000_000
+                                       + int(tk.get("exchange_ms", 0) or 0) * 1000)
             flags |= ROW_HAS_EXCHANGE_TIME
         row["flags"] = flags
         self.tick_rows.append(row)

@@ -54,7 +54,7 @@ FIELD_NAMES = (
     "average_traded_price", "volume_traded", "total_buy_quantity",
     "total_sell_quantity", "open", "high", "low", "close", "net_change",
     "last_trade_time", "oi", "oi_day_high", "oi_day_low", "exchange_timestamp",
-    "divisor", "length", "mode", "segment", "depth_row", "change",
+    "divisor", "length", "mode", "segment", "depth_row", "exchange_ms", "change",
     "bid_quantity", "bid_price", "bid_orders", "ask_quantity", "ask_price",
     "ask_orders",
 )

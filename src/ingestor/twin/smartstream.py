@@ -199,10 +199,12 @@ def decode_message(msg: bytes | bytearray | memoryview, recv_ns: int = 0, seq: i
         t = dict.fromkeys(("last_price", "last_traded_quantity", "average_traded_price",
                            "volume_traded", "total_buy_quantity", "total_sell_quantity", "open",
                            "high", "low", "close", "net_change", "last_trade_time", "oi",
-                           "oi_day_high", "oi_day_low", "exchange_timestamp"), 0)
+                           "oi_day_high", "oi_day_low", "exchange_timestamp", "exchange_ms"),
+                          0)
         ms = p["exchange_timestamp"]
         if ms > 0 and ms // 1000 <= U32_MAX:
             t["exchange_timestamp"] = ms // 1000
+            t["exchange_ms"] = ms % 1000
         elif ms != 0:
             bad += 1
         stored = [p["last_traded_price"]]
@@ -371,7 +373,7 @@ _TICK_KEYS = ("recv_ns", "seq", "instrument_token", "last_price", "last_traded_q
               "average_traded_price", "volume_traded", "total_buy_quantity",
               "total_sell_quantity", "open", "high", "low", "close", "net_change",
               "last_trade_time", "oi", "oi_day_high", "oi_day_low", "exchange_timestamp",
-              "divisor", "length", "mode", "segment")
+              "exchange_ms", "divisor", "length", "mode", "segment")
 _DEPTH20_KEYS = ("recv_ns", "seq", "word27", "word35", "instrument_token", "divisor",
                  "segment", "exchange_type", "bid_quantity", "bid_price", "bid_orders",
                  "ask_quantity", "ask_price", "ask_orders")
