@@ -663,7 +663,7 @@ class Daemon:
                 def task(coro, name):
                     return tg.create_task(self._guard(name, coro), name=name)
 
-                feeds = [task(c.feed.run(self.stop), f"feed-{c.label}") for c in self.connections]
+                feeds = [task(self._run_feed(c), f"feed-{c.label}") for c in self.connections]
                 pipes = task(self._pipelines(), "pipeline")
                 writer = task(self._write(), "writer")
                 side = [task(self._gaps(), "gaps"), task(self._mark_to_market(), "mark-to-market"),
@@ -712,6 +712,11 @@ class Daemon:
         log.info("stopped: %d ticks, %d candles, %d snapshots in %d transactions", s.ticks,
                  s.candles, s.snapshots, s.batches)
         return 1 if (self.failed or timed_out) else 0
+
+    async def _run_feed(self, conn: Connection) -> None:
+        """One connection's feed until stopped (a feed role with leases takes its lease
+        first: ``ingestor.feed.jetstream``)."""
+        await conn.feed.run(self.stop)
 
     async def _guard(self, name: str, coro):
         """Run one of the daemon's tasks; a failure is said once, loudly, with the task's name,
