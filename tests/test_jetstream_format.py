@@ -89,6 +89,8 @@ def _restore_logging():
      "log.credentials_file"),
     ('servers = ["nats://h:4222"]\nsurprise = 1', "log.surprise"),
     ('servers = ["nats://h:4222"]\nlease_ttl = 0.1', "log.lease_ttl"),
+    ('servers = ["nats://h:4222"]\nrole = "reader"', "log.role"),
+    ('role = "writer"', "log.role"),
     ('servers = ["nats://h:4222"]\nlease_ttl = inf', "log.lease_ttl"),
     ('servers = ["nats://h:4222"]\nlease_renew = 0.0', "log.lease_renew"),
     ('servers = ["nats://h:4222"]\nlease_ttl = 6.0\nlease_renew = 2.5', "log.lease_renew"),

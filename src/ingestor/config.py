@@ -175,6 +175,9 @@ class LogConfig(_Base):
 
     #: nats:// or tls:// URLs of the JetStream servers (no credentials in them)
     servers: list[str] = []
+    #: the process's role when ``ingestor run`` has no ``--role``: "feed", "writer" or ""
+    #: (everything in one process); one config file per process (deploy/systemd/ingestor@)
+    role: str = ""
     stream: str = "INGESTOR"
     #: subjects: ``<subject_prefix>.raw.<connection label>``
     subject_prefix: str = "ingestor"
@@ -530,6 +533,12 @@ _SUBJECT = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}")
 
 def _check_log(g: LogConfig) -> None:
     from urllib.parse import urlsplit
+
+    if g.role not in ("", "feed", "writer"):
+        raise ConfigError(f"log.role = {_show(g.role)}: want \"feed\", \"writer\" or \"\" "
+                          "(everything in one process)")
+    if g.role and not g.servers:
+        raise ConfigError(f"log.role = {_show(g.role)}: needs the log: set log.servers")
 
     for url in g.servers:
         try:

@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--spool-dir", help="spool directory")
     p.add_argument("--role", choices=("feed", "writer"),
                    help="with [log] configured: feed (broker -> spool -> JetStream) or writer "
-                   "(JetStream -> pipeline -> database); default: everything in one process")
+                   "(JetStream -> pipeline -> database); default: the config's log.role, else "
+                   "everything in one process")
     p.add_argument("--accept-new-log-stream", action="store_true",
                    help="(--role writer) the log's stream was deleted and re-created: an "
                    "operator checked what the old one held; read the new one")
@@ -116,7 +117,7 @@ def run(args) -> int:
         cfg = config_mod.load(args.config)
         apply_flags(cfg, args)
         config_mod.validate(cfg)
-        role = getattr(args, "role", None)
+        role = getattr(args, "role", None) or cfg.log.role or None
         if getattr(args, "accept_new_log_stream", False) and role != "writer":
             raise config_mod.ConfigError("--accept-new-log-stream: only with --role writer")
         if role and not cfg.log.enabled:
