@@ -118,11 +118,13 @@ class Lease:
 
         said = False
         seen_rev = None
+        #: the send time of the first attempt whose outcome is unknown (it may have landed)
+        unsure: float | None = None
         while not stop.is_set():
             sent = time.monotonic()
             try:
                 self.revision = await self.kv.create(self.key, self._value())
-                self.sent_at = sent
+                self.sent_at = sent if unsure is None else unsure
                 if self.previous is not None:
                     log.warning("%s: took over the lease from %s (not renewed for %.1f s)",
                                 self.what, self.previous.holder, self.cfg.lease_ttl)
@@ -133,6 +135,12 @@ class Lease:
             except KeyWrongLastSequenceError:
                 try:
                     e = await self.kv.get(self.key)
+                    if unsure is not None and self._mine(e.value):
+                        # an earlier attempt that timed out did land: held since then
+                        self.revision, self.sent_at = e.revision, unsure
+                        log.info("%s: lease taken (%s)", self.what, self.key)
+                        self._gauge(1)
+                        return True
                     if e.revision != seen_rev:
                         # a renewal landed since the last look: the earliest it can have been
                         seen_rev = e.revision
@@ -150,6 +158,8 @@ class Lease:
                              self.previous.holder if self.previous else "another process")
                     said = True
             except Exception as exc:  # noqa: BLE001 - the log away: keep trying
+                if unsure is None:
+                    unsure = sent
                 log.warning("%s: cannot reach the lease bucket (%s: %s); retrying", self.what,
                             type(exc).__name__, exc)
             self._gauge(0)
@@ -174,7 +184,12 @@ class Lease:
                     self.kv.update(self.key, self._value(), last=self.revision),
                     timeout=self.sent_at + limit - sent)
             except KeyWrongLastSequenceError:
-                return self._lose("another process holds it now")
+                # a renewal that timed out may have landed: the key then holds our own value
+                rev = await self._own_revision()
+                if rev is None:
+                    return self._lose("another process holds it now")
+                self.revision = rev  # (sent_at stays the older, surer time)
+                continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the log away: tried again until the limit
@@ -183,6 +198,20 @@ class Lease:
                 await asyncio.sleep(min(0.2, g.lease_renew / 4))
                 continue
             self.revision, self.sent_at = rev, sent
+
+    def _mine(self, value: bytes) -> bool:
+        try:
+            return msgspec.json.decode(value, type=LeaseValue).holder == self.holder
+        except msgspec.DecodeError:
+            return False
+
+    async def _own_revision(self) -> int | None:
+        """The key's revision if its value is this holder's own (else None)."""
+        try:
+            e = await asyncio.wait_for(self.kv.get(self.key), timeout=self.cfg.lease_renew)
+        except Exception:  # noqa: BLE001 - unknown: not ours for sure
+            return None
+        return e.revision if self._mine(e.value) else None
 
     def _lose(self, why: str) -> None:
         self.revision = None

@@ -8,7 +8,7 @@ ended; not the forming candles a shutdown writes out) on::
 as one JSON object (UTF-8), exact prices as decimal strings::
 
     {"token": 256265, "timeframe": "1m", "time": "2026-11-27T03:45:00Z",
-     "time_us": 1795671900000000, "open": "24512.35", "high": "24519.9",
+     "time_us": 1795751100000000, "open": "24512.35", "high": "24519.9",
      "low": "24508.05", "close": "24515.1", "volume": 1350, "trade_count": 27,
      "vwap": "24513.6012345", "open_interest": null, "rewrite": false}
 
