@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import subprocess
 import threading
+import time
 
 import psycopg
 import pytest
@@ -19,7 +20,9 @@ from test_jetstream import (NATS_SERVER, Role, _no_process_left, _publish_raw,  
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="needs the nats-server binary")
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-SHORT = "lease_ttl = 4.0\nlease_renew = 1.0\n"
+#: short leases for quick takeovers; a holder stops only after 4.5 s without a renewal (a
+#: busy machine is not a death)
+SHORT = "lease_ttl = 6.0\nlease_renew = 1.5\n"
 
 
 def test_two_writers_one_active_standby_takes_over_when_it_is_killed(tmp_path, db, nats_server):
@@ -248,3 +251,46 @@ def test_closed_candles_published_after_commit(tmp_path, db, nats_server):
     # published (the last of each was still forming at the end: written, not published)
     missing = [k for k in stored if k[2] < latest[(k[0], k[1])] and k not in seen]
     assert not missing, missing[:5]
+
+
+def test_a_lease_holder_fences_itself_when_the_key_is_taken(nats_server):
+    """The lease's own rules against a real bucket: one holder at a time, a standby takes an
+    expired key, and a holder whose key another wrote (an operator, a takeover) calls its
+    fence at its next renewal instead of going on."""
+    import nats
+
+    from ingestor.config import LogConfig
+    from ingestor.feed.lease import Lease, lease_bucket
+
+    cfg = LogConfig(servers=[nats_server.url], stream="TEST", lease_ttl=3.0, lease_renew=0.5)
+
+    async def scenario():
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            kv = await lease_bucket(js, cfg)
+            lost: list[str] = []
+            a = Lease(kv, "writer.x", cfg, "a", "a", on_lost=lost.append)
+            b = Lease(kv, "writer.x", cfg, "b", "b", on_lost=lost.append)
+            stop = asyncio.Event()
+            assert await a.take(stop)
+            keeper = asyncio.create_task(a.keep())
+            waiting = asyncio.create_task(b.take(stop))
+            # a renews well past the TTL (twice its length in renewals): b waits meanwhile
+            first, deadline = a.revision, time.monotonic() + 60
+            while a.revision is not None and a.revision < first + 2 * cfg.lease_ttl / \
+                    cfg.lease_renew:
+                assert time.monotonic() < deadline, "a does not renew"
+                await asyncio.sleep(0.05)
+            assert a.held and not waiting.done()
+            keeper.cancel()  # a dies without a word
+            assert await asyncio.wait_for(waiting, timeout=5 * cfg.lease_ttl)
+            assert b.previous is not None and b.previous.holder == "a"
+            keeper = asyncio.create_task(b.keep())
+            await kv.put("writer.x", b'{"holder": "intruder"}')  # the key taken from b
+            await asyncio.wait_for(keeper, timeout=5 * cfg.lease_ttl)
+            assert lost == ["b"] and not b.held
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
