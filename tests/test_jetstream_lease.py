@@ -42,6 +42,12 @@ def test_two_writers_one_active_standby_takes_over_when_it_is_killed(tmp_path, d
              what="the standby taking over")
     at_kill = count_ticks(db)
     wait_for(lambda: count_ticks(db) > at_kill + 1000, timeout=90, what="the standby writing")
+    # a standby stopped while it waits: an orderly exit, having taken nothing
+    third = Role(tmp_path, "writer", db, sim.url, [nats_server.url], name="writer-c",
+                 lease=SHORT)
+    wait_for(lambda: "standby" in third.output(), timeout=60, what="a third one waiting")
+    assert third.terminate() == 0, third.output()
+    assert "lease taken" not in third.output()
     sim.stop()
     sent = sent_ticks(sim.record)
     wait_for(lambda: count_ticks(db) >= sent, timeout=90, what=f"all {sent} sent ticks written")
@@ -86,6 +92,11 @@ def test_two_feeds_standby_takes_over_the_connection(tmp_path, db, nats_server):
     at_kill = count_ticks(db)
     wait_for(lambda: count_ticks(db) > at_kill + 2000, timeout=90,
              what="the standby's ticks written")
+    third = Role(tmp_path, "feed", db, sim.url, [nats_server.url], name="feed-c", lease=SHORT,
+                 log=leased)
+    wait_for(lambda: "standby" in third.output(), timeout=60, what="a third feed waiting")
+    assert third.terminate() == 0, third.output()  # stopped while waiting: nothing taken
+    assert "lease taken" not in third.output()
     sim.stop()
     assert second.terminate() == 0, second.output()
     msgs = log_messages(nats_server.url)
