@@ -16,6 +16,14 @@ at or before the database's offsets, and skips what the database has: the
 position is the database's, the consumer only saves rereading.  A malformed
 message (no capture-record headers) is counted, logged with its JetStream
 sequence number and terminated (kept in the stream, never redelivered).
+
+One writer per subject: a subject is read only by the holder of its lease
+(``ingestor.feed.lease``); a standby waits for it, then seeds the subject's
+pipeline from what is committed.  The stream's identity (its creation time) is
+kept in ``stream_offsets``: a stream deleted or re-created stops the writer
+(``--accept-new-log-stream`` after an operator's check).  With
+``log.publish_candles`` each batch's closed candles are published after its
+commit (``ingestor.pipeline.candles_out``).
 """
 
 from __future__ import annotations
@@ -100,10 +108,6 @@ class _Runs:
 #: the ``stream_offsets`` row keeping the log stream's identity (its creation time, µs since
 #: the epoch): no capture stream id has a ``:``
 IDENTITY = "log-stream:{}"
-
-
-class LogStreamReplaced(RuntimeError):
-    """The log's stream is not the one the writers read before (deleted and re-created)."""
 
 
 def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
