@@ -462,6 +462,12 @@ def feed_role(cfg, dsn, plans, spool):
                 lease.keep(), name=f"lease-{conn.label}"))
             await super()._run_feed(conn)
 
+        def _on_connect(self, conn, stream: str) -> None:
+            super()._on_connect(conn, stream)
+            lease = self.leases.get(conn.label)
+            if lease is not None and lease.held:
+                lease.renew_soon()  # the lease names the new stream (a standby's gap row)
+
         async def _prepare_early(self) -> None:
             return  # no pipeline in this process
 

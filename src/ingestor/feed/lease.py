@@ -105,6 +105,12 @@ class Lease:
         #: renewal was at the earliest (a standby records the gap from there)
         self.previous: LeaseValue | None = None
         self.previous_since_ns: int | None = None
+        self._nudge = asyncio.Event()
+
+    def renew_soon(self) -> None:
+        """Renew now rather than at the next interval (the value changed: a feed's new
+        capture stream, which a standby taking over names in the gap it records)."""
+        self._nudge.set()
 
     def _value(self) -> bytes:
         return msgspec.json.encode(LeaseValue(self.holder, self.stream_of() or ""))
@@ -175,7 +181,12 @@ class Lease:
         g = self.cfg
         limit = g.lease_ttl - g.lease_renew
         while True:
-            await asyncio.sleep(max(0.0, self.sent_at + g.lease_renew - time.monotonic()))
+            try:
+                await asyncio.wait_for(self._nudge.wait(), max(
+                    0.0, self.sent_at + g.lease_renew - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+            self._nudge.clear()
             sent = time.monotonic()
             if sent - self.sent_at >= limit:
                 return self._lose(f"no renewal acknowledged for {limit:.1f} s")
