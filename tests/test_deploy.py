@@ -29,6 +29,8 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "ingestor.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 UNIT = DEPLOY / "systemd" / "ingestor.service"
+ROLE_UNIT = DEPLOY / "systemd" / "ingestor@.service"
+ROLE_CONFIGS = {"feed": DEPLOY / "log" / "feed.toml", "writer": DEPLOY / "log" / "writer.toml"}
 
 #: series Prometheus makes itself, not the daemon
 PROMETHEUS_OWN = {"up"}
@@ -152,9 +154,9 @@ def test_promtool(args):
     assert "SUCCESS" in r.stdout + r.stderr
 
 
-def unit_settings() -> dict[str, list[str]]:
+def unit_settings(unit: Path = UNIT) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith(("#", "[")):
             key, _, value = line.partition("=")
@@ -189,3 +191,49 @@ def test_systemd_unit_keeps_its_promises(tmp_path):
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/ingestor", exe))
     r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_role_unit_template_keeps_its_promises(tmp_path):
+    from ingestor.config import Config
+
+    u = unit_settings(ROLE_UNIT)
+    assert float(u["TimeoutStopSec"][0].removesuffix("s")) > Config().shutdown_timeout
+    assert u["Restart"] == ["on-failure"]           # a lost lease (exit 1): back as a standby
+    assert u["RestartPreventExitStatus"] == ["2"]
+    assert u["ExecStart"][0].endswith("run --config /etc/ingestor/%i.toml")
+    assert "--role" not in u["ExecStart"][0]        # the role is the config's log.role
+    assert u["StateDirectory"] == ["ingestor/%i"]   # one spool per instance
+    assert {c.split(":")[0] for c in u["LoadCredential"]} == {"pgpass"}
+    drop_in = ROLE_UNIT.with_name("ingestor@feed.service.d") / "credentials.conf"
+    assert "LoadCredential=kite.env:" in drop_in.read_text()
+    assert not re.search(r"(?i)(api_key|access_token|password)\s*=\s*(?!\.\.\.)\S",
+                         ROLE_UNIT.read_text())
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    exe = shutil.which("ingestor") or str(Path(sys.executable).with_name("ingestor"))
+    for instance in ("feed", "writer"):
+        unit = tmp_path / f"ingestor@{instance}.service"
+        unit.write_text(ROLE_UNIT.read_text().replace("/usr/local/bin/ingestor", exe))
+        r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_role_example_configs_load_and_agree():
+    """deploy/log's examples are valid settings, name their roles, and agree on what every
+    process of one log must share (stream, subjects, lease timing)."""
+    from ingestor import config as config_mod
+
+    cfgs = {}
+    for role, path in ROLE_CONFIGS.items():
+        cfg = config_mod.load(str(path))
+        config_mod.validate(cfg)
+        assert cfg.log.role == role and cfg.log.enabled
+        cfgs[role] = cfg.log
+    f, w = cfgs["feed"], cfgs["writer"]
+    for key in ("servers", "stream", "subject_prefix", "replicas", "duplicate_window",
+                "lease_ttl", "lease_renew"):
+        assert getattr(f, key) == getattr(w, key), key
+    assert f.feed_lease and w.publish_candles
+    assert "max_payload" in (DEPLOY / "log" / "nats-server.conf").read_text()

@@ -90,7 +90,8 @@ class Role:
     started: list = []
 
     def __init__(self, tmp, role: str, dsn: str, url: str, servers: list[str], *,
-                 name: str | None = None, log: str = "", feed: str = ""):
+                 name: str | None = None, log: str = "", feed: str = "",
+                 lease: str = "lease_ttl = 6.0\nlease_renew = 1.0\n", args: tuple = ()):
         self.name = name or role
         self.cfg = tmp / f"{self.name}.toml"
         servers_toml = ", ".join(f'"{s}"' for s in servers)
@@ -102,12 +103,12 @@ class Role:
             f"[writer]\ndead_letter_dir = \"{tmp / 'dead'}\"\n"
             "[metrics]\nlisten = \"\"\n"
             f"[log]\nservers = [{servers_toml}]\nstream = \"TEST\"\nduplicate_window = 120.0\n"
-            f"max_feed_restart = 60.0\nack_timeout = 3.0\n{log}")
+            f"max_feed_restart = 60.0\nack_timeout = 3.0\n{lease}{log}")
         self.logpath = tmp / f"{self.name}.log"
         self.out = open(self.logpath, "a")
         env = dict(os.environ, KITE_API_KEY="test-key", KITE_ACCESS_TOKEN="test-token-secret")
         self.proc = subprocess.Popen(ingestor("run", "--role", role, "--config", str(self.cfg),
-                                              "--dsn", dsn), env=env, stdout=self.out,
+                                              "--dsn", dsn, *args), env=env, stdout=self.out,
                                      stderr=subprocess.STDOUT, text=True)
         Role.started.append(self.proc)
 
@@ -309,8 +310,11 @@ def test_feed_restarted_within_the_window_does_not_double(tmp_path, db, nats_ser
 def test_jetstream_server_restart_loses_nothing(tmp_path, db, nats_server):
     sim = Simulator(tmp_path, tokens=20, rate=2000)
     load_instruments(db, sim.csv)
-    feed = Role(tmp_path, "feed", db, sim.url, [nats_server.url])
-    writer = Role(tmp_path, "writer", db, sim.url, [nats_server.url])
+    # the log is away longer than a short lease: a writer unable to renew stops (its own
+    # test); here the outage is within the TTL, so the writer keeps its lease
+    long = "lease_ttl = 60.0\nlease_renew = 2.0\n"
+    feed = Role(tmp_path, "feed", db, sim.url, [nats_server.url], lease=long)
+    writer = Role(tmp_path, "writer", db, sim.url, [nats_server.url], lease=long)
     wait_for(lambda: count_ticks(db) > 2000, timeout=90, what="2000 ticks written")
     nats_server.stop()
     wait_for(lambda: "not acknowledged" in feed.output(), timeout=60,
@@ -344,8 +348,9 @@ def test_three_replicas_survive_a_node_killed(tmp_path, db, nats_cluster):
     urls = [n.url for n in nats_cluster]
     sim = Simulator(tmp_path, tokens=20, rate=2000)
     load_instruments(db, sim.csv)
-    feed = Role(tmp_path, "feed", db, sim.url, urls, log="replicas = 3\n")
-    writer = Role(tmp_path, "writer", db, sim.url, urls, log="replicas = 3\n")
+    long = "lease_ttl = 60.0\nlease_renew = 2.0\n"  # (a leader election within the TTL)
+    feed = Role(tmp_path, "feed", db, sim.url, urls, log="replicas = 3\n", lease=long)
+    writer = Role(tmp_path, "writer", db, sim.url, urls, log="replicas = 3\n", lease=long)
     wait_for(lambda: count_ticks(db) > 2000, timeout=120, what="2000 ticks written")
     victim = nats_cluster[0]
     victim.stop(signal.SIGKILL)  # a crashed node: the other two keep the stream's quorum

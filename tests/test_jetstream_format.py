@@ -88,6 +88,16 @@ def _restore_logging():
     ('servers = ["nats://h:4222"]\ncredentials_file = "/nonexistent/x.creds"',
      "log.credentials_file"),
     ('servers = ["nats://h:4222"]\nsurprise = 1', "log.surprise"),
+    ('servers = ["nats://h:4222"]\nlease_ttl = 0.1', "log.lease_ttl"),
+    ('servers = ["nats://h:4222"]\nrole = "reader"', "log.role"),
+    ('role = "writer"', "log.role"),
+    ('servers = ["nats://h:4222"]\nlease_ttl = inf', "log.lease_ttl"),
+    ('servers = ["nats://h:4222"]\nlease_renew = 0.0', "log.lease_renew"),
+    ('servers = ["nats://h:4222"]\nlease_ttl = 6.0\nlease_renew = 2.5', "log.lease_renew"),
+    ('servers = ["nats://h:4222"]\nfeed_lease = 1', "log.feed_lease"),
+    ('servers = ["nats://h:4222"]\npublish_candles = "yes"', "log.publish_candles"),
+    ('servers = ["nats://h:4222"]\ncandles_prefix = "c.*"', "log.candles_prefix"),
+    ('servers = ["nats://h:4222"]\ncandles_prefix = "ingestor.candles"', "log.candles_prefix"),
 ])
 def test_bad_log_settings_refused_naming_the_key(tmp_path, capsys, body, key):
     cfg = tmp_path / "c.toml"
@@ -96,6 +106,14 @@ def test_bad_log_settings_refused_naming_the_key(tmp_path, capsys, body, key):
         config_mod.load(str(cfg))
     assert main(["run", "--config", str(cfg), "--role", "feed"]) == 2
     assert key in capsys.readouterr().err
+
+
+def test_accepting_a_new_log_stream_is_for_writers(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[feed]\ntokens = [1]\n[log]\nservers = ["nats://h:4222"]\n')
+    assert main(["run", "--config", str(cfg), "--role", "feed",
+                 "--accept-new-log-stream"]) == 2
+    assert "--accept-new-log-stream" in capsys.readouterr().err
 
 
 def test_role_needs_the_log(tmp_path, capsys):

@@ -248,6 +248,9 @@ class LogConfig(_Base):
 
     #: nats:// or tls:// URLs of the JetStream servers (no credentials in them)
     servers: list[str] = []
+    #: the process's role when ``ingestor run`` has no ``--role``: "feed", "writer" or ""
+    #: (everything in one process); one config file per process (deploy/systemd/ingestor@)
+    role: str = ""
     stream: str = "INGESTOR"
     #: subjects: ``<subject_prefix>.raw.<connection label>``
     subject_prefix: str = "ingestor"
@@ -275,6 +278,21 @@ class LogConfig(_Base):
     credentials_file: str | None = None
     #: a CA file for tls:// servers
     tls_ca_file: str | None = None
+    #: leases (JetStream key-value bucket ``<stream>-leases``, its TTL this): one writer per
+    #: subject, and with ``feed_lease`` one feed process per connection; a holder that has
+    #: not renewed for ``lease_ttl - lease_renew`` seconds stops at once (exit 1)
+    lease_ttl: float = 10.0
+    #: seconds between renewals (and between a standby's attempts): at most lease_ttl / 3
+    lease_renew: float = 2.0
+    #: feed processes take a lease per connection (standby feeds wait for it); a feed with a
+    #: lease stops receiving when it cannot reach the log for lease_ttl, one without keeps
+    #: receiving into its spool
+    feed_lease: bool = False
+    #: the writer publishes each closed candle after its commit on
+    #: ``<candles_prefix>.<timeframe>.<instrument token>`` (core NATS, JSON; README)
+    publish_candles: bool = False
+    #: outside ``<subject_prefix>.>`` (that is the raw log's stream)
+    candles_prefix: str = "ingestor-candles"
 
     @property
     def enabled(self) -> bool:
@@ -634,6 +652,12 @@ _SUBJECT = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}")
 def _check_log(g: LogConfig) -> None:
     from urllib.parse import urlsplit
 
+    if g.role not in ("", "feed", "writer"):
+        raise ConfigError(f"log.role = {_show(g.role)}: want \"feed\", \"writer\" or \"\" "
+                          "(everything in one process)")
+    if g.role and not g.servers:
+        raise ConfigError(f"log.role = {_show(g.role)}: needs the log: set log.servers")
+
     for url in g.servers:
         try:
             parts = urlsplit(url)
@@ -669,6 +693,23 @@ def _check_log(g: LogConfig) -> None:
     _number("log.ack_timeout", g.ack_timeout, 0, 600)
     _number("log.ack_wait", g.ack_wait, 0, 86400)
     _integer("log.max_ack_pending", g.max_ack_pending, 1, 1 << 24, " messages")
+    _number("log.lease_ttl", g.lease_ttl, 0.5, 3600)
+    _number("log.lease_renew", g.lease_renew, 0, 1200)
+    if g.lease_renew > g.lease_ttl / 3:
+        raise ConfigError(f"log.lease_renew = {g.lease_renew!r}: more than a third of "
+                          f"log.lease_ttl = {g.lease_ttl!r} (a holder must renew at least "
+                          "twice before it stops itself)")
+    for key in ("feed_lease", "publish_candles"):
+        if not isinstance(getattr(g, key), bool):
+            raise ConfigError(f"log.{key} = {_show(getattr(g, key))}: want true or false")
+    if not isinstance(g.candles_prefix, str) or not _SUBJECT.fullmatch(g.candles_prefix):
+        raise ConfigError(f"log.candles_prefix = {_show(g.candles_prefix)}: want dot-separated "
+                          "tokens of A-Z a-z 0-9 _ - (no wildcards)")
+    if g.candles_prefix == g.subject_prefix or \
+            g.candles_prefix.startswith(g.subject_prefix + "."):
+        raise ConfigError(f"log.candles_prefix = {_show(g.candles_prefix)}: inside "
+                          f"log.subject_prefix = {_show(g.subject_prefix)} (the raw log's "
+                          "stream would store the candles)")
     for key in ("credentials_file", "tls_ca_file"):
         path = getattr(g, key)
         if path is not None and not os.path.isfile(path):

@@ -536,7 +536,7 @@ class Daemon:
                 self.queue.task_done()
             return b
 
-        def written(b: FlushBatch, outcome: str, seconds: float) -> None:
+        async def written(b: FlushBatch, outcome: str, seconds: float) -> None:
             # in commit order, one call per batch taken (Writer.write_all)
             try:
                 self._count_postback_letters(b, outcome == "written")
@@ -554,10 +554,15 @@ class Daemon:
                 if sp is not None:
                     sp.release(b.last_seq)
                 m.db_up.set(1)
+                await self._after_commit(b, outcome)
             finally:
                 self.queue.task_done()
 
         await self.writer.write_all(take, written)
+
+    async def _after_commit(self, b: FlushBatch, outcome: str) -> None:
+        """What follows a batch's commit, in commit order (the writer role publishes its
+        closed candles: ``ingestor.pipeline.log_source``)."""
 
     async def _gaps(self) -> None:
         """Record feed gaps (retried)."""
@@ -806,7 +811,7 @@ class Daemon:
                 def task(coro, name):
                     return tg.create_task(self._guard(name, coro), name=name)
 
-                feeds = [task(c.feed.run(self.stop), f"feed-{c.label}") for c in self.connections]
+                feeds = [task(self._run_feed(c), f"feed-{c.label}") for c in self.connections]
                 pipes = task(self._pipelines(), "pipeline")
                 writer = task(self._write(), "writer")
                 side = [task(self._gaps(), "gaps"), task(self._mark_to_market(), "mark-to-market"),
@@ -870,6 +875,11 @@ class Daemon:
             reconnect_max=f.reconnect_max, rejected_retry=f.rejected_retry,
             connect_timeout=f.connect_timeout, ping_interval=f.ping_interval,
             refresh=p.refresh)
+
+    async def _run_feed(self, conn: Connection) -> None:
+        """One connection's feed until stopped (a feed role with leases takes its lease
+        first: ``ingestor.feed.jetstream``)."""
+        await conn.feed.run(self.stop)
 
     async def _guard(self, name: str, coro):
         """Run one of the daemon's tasks; a failure is said once, loudly, with the task's name,

@@ -75,6 +75,9 @@ class Metrics:
         self.log_malformed = Counter("ingestor_log_malformed", "Messages on a raw subject that are not capture records, set aside (writer role)", registry=r)
         self.log_gaps = Counter("ingestor_log_gaps", "Runs of a capture stream's messages the writer waited for in vain and went on without (writer role)", registry=r)
         self.log_pending = Gauge("ingestor_log_pending", "Messages of the subject not yet delivered to this writer (consumer lag)", ["connection"], registry=r)
+        self.log_lease = Gauge("ingestor_log_lease", "1 while this process holds the lease of the key (writer.<subject> or feed.<connection>), 0 while it waits as a standby", ["key"], registry=r)
+        self.log_candles_published = Counter("ingestor_log_candles_published", "Closed candles published after their commit (writer role, log.publish_candles)", registry=r)
+        self.log_stream_replaced = Gauge("ingestor_log_stream_replaced", "1 when the log's stream was deleted and re-created under the writer (it stops)", registry=r)
         self.market = MarketCollector(sessions=sessions)
         r.register(self.market)
         from ingestor import __version__

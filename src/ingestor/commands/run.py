@@ -27,7 +27,11 @@ def add_parser(sub) -> None:
     p.add_argument("--spool-dir", help="spool directory")
     p.add_argument("--role", choices=("feed", "writer"),
                    help="with [log] configured: feed (broker -> spool -> JetStream) or writer "
-                   "(JetStream -> pipeline -> database); default: everything in one process")
+                   "(JetStream -> pipeline -> database); default: the config's log.role, else "
+                   "everything in one process")
+    p.add_argument("--accept-new-log-stream", action="store_true",
+                   help="(--role writer) the log's stream was deleted and re-created: an "
+                   "operator checked what the old one held; read the new one")
     p.set_defaults(func=run)
 
 
@@ -152,7 +156,9 @@ def run(args) -> int:
         cfg = config_mod.load(args.config)
         apply_flags(cfg, args)
         config_mod.validate(cfg)
-        role = getattr(args, "role", None)
+        role = getattr(args, "role", None) or cfg.log.role or None
+        if getattr(args, "accept_new_log_stream", False) and role != "writer":
+            raise config_mod.ConfigError("--accept-new-log-stream: only with --role writer")
         if role and not cfg.log.enabled:
             raise config_mod.ConfigError(f"--role {role}: needs the log: set log.servers in "
                                          "the config ([log] table)")
@@ -202,7 +208,8 @@ def run(args) -> int:
             if role == "writer":
                 from ingestor.pipeline.log_source import writer_role
 
-                return await writer_role(cfg, dsn, plans, spool).run()
+                return await writer_role(cfg, dsn, plans, spool, accept_new_stream=getattr(
+                    args, "accept_new_log_stream", False)).run()
             return await Daemon(cfg, dsn, plans, spool=spool).run()
 
         from ingestor.metrics import warn_debug_build

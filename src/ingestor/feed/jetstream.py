@@ -38,6 +38,7 @@ import re
 from typing import Iterator
 
 from ingestor.feed.capture import KIND_BINARY, KIND_TEXT, RECORD_HEADER
+from ingestor.feed.lease import Lease, holder_id
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +425,48 @@ def feed_role(cfg, dsn, plans, spool):
             self.publishers: dict[str, Publisher] = {}
             self.metrics.log_up.set_function(
                 lambda: 1 if self.nc is not None and self.nc.is_connected else 0)
+            self.holder = holder_id("feed")
+            self.leases: dict[str, Lease] = {}
+            self._keepers: list[asyncio.Task] = []
+            #: the lease bucket, once the log answers (``log.feed_lease``)
+            self.kv = None
+            self._kv_ready = asyncio.Event()
+
+        async def _run_feed(self, conn) -> None:
+            """With ``log.feed_lease``: the connection's lease first (a standby waits here,
+            not connected to the broker); a gap from the previous holder's last renewal to
+            this connection is recorded in ``feed_gaps``."""
+            g = self.cfg.log
+            if not g.feed_lease:
+                return await super()._run_feed(conn)
+            waiter = asyncio.ensure_future(self._kv_ready.wait())
+            stopper = asyncio.ensure_future(self.stop.wait())
+            try:
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+            if self.stop.is_set():
+                return
+            lease = Lease(self.kv, f"feed.{conn.label}", g, self.holder, f"feed {conn.label}",
+                          metrics=self.metrics,
+                          stream_of=lambda: conn.streams[-1].stream if conn.streams else "")
+            self.leases[conn.label] = lease
+            if not await lease.take(self.stop):
+                return
+            if lease.previous is not None and conn.gap_start is None:
+                conn.gap_start = (lease.previous.stream or None, lease.previous_since_ns,
+                                  f"feed process {lease.previous.holder} stopped renewing "
+                                  "its lease; a standby took over")
+            self._keepers.append(asyncio.get_running_loop().create_task(
+                lease.keep(), name=f"lease-{conn.label}"))
+            await super()._run_feed(conn)
+
+        def _on_connect(self, conn, stream: str) -> None:
+            super()._on_connect(conn, stream)
+            lease = self.leases.get(conn.label)
+            if lease is not None and lease.held:
+                lease.renew_soon()  # the lease names the new stream (a standby's gap row)
 
         async def _prepare_early(self) -> None:
             return  # no pipeline in this process
@@ -443,6 +486,13 @@ def feed_role(cfg, dsn, plans, spool):
             js = self.nc.jetstream(publish_async_max_pending=2 * g.max_in_flight + 16)
             if await _retry_setup(lambda: ensure_stream(js, g), self.stop) is None:
                 return  # stopped first: the spool keeps everything for the next start
+            if g.feed_lease:
+                from ingestor.feed.lease import lease_bucket
+
+                self.kv = await _retry_setup(lambda: lease_bucket(js, g), self.stop)
+                if self.kv is None:
+                    return
+                self._kv_ready.set()
             max_payload = self.nc.max_payload or (1 << 20)
             lefts: dict[str, list] = {}
             for sp in self.leftovers:
@@ -497,12 +547,23 @@ def feed_role(cfg, dsn, plans, spool):
             body["role"] = "feed"
             body["log"] = log_up
             body["log_in_flight"] = {k: len(p.window) for k, p in self.publishers.items()}
+            if self.cfg.log.feed_lease:
+                body["leases"] = {k: ("active" if v.held else "standby")
+                                  for k, v in self.leases.items()}
+                # a standby is healthy while it waits (its feeds are not connected by design)
+                ok = (log_up and not body["spool_alarm"] and body["spool_error"] is None
+                      and body["failed"] is None and not body["spool_damaged"]["stretches"]
+                      and all(body["feeds"][k] for k, v in self.leases.items() if v.held))
             return ok, body
 
         async def run(self) -> int:
             try:
                 return await super().run()
             finally:
+                for t in self._keepers:
+                    t.cancel()
+                for lease in self.leases.values():  # published and stopped: a standby may go
+                    await lease.release()
                 if self.nc is not None:
                     await _close(self.nc)
 

@@ -16,6 +16,14 @@ at or before the database's offsets, and skips what the database has: the
 position is the database's, the consumer only saves rereading.  A malformed
 message (no capture-record headers) is counted, logged with its JetStream
 sequence number and terminated (kept in the stream, never redelivered).
+
+One writer per subject: a subject is read only by the holder of its lease
+(``ingestor.feed.lease``); a standby waits for it, then seeds the subject's
+pipeline from what is committed.  The stream's identity (its creation time) is
+kept in ``stream_offsets``: a stream deleted or re-created stops the writer
+(``--accept-new-log-stream`` after an operator's check).  With
+``log.publish_candles`` each batch's closed candles are published after its
+commit (``ingestor.pipeline.candles_out``).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import time
 from ingestor.feed.capture import RECORD_HEADER
 from ingestor.feed.jetstream import (MalformedMessage, _close, _retry_setup, connect_retrying,
                                      decode_message, ensure_stream, subject_of)
+from ingestor.feed.lease import Lease, holder_id, lease_bucket
 from ingestor.pipeline.driver import Driver
 
 log = logging.getLogger(__name__)
@@ -96,12 +105,21 @@ class _Runs:
             self.buf = bytearray()
 
 
-def writer_role(cfg, dsn, plans, spool):
+#: the ``stream_offsets`` row keeping the log stream's identity (its creation time, µs since
+#: the epoch): no capture stream id has a ``:``
+IDENTITY = "log-stream:{}"
+
+
+def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
     """``ingestor run --role writer``: the daemon's pipeline and writer fed from the log.
 
     ``plans``: the feeds as the feed processes run them (credentials unused): each
-    connection's label names its subject, its tokens seed its pipeline."""
+    connection's label names its subject, its tokens seed its pipeline (when this process
+    takes the subject's lease: a standby seeds from what the active writer committed).
+    ``accept_new_stream``: the log's stream was re-created and an operator checked what
+    the old one held (``--accept-new-log-stream``): record the new one's identity."""
     import nats.errors
+    import nats.js.errors
 
     from ingestor.daemon import Daemon
 
@@ -122,31 +140,145 @@ def writer_role(cfg, dsn, plans, spool):
             self._ack_tasks: set[asyncio.Task] = set()
             self.metrics.log_up.set_function(
                 lambda: 1 if self.nc is not None and self.nc.is_connected else 0)
+            self.holder = holder_id("writer")
+            self.leases: dict[str, Lease] = {}
+            self._keepers: list[asyncio.Task] = []
+            #: the log stream's creation time (µs) as this writer found it at its start
+            self.stream_created: int | None = None
+            self._checked_at = 0.0
+            self.candles = None
+            if cfg.log.publish_candles:
+                from ingestor.pipeline.candles_out import CandlePublisher
+
+                self.candles = CandlePublisher(cfg.log.candles_prefix, self.settings.timeframes,
+                                               self.metrics)
+
+        async def _after_commit(self, b, outcome: str) -> None:
+            if self.candles is not None and outcome == "written":
+                await self.candles.committed(b)
 
         async def _live_drivers(self, setup) -> None:
+            return  # each subject's pipeline is seeded once its lease is taken (_seed)
+
+        async def _seed(self, s) -> bool:
+            """The subject's pipeline, seeded from what is committed now (False: stopped
+            before the database answered)."""
             loop = asyncio.get_running_loop()
-            for s in self.subjects:
+            setup = await self._wait_for_database()
+            if setup is None:
+                return False
+            try:
                 pl = await loop.run_in_executor(None, self._new_pipeline, s.label, setup,
                                                 s.tokens)
-                s.driver = Driver(pl, self.queue, self.pool,
-                                  flush_interval=self.cfg.pipeline.flush_interval,
-                                  open_candle_interval=self.cfg.pipeline.open_candle_interval)
+            finally:
+                await loop.run_in_executor(None, setup.close)
+            if self.candles is not None:
+                pl.keep_closed = True
+            s.driver = Driver(pl, self.queue, self.pool,
+                              flush_interval=self.cfg.pipeline.flush_interval,
+                              open_candle_interval=self.cfg.pipeline.open_candle_interval)
+            return True
 
         async def _pipelines(self) -> None:
-            if not all(s.driver is not None for s in self.subjects):
-                await self._recover_then_seed()  # leftovers of a local spool, then seed
-                if not all(s.driver is not None for s in self.subjects):
+            if not self.pipeline_ready:
+                await self._recover_then_seed()  # leftovers of a local spool first
+                if not self.pipeline_ready:
                     return
             g = self.cfg.log
             self.nc = await connect_retrying(g, "ingestor-writer", self.stop)
             if self.nc is None:
                 return
+            if self.candles is not None:
+                self.candles.nc = self.nc
             js = self.nc.jetstream()
-            if await _retry_setup(lambda: ensure_stream(js, g), self.stop) is None:
+            info = await _retry_setup(lambda: ensure_stream(js, g), self.stop)
+            if info is None:
+                return
+            if not await self._same_identity(info):
+                return
+            kv = await _retry_setup(lambda: lease_bucket(js, g), self.stop)
+            if kv is None:
                 return
             async with asyncio.TaskGroup() as tg:
                 for s in self.subjects:
-                    tg.create_task(self._consume(js, s), name=f"log-{s.label}")
+                    tg.create_task(self._consume(js, kv, s), name=f"log-{s.label}")
+
+        def _replaced(self, line: str) -> None:
+            """Stop loudly: one line, exit status 1, nothing more read from the log."""
+            self.metrics.log_stream_replaced.set(1)
+            if self.failed is None:
+                self.failed = line
+                log.error("%s", line)
+            self._request_stop("log stream replaced")
+
+        async def _same_identity(self, info) -> bool:
+            """The stream is the one the writers read before (its creation time, kept in
+            ``stream_offsets``), or the first one: recorded.  A stream deleted and
+            re-created numbers its messages from 1 again, and what the old one held that
+            no writer committed is gone (its feeds released it from their spools): that
+            needs a person, so the writer stops rather than go on past a silent loss."""
+            from ingestor.store.offsets import NONE, aadvance, acommitted
+
+            g = self.cfg.log
+            created = _created_us(info)
+            self.stream_created = created
+            if created is None:
+                return True  # (a server that does not say: nothing to compare)
+            key = IDENTITY.format(g.stream)
+
+            async def check(c):
+                had = await acommitted(c, key)
+                if had == NONE:
+                    await aadvance(c, key, created)
+                elif had != created and accept_new_stream:
+                    await c.execute("UPDATE stream_offsets SET committed_seq = %s, "
+                                    "updated_at = now() WHERE stream = %s", (created, key))
+                    log.warning("log stream %s: accepted as new (created %s; the writers "
+                                "read the one created %s before)", g.stream, _iso(created),
+                                _iso(had))
+                    return NONE
+                return had
+
+            had = await _retry_db(lambda: self.side.run(check))
+            if had not in (NONE, created):
+                self._replaced(
+                    f"log stream {g.stream} was deleted and re-created (created {_iso(created)}; "
+                    f"the writers read the one created {_iso(had)}): its sequence numbers "
+                    "restarted and what the old one held uncommitted may be lost; check "
+                    "feed_gaps and the feeds' spools, then start one writer with "
+                    "--accept-new-log-stream")
+                return False
+            return True
+
+        async def _check_stream(self, js) -> bool:
+            """(A read from the log failed) the stream still the one found at the start?
+            False: it was deleted or replaced (said, stopping)."""
+            from nats.js.errors import NotFoundError
+
+            now = time.monotonic()
+            if now - self._checked_at < 1.0:
+                return True
+            self._checked_at = now
+            g = self.cfg.log
+            try:
+                info = await js.stream_info(g.stream)
+            except NotFoundError:
+                self._replaced(f"log stream {g.stream} was deleted under the writer: what it "
+                               "held uncommitted may be lost; stopping (a stream created again "
+                               "is refused until --accept-new-log-stream)")
+                return False
+            except Exception:  # noqa: BLE001 - the log away: the fetch is tried again
+                return True
+            created = _created_us(info)
+            if created is not None and self.stream_created is not None and \
+                    created != self.stream_created:
+                self._replaced(
+                    f"log stream {g.stream} was deleted and re-created under the writer "
+                    f"(created {_iso(created)}, was {_iso(self.stream_created)}): its sequence "
+                    "numbers restarted and what the old one held uncommitted may be lost; "
+                    "check, then start one writer with --accept-new-log-stream")
+                return False
+            return True
 
         async def _subscribe(self, js, s):
             """The subject's durable consumer, made anew from its acknowledgement floor: a
@@ -177,7 +309,18 @@ def writer_role(cfg, dsn, plans, spool):
             return await js.pull_subscribe(subject, durable=durable, stream=g.stream,
                                            config=config)
 
-        async def _consume(self, js, s) -> None:
+        async def _consume(self, js, kv, s) -> None:
+            """The subject's lease (a standby waits here), its pipeline, then its messages."""
+            lease = Lease(kv, f"writer.{s.label}", self.cfg.log, self.holder,
+                          f"writer of {s.label}", metrics=self.metrics)
+            self.leases[s.label] = lease
+            if not await lease.take(self.stop):
+                return
+            # renewed until the process ends (the last batches commit after this returns)
+            self._keepers.append(asyncio.get_running_loop().create_task(
+                lease.keep(), name=f"lease-{s.label}"))
+            if not await self._seed(s):
+                return
             driver: Driver = s.driver
             interval = self.cfg.pipeline.flush_interval
             errors = 0
@@ -195,9 +338,17 @@ def writer_role(cfg, dsn, plans, spool):
                     errors = 0
                 except (nats.errors.TimeoutError, TimeoutError):
                     msgs = []
+                    # a fetch from a deleted stream only times out: look (once a second)
+                    if not await self._check_stream(js):
+                        break
                 except (nats.errors.Error, OSError) as exc:
                     # the log away (a node restarting, a leader moving): what is pending in
-                    # the pipeline is flushed meanwhile; the fetch is tried again
+                    # the pipeline is flushed meanwhile; the fetch is tried again.  A stream
+                    # deleted (and re-created) under the writer stops it
+                    if not await self._check_stream(js):
+                        break
+                    if isinstance(exc, nats.js.errors.NotFoundError):
+                        psub = None  # the consumer is gone (deleted): made again
                     errors += 1
                     if errors == 1:
                         log.warning("%s: cannot read the log (%s: %s); retrying", s.label,
@@ -335,6 +486,8 @@ def writer_role(cfg, dsn, plans, spool):
             body["role"] = "writer"
             body["log"] = log_up
             body["log_malformed"] = self.malformed
+            body["leases"] = {k: ("active" if v.held else "standby")
+                              for k, v in self.leases.items()}
             return ok and log_up, body
 
         async def run(self) -> int:
@@ -343,10 +496,32 @@ def writer_role(cfg, dsn, plans, spool):
             finally:
                 if self._ack_tasks:
                     await asyncio.wait(list(self._ack_tasks), timeout=5)
+                for t in self._keepers:
+                    t.cancel()
+                for lease in self.leases.values():  # everything committed: a standby may go
+                    await lease.release()
                 if self.nc is not None:
                     await _close(self.nc)
 
     return WriterRole()
+
+
+def _created_us(info) -> int | None:
+    import datetime as dt
+
+    c = getattr(info, "created", None)
+    if c is None:
+        return None
+    if c.tzinfo is None:
+        c = c.replace(tzinfo=dt.timezone.utc)
+    return (c - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+
+
+def _iso(us: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc).isoformat(
+        timespec="microseconds").replace("+00:00", "Z")
 
 
 async def _retry_db(fn):

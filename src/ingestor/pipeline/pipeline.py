@@ -76,6 +76,9 @@ class FlushBatch:
     #: side), one row per packet, timed by its receive time (see ``Pipeline``)
     depth20: bytes = b""
     n_depth20: int = 0
+    #: the candles this batch closed (``CANDLE_DTYPE``), kept only with the pipeline's
+    #: ``keep_closed`` (the writer role publishes them after the commit); None otherwise
+    closed: object = None
 
     @property
     def nbytes(self) -> int:
@@ -148,6 +151,11 @@ class Pipeline:
         self._retracted: list = []
         #: latest price of every instrument: {instrument_id: (raw, divisor)} (for positions)
         self.latest: dict[int, tuple[int, int]] = {}
+        #: keep each batch's closed candles in ``FlushBatch.closed`` (not the forming ones a
+        #: final flush writes out)
+        self.keep_closed = False
+        self._closed: list = []
+        self._final = False
         self._begin()
 
     # -- state ---------------------------------------------------------------
@@ -340,6 +348,8 @@ class Pipeline:
                 self._enc_new_candles.encode_rows(_in_key_order(candles[new], *_CANDLE_KEY))
                 self._enc_candles.encode_rows(candles[~new])
             self._n_new += k
+            if self.keep_closed and not self._final:
+                self._closed.append(candles.copy())
         if len(snaps):
             self._enc_snaps.encode_rows(_in_key_order(snaps, "instrument_id", "time_us"))
         if eng.n_retractions:
@@ -399,9 +409,14 @@ class Pipeline:
         """
         self._consume_pending()
         if final:
-            while not self.engine.flush():
+            self._drain()  # (candles closed before the flush are closed ones)
+            self._final = True
+            try:
+                while not self.engine.flush():
+                    self._drain()
                 self._drain()
-            self._drain()
+            finally:
+                self._final = False
         elif open_candles and self._last_seq >= self._first_seq:
             # (with no message since the last batch the forming candles have not changed)
             oc = self.engine.open_candles()
@@ -442,6 +457,10 @@ class Pipeline:
                            retracted=self._retracted, new_candles=payloads[3],
                            n_new_candles=self._n_new, n_dense_ticks=dense,
                            dense_bytes=split, depth20=depth20, n_depth20=self._n_depth20)
+        if self._closed:
+            batch.closed = (self._closed[0] if len(self._closed) == 1
+                            else np.concatenate(self._closed))
+            self._closed = []
         self._texts = []
         self._retracted = []
         self.totals["ticks"] += self._n[0]

@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import json
 import logging
 import os
@@ -487,7 +488,7 @@ class Writer:
                 await self._fatal(batch, reason, sqlstate_of(exc))
 
     async def write_all(self, take: Callable[[], Awaitable[FlushBatch | None]],
-                        on_written: Callable[[FlushBatch, str, float], None] | None = None
+                        on_written: Callable[[FlushBatch, str, float], object] | None = None
                         ) -> None:
         """Write the batches ``take()`` returns until it returns None, in order.
 
@@ -500,7 +501,8 @@ class Writer:
         error, retries, sets aside or stops exactly as always.  The only lock N+1's rows can
         hold that N may wait for is TimescaleDB's when both create the same chunk: N+1 finds
         that out (``pg_blocking_pids``) while it waits and rolls back, and is written again
-        after N.  ``on_written(batch, outcome, seconds)`` is called in commit order.
+        after N.  ``on_written(batch, outcome, seconds)`` is called in commit order (and
+        awaited when it returns an awaitable: what must follow a commit, in order).
         """
         inflight: collections.deque = collections.deque()
         taking: asyncio.Future | None = None
@@ -552,7 +554,7 @@ class Writer:
         t0 = time.perf_counter()
         outcome = await self.write(b)
         if on_written is not None:
-            on_written(b, outcome, time.perf_counter() - t0)
+            await _maybe_await(on_written(b, outcome, time.perf_counter() - t0))
 
     async def _free_conn(self, inflight) -> psycopg.AsyncConnection:
         """The connection no batch in flight uses, open."""
@@ -577,7 +579,7 @@ class Writer:
             if len(self.stats.flush_seconds) > 10_000:
                 del self.stats.flush_seconds[:5_000]
             if on_written is not None:
-                on_written(f.batch, outcome, seconds)
+                await _maybe_await(on_written(f.batch, outcome, seconds))
             return
         except asyncio.CancelledError:
             if not f.task.cancelled():  # this call itself is cancelled
@@ -848,6 +850,11 @@ async def _stage_candles(cur, b: FlushBatch) -> None:
     for payload in (b.new_candles, b.candles):
         if payload:
             await _copy(cur, SQL_COPY_STAGE, payload)
+
+
+async def _maybe_await(result) -> None:
+    if inspect.isawaitable(result):
+        await result
 
 
 async def _copy(cur, sql: str, data) -> None:
