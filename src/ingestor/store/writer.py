@@ -714,6 +714,15 @@ class Writer:
         while the batch before is still in its transaction (see ``write_all``)."""
         dense = b.n_dense_ticks if self.direct and b.in_order else 0
         async with conn.cursor() as cur:
+            if b.new_candles:
+                await _copy(cur, SQL_COPY_CANDLES, b.new_candles)
+            if b.n_snapshots and not b.retracted:
+                await _copy(cur, SQL_COPY_SNAPS, b.snapshots)
+            if b.depth20:  # rows of their own: each DEPTH packet's time is new per instrument
+                await _copy(cur, SQL_COPY_DEPTH20, b.depth20)
+            # The ticks last: on TimescaleDB a COPY into tick_data holds the hypertable's
+            # ShareUpdateExclusiveLock to the end of the transaction, so the next batch's
+            # tick COPY waits for this commit; its candles and books go in meanwhile.
             if b.n_ticks > dense:
                 await self._copy_ticks(cur, b, dense, direct=False)
             if dense:
@@ -721,12 +730,6 @@ class Writer:
                 await cur.execute(SQL_DIRECT_ON)
                 await self._copy_ticks(cur, b, dense, direct=True)
                 await cur.execute(SQL_DIRECT_OFF)
-            if b.new_candles:
-                await _copy(cur, SQL_COPY_CANDLES, b.new_candles)
-            if b.n_snapshots and not b.retracted:
-                await _copy(cur, SQL_COPY_SNAPS, b.snapshots)
-            if b.depth20:  # rows of their own: each DEPTH packet's time is new per instrument
-                await _copy(cur, SQL_COPY_DEPTH20, b.depth20)
 
     async def _locking(self, conn, b: FlushBatch) -> None:
         """The batch's statements that update rows an earlier batch may hold (candle and
