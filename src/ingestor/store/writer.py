@@ -581,11 +581,8 @@ class Writer:
             if on_written is not None:
                 await _maybe_await(on_written(f.batch, outcome, seconds))
             return
-        except asyncio.CancelledError:
-            if not f.task.cancelled():  # this call itself is cancelled
-                raise
-            exc: BaseException = asyncio.CancelledError()
         except Exception as e:  # noqa: BLE001 - every failure is redone by write()
+            # (not a cancellation: only this call's own, which cancels the batch with it)
             exc = e
         inflight.popleft()
         # The batches after it roll back (they wait for it): let them finish, so that no
