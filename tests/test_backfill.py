@@ -282,3 +282,34 @@ def test_park_keeps_an_instruments_state_out_of_flushes():
     assert len(eng.take_state()) == 1 and eng.flush() and eng.n_candles == 1
     assert eng.last_times(np.array([256265, 1], np.uint32)).tolist() == [
         t, np.iinfo(np.int64).min]
+
+
+def test_a_refused_backfill_is_set_aside_and_applied_later(db, captures, tmp_path):
+    """A backfill batch the database refuses for its data goes to the dead-letter folder
+    whole (its backfill rows and buckets too); `ingestor dead-letter replay` applies it as
+    the writer would have: own times, nothing twice, candles equal SQL."""
+    from ingestor.commands.deadletter import replay_folder
+
+    replay(str(captures["newer"]), db, settings=SETTINGS, progress=False)
+    with psycopg.connect(db, autocommit=True) as conn:
+        newest = conn.execute("SELECT min(time) FROM tick_data").fetchone()[0]
+        conn.execute("CREATE FUNCTION refuse_old() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                     "BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '22023'; END $$")
+        conn.execute(f"CREATE TRIGGER refuse_old BEFORE INSERT ON tick_data FOR EACH ROW "
+                     f"WHEN (NEW.time < '{newest.isoformat()}') EXECUTE FUNCTION refuse_old()")
+    dead = tmp_path / "dead"
+    r = replay(str(captures["older"]), db, settings=SETTINGS, progress=False,
+               dead_letter_dir=str(dead))
+    assert r.dead_letters >= 1 and r.backfill_ticks < 6_000
+    assert list(dead.glob("*.backfill_ticks.copy"))
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER refuse_old ON tick_data")
+    done = replay_folder(db, str(dead))
+    assert done and all(e.error is None for e in done)
+    assert sum(e.ticks_added for e in done) > 0
+    assert not replay_folder(db, str(dead))     # applied once
+    own = _own_times(captures["older"])
+    with psycopg.connect(db) as conn:
+        stored = _stored(conn)
+        assert set(own) <= stored and len(stored) == 16_000 == _assert_unique(conn)
+        assert_candles_equal_sql(conn)

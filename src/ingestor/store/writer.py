@@ -353,7 +353,9 @@ class DeadLetters:
         os.makedirs(self.path, exist_ok=True)
         base = os.path.join(self.path, f"{batch.stream}-{batch.first_seq}-{batch.last_seq}")
         for name, data in (("ticks", batch.ticks), ("candles", batch.candles),
-                           ("new_candles", batch.new_candles), ("snapshots", batch.snapshots)):
+                           ("new_candles", batch.new_candles), ("snapshots", batch.snapshots),
+                           ("backfill_ticks", batch.backfill_ticks),
+                           ("backfill_snapshots", batch.backfill_snapshots)):
             if data:
                 with open(f"{base}.{name}.copy", "wb") as f:
                     f.write(data)
@@ -362,6 +364,10 @@ class DeadLetters:
                 "snapshots": batch.n_snapshots, "texts": len(batch.texts),
                 "set_aside_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "note": "each .copy file is a PostgreSQL binary COPY payload for its table"}
+        if batch.backfill_clock is not None:
+            c = batch.backfill_clock
+            meta["backfill_clock"] = {"labels": c["labels"], "strides_us": c["strides_us"],
+                                      "origin": c["origin"].isoformat()}
         with open(f"{base}.json", "w") as f:
             json.dump(meta, f, indent=2)
         if batch.texts:
