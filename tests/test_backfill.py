@@ -79,6 +79,31 @@ def _own_times(path) -> dict[tuple[int, int], int]:
     return out
 
 
+def _rows_of(payload: bytes, ids: dict[int, int]) -> set[tuple[int, int]]:
+    """(token, time µs) of a binary COPY of tick_data rows, as the server reads it (the
+    first two columns: time, µs since 2000-01-01, and instrument_id)."""
+    import struct
+
+    from ingestor.pipeline import tables
+
+    assert [c[0] for c in tables.TICK_COLUMNS[:2]] == ["time", "instrument_id"]
+    token_of = {i: t for t, i in ids.items()}
+    out, pos = set(), 19
+    while True:
+        (nf,) = struct.unpack_from(">h", payload, pos)
+        pos += 2
+        if nf == -1:
+            return out
+        fields = []
+        for _ in range(nf):
+            (ln,) = struct.unpack_from(">i", payload, pos)
+            pos += 4
+            fields.append(payload[pos:pos + max(ln, 0)])
+            pos += max(ln, 0)
+        t = struct.unpack(">q", fields[0])[0] + 946_684_800_000_000
+        out.add((token_of[struct.unpack(">i", fields[1])[0]], t))
+
+
 def _stored(conn) -> set[tuple[int, int]]:
     return {(tok, _us(t)) for tok, t in conn.execute(
         "SELECT i.instrument_token, t.time FROM tick_data t "
@@ -246,9 +271,24 @@ def test_a_stream_older_than_the_tolerance_backfills_and_parks_the_clock(capture
     assert b.n_backfill_snapshots > 0 and b.backfill_clock["labels"] == list(
         _core.DEFAULT_TIMEFRAMES)
     # nothing of the main engine's: no candles, no state, its clock where it was
-    assert b.n_candles == 0 and b.n_state == 0
+    assert b.n_candles == 0 and b.n_state == 0 and b.n_snapshots == 0
     assert (pl.engine.last_times(tokens) == stored).all()
     assert pl.totals["backfill_instruments"] == len(tokens)
+    # the ticks are at their own times (strictly increasing per instrument within the stream)
+    own = _own_times(captures["latest"])
+    ids = {t: pl.engine.instrument_id(t) for t in tokens}
+    assert _rows_of(b.backfill_ticks, ids) == set(own)
+
+
+def test_a_backfills_last_books_in_a_batch_covering_no_message(captures):
+    """The final flush's pending books of a backfill, in a batch after the last message's
+    (the writer writes it idempotently): they go with the batch's own snapshots."""
+    pl, _, _ = _pipeline(captures["latest"], BACKFILL_TOLERANCE_US, 3_600_000_000)
+    first = pl.take()
+    assert first.n_backfill_ticks == 4_000 and first.last_seq >= first.first_seq
+    tail = pl.take(final=True)
+    assert tail.last_seq < tail.first_seq
+    assert tail.n_snapshots > 0 and tail.n_backfill_snapshots == 0 and tail.n_state == 0
 
 
 def test_the_daemon_never_backfills(captures):

@@ -221,6 +221,7 @@ def _apply_backfill(conn, payload: bytes, clock: dict | None) -> int:
         raise ValueError("a backfill entry without its backfill_clock (the candle buckets)")
     params = {"labels": clock["labels"], "strides": clock["strides_us"],
               "origin": dt.datetime.fromisoformat(clock["origin"])}
+    conn.execute(w.SQL_BACKFILL_LOCK)
     conn.execute(w.SQL_BACKFILL_STAGE)
     with conn.cursor().copy(w.SQL_COPY_BACKFILL) as cp:
         cp.write(payload)

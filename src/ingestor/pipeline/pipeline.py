@@ -444,7 +444,7 @@ class Pipeline:
             if iid is not None:
                 eng.set_instrument(t, iid)
 
-    def _drain_backfill(self) -> None:
+    def _drain_backfill(self, snapshots_as_own: bool = False) -> None:
         eng = self._bf_engine
         if eng is None:
             return
@@ -458,10 +458,13 @@ class Pipeline:
                 grown[:n] = self._bf_rows[:n]
                 self._bf_rows = grown
             self._bf_rows[n:n + k] = rows
-        if len(snaps):
+        if len(snaps) and snapshots_as_own:
+            self._enc_snaps.encode_rows(snaps)
+            self._n[2] += len(snaps)
+        elif len(snaps):
             self._enc_bf_snaps.encode_rows(snaps)
+            self._bf_n[1] += len(snaps)
         self._bf_n[0] += len(rows)
-        self._bf_n[1] += len(snaps)
         eng.clear()
         self.timings["encode"] += time.perf_counter() - t0
 
@@ -553,10 +556,13 @@ class Pipeline:
                 self._drain()
             self._drain()
             if self._bf_engine is not None:
-                # the backfill's pending books (its candles are recomputed, not written)
+                # the backfill's pending books (its candles are recomputed, not written); in
+                # a batch covering no message (written idempotently, snapshots skipping keys
+                # stored already: the writer's ``_tail``) they go with the batch's own
+                tail = self._last_seq < self._first_seq
                 while not self._bf_engine.flush():
-                    self._drain_backfill()
-                self._drain_backfill()
+                    self._drain_backfill(tail)
+                self._drain_backfill(tail)
         elif open_candles and self._last_seq >= self._first_seq:
             # (with no message since the last batch the forming candles have not changed)
             oc = self.engine.open_candles()

@@ -240,6 +240,12 @@ class _Yield(Exception):
 #   the newest stored tick, never an older one), instead of continuing candles that lack the
 #   backfilled ticks.
 # * its book snapshots skip keys already stored.
+#
+# Backfill transactions take one transaction-scoped advisory lock (``SQL_BACKFILL_LOCK``), so
+# two backfills of overlapping captures running at once are applied one after the other:
+# the second one's anti-join, a statement begun after the lock is granted, sees the first
+# one's rows (READ COMMITTED), and no tick is inserted twice.
+SQL_BACKFILL_LOCK = "SELECT pg_advisory_xact_lock(hashtext('ingestor.backfill'))"
 SQL_BACKFILL_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS ingestor_backfill_stage (LIKE tick_data) "
                       "ON COMMIT DELETE ROWS")
 SQL_COPY_BACKFILL = f"COPY ingestor_backfill_stage ({_TICK_COLS}) FROM STDIN (FORMAT BINARY)"
@@ -965,6 +971,7 @@ async def _write_backfill(cur, b: FlushBatch, stats: WriterStats) -> None:
     from ingestor.store.candle_sql import RECOMPUTE_SQL, SQL_KEYS_TABLE
 
     if b.n_backfill_ticks:
+        await cur.execute(SQL_BACKFILL_LOCK)
         await cur.execute(SQL_BACKFILL_STAGE)
         async with cur.copy(SQL_COPY_BACKFILL) as cp:
             await cp.write(b.backfill_ticks)
