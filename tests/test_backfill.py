@@ -353,3 +353,23 @@ def test_a_refused_backfill_is_set_aside_and_applied_later(db, captures, tmp_pat
         stored = _stored(conn)
         assert set(own) <= stored and len(stored) == 16_000 == _assert_unique(conn)
         assert_candles_equal_sql(conn)
+
+
+def test_a_second_receivers_recording_interleaves_and_candles_stay_exact(db, captures,
+                                                                         tmp_path):
+    """Another receiver's recording of the same session: the same packets, received 0.5 ms
+    later.  Not the same ticks by the table's key (other receive times): stored beside the
+    first recording's, interleaved with them -- so nearly every stored tick's volume increase
+    changes, and the recompute must find every bucket that changed."""
+    for stream in ("newer", "older"):
+        replay(str(captures[stream]), db, settings=SETTINGS, progress=False)
+    shifted = tmp_path / "shifted.cap"
+    with CaptureReader(captures["older"]) as rd, \
+            CaptureWriter(shifted, CaptureHeader(stream="older-shifted")) as w:
+        for rec in rd.records():
+            w.write(rec.payload, rec.kind, rec.recv_ns + 500_000)
+    r = replay(str(shifted), db, settings=SETTINGS, progress=False)
+    assert r.backfill_instruments == 40 and r.backfill_ticks == 8_000
+    with psycopg.connect(db) as conn:
+        assert _assert_unique(conn) == 24_000
+        assert_candles_equal_sql(conn)
