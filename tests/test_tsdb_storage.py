@@ -8,11 +8,13 @@ otherwise).  Background jobs are never waited for (a stock 2.28.3 build on Postg
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 
 import psycopg
 import pytest
 
+import test_backfill
 import test_replay
 from test_db_migrate import _migrations_before, _old_rows
 from ingestor.pipeline import PipelineSettings
@@ -24,6 +26,7 @@ from ingestor.store.migrate import migrate
 pytestmark = pytest.mark.timescale
 
 capture = test_replay.capture  # the same 30,000-tick, 60-instrument capture
+captures = test_backfill.captures  # older and newer captures of the same instruments
 
 
 def _pause_jobs(conn) -> None:
@@ -225,11 +228,12 @@ def test_a_backfill_batch_goes_to_the_rowstore(tsdb, tmp_path):
 
 
 def test_an_older_capture_after_newer_data_reads_right(tsdb, tmp_path):
-    """A capture of an earlier hour replayed after a later one (same instruments): today its
-    ticks are restamped after the instrument's newest (the engine's per-instrument clock,
-    see issue 15 for keeping their own times), so no compressed batches overlap; the ordered
-    reads agree with a full scan."""
+    """A capture of an earlier hour replayed after a later one (same instruments) backfills
+    them: its ticks keep their own times (issue 15) and go to the rowstore, never into
+    compressed batches that would overlap the later hour's; the ordered reads agree with a
+    full scan, and candles equal SQL over the ticks."""
     from ingestor.sim.market import Market
+    from test_backfill import assert_candles_equal_sql
 
     late, early = tmp_path / "late.cap", tmp_path / "early.cap"
     t0 = Market(n_tokens=40, seed=5).clock_ns
@@ -239,17 +243,50 @@ def test_an_older_capture_after_newer_data_reads_right(tsdb, tmp_path):
     generate_capture(early, ticks=8_000, market=Market(n_tokens=40, seed=5, start_ns=t0),
                      stream="early")
     settings = PipelineSettings(flush_rows=4_000, dense_rows=5)
-    for cap in (late, early):
-        assert replay(str(cap), tsdb, settings=settings, progress=False).columnstore_rows > 0
+    first = replay(str(late), tsdb, settings=settings, progress=False)
+    assert first.columnstore_rows > 0 and first.backfill_instruments == 0
+    r = replay(str(early), tsdb, settings=settings, progress=False)
+    assert r.backfill_instruments == 40 and r.backfill_ticks == 8_000
+    assert r.columnstore_rows == 0
     with psycopg.connect(tsdb) as conn:
         n, distinct = conn.execute("SELECT count(*), count(DISTINCT (instrument_id, time)) "
                                    "FROM tick_data").fetchone()
         assert n == distinct == 16_000
+        packed, _, loose = _stored(conn)
+        assert (packed, loose) == (first.columnstore_rows, 8_000 + first.rowstore_rows)
+        # the early hour is stored at its own times, before the late one
+        assert conn.execute("SELECT count(*) FROM tick_data WHERE time < %s",
+                            (test_replay.EPOCH + dt.timedelta(
+                                microseconds=(t0 + 3_600 * 10**9) // 1000),)
+                            ).fetchone()[0] == 8_000
         ids = [r[0] for r in conn.execute("SELECT DISTINCT instrument_id FROM tick_data")]
         mid = conn.execute("SELECT min(time) + (max(time) - min(time)) / 2 "
                            "FROM tick_data").fetchone()[0]
         conn.execute("CREATE TEMP TABLE heap AS SELECT * FROM tick_data")
         assert _reads(conn, "tick_data", ids, mid) == _reads(conn, "heap", ids, mid)
+        assert_candles_equal_sql(conn)
+    # compaction rebuilds the chunks in order: reads still agree, nothing lost or doubled
+    with psycopg.connect(tsdb, autocommit=True) as conn:
+        ts.compact(conn, "tick_data", grace="1 minute")
+        assert _stored(conn)[2] == 0
+        conn.execute("CREATE TEMP TABLE heap AS SELECT * FROM tick_data")
+        assert _reads(conn, "tick_data", ids, mid) == _reads(conn, "heap", ids, mid)
+        assert conn.execute("SELECT count(*), count(DISTINCT (instrument_id, time)) "
+                            "FROM tick_data").fetchone() == (16_000, 16_000)
+
+
+def test_backfill_keeps_its_own_times_on_timescaledb(tsdb, captures):
+    test_backfill.test_an_older_capture_keeps_its_own_times(tsdb, captures)
+
+
+def test_backfill_twice_and_overlapping_once_on_timescaledb(tsdb, captures):
+    test_backfill.test_the_same_backfill_twice_and_overlapping_captures_store_each_tick_once(
+        tsdb, captures)
+
+
+def test_newer_capture_after_a_backfill_on_timescaledb(tsdb, captures):
+    test_backfill.test_a_newer_capture_after_a_backfill_continues_the_live_clock(
+        tsdb, captures)
 
 
 def test_the_servers_refusal_is_caught_counted_and_nothing_lost(tsdb, capture, caplog):

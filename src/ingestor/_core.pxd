@@ -331,6 +331,8 @@ ctypedef struct inst_t:
     uint8_t snap_pending        # books[slot] is the open interval's book, not yet final
     uint8_t snap_stored         # ...and flush() already wrote it (a shutdown mid-interval)
     uint8_t dirty               # changed since the last take_state()
+    uint8_t parked              # its ticks go to another engine (a backfill, ``park``): its
+                                # forming candles, book and state are neither written nor taken
 
 
 # The head of an instrument's continuation state (``Engine.take_state``,

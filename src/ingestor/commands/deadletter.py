@@ -14,6 +14,10 @@ an instrument row added), ``replay`` re-applies each folder entry
   versions would overwrite them.  The candles the batch touched (the keys of its candle
   payload) are recomputed from ``tick_data`` with the candle definition of
   :mod:`ingestor.store.candle_sql` and upserted;
+* **a backfill's ticks** (``.backfill_ticks.copy``: older than the ticks stored for their
+  instruments, with their own times) as the writer writes them: those not stored yet
+  inserted, the candles they touch recomputed, the instruments' forming state released
+  (``ingestor.store.writer``, ``_write_backfill``); their snapshots skip stored keys;
 * **postbacks**: through the order store, which is idempotent (a postback already applied,
   or older than the stored state, changes nothing);
 
@@ -186,6 +190,13 @@ def apply_entry(conn, entry: Entry, store=None) -> None:
                 "ON s.tf = c.timeframe",
                 (labels, [_core.timeframe_us(t) for t in labels]))
             entry.candles_recomputed = conn.execute(RECOMPUTE_SQL).rowcount
+        backfill = _read(f"{base}.backfill_ticks.copy")
+        if backfill:
+            entry.ticks_added += _apply_backfill(conn, backfill, entry.meta.get("backfill_clock"))
+        snaps = _read(f"{base}.backfill_snapshots.copy")
+        if snaps:
+            entry.snapshots_added += _insert_missing(conn, "order_book_snapshots",
+                                                     "ingestor_dl_snaps", snap_cols, snaps)
         texts = _read(f"{base}.texts.jsonl")
         if texts:
             from ingestor.orders.store import OrderStore
@@ -196,6 +207,34 @@ def apply_entry(conn, entry: Entry, store=None) -> None:
             res = store.apply_sync(conn, [ln["text"] for ln in lines],
                                    [(stream, int(ln["seq"])) for ln in lines])
             entry.postbacks = res.applied
+
+
+def _apply_backfill(conn, payload: bytes, clock: dict | None) -> int:
+    """A backfill's tick rows, as the writer applies them (the same statements); how many
+    were inserted."""
+    import datetime as dt
+
+    from ingestor.store import writer as w
+    from ingestor.store.candle_sql import RECOMPUTE_SQL, SQL_KEYS_TABLE
+
+    if not clock:
+        raise ValueError("a backfill entry without its backfill_clock (the candle buckets)")
+    params = {"labels": clock["labels"], "strides": clock["strides_us"],
+              "origin": dt.datetime.fromisoformat(clock["origin"])}
+    conn.execute(w.SQL_BACKFILL_LOCK)
+    conn.execute(w.SQL_BACKFILL_STAGE)
+    with conn.cursor().copy(w.SQL_COPY_BACKFILL) as cp:
+        cp.write(payload)
+    conn.execute("ANALYZE ingestor_backfill_stage")
+    conn.execute(w.SQL_BACKFILL_DROP_STORED)
+    inserted = conn.execute(w.SQL_BACKFILL_INSERT).rowcount
+    if inserted:
+        conn.execute(SQL_KEYS_TABLE)
+        conn.execute(w.SQL_BACKFILL_KEYS, params)
+        conn.execute("ANALYZE ingestor_candle_keys")
+        conn.execute(RECOMPUTE_SQL)
+        conn.execute(w.SQL_BACKFILL_RELEASE_STATE, {"origin": params["origin"]})
+    return inserted
 
 
 def replay_folder(dsn: str, folder: str) -> list[Entry]:

@@ -41,6 +41,12 @@ def add_parser(sub) -> None:
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="one transaction at a time on one connection, instead of writing the "
                    "next batch's rows on a second connection while the one before commits")
+    p.add_argument("--backfill-tolerance", type=float, default=1.0, metavar="SECONDS",
+                   help="a capture whose first tick of an instrument is more than this before "
+                   "the instrument's last stored tick backfills it: its ticks keep their own "
+                   "times, those already stored are skipped, the candles they touch are "
+                   "recomputed (default %(default)s); within it, ticks are late ones, "
+                   "restamped after the stored ones")
     from ingestor.commands.decode import add_until_damage
 
     add_until_damage(p, "committed")
@@ -62,6 +68,8 @@ def run(args) -> int:
 
     from ingestor.pipeline.replay import ReplayInterrupted
 
+    if not 0 <= args.backfill_tolerance <= 86_400 * 365:
+        raise UsageError("--backfill-tolerance must be between 0 and a year (seconds)")
     if args.flush_rows < 1 or args.snapshot_interval < 0 or args.direct_min_rows < 1:
         raise UsageError("--flush-rows and --direct-min-rows must be >= 1 and "
                          "--snapshot-interval >= 0")
@@ -69,7 +77,8 @@ def run(args) -> int:
         raise UsageError("--progress-every must be > 0")
     settings = PipelineSettings(flush_rows=args.flush_rows,
                                 snapshot_interval_us=int(args.snapshot_interval * 1e6),
-                                dense_rows=args.direct_min_rows)
+                                dense_rows=args.direct_min_rows,
+                                backfill_tolerance_us=int(args.backfill_tolerance * 1e6))
     try:
         result = replay(args.capture, resolve_dsn(args.dsn), settings=settings,
                         dead_letter_dir=args.dead_letter_dir,

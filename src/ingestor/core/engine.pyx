@@ -650,6 +650,40 @@ cdef class Engine:
             raise ValueError(f"token {token} has no instrument id")
         self._inst[s].dirty = 1
 
+    def last_times(self, tokens):
+        """Each token's last time (µs; ``INT64_MIN``: no tick and no seed), an int64 array.
+
+        What the engine's per-instrument clock stands at: a tick at or before it
+        would be restamped just after it.  ``Pipeline`` compares a stream's first
+        tick of an instrument with it to tell a backfill from a late tick.
+        """
+        t = np.ascontiguousarray(tokens, dtype=np.uint32)
+        out = np.full(t.shape[0], ING_INT64_MIN, dtype=np.int64)
+        cdef const uint32_t[::1] tv = t
+        cdef int64_t[::1] ov = out
+        cdef Py_ssize_t i, s
+        for i in range(tv.shape[0]):
+            s = self._slot(tv[i])
+            if s >= 0:
+                ov[i] = self._inst[s].last_time_us
+        return out
+
+    def park(self, uint32_t token, bint parked=True):
+        """Set an instrument aside while its ticks go to another engine (a backfill).
+
+        A parked instrument's forming candles and pending book are not written
+        by ``advance``, ``flush`` or ``open_candles``, and ``take_state`` leaves
+        it out: the state committed for it (its clock, its forming candles) stays
+        as the database has it, neither moved back nor rewritten.  Its ticks
+        must not be given to this engine while it is parked.
+        """
+        cdef Py_ssize_t s = self._slot(token)
+        if s < 0:
+            if not parked:
+                return
+            s = self._new_slot(token)
+        self._inst[s].parked = parked
+
     def take_state(self, bint all=False):
         """The continuation state of the instruments changed since the last call.
 
@@ -682,7 +716,7 @@ cdef class Engine:
         try:
             for s in range(self._n_slots):
                 inst = &self._inst[s]
-                if inst.instrument_id >= 0 and (inst.dirty or (
+                if inst.instrument_id >= 0 and not inst.parked and (inst.dirty or (
                         all and inst.last_time_us != ING_INT64_MIN)):
                     n += 1
             out = np.zeros(n, dtype=self.state_dtype)
@@ -690,7 +724,7 @@ cdef class Engine:
             size = self.state_dtype.itemsize
             for s in range(self._n_slots):
                 inst = &self._inst[s]
-                if not (inst.instrument_id >= 0 and (inst.dirty or (
+                if not (inst.instrument_id >= 0 and not inst.parked and (inst.dirty or (
                         all and inst.last_time_us != ING_INT64_MIN))):
                     continue
                 h = <statehead_t *>(base + k * size)
@@ -1117,6 +1151,8 @@ cdef class Engine:
         cdef bint ended
         for s in range(self._n_slots):
             inst = &self._inst[s]
+            if inst.parked:
+                continue
             a = self._acc + s * self._ntf
             for f in range(self._ntf):
                 if (a.flags & (ACC_OPEN | ACC_EMITTED)) == ACC_OPEN and (
@@ -1187,13 +1223,14 @@ cdef class Engine:
         cdef int f
         cdef acc_t *a = self._acc
         for s in range(self._n_slots * self._ntf):
-            if (a[s].flags & (ACC_OPEN | ACC_EMITTED)) == ACC_OPEN:
+            if (a[s].flags & (ACC_OPEN | ACC_EMITTED)) == ACC_OPEN \
+                    and not self._inst[s // self._ntf].parked:
                 total += 1
         out = np.zeros(total, dtype=CANDLE_DTYPE)
         cdef candle_t *c = <candle_t *>cnp.PyArray_DATA(out)
         for s in range(self._n_slots):
             for f in range(self._ntf):
-                if (a.flags & (ACC_OPEN | ACC_EMITTED)) == ACC_OPEN:
+                if (a.flags & (ACC_OPEN | ACC_EMITTED)) == ACC_OPEN and not self._inst[s].parked:
                     _emit_candle(&c[k], a, &self._inst[s], f)
                     k += 1
                 a += 1

@@ -69,8 +69,8 @@ class FlushBatch:
     dense_bytes: int = 0
     #: False when a tick of the batch may be older than ticks already stored for its
     #: instrument (a backfill): the writer then keeps the batch out of the columnstore's
-    #: ordered batches.  The engine's per-instrument clock makes every live and replayed
-    #: tick later than the instrument's stored ones, so batches are in order.
+    #: ordered batches.  The engine's per-instrument clock makes every live tick later than
+    #: the instrument's stored ones; only a batch carrying ``backfill_ticks`` is not in order.
     in_order: bool = True
     #: binary COPY of ``order_book_depth20`` rows: Angel One's DEPTH packets (20 levels a
     #: side), one row per packet, timed by its receive time (see ``Pipeline``)
@@ -79,11 +79,26 @@ class FlushBatch:
     #: the candles this batch closed (``CANDLE_DTYPE``), kept only with the pipeline's
     #: ``keep_closed`` (the writer role publishes them after the commit); None otherwise
     closed: object = None
+    #: A backfill's part of the batch (see "Backfill" in ``Pipeline``): binary COPY of the
+    #: ``tick_data`` rows of instruments this stream backfills, with their own times (strictly
+    #: increasing per instrument within the stream), and their book snapshots.  The writer
+    #: inserts the rows whose (instrument_id, time) is not stored yet and recomputes, from
+    #: ``tick_data``, every candle the inserted rows touch (``backfill_clock``: the buckets);
+    #: the engine's own candles of these instruments are never written.
+    backfill_ticks: bytes = b""
+    n_backfill_ticks: int = 0
+    backfill_snapshots: bytes = b""
+    n_backfill_snapshots: int = 0
+    #: the candle buckets when the batch has a backfill part, else None: ``labels`` and
+    #: ``strides_us`` of the timeframes, ``origin`` (a datetime on a bucket boundary of
+    #: every timeframe: ``date_bin``'s origin, see ``ingestor.pipeline.state.Clock``)
+    backfill_clock: dict | None = None
 
     @property
     def nbytes(self) -> int:
         return (len(self.ticks) + len(self.candles) + len(self.new_candles)
-                + len(self.snapshots) + len(self.state) + len(self.depth20))
+                + len(self.snapshots) + len(self.state) + len(self.depth20)
+                + len(self.backfill_ticks) + len(self.backfill_snapshots))
 
 
 @dataclass
@@ -102,10 +117,44 @@ class PipelineSettings:
     #: an instrument with at least this many tick rows in a flush goes to the dense part
     #: of the batch (direct-to-columnstore COPY on TimescaleDB; see ``FlushBatch.ticks``)
     dense_rows: int = 100
+    #: Backfill detection (see ``Pipeline``): a stream whose first tick of an instrument is
+    #: more than this many µs before the instrument's last stored time backfills it.  None:
+    #: off, every tick goes through the one clock (the daemon: live ticks are never older
+    #: than what it stored itself, beyond a late tick).  ``ingestor replay``:
+    #: ``BACKFILL_TOLERANCE_US``.
+    backfill_tolerance_us: int | None = None
+
+
+#: ``ingestor replay``'s backfill tolerance: a second.  Larger than any disorder within one
+#: receiver (ticks of one connection are stamped by one clock as they arrive; NTP slews it by
+#: milliseconds), far smaller than the hours or days between an older capture and the data it
+#: is replayed after.  A stream that starts within it of the stored last time is a late
+#: continuation: its ticks are restamped after the stored ones, as before.
+BACKFILL_TOLERANCE_US = 1_000_000
 
 
 class Pipeline:
     """Decode, aggregate and encode one stream into ``FlushBatch``es.
+
+    Backfill.  The engine keeps one clock per instrument: a tick at or before the
+    instrument's last time is restamped 1 µs after it (a late tick), so (instrument_id,
+    time) is unique by construction and every batch is in time order.  That is right for a
+    late tick and wrong for an older capture replayed after newer data: its ticks would all
+    be restamped after the newest (2024-01-01 ticks landing at 2024-01-02 00:04:00.000001,
+    in that minute's candle).  With ``settings.backfill_tolerance_us`` set (replay), the
+    pipeline tells the two apart per stream and instrument, once, at the stream's first tick
+    of the instrument: more than the tolerance before the instrument's last time (the
+    engine's clock, seeded from ``engine_state``), and the stream *backfills* that
+    instrument.  Its ticks then go to a second engine of this stream alone, which keeps
+    their own receive times (still strictly increasing within the stream: the late-tick
+    rule applies inside the backfill); the main engine parks the instrument
+    (``Engine.park``), so its clock, forming candles, book and committed state are neither
+    moved back nor rewritten.  The rows go out in ``FlushBatch.backfill_ticks`` (the batch
+    ``in_order=False``); the writer inserts those not stored yet and recomputes the candles
+    they touch from ``tick_data`` (the second engine's candles are not written: they know
+    nothing of the ticks already stored in the same buckets).  Per stream, not per tick: a
+    capture is one receiver's record, so its instruments are either behind what is stored
+    or continue it.  The classification is the stream's: ``new_stream`` starts afresh.
 
     Parameters
     ----------
@@ -156,16 +205,27 @@ class Pipeline:
         self.keep_closed = False
         self._closed: list = []
         self._final = False
+        # backfill (see the class docstring): the stream's verdict per token, the tokens it
+        # backfills, their engine (made at the first one) and their pending rows
+        self._bf_verdict: dict[int, bool] = {}
+        self._bf_tokens = np.empty(0, np.uint32)
+        self._bf_engine: Engine | None = None
+        self._bf_rows = np.empty(0, _core.TICKROW_DTYPE)
+        self._enc_bf_ticks = tables.tick_encoder()
+        self._enc_bf_snaps = tables.snapshot_encoder()
+        self.totals["backfill_ticks"] = 0
+        self.totals["backfill_instruments"] = 0
         self._begin()
 
     # -- state ---------------------------------------------------------------
 
     def _begin(self) -> None:
         for enc in (self._enc_ticks, self._enc_candles, self._enc_snaps, self._enc_new_candles,
-                    self._enc_depth20):
+                    self._enc_depth20, self._enc_bf_ticks, self._enc_bf_snaps):
             enc.begin()
         self._n_depth20 = 0
         self._n = [0, 0, 0]
+        self._bf_n = [0, 0]
         self._n_new = 0
         self._first_seq = self.committed + 1
         self._last_seq = self.committed
@@ -177,17 +237,25 @@ class Pipeline:
 
         Call right after ``take()``: the current batch must be empty.
         """
-        if (self._n != [0, 0, 0] or self._texts or self._retracted or self._n_depth20
-                or self._last_seq != self.committed):
+        if (self._n != [0, 0, 0] or self._bf_n != [0, 0] or self._texts or self._retracted
+                or self._n_depth20 or self._last_seq != self.committed):
             raise RuntimeError("new_stream() with a batch pending: take() it first")
         self.stream = stream
         self.committed = committed
+        # the backfill verdicts were this stream's; its backfill engine goes with it (only a
+        # final take() writes that engine's last books: replay has one stream)
+        for token in self._bf_tokens.tolist():
+            self.engine.park(token, False)
+        self._bf_verdict = {}
+        self._bf_tokens = np.empty(0, np.uint32)
+        self._bf_engine = None
         self._begin()
 
     @property
     def has_pending(self) -> bool:
         """Rows, texts or messages not yet handed out in a batch."""
         return bool(self._n[0] or self._n[1] or self._n[2] or self._texts or self._retracted
+                    or self._bf_n[0] or self._bf_n[1]
                     or self._last_seq != self.committed or self.decoder.n_ticks
                     or self._n_depth20 or getattr(self.decoder, "n_depth20", 0))
 
@@ -218,7 +286,7 @@ class Pipeline:
 
     @property
     def pending_rows(self) -> int:
-        return self._n[0]
+        return self._n[0] + self._bf_n[0]
 
     @property
     def last_seq(self) -> int:
@@ -274,6 +342,8 @@ class Pipeline:
             unknown = eng.unknown_tokens(src, start) if n else ()
             if len(unknown):
                 self.set_ids(self.resolve([int(t) for t in unknown]))
+            if self.settings.backfill_tolerance_us is not None and start < n:
+                src, start, n, depth = self._backfill(src, start, n, depth)
             while start < n:
                 t0 = time.perf_counter()
                 r = eng.process(src, start, n, **depth) if depth else eng.process(src, start)
@@ -321,6 +391,90 @@ class Pipeline:
             rows[f] = d[f]
         self._enc_depth20.encode_rows(rows)
         self._n_depth20 += len(rows)
+        self.timings["encode"] += time.perf_counter() - t0
+
+    def _backfill(self, src, start: int, n: int, depth: dict):
+        """Judge the stream's first tick of each instrument not judged yet, process the
+        ticks of backfilled instruments in the backfill engine, and return the rest
+        (``src, start, n, depth`` for the main engine)."""
+        dec = self.decoder
+        ticks = (dec.ticks if src is dec else src)[start:n]
+        tokens = ticks["instrument_token"]
+        verdict = self._bf_verdict
+        uniq, first = np.unique(tokens, return_index=True)
+        fresh = [k for k, t in enumerate(uniq.tolist()) if t not in verdict]
+        if fresh:
+            toks = uniq[fresh]
+            last = self.engine.last_times(toks)
+            first_us = ticks["recv_ns"][first[fresh]].astype(np.int64) // 1000
+            # no stored time (INT64_MIN): nothing to be behind of
+            behind = (last != np.iinfo(np.int64).min) & (
+                first_us < last - self.settings.backfill_tolerance_us)
+            for t, b in zip(toks.tolist(), behind.tolist()):
+                verdict[t] = b
+                if b:
+                    self.engine.park(t)
+            if behind.any():
+                self._bf_tokens = np.union1d(self._bf_tokens, toks[behind]).astype(np.uint32)
+                self.totals["backfill_instruments"] += int(behind.sum())
+                if self._bf_engine is not None:
+                    self._bf_ids(self._bf_engine)
+        if not len(self._bf_tokens):
+            return src, start, n, depth
+        mask = np.isin(tokens, self._bf_tokens)
+        if not mask.any():
+            return src, start, n, depth
+        full = {"depth": dec.depth, "n_depth": dec.n_depth}
+        bf = np.ascontiguousarray(ticks[mask])
+        eng = self._bf_engine
+        if eng is None:
+            s = self.settings
+            eng = self._bf_engine = Engine(
+                timeframes=s.timeframes, utc_offset=s.utc_offset, origin=s.origin,
+                snapshot_interval_us=s.snapshot_interval_us, tick_capacity=8192,
+                candle_capacity=16384, snapshot_capacity=8192)
+            self._bf_ids(eng)
+        k, m = 0, len(bf)
+        while k < m:
+            t0 = time.perf_counter()
+            r = eng.process(bf, k, m, **full)
+            self.timings["aggregate"] += time.perf_counter() - t0
+            self._drain_backfill()
+            if r >= m:
+                break
+            k = r
+        live = np.ascontiguousarray(ticks[~mask])
+        return live, 0, len(live), full
+
+    def _bf_ids(self, eng) -> None:
+        """Give the backfill engine the backfilled instruments' ids (the main engine's)."""
+        for t in self._bf_tokens.tolist():
+            iid = self.engine.instrument_id(t)
+            if iid is not None:
+                eng.set_instrument(t, iid)
+
+    def _drain_backfill(self, snapshots_as_own: bool = False) -> None:
+        eng = self._bf_engine
+        if eng is None:
+            return
+        rows, _candles, snaps = eng.output()
+        t0 = time.perf_counter()
+        # the candles are not written: the writer recomputes the buckets the rows touch
+        if len(rows):
+            n, k = self._bf_n[0], len(rows)
+            if n + k > len(self._bf_rows):
+                grown = np.empty(max(2 * len(self._bf_rows), n + k, 8192), _core.TICKROW_DTYPE)
+                grown[:n] = self._bf_rows[:n]
+                self._bf_rows = grown
+            self._bf_rows[n:n + k] = rows
+        if len(snaps) and snapshots_as_own:
+            self._enc_snaps.encode_rows(snaps)
+            self._n[2] += len(snaps)
+        elif len(snaps):
+            self._enc_bf_snaps.encode_rows(snaps)
+            self._bf_n[1] += len(snaps)
+        self._bf_n[0] += len(rows)
+        eng.clear()
         self.timings["encode"] += time.perf_counter() - t0
 
     def _drain(self) -> None:
@@ -397,7 +551,7 @@ class Pipeline:
         limit = s.flush_rows
         if s.first_batch_rows and self.totals["batches"] < 20:
             limit = min(limit, s.first_batch_rows << self.totals["batches"])
-        return self._n[0] + self._n_depth20 >= limit
+        return self._n[0] + self._n_depth20 + self._bf_n[0] >= limit
 
     def take(self, *, final: bool = False, open_candles: bool = True) -> FlushBatch:
         """End the current batch and start the next.
@@ -417,6 +571,14 @@ class Pipeline:
                 self._drain()
             finally:
                 self._final = False
+            if self._bf_engine is not None:
+                # the backfill's pending books (its candles are recomputed, not written); in
+                # a batch covering no message (written idempotently, snapshots skipping keys
+                # stored already: the writer's ``_tail``) they go with the batch's own
+                tail = self._last_seq < self._first_seq
+                while not self._bf_engine.flush():
+                    self._drain_backfill(tail)
+                self._drain_backfill(tail)
         elif open_candles and self._last_seq >= self._first_seq:
             # (with no message since the last batch the forming candles have not changed)
             oc = self.engine.open_candles()
@@ -446,6 +608,18 @@ class Pipeline:
             depth20 = self._enc_depth20.take()
         else:
             self._enc_depth20.clear()
+        bf_ticks = bf_snaps = b""
+        if self._bf_n[0]:
+            self._enc_bf_ticks.encode_rows(self._bf_rows, 0, self._bf_n[0])
+            self._enc_bf_ticks.end()
+            bf_ticks = self._enc_bf_ticks.take()
+        else:
+            self._enc_bf_ticks.clear()
+        if self._bf_n[1]:
+            self._enc_bf_snaps.end()
+            bf_snaps = self._enc_bf_snaps.take()
+        else:
+            self._enc_bf_snaps.clear()
         # the state of the instruments this batch changed: O(instruments touched), not ticks
         st = self.engine.take_state()
         state_payload = encode_state(st, self.stream, max(self._last_seq, self.committed))
@@ -461,6 +635,17 @@ class Pipeline:
             batch.closed = (self._closed[0] if len(self._closed) == 1
                             else np.concatenate(self._closed))
             self._closed = []
+        if bf_ticks or bf_snaps:
+            from ingestor.pipeline.state import clock_of
+
+            batch.in_order = False
+            batch.backfill_ticks, batch.n_backfill_ticks = bf_ticks, self._bf_n[0]
+            batch.backfill_snapshots, batch.n_backfill_snapshots = bf_snaps, self._bf_n[1]
+            clock = clock_of(self.engine)
+            batch.backfill_clock = {"labels": list(clock.timeframes),
+                                    "strides_us": list(clock.lengths_us),
+                                    "origin": clock.params["origin"]}
+            self.totals["backfill_ticks"] += self._bf_n[0]
         self._texts = []
         self._retracted = []
         self.totals["ticks"] += self._n[0]

@@ -23,7 +23,8 @@ from typing import Callable
 from ingestor.pipeline import state
 from ingestor.feed.capture import CaptureError, CaptureReader
 from ingestor.pipeline.driver import Driver, drive_capture
-from ingestor.pipeline.pipeline import FlushBatch, Pipeline, PipelineSettings
+from ingestor.pipeline.pipeline import (BACKFILL_TOLERANCE_US, FlushBatch, Pipeline,
+                                        PipelineSettings)
 from ingestor.metrics import warn_debug_build
 from ingestor.progress import EVERY, Progress
 from ingestor.store.writer import Writer, postback_handler
@@ -85,6 +86,11 @@ class ReplayResult:
     left_bytes: int = 0
     #: ``order_book_depth20`` rows (Angel One's DEPTH packets)
     depth20: int = 0
+    #: instruments this capture backfilled (its ticks of them older than the stored ones: kept
+    #: their own times), their ticks inserted, and those already stored (the same key: skipped)
+    backfill_instruments: int = 0
+    backfill_ticks: int = 0
+    backfill_stored: int = 0
 
     @property
     def ticks_per_s(self) -> float:
@@ -102,6 +108,11 @@ class ReplayResult:
         if self.columnstore_rows:
             out.append(f"ticks straight into the columnstore: {self.columnstore_rows:,}, "
                        f"into the rowstore: {self.rowstore_rows:,}")
+        if self.backfill_instruments:
+            out.append(f"backfill: {self.backfill_instruments:,} instrument(s) held newer ticks: "
+                       f"{self.backfill_ticks:,} older ticks kept their own times, "
+                       f"{self.backfill_stored:,} already stored (skipped), candles of the "
+                       f"touched buckets recomputed")
         if self.skipped_messages:
             out.append(f"skipped {self.skipped_messages:,} messages already written (exactly once)")
         d = self.decoder
@@ -138,6 +149,10 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
            overlap: bool = True, until_damage: bool = False) -> ReplayResult:
     """Replay the capture at ``path`` into the database ``dsn`` (see the module docstring).
 
+    A capture older than what the database holds for some of its instruments backfills them:
+    their ticks keep their own times (``Pipeline``, "Backfill"; the tolerance is
+    ``settings.backfill_tolerance_us``, ``BACKFILL_TOLERANCE_US`` when None).
+
     ``progress``: a bar on stderr (True), none (False), or None: a bar when stderr is a
     terminal, else a log line every ``progress_every`` seconds (``ingestor.progress``).
     ``until_damage``: stop at the capture's first damaged stretch (everything before it is
@@ -157,6 +172,8 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
     # Replay never upserts forming candles mid-run (only its final flush writes them), so
     # every candle closed during the run was never stored: all go to the plain COPY.
     settings = replace(settings or PipelineSettings(), open_candle_min_us=1 << 62)
+    if settings.backfill_tolerance_us is None:
+        settings = replace(settings, backfill_tolerance_us=BACKFILL_TOLERANCE_US)
     reader = CaptureReader(path, chunk_size=chunk_size, until_damage=until_damage)
     setup = connect(dsn, autocommit=True)
     try:
@@ -195,7 +212,8 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
         setup.close()
     stages = dict(pipeline.timings)
     stages["write"] = writer.stats.write_seconds
-    return ReplayResult(stream, writer.stats.ticks, writer.stats.candles, writer.stats.snapshots,
+    return ReplayResult(stream, writer.stats.ticks + writer.stats.backfill_ticks,
+                        writer.stats.candles, writer.stats.snapshots,
                         writer.stats.batches, pipeline.totals["skipped_messages"],
                         writer.stats.dead_letters, seconds, stages, pipeline.decoder.stats(),
                         reader.truncated_bytes, pipeline.totals["bad_tokens"],
@@ -204,7 +222,10 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
                         lost_records=reader.lost_records, damage=list(reader.damage),
                         unlisted_damage=reader.unlisted_damage, stopped_at=reader.stopped_at,
                         left_bytes=reader.left_bytes, overlapped=writer.stats.overlapped,
-                        depth20=pipeline.totals["depth20"])
+                        depth20=pipeline.totals["depth20"],
+                        backfill_instruments=pipeline.totals["backfill_instruments"],
+                        backfill_ticks=writer.stats.backfill_ticks,
+                        backfill_stored=writer.stats.backfill_stored)
 
 
 async def write_batches(queue: asyncio.Queue, writer: Writer,

@@ -36,6 +36,10 @@ construction: the engine gives each instrument strictly increasing times, across
 too (``engine_state`` carries the last time), and a batch is committed with its stream
 offset in one transaction, so a retried or replayed batch is skipped, never written twice
 (``tests/test_tsdb_storage.py`` proves it across retries, restarts and repeated replays).
+A backfill (an older capture replayed after newer ticks: its ticks keep their own times,
+outside that clock) is inserted through a staging table that drops every row whose
+``(instrument_id, time)`` is stored already (``writer.SQL_BACKFILL_DROP_STORED``; tested in
+``tests/test_backfill.py``, on both server kinds).
 So on TimescaleDB ``tick_data`` keeps a plain B-tree ``(instrument_id, time DESC)`` on its
 rowstore chunks for the readers (one instrument over a time range, its latest tick), and
 the primary key is dropped once that index exists.  Never add a unique index or a trigger

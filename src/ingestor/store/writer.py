@@ -213,6 +213,96 @@ class _Yield(Exception):
     """The batch before waited for a lock this one held: this one rolled back."""
 
 
+# A backfill (``FlushBatch.backfill_ticks``; see "Backfill" in ``ingestor.pipeline.pipeline``):
+# ticks that keep their own times, older than ticks already stored for their instruments, so
+# they may fall among stored ones.  ``_write_backfill`` writes them in the batch's transaction:
+#
+# * staged, then the rows whose (instrument_id, time) ``tick_data`` holds already are dropped:
+#   that is the same tick (the same instrument received at the same microsecond: the same
+#   capture replayed under another stream name, or two captures of one recording that
+#   overlap), stored once.  Without a unique index on TimescaleDB this anti-join is what
+#   keeps the key unique for a backfill (the stream offset keeps a replay of the *same*
+#   stream once; the engine's clock, which makes live ticks unique by construction, is not
+#   used for a backfill).  One probe of the (instrument_id, time) index per staged row.
+# * the rest INSERTed: into the rowstore on TimescaleDB (never direct COPY), so the
+#   columnstore's ordered batches never overlap (compaction later rebuilds the chunk in
+#   order).
+# * every candle the inserted rows touch is recomputed from tick_data with the one candle
+#   definition (``candle_sql.RECOMPUTE_SQL``), so candles equal SQL over the stored ticks,
+#   those of buckets that already held newer ticks included.  Touched: for each timeframe,
+#   the bucket of each inserted row, and of each stored tick whose volume increase the
+#   insert changed -- the first stored volume-carrying tick after an inserted one (its
+#   increase is measured from the previous cumulative volume, which is now the inserted
+#   tick's).  Cost: the recompute reads the stored ticks of each touched bucket, so a
+#   backfill in many batches re-reads its longest buckets (a day) once per batch.
+# * the engine state of a backfilled instrument whose forming bucket the insert touched, or
+#   that the backfill went past, is set NULL: the next start recomputes that instrument from
+#   tick_data (``ingestor.pipeline.state``, the fallback for such rows; its last time is then
+#   the newest stored tick, never an older one), instead of continuing candles that lack the
+#   backfilled ticks.
+# * its book snapshots skip keys already stored.
+#
+# Backfill transactions take one transaction-scoped advisory lock (``SQL_BACKFILL_LOCK``), so
+# two backfills of overlapping captures running at once are applied one after the other:
+# the second one's anti-join, a statement begun after the lock is granted, sees the first
+# one's rows (READ COMMITTED), and no tick is inserted twice.
+SQL_BACKFILL_LOCK = "SELECT pg_advisory_xact_lock(hashtext('ingestor.backfill'))"
+SQL_BACKFILL_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS ingestor_backfill_stage (LIKE tick_data) "
+                      "ON COMMIT DELETE ROWS")
+SQL_COPY_BACKFILL = f"COPY ingestor_backfill_stage ({_TICK_COLS}) FROM STDIN (FORMAT BINARY)"
+SQL_BACKFILL_DROP_STORED = (
+    "DELETE FROM ingestor_backfill_stage s WHERE EXISTS (SELECT FROM tick_data d "
+    "WHERE d.instrument_id = s.instrument_id AND d.time = s.time)")
+SQL_BACKFILL_INSERT = (f"INSERT INTO tick_data ({_TICK_COLS}) "
+                       f"SELECT {_TICK_COLS} FROM ingestor_backfill_stage")
+# Parameters: labels (text[]), strides (bigint[], µs), origin (timestamptz on a bucket boundary
+# of every timeframe).  The stage holds the inserted rows only.
+SQL_BACKFILL_KEYS = """
+WITH ins AS (
+    -- per instrument, its first and last inserted volume-carrying tick
+    SELECT instrument_id, min(time) AS lo, max(time) AS hi
+    FROM ingestor_backfill_stage WHERE volume IS NOT NULL GROUP BY instrument_id
+), span AS (
+    -- ... and the first stored volume-carrying tick after the last one
+    SELECT ins.instrument_id, ins.lo,
+           coalesce((SELECT d.time FROM tick_data d
+                     WHERE d.instrument_id = ins.instrument_id AND d.time > ins.hi
+                       AND d.volume IS NOT NULL ORDER BY d.time LIMIT 1), ins.hi) AS top
+    FROM ins
+), vol AS (
+    -- the stored volume-carrying ticks of that span: is each one inserted, was its previous
+    SELECT d.instrument_id, d.time, b.time IS NOT NULL AS inserted,
+           lag(b.time IS NOT NULL) OVER (PARTITION BY d.instrument_id ORDER BY d.time) AS after
+    FROM span
+    JOIN tick_data d ON d.instrument_id = span.instrument_id
+     AND d.time >= span.lo AND d.time <= span.top AND d.volume IS NOT NULL
+    LEFT JOIN ingestor_backfill_stage b ON b.instrument_id = d.instrument_id AND b.time = d.time
+), touched AS (
+    SELECT instrument_id, time FROM ingestor_backfill_stage
+    UNION ALL
+    -- a stored tick right after an inserted one: its volume increase changed
+    SELECT instrument_id, time FROM vol WHERE after AND NOT inserted
+)
+INSERT INTO ingestor_candle_keys (time, instrument_id, timeframe, stride_us)
+SELECT DISTINCT date_bin(u.us * interval '1 microsecond', t.time, %(origin)s::timestamptz),
+       t.instrument_id, u.label, u.us
+FROM touched t CROSS JOIN unnest(%(labels)s::text[], %(strides)s::bigint[]) AS u(label, us)
+"""
+# The backfilled instruments whose committed forming candle is one of the recomputed ones, or
+# whose newest stored tick is now an inserted one: their state is recomputed at the next start.
+SQL_BACKFILL_RELEASE_STATE = """
+UPDATE engine_state e SET state = NULL, updated_at = now()
+WHERE e.state IS NOT NULL AND e.instrument_id IN (
+    SELECT k.instrument_id FROM ingestor_candle_keys k
+    JOIN engine_state s ON s.instrument_id = k.instrument_id
+    WHERE k.time = date_bin(k.stride_us * interval '1 microsecond', s.last_time,
+                            %(origin)s::timestamptz)
+    UNION
+    SELECT b.instrument_id FROM ingestor_backfill_stage b
+    JOIN engine_state s ON s.instrument_id = b.instrument_id
+    GROUP BY b.instrument_id, s.last_time HAVING max(b.time) > s.last_time)
+"""
+
 __all__ = ["ConnectionLost", "DeadLetters", "StreamAdvanced", "Writer", "WriterStats",
            "WriterStopped", "postback_handler"]
 
@@ -243,6 +333,9 @@ class WriterStats:
     #: again one at a time (a failure, or a lock the batch before waited for)
     overlapped: int = 0
     overlap_retries: int = 0
+    #: backfilled tick rows inserted, and those skipped as already stored (same key)
+    backfill_ticks: int = 0
+    backfill_stored: int = 0
 
     @property
     def write_seconds(self) -> float:
@@ -267,7 +360,9 @@ class DeadLetters:
         os.makedirs(self.path, exist_ok=True)
         base = os.path.join(self.path, f"{batch.stream}-{batch.first_seq}-{batch.last_seq}")
         for name, data in (("ticks", batch.ticks), ("candles", batch.candles),
-                           ("new_candles", batch.new_candles), ("snapshots", batch.snapshots)):
+                           ("new_candles", batch.new_candles), ("snapshots", batch.snapshots),
+                           ("backfill_ticks", batch.backfill_ticks),
+                           ("backfill_snapshots", batch.backfill_snapshots)):
             if data:
                 with open(f"{base}.{name}.copy", "wb") as f:
                     f.write(data)
@@ -276,6 +371,10 @@ class DeadLetters:
                 "snapshots": batch.n_snapshots, "texts": len(batch.texts),
                 "set_aside_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "note": "each .copy file is a PostgreSQL binary COPY payload for its table"}
+        if batch.backfill_clock is not None:
+            c = batch.backfill_clock
+            meta["backfill_clock"] = {"labels": c["labels"], "strides_us": c["strides_us"],
+                                      "origin": c["origin"].isoformat()}
         with open(f"{base}.json", "w") as f:
             json.dump(meta, f, indent=2)
         if batch.texts:
@@ -741,6 +840,8 @@ class Writer:
                     await _copy(cur, SQL_COPY_SNAPS, b.snapshots)
             if b.n_state:
                 await _write_state(cur, b)
+            if not b.in_order:
+                await _write_backfill(cur, b, self.stats)
         if b.texts and self.on_texts is not None:
             await self.on_texts(conn, b)
 
@@ -870,6 +971,37 @@ async def _retract(cur, b: FlushBatch) -> None:
 async def _write_state(cur, b: FlushBatch) -> None:
     await _copy(cur, SQL_COPY_STATE, b.state)
     await cur.execute(SQL_UPSERT_STATE)
+
+
+async def _write_backfill(cur, b: FlushBatch, stats: WriterStats) -> None:
+    """A batch's backfill part (see ``SQL_BACKFILL_STAGE`` and the comment above it)."""
+    from ingestor.store.candle_sql import RECOMPUTE_SQL, SQL_KEYS_TABLE
+
+    if b.n_backfill_ticks:
+        await cur.execute(SQL_BACKFILL_LOCK)
+        await cur.execute(SQL_BACKFILL_STAGE)
+        async with cur.copy(SQL_COPY_BACKFILL) as cp:
+            await cp.write(b.backfill_ticks)
+        await cur.execute("ANALYZE ingestor_backfill_stage")
+        await cur.execute(SQL_BACKFILL_DROP_STORED)
+        await cur.execute(SQL_BACKFILL_INSERT)
+        inserted = max(cur.rowcount, 0)
+        stats.backfill_ticks += inserted
+        stats.backfill_stored += b.n_backfill_ticks - inserted
+        if inserted:
+            clock = b.backfill_clock
+            params = {"labels": clock["labels"], "strides": clock["strides_us"],
+                      "origin": clock["origin"]}
+            await cur.execute(SQL_KEYS_TABLE)
+            await cur.execute(SQL_BACKFILL_KEYS, params)
+            # (the planner needs the keys' count: else a scan of tick_data per key)
+            await cur.execute("ANALYZE ingestor_candle_keys")
+            await cur.execute(RECOMPUTE_SQL)
+            await cur.execute(SQL_BACKFILL_RELEASE_STATE, {"origin": clock["origin"]})
+    if b.n_backfill_snapshots:
+        async with cur.copy(SQL_COPY_SNAP_STAGE) as cp:
+            await cp.write(b.backfill_snapshots)
+        await cur.execute(SQL_INSERT_SNAPS)
 
 
 def postback_handler():
