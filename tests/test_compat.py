@@ -17,6 +17,7 @@ from collections import defaultdict
 from decimal import Decimal
 
 import psycopg
+import psycopg.sql
 import pytest
 
 from conftest import TSDB_DSN, _scratch_database
@@ -613,7 +614,7 @@ def test_per_symbol_reads_use_indexes(filled):
                 "001": f"SELECT * FROM market_data WHERE symbol = %s AND time BETWEEN {window}",
                 "003": f"SELECT * FROM market_data WHERE symbol = %s AND timestamp BETWEEN "
                        f"{window} AND interval = 'tick'",
-                # the candles' one branch: the interval's VALUES row, then the candle index
+                # the candles: the interval's branch only, the timeframe an index condition
                 "003 candles": f"SELECT * FROM market_data WHERE symbol = %s AND timestamp "
                                f"BETWEEN {window} AND interval = '1min'",
                 "004": f"SELECT * FROM market_data WHERE symbol = %s AND timestamp BETWEEN "
@@ -644,6 +645,97 @@ def test_per_symbol_reads_use_indexes(filled):
             conn.execute("RESET search_path")
             conn.execute("DELETE FROM instruments WHERE instrument_token > 900000000")
             conn.execute("ANALYZE instruments")
+
+
+def _nodes(plan) -> list[dict]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan."""
+    out = []
+
+    def walk(node):
+        out.append(node)
+        for child in node.get("Plans", []):
+            walk(child)
+    walk(plan[0]["Plan"])
+    return out
+
+
+#: 003's intervals and the timeframe each reads (None: the ticks).
+INTERVALS = {"tick": None, "1min": "1m", "5min": "5m", "15min": "15m", "1hour": "1h",
+             "1day": "1d"}
+
+
+def _base_tables(conn, names) -> list:
+    """Each relation name of a plan as the table it reads: a TimescaleDB chunk (of the
+    rowstore or the columnstore) as its hypertable; other names as they are."""
+    if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
+        return list(names)
+    chunks = dict(conn.execute(
+        "SELECT ch.table_name, coalesce(u.table_name, h.table_name) "
+        "FROM _timescaledb_catalog.chunk ch "
+        "JOIN _timescaledb_catalog.hypertable h ON h.id = ch.hypertable_id "
+        "LEFT JOIN _timescaledb_catalog.hypertable u ON u.compressed_hypertable_id = h.id"
+    ).fetchall())
+    return [chunks.get(n, n) for n in names]
+
+
+def test_003_interval_decided_at_plan_time(filled):
+    """A reader's ``interval = '...'`` leaves one branch of 003's ``market_data`` in the
+    plan: the others are dropped at plan time (not planned and emptied at run time, which
+    on TimescaleDB cost planning every chunk of both hypertables), and a candle interval's
+    timeframe is a condition of the candle scan (an index condition on PostgreSQL).  Plain
+    PostgreSQL and TimescaleDB."""
+    with psycopg.connect(filled) as base:
+        _, sym = _busiest(base)
+    with _reader(filled, "003") as conn:
+        tsdb = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'"
+                            ).fetchone()
+        for interval, tf in INTERVALS.items():
+            # the interval as a literal, as the seed's queries write it
+            q = (f"SELECT * FROM market_data WHERE symbol = %s AND interval = '{interval}' "
+                 "AND timestamp >= '2024-11-06' AND timestamp < '2024-11-08' "
+                 "ORDER BY timestamp")
+            nodes = _nodes(conn.execute("EXPLAIN (FORMAT JSON) " + q, (sym,)).fetchone()[0])
+            assert not any("One-Time Filter" in n for n in nodes), (interval, nodes)
+            rels = _base_tables(conn, [n["Relation Name"] for n in nodes
+                                       if "Relation Name" in n])
+            # one branch: one probe of instruments, one table of ticks or candles
+            assert rels.count("instruments") == 1, (interval, rels)
+            assert set(rels) == {"instruments", "tick_data" if tf is None else "ohlc_candles"}, (
+                interval, rels)
+            if tf is not None:
+                keys = ("Index Cond",) if not tsdb else (
+                    "Index Cond", "Filter", "Recheck Cond", "Vectorized Filter")
+                conds = " ".join(n.get(k, "") for n in nodes for k in keys)
+                assert f"timeframe = '{tf}'::text" in conds, (interval, conds)
+            assert conn.execute(q, (sym,)).fetchall(), interval
+        # no branch for 30min: nothing to scan, no rows
+        q = "SELECT * FROM market_data WHERE symbol = %s AND interval = '30min'"
+        nodes = _nodes(conn.execute("EXPLAIN (FORMAT JSON) " + q, (sym,)).fetchone()[0])
+        assert not [n for n in nodes if "Relation Name" in n], nodes
+        assert conn.execute(q, (sym,)).fetchall() == []
+
+
+def test_003_interval_as_a_parameter(filled):
+    """A service's prepared statement (``interval = $1``, a generic plan: the interval not
+    known at plan time) gets the same rows as the literal: every branch is planned, and the
+    interval picks its branch at run time."""
+    with psycopg.connect(filled) as base:
+        _, sym = _busiest(base)
+    with _reader(filled, "003") as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute("PREPARE md(text, text) AS SELECT * FROM market_data WHERE symbol = $1 "
+                     "AND interval = $2 ORDER BY timestamp, data_id")
+        lit = psycopg.sql.Literal(sym).as_string(conn)
+        plan = conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE md({lit}, 'tick')").fetchone()[0]
+        # a generic plan: the interval is not known when planning, so every branch is kept
+        # and the interval picks one when the plan runs (what this test exercises)
+        assert [n.get("Relation Name") for n in _nodes(plan)].count("instruments") > 1
+        for interval in (*INTERVALS, "30min"):
+            got = conn.execute(f"EXECUTE md({lit}, '{interval}')").fetchall()
+            want = conn.execute(
+                f"SELECT * FROM market_data WHERE symbol = %s AND interval = '{interval}' "
+                "ORDER BY timestamp, data_id", (sym,)).fetchall()
+            assert got == want and (bool(got) == (interval != "30min")), interval
 
 
 # --------------------------------------------------------------------------------------------
