@@ -1,7 +1,8 @@
 """Storage: ``ingestor replay`` into TimescaleDB (or PostgreSQL) against today's layout.
 
 Side by side in one run, on the same capture and server, each variant into a database of
-its own, alternating variants round by round (medians over ``--repeat`` rounds):
+its own, alternating variants round by round, each round in another order and each variant
+from a checkpoint (medians over ``--repeat`` rounds):
 
 * ``baseline``: ``ingestor replay`` of another checkout (``--baseline DIR``: a checkout
   whose core is built in place, e.g. ``git worktree add /tmp/base <rev>`` then
@@ -143,6 +144,18 @@ def _sizes(dsn: str, compact: bool) -> tuple[int, int]:
         return written, c.execute("SELECT hypertable_size('tick_data')").fetchone()[0]
 
 
+def _checkpoint(dsn: str) -> None:
+    """Write back what the previous variant left dirty before the next is timed (a variant
+    that writes a lot would otherwise slow the one after it); skipped without the right."""
+    import psycopg
+
+    try:
+        with psycopg.connect(_dsn_with(dsn, "postgres"), autocommit=True) as c:
+            c.execute("CHECKPOINT")
+    except psycopg.Error:
+        pass
+
+
 def _server_only(dsn: str, cap: str) -> float:
     """Variant (a): replay's own batches, encoded first, written from memory."""
     import psycopg
@@ -193,15 +206,20 @@ def run(dsn: str, baseline: str | None, ticks: int, tokens: int, repeat: int) ->
             if tsdb:
                 variants.append(("replay, direct COPY off", HERE, ["--no-direct-compress"]))
             for rnd in range(repeat):
-                for name, root, extra in variants:
+                # each round in another order (no variant always runs right after the one
+                # that leaves the server the most to write back), each from a checkpoint
+                for name, root, extra in variants[rnd % len(variants):] + \
+                        variants[:rnd % len(variants)]:
                     db = dbs.fresh(name.split(",")[0])
                     _cli(root, "migrate", "--dsn", db)
+                    _checkpoint(dsn)
                     wall, cpu, out = _cli(root, "replay", cap if root == HERE else format1(cap),
                                           "--dsn", db, "--no-progress", *extra)
                     sizes = _sizes(db, compact=root == HERE) if rnd == 0 else (None, None)
                     results.setdefault(name, []).append((wall, cpu, sizes))
                 db = dbs.fresh("a")
                 _cli(HERE, "migrate", "--dsn", db)
+                _checkpoint(dsn)
                 results.setdefault("(a) server only", []).append(
                     (_server_only(db, cap), None, (None, None)))
     finally:
