@@ -55,7 +55,9 @@ from ingestor.store.writer import Writer, postback_handler
 
 log = logging.getLogger(__name__)
 
+# (a token the engine cannot key, 0 or 2^32 and over, is no instrument: ``load_ids``)
 SQL_ACTIVE_TOKENS = ("SELECT instrument_token FROM instruments WHERE is_active AND broker = 'kite' "
+                     "AND instrument_token > 0 AND instrument_token < 4294967296 "
                      "ORDER BY instrument_token")
 SQL_ACTIVE_ANGEL = ("SELECT exchange_type, broker_token FROM instruments WHERE is_active "
                     "AND broker = 'angel' ORDER BY exchange_type, broker_token")
