@@ -8,7 +8,7 @@ p50/p99 (the daemon's histogram: receive time of a batch's newest tick to
 its commit), the largest event-loop lag, and the daemon's RSS at start and
 end.
 
-Run: ``python bench/bench_live.py [--quick] [--seconds S] [--rates 20000,50000]
+Run: ``python -m ingestor.benchmarks.live [--quick] [--seconds S] [--rates 20000,50000]
 [--flush-interval S] [--compare-overlap]`` (the last: each rate also with the writer on one
 connection, ``writer.overlap = false``)
 or ``ingestor bench --only live``; the database server is
@@ -27,8 +27,7 @@ import tempfile
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import scratch_database, table  # noqa: E402
+from ingestor.benchmarks.common import scratch_database, table
 
 TITLE = "live: simulator -> daemon -> PostgreSQL over loopback (all on this machine)"
 
