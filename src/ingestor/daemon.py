@@ -704,14 +704,19 @@ class Daemon:
             n.notify("WATCHDOG=1")
         if self.stop.is_set():
             return
+        ready, status = self._readiness()
+        if ready:
+            n.set_ready(status)
+        else:
+            n.set_status(status)
+
+    def _readiness(self) -> tuple[bool, str]:
+        """(ready, the ``STATUS`` line) for :meth:`_notify_state` (the feed role has its own)."""
         feeds = [bool(c.feed is not None and c.feed.stats.connected) for c in self.connections]
         db = bool(self.writer.up and self.pipeline_ready)
         status = (f"receiving on {sum(feeds)} of {len(feeds)} connection(s); "
                   if feeds else "") + ("database connected" if db else "database away: spooling")
-        if all(feeds) and (feeds or db):
-            n.set_ready(status)
-        else:
-            n.set_status(status)
+        return bool(all(feeds) and (feeds or db)), status
 
     def decoder_totals(self) -> dict[str, int]:
         """Decoder counters summed over every pipeline of this run (read at scrape time)."""

@@ -46,7 +46,7 @@ and the writer stops asking.  ``direct_compress=False`` (setting
 experimental.
 
 Two connections.  The server applies a transaction on one backend, one core; overlapping
-two batches gives it the second (measured in ``bench/bench_storage.py``: ``replay`` against
+two batches gives it the second (measured in ``ingestor.benchmarks.storage``: ``replay`` against
 ``replay, one connection``).  Commit order and the exactly-once protocol are unchanged: N+1
 takes the offset row's lock, checks and advances it only after N committed.  Its early
 inserts cannot conflict with N's rows (ticks are new per instrument and time, closed candles

@@ -5,15 +5,16 @@ its own, alternating variants round by round, each round in another order and ea
 from a checkpoint (medians over ``--repeat`` rounds):
 
 * ``baseline``: ``ingestor replay`` of another checkout (``--baseline DIR``: a checkout
-  whose core is built in place, e.g. ``git worktree add /tmp/base <rev>`` then
+  whose core is built in place, e.g. ``git worktree add ../base <rev>`` then
   ``python setup.py build_ext --inplace`` there) into a database that checkout migrated:
   the previous layout and writer;
-* ``replay``: this checkout's ``ingestor replay``, timed as a whole process;
+* ``replay``: this package's ``ingestor replay`` (the one this benchmark is imported from, a
+  checkout or an installed package), timed as a whole process;
 * ``replay, one connection``: the same with ``--no-overlap`` (one transaction at a time:
   the next batch's rows wait for the commit before them);
 * ``replay, direct COPY off``: the same with ``--no-direct-compress`` (every tick through
   the rowstore; TimescaleDB only);
-* ``(a) server only``: this checkout's writer sending the very batches replay makes, with
+* ``(a) server only``: this package's writer sending the very batches replay makes, with
   the same transaction boundaries, encoded beforehand and sent from memory: what the
   server itself needs.
 
@@ -24,7 +25,7 @@ chunks compressed by ``compress_chunk``).
 
 Run::
 
-    python bench/bench_storage.py --dsn "host=... port=... user=..." \\
+    python -m ingestor.benchmarks.storage --dsn "host=... port=... user=..." \\
         [--baseline DIR] [--ticks 1000000] [--tokens 400] [--repeat 3]
 
 The benchmark creates and drops its own databases on that server.
@@ -42,10 +43,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+from ingestor.benchmarks.common import table
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: where this package is imported from (a checkout's ``src/``, or site-packages): the
+#: ``root`` of :func:`_cli` for this code, where ``--baseline`` names another checkout
+HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _dsn_with(dsn: str, dbname: str) -> str:
@@ -82,12 +84,15 @@ class Databases:
 
 
 def _cli(root: str, *args: str) -> tuple[float, float, str]:
-    """Run ``python -m ingestor ARGS`` from checkout ``root``: (wall s, child CPU s, stdout)."""
-    env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"))
+    """Run ``python -m ingestor ARGS`` of this package (``root`` is :data:`HERE`) or of the
+    checkout ``root`` (its ``src/``, from that folder): (wall s, child CPU s, stdout)."""
+    this = root == HERE
+    root = os.path.abspath(root)  # (a relative --baseline: the child runs from that folder)
+    env = dict(os.environ, PYTHONPATH=root if this else os.path.join(root, "src"))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "ingestor", *args], env=env, cwd=root,
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "ingestor", *args], env=env,
+                       cwd=None if this else root, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode:

@@ -8,7 +8,7 @@ p50/p99 (the daemon's histogram: receive time of a batch's newest tick to
 its commit), the largest event-loop lag, and the daemon's RSS at start and
 end.
 
-Run: ``python bench/bench_live.py [--quick] [--seconds S] [--rates 20000,50000]
+Run: ``python -m ingestor.benchmarks.live [--quick] [--seconds S] [--rates 20000,50000]
 [--flush-interval S] [--compare-overlap] [--broker kite,angel]`` (``--compare-overlap``: each
 rate also with the writer on one connection, ``writer.overlap = false``; ``--broker``: Angel
 One's SmartStream simulator and feed, one packet per message, in place of or beside Kite's)
@@ -28,8 +28,7 @@ import tempfile
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import scratch_database, table  # noqa: E402
+from ingestor.benchmarks.common import scratch_database, table
 
 TITLE = "live: simulator -> daemon -> PostgreSQL over loopback (all on this machine)"
 
