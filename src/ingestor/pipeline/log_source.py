@@ -26,11 +26,12 @@ kept in ``stream_offsets``: a stream deleted or re-created stops the writer
 Retention: each subject's committed log position (the JetStream sequence of the last
 committed message on it, and that message's receive time) is kept in ``stream_offsets``
 (``log-seq:<stream>:<subject>``, ``log-ns:...``; saved after a commit once a second and
-after each while stopping, so it may lag, never lead).  A capture stream's messages missing where the log's first sequence is past that
-position + 1 were dropped by retention before any writer committed them: the writer stops
-loudly (exit 1, one line), or with ``--accept-log-loss`` records the loss in ``feed_gaps``,
-counts it (``ingestor_log_retention_lost``) and goes on.  A loss of whole capture streams
-or of a stream's tail leaves no hole in any stream's numbering and is not seen this way.
+after each while stopping, so it may lag, never lead).  A capture stream's messages
+missing where the log's first sequence is past that position + 1 were dropped by
+retention before any writer committed them: the writer stops loudly (exit 1, one line),
+or with ``--accept-log-loss`` records the loss in ``feed_gaps``, counts it
+(``ingestor_log_retention_lost``) and goes on.  A loss of whole capture streams or of a
+stream's tail leaves no hole in any stream's numbering and is not seen this way.
 ``ingestor_log_retention_used`` (per subject, 1 = at the limit) says how close the oldest
 uncommitted message is to the stream's limits (age, bytes, messages); a warning is logged
 from 0.8.  With ``log.publish_candles`` each batch's closed candles are published after its
@@ -402,7 +403,8 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
             lo, hi = a.fed + 1, seq - 1
             line = (f"{s.label}: log stream {g.stream} dropped messages no writer committed "
                     f"(retention: its first sequence is {first}, the subject's last committed "
-                    f"message was at {pos}): capture stream {a.stream} messages {lo}..{hi} are gone")
+                    f"message was at {pos}): capture stream {a.stream} messages {lo}..{hi} "
+                    "are gone")
             n = hi - lo + 1
             self.metrics.log_retention_lost.inc(n)
             if not accept_loss:
