@@ -4,10 +4,15 @@ change against an earlier run, a chart."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ingestor(*args, code: str = "") -> subprocess.CompletedProcess:
@@ -97,3 +102,43 @@ def test_results_alone_or_with_a_run_option_is_a_usage_error(tmp_path):
     assert _ingestor("bench", "--results", str(res)).returncode == 2
     assert _ingestor("bench", "--results", str(res), "--compare", str(res),
                      "--quick").returncode == 2
+
+
+@pytest.mark.slow
+def test_bench_runs_from_an_installed_package(tmp_path):
+    """``ingestor bench`` from the package installed apart from the checkout (``pip install
+    --target``, built from a copy of the sources) and run from another folder: the benchmarks
+    are in the package, nothing comes from the source tree."""
+    copy = tmp_path / "sources"
+    shutil.copytree(ROOT / "src", copy / "src", ignore=shutil.ignore_patterns(
+        "*.so", "*.c", "*.html", "__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, copy / name)
+    site = tmp_path / "site"
+    # the debug build: it compiles in a fraction of the release build's time
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-index", "--no-build-isolation", "--target", str(site), str(copy)],
+                       capture_output=True, text=True, timeout=1800,
+                       env=dict(os.environ, INGESTOR_DEBUG="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert (site / "ingestor" / "benchmarks" / "common.py").is_file()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    checkout = str(ROOT / "src")
+    prog = ("import sys\nfrom ingestor.cli import main\nrc = main(sys.argv[1:])\nimport ingestor\n"
+            f"print('FROM-CHECKOUT', sorted(n for n, m in list(sys.modules.items()) if "
+            f"(getattr(m, '__file__', None) or '').startswith({checkout!r})))\n"
+            "print('PACKAGE', ingestor.__file__)\nsys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", prog, "bench", "--quick", "--only", "decode",
+                        "--json", "out.json"], cwd=elsewhere, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, PYTHONPATH=str(site)))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "FROM-CHECKOUT []" in r.stdout, r.stdout
+    package = next(ln for ln in r.stdout.splitlines() if ln.startswith("PACKAGE "))
+    assert package.split(" ", 1)[1].startswith(str(site / "ingestor")), package
+    data = json.loads((elsewhere / "out.json").read_text())
+    assert data["machine"]["core"] == "debug"           # the build just installed
+    rows = data["stages"]["decode"]["rows"]
+    assert {r["mode"] for r in rows} >= {"ltp", "full"}
+    assert all(isinstance(r["batch pkt/s"], float) and r["batch pkt/s"] > 0 for r in rows)

@@ -289,3 +289,163 @@ def test_registration_refused_for_a_privilege_stops_loudly(tmp_path, db):
         with psycopg.connect(db, autocommit=True) as c:
             c.execute(f"DROP OWNED BY {role}")
             c.execute(f"DROP ROLE {role}")
+
+
+def test_database_down_at_start_without_tokens_or_saved_set_is_one_error(tmp_path):
+    """Database away at start, no ``tokens`` and no ``subscriptions.json`` beside the spool
+    (a first start after a reboot): nothing to subscribe, so one error line naming both
+    remedies, before anything connects to the broker.  Exit 1, not 2: the settings are
+    not wrong (the unit's ``RestartPreventExitStatus=2`` would leave the service dead), the
+    database is only not there yet, so the service manager's restart gets it going once
+    it answers."""
+    import socket
+
+    db_port = free_port()  # nobody listens: the database is down
+    dsn = f"postgresql://ingestor:db-password-secret@127.0.0.1:{db_port}/ingestor"
+    with socket.socket() as broker:  # a "broker" that only notes whether anyone came
+        broker.bind(("127.0.0.1", 0))
+        broker.listen(8)
+        broker.setblocking(False)
+        url = f"ws://127.0.0.1:{broker.getsockname()[1]}"
+        d = Daemon(tmp_path, dsn, url)
+        try:
+            rc = d.proc.wait(timeout=60)
+        finally:
+            if d.proc.poll() is None:
+                d.kill()
+        d.log.close()
+        out = d.output()
+        try:
+            broker.accept()[0].close()
+            connected = True
+        except BlockingIOError:
+            connected = False
+    assert rc == 1, out
+    errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1, out
+    assert errors[0].startswith("ingestor: error: "), out
+    assert "the database is not reachable" in errors[0], out
+    assert "beside the spool" in errors[0] and "tokens" in errors[0], out
+    assert "Traceback" not in out, out
+    assert "db-password-secret" not in out and "test-token-secret" not in out, out
+    assert not connected, "the daemon connected to the broker before giving up"
+    assert not (tmp_path / "spool" / "subscriptions.json").exists()
+    assert not spool_files(tmp_path)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The daemon's /metrics, one scrape: series (with labels) -> value."""
+    status, text = _get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200, text
+    out = {}
+    for ln in text.splitlines():
+        if ln and not ln.startswith("#"):
+            series, _, value = ln.rpartition(" ")
+            out[series] = float(value)
+    return out
+
+
+def test_second_signal_seconds_later_forces_the_exit(tmp_path, db):
+    """A drain that cannot finish (tick_data locked by another session, so the writer's
+    transaction waits, with a long shutdown_timeout): the first SIGINT starts it; a second
+    one later than the repeat window is the operator insisting, and the daemon exits at
+    once with status 1, the spool keeping what was not committed: a restart writes all of
+    it, once."""
+    from ingestor.daemon import SIGNAL_REPEAT
+
+    sim = Simulator(tmp_path, tokens=10, rate=2000)
+    load_instruments(db, sim.csv)
+    port = free_port()
+    feeds = (f"shutdown_timeout = 600.0\n[feed]\nurl = \"{sim.url}\"\nmode = \"full\"\n"
+             "heartbeat_timeout = 2.0\nreconnect_min = 0.1\nreconnect_max = 0.5\n"
+             "rejected_retry = 30.0\n")
+    d = Daemon(tmp_path, db, None, feeds=feeds, metrics_port=port)
+    locker = None
+    try:
+        wait_for(lambda: count_ticks(db) > 1000, timeout=60)
+        locker = psycopg.connect(db)
+        locker.execute("LOCK TABLE tick_data IN ACCESS EXCLUSIVE MODE")
+        # the pipeline goes on decoding what the writer cannot commit (until the writer's
+        # queue is full)
+        start = _scrape(port)["ingestor_ticks_decoded_total"]
+        wait_for(lambda: _scrape(port)["ingestor_ticks_decoded_total"] > start + 500,
+                 timeout=60, what="decoding while the writer waits on the lock")
+        sim.stop()
+        sent = sim.sent_packets()
+        d.proc.send_signal(signal.SIGINT)
+        first = time.monotonic()
+        wait_for(lambda: "SIGINT: stopping: draining" in d.output(), timeout=30)
+        # "seconds later": past the window in which a repeat is the same request, the
+        # daemon still draining (alive) all along
+        wait_for(lambda: d.proc.poll() is not None
+                 or time.monotonic() - first > SIGNAL_REPEAT + 0.5, timeout=60)
+        assert d.proc.poll() is None, d.output()
+        d.proc.send_signal(signal.SIGINT)
+        rc = d.proc.wait(timeout=30)  # promptly: the drain alone would take 600 s
+        d.log.close()
+        out = d.output()
+        assert rc == 1, out
+        assert "second SIGINT: exiting at once" in out, out
+        assert "already stopping" not in out, out
+    finally:
+        if d.proc.poll() is None:
+            d.kill()
+        if locker is not None:
+            locker.close()  # (rolls back: the lock goes)
+        sim.stop()
+    written = count_ticks(db)
+    assert written < sent, "the drain was not held up: nothing left to force"
+    assert spool_files(tmp_path), "the uncommitted messages were not kept"
+    d2 = Daemon(tmp_path, db, sim.url, name="daemon2")
+    wait_for(lambda: "replayed spool left by an earlier run" in d2.output(), timeout=120)
+    assert d2.terminate() == 0, d2.output()
+    n, distinct = tick_summary(db)
+    assert n == distinct == sent
+
+
+def test_written_never_runs_ahead_of_decoded(tmp_path, db):
+    """Counters that must agree do: at every scrape during a run, ticks written <= ticks
+    decoded (one scrape reads both); once the feed has stopped and the daemon has written
+    everything, written == decoded == tick_data's rows == what the simulator sent, and the
+    daemon's final line says the same number."""
+    sim = Simulator(tmp_path, tokens=20, rate=3000)
+    load_instruments(db, sim.csv)
+    port = free_port()
+    d = Daemon(tmp_path, db, sim.url, metrics_port=port)
+    try:
+        scrapes = []
+
+        def scrape_during_run():
+            try:
+                m = _scrape(port)
+            except OSError:  # not listening yet
+                assert not scrapes, "the metrics endpoint went away during the run"
+                return False
+            w, dec = m["ingestor_ticks_written_total"], m["ingestor_ticks_decoded_total"]
+            assert w <= dec, (w, dec, scrapes)
+            scrapes.append((w, dec))
+            # several scrapes with writes under way, the last after some thousands
+            return len([s for s in scrapes if s[0] > 0]) >= 20 and w > 5000
+
+        wait_for(scrape_during_run, timeout=90, step=0.05, what="scrapes while writing")
+        sim.stop()
+        sent = sim.sent_packets()
+
+        def drained():
+            m = _scrape(port)
+            w, dec = m["ingestor_ticks_written_total"], m["ingestor_ticks_decoded_total"]
+            assert w <= dec, (w, dec)
+            return w == dec == sent and (w, dec)
+
+        written, decoded = wait_for(drained, timeout=60, what="written == decoded == sent")
+        assert count_ticks(db) == written
+        rc = d.terminate()
+    finally:
+        if d.proc.poll() is None:
+            d.kill()
+        sim.stop()
+    out = d.output()
+    assert rc == 0, out
+    assert f"stopped: {int(written)} ticks," in out.splitlines()[-1], out
+    n, distinct = tick_summary(db)
+    assert n == distinct == written

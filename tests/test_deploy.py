@@ -6,8 +6,8 @@
 * The rules pass ``promtool check rules``, their unit tests (``alerts.test.yml``) pass
   ``promtool test rules``, and the example ``prometheus.yml`` passes ``promtool check config``.
   promtool comes with Debian's ``prometheus`` package, which ``.ci/run`` installs.
-* The systemd unit passes ``systemd-analyze verify`` where systemd is there, and keeps the
-  settings the README promises.
+* The systemd unit template passes ``systemd-analyze verify`` for each kind of instance where
+  systemd is there, and keeps the settings the README promises.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from daemon_harness import Daemon, Simulator, count_ticks, free_port, load_instr
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "ingestor.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
-UNIT = DEPLOY / "systemd" / "ingestor.service"
-ROLE_UNIT = DEPLOY / "systemd" / "ingestor@.service"
+#: the one unit template of every process: ingestor@daemon, ingestor@feed, ingestor@writer
+UNIT = DEPLOY / "systemd" / "ingestor@.service"
 ROLE_CONFIGS = {"feed": DEPLOY / "log" / "feed.toml", "writer": DEPLOY / "log" / "writer.toml"}
 
 #: series Prometheus makes itself, not the daemon
@@ -154,9 +154,9 @@ def test_promtool(args):
     assert "SUCCESS" in r.stdout + r.stderr
 
 
-def unit_settings(unit: Path = UNIT) -> dict[str, list[str]]:
+def unit_settings(text: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for line in unit.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith(("#", "[")):
             key, _, value = line.partition("=")
@@ -164,60 +164,64 @@ def unit_settings(unit: Path = UNIT) -> dict[str, list[str]]:
     return out
 
 
-def test_systemd_unit_keeps_its_promises(tmp_path):
+def drop_in(instance: str) -> Path:
+    return UNIT.with_name(f"ingestor@{instance}.service.d") / "credentials.conf"
+
+
+def test_one_unit_template_serves_every_process():
+    """One template: the instance name picks the config and the state directory (the config
+    says daemon, feed or writer), and every instance keeps the promises below."""
     from ingestor.config import Config
 
-    u = unit_settings()
+    assert sorted(p.name for p in UNIT.parent.glob("*.service")) == ["ingestor@.service"]
+    u = unit_settings(UNIT.read_text())
     stop = float(u["TimeoutStopSec"][0].removesuffix("s"))
-    assert stop > Config().shutdown_timeout           # the daemon drains before the SIGKILL
+    assert stop > Config().shutdown_timeout           # the process drains before the SIGKILL
     assert u["KillSignal"] == ["SIGTERM"] and u["Restart"] == ["on-failure"]
     assert u["RestartPreventExitStatus"] == ["2"]     # a bad setting is not retried
-    assert {c.split(":")[0] for c in u["LoadCredential"]} == {"kite.env", "pgpass"}
-    assert u["Environment"] == ["PGPASSFILE=%d/pgpass"]
     assert u["ProtectSystem"] == ["strict"] and u["NoNewPrivileges"] == ["yes"]
-    assert "run --config" in u["ExecStart"][0]
-    # readiness from the daemon itself (tests/test_sdnotify.py): only the main process speaks
+    # readiness from the process itself (tests/test_sdnotify.py, and the roles':
+    # test_jetstream_lease.py): only the main process speaks
     assert u["Type"] == ["notify"] and u["NotifyAccess"] == ["main"]
-    # the daemon pings at half the interval from a loop that turns every 0.1 s
+    # the process pings at half the interval from a loop that turns every 0.1 s
     assert float(u["WatchdogSec"][0].removesuffix("s")) >= 10
-    # no secret in the unit: only placeholders ("access_token=...")
-    assert not re.search(r"(?i)(api_key|access_token|password)\s*=\s*(?!\.\.\.)\S", UNIT.read_text())
+    assert u["ExecStart"][0].endswith("run --config /etc/ingestor/%i.toml")
+    assert "--role" not in u["ExecStart"][0]          # the role is the config's log.role
+    assert u["StateDirectory"] == ["ingestor/%i"]     # one spool per instance
+    assert u["WorkingDirectory"] == ["/var/lib/ingestor/%i"]
+    assert u["DefaultInstance"] == ["daemon"]
+    # the database password for every instance; the broker's credentials only where a
+    # process connects to the broker (the one-process daemon, a feed), by drop-in
+    assert u["Environment"] == ["PGPASSFILE=%d/pgpass"]
+    assert {c.split(":")[0] for c in u["LoadCredential"]} == {"pgpass"}
+    for instance in ("daemon", "feed"):
+        d = unit_settings(drop_in(instance).read_text())
+        assert d["LoadCredential"] == ["kite.env:/etc/ingestor/kite.env"], instance
+    assert not drop_in("writer").exists()
+    # no secret in the unit or a drop-in: only placeholders ("access_token=...")
+    for path in (UNIT, drop_in("daemon"), drop_in("feed")):
+        assert not re.search(r"(?i)(api_key|access_token|password)\s*=\s*(?!\.\.\.)\S",
+                             path.read_text()), path
+    # the feed example's credentials file is where the feed instance's drop-in puts it
+    assert 'credentials_file = "/run/credentials/ingestor@feed.service/kite.env"' in \
+        ROLE_CONFIGS["feed"].read_text()
+
+
+def test_unit_template_instances_pass_systemd_analyze(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
     # verify needs ExecStart's program to exist: this environment's console script
     exe = shutil.which("ingestor") or str(Path(sys.executable).with_name("ingestor"))
-    unit = tmp_path / "ingestor.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/ingestor", exe))
-    r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def test_role_unit_template_keeps_its_promises(tmp_path):
-    from ingestor.config import Config
-
-    u = unit_settings(ROLE_UNIT)
-    assert float(u["TimeoutStopSec"][0].removesuffix("s")) > Config().shutdown_timeout
-    assert u["Restart"] == ["on-failure"]           # a lost lease (exit 1): back as a standby
-    assert u["RestartPreventExitStatus"] == ["2"]
-    assert u["ExecStart"][0].endswith("run --config /etc/ingestor/%i.toml")
-    assert "--role" not in u["ExecStart"][0]        # the role is the config's log.role
-    assert u["StateDirectory"] == ["ingestor/%i"]   # one spool per instance
-    assert {c.split(":")[0] for c in u["LoadCredential"]} == {"pgpass"}
-    drop_in = ROLE_UNIT.with_name("ingestor@feed.service.d") / "credentials.conf"
-    assert "LoadCredential=kite.env:" in drop_in.read_text()
-    assert not re.search(r"(?i)(api_key|access_token|password)\s*=\s*(?!\.\.\.)\S",
-                         ROLE_UNIT.read_text())
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
-    exe = shutil.which("ingestor") or str(Path(sys.executable).with_name("ingestor"))
-    for instance in ("feed", "writer"):
+    template = UNIT.read_text().replace("/usr/local/bin/ingestor", exe)
+    for instance in ("daemon", "feed", "writer", "writer-b"):
         unit = tmp_path / f"ingestor@{instance}.service"
-        unit.write_text(ROLE_UNIT.read_text().replace("/usr/local/bin/ingestor", exe))
+        # the instance's drop-in, as systemd merges it (a section may appear twice)
+        extra = drop_in(instance).read_text() if drop_in(instance).exists() else ""
+        unit.write_text(template + "\n" + extra)
         r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
                            timeout=60)
-        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.returncode == 0, instance + ": " + r.stdout + r.stderr
 
 
 def test_role_example_configs_load_and_agree():

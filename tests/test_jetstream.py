@@ -93,7 +93,8 @@ class Role:
 
     def __init__(self, tmp, role: str, dsn: str, url: str, servers: list[str], *,
                  name: str | None = None, log: str = "", feed: str = "",
-                 lease: str = "lease_ttl = 6.0\nlease_renew = 1.0\n", args: tuple = ()):
+                 lease: str = "lease_ttl = 6.0\nlease_renew = 1.0\n", args: tuple = (),
+                 extra_env: dict | None = None):
         self.name = name or role
         self.cfg = tmp / f"{self.name}.toml"
         servers_toml = ", ".join(f'"{s}"' for s in servers)
@@ -108,7 +109,8 @@ class Role:
             f"max_feed_restart = 60.0\nack_timeout = 3.0\n{lease}{log}")
         self.logpath = tmp / f"{self.name}.log"
         self.out = open(self.logpath, "a")
-        env = dict(os.environ, KITE_API_KEY="test-key", KITE_ACCESS_TOKEN="test-token-secret")
+        env = dict(os.environ, KITE_API_KEY="test-key", KITE_ACCESS_TOKEN="test-token-secret",
+                   **(extra_env or {}))
         self.proc = subprocess.Popen(ingestor("run", "--role", role, "--config", str(self.cfg),
                                               "--dsn", dsn, *args), env=env, stdout=self.out,
                                      stderr=subprocess.STDOUT, text=True)

@@ -185,6 +185,49 @@ def assert_every_tick_outside_once(dsn: str, record: str, lo: int, hi: int) -> N
     assert outside > 0
 
 
+def test_roles_tell_systemd_when_they_are_ready(tmp_path, db, nats_server):
+    """Under the one unit template (``Type=notify``, deploy/systemd/ingestor@.service) every
+    role says READY=1: an active feed once it receives, a standby feed while it waits for its
+    lease (not a start left hanging until ``TimeoutStartSec`` fails it), a writer once its
+    database answered; each pings the watchdog and says STOPPING=1 at SIGTERM."""
+    from test_sdnotify import NotifySocket
+
+    sim = Simulator(tmp_path, tokens=5, rate=500)
+    load_instruments(db, sim.csv)
+    leased = "feed_lease = true\n"
+    socks = {name: NotifySocket() for name in ("feed-a", "feed-b", "writer")}
+
+    def env(name: str) -> dict:
+        return {"NOTIFY_SOCKET": socks[name].path, "WATCHDOG_USEC": "2000000"}
+
+    try:
+        first = Role(tmp_path, "feed", db, sim.url, [nats_server.url], name="feed-a",
+                     lease=SHORT, log=leased, extra_env=env("feed-a"))
+        ready = socks["feed-a"].wait_for("READY")
+        assert ready["STATUS"] == "receiving on 1 of 1 connection(s); log connected", ready
+        second = Role(tmp_path, "feed", db, sim.url, [nats_server.url], name="feed-b",
+                      lease=SHORT, log=leased, extra_env=env("feed-b"))
+        ready = socks["feed-b"].wait_for("READY")
+        assert ready["STATUS"] == ("receiving on 0 of 1 connection(s); standby for 1 (another "
+                                   "process holds the lease); log connected"), ready
+        assert "lease taken" not in second.output()
+        writer = Role(tmp_path, "writer", db, sim.url, [nats_server.url], lease=SHORT,
+                      extra_env=env("writer"))
+        ready = socks["writer"].wait_for("READY")
+        assert ready["STATUS"] == "database connected", ready
+        for s in socks.values():
+            s.wait_for("WATCHDOG")
+        for role in (second, first, writer):
+            assert role.terminate() == 0, role.output()
+        for s in socks.values():
+            assert s.wait_for("STOPPING")["STATUS"].startswith("stopping (SIGTERM)")
+            assert s.keys() == ["READY", "STOPPING"]
+    finally:
+        sim.stop()
+        for s in socks.values():
+            s.close()
+
+
 async def _delete_stream(url: str, name: str = "TEST") -> None:
     import nats
 

@@ -189,7 +189,7 @@ def per_connection(f: "FeedConfig") -> int:
 class PipelineConfig(_Base):
     flush_rows: int = 50_000
     #: seconds between flushes when fewer rows are pending (tick-to-commit latency).  At
-    #: 150k ticks/s on 2 cores (bench/bench_live.py), p50 / p99: 0.2 s gave 366 / 482 ms on
+    #: 150k ticks/s on 2 cores (ingestor.benchmarks.live), p50 / p99: 0.2 s gave 366 / 482 ms on
     #: PostgreSQL and 357 / 441 on TimescaleDB; 0.1 s 190 / 300 and 194 / 325; 0.05 s
     #: 110 / 191 on PostgreSQL but 174 / 448 on TimescaleDB (its per-transaction cost)
     flush_interval: float = 0.1

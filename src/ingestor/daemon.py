@@ -55,7 +55,9 @@ from ingestor.store.writer import Writer, postback_handler
 
 log = logging.getLogger(__name__)
 
+# (a token the engine cannot key, 0 or 2^32 and over, is no instrument: ``load_ids``)
 SQL_ACTIVE_TOKENS = ("SELECT instrument_token FROM instruments WHERE is_active AND broker = 'kite' "
+                     "AND instrument_token > 0 AND instrument_token < 4294967296 "
                      "ORDER BY instrument_token")
 SQL_ACTIVE_ANGEL = ("SELECT exchange_type, broker_token FROM instruments WHERE is_active "
                     "AND broker = 'angel' ORDER BY exchange_type, broker_token")
@@ -702,14 +704,19 @@ class Daemon:
             n.notify("WATCHDOG=1")
         if self.stop.is_set():
             return
+        ready, status = self._readiness()
+        if ready:
+            n.set_ready(status)
+        else:
+            n.set_status(status)
+
+    def _readiness(self) -> tuple[bool, str]:
+        """(ready, the ``STATUS`` line) for :meth:`_notify_state` (the feed role has its own)."""
         feeds = [bool(c.feed is not None and c.feed.stats.connected) for c in self.connections]
         db = bool(self.writer.up and self.pipeline_ready)
         status = (f"receiving on {sum(feeds)} of {len(feeds)} connection(s); "
                   if feeds else "") + ("database connected" if db else "database away: spooling")
-        if all(feeds) and (feeds or db):
-            n.set_ready(status)
-        else:
-            n.set_status(status)
+        return bool(all(feeds) and (feeds or db)), status
 
     def decoder_totals(self) -> dict[str, int]:
         """Decoder counters summed over every pipeline of this run (read at scrape time)."""

@@ -1,8 +1,11 @@
-"""``ingestor bench``: the benchmark suite (the scripts in the checkout's ``bench/``).
+"""``ingestor bench``: the benchmark suite (the modules of :mod:`ingestor.benchmarks`, part of
+the package: it runs from an installed package as from a checkout).
 
-Each stage module ``bench/bench_<stage>.py`` exposes ``run(quick: bool) ->
+Each stage module ``ingestor/benchmarks/<stage>.py`` exposes ``run(quick: bool) ->
 list[dict]`` (rows of its table) and ``TITLE``.  Stages run one after the
-other in this process and print their tables as they finish.
+other in this process and print their tables as they finish.  The benchmarks that compare
+with another checkout (``--baseline DIR``) or need a server of their own run as
+``python -m ingestor.benchmarks.<name>`` (docs/benchmarks.md).
 
 ``--json FILE`` writes the results (the machine and core build, then each stage's rows);
 ``--compare OLD.json`` prints each figure of this run beside the same figure of an
@@ -30,11 +33,6 @@ RESULTS_FORMAT = 1
 
 #: Stages in pipeline order.
 STAGES = ("decode", "aggregate", "copy", "schema", "replay", "startup", "live", "recovery", "orders")
-
-
-def bench_dir() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.normpath(os.path.join(here, "..", "..", "..", "bench"))
 
 
 def add_parser(sub) -> None:
@@ -232,7 +230,8 @@ def run(args) -> int:
             f.write("\n")
         print(f"\nresults: {args.json_out}")
     if old is not None:
-        common = _common(required=False)
+        from ingestor.benchmarks import common
+
         rows = compare(old, results)
         om, nm = old.get("machine", {}), results.get("machine", {})
         print(f"\ncompared with {args.compare} ({old.get('started', '?')[:16]}, "
@@ -241,7 +240,7 @@ def run(args) -> int:
             print("note: the two runs differ in machine or core build: ratios are not the "
                   "change of the code alone")
         if rows:
-            print(_table(common, rows, "figure by figure (new / old > 1: more of it now)"))
+            print(common.table(rows, "figure by figure (new / old > 1: more of it now)"))
         else:
             print("no figure in common (no stage and row of one run in the other)")
     if args.png:
@@ -251,30 +250,9 @@ def run(args) -> int:
     return 0
 
 
-def _table(common, rows: list[dict], title: str) -> str:
-    if common is not None:
-        return common.table(rows, title)
-    lines = [title]
-    for r in rows:
-        lines.append("  ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()))
-    return "\n".join(lines)
-
-
-def _common(required: bool = True):
-    bdir = bench_dir()
-    if not os.path.isdir(bdir):
-        if not required:
-            return None
-        from ingestor.cli import Failure
-
-        raise Failure("the benchmarks live in the source checkout's bench/ folder: run from a checkout")
-    if bdir not in sys.path:
-        sys.path.insert(0, bdir)
-    return importlib.import_module("common")
-
-
 def _run_stages(args, debug: bool, failure) -> dict:
-    common = _common()
+    from ingestor.benchmarks import common
+
     if args.dsn:
         os.environ["INGESTOR_BENCH_DSN"] = args.dsn
     results = {"format": RESULTS_FORMAT,
@@ -282,12 +260,7 @@ def _run_stages(args, debug: bool, failure) -> dict:
                "quick": bool(args.quick), "machine": machine_info(), "stages": {}}
     print(f"ingestor bench on {common.machine()}{' (DEBUG BUILD: figures not representative)' if debug else ''}")
     for stage in args.only or STAGES:
-        try:
-            mod = importlib.import_module(f"bench_{stage}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"bench_{stage}":
-                continue
-            raise
+        mod = importlib.import_module(f"ingestor.benchmarks.{stage}")
         t0 = time.perf_counter()
         rows = mod.run(quick=args.quick)
         seconds = time.perf_counter() - t0

@@ -549,6 +549,21 @@ def feed_role(cfg, dsn, plans, spool):
                 for t in (sender, acker):
                     t.cancel()
 
+        def _readiness(self) -> tuple[bool, str]:
+            """Ready once every connection receives or waits as a standby (another process
+            holds its lease, ``log.feed_lease``): under ``Type=notify`` a standby is a started
+            service, not a start that hangs.  Its state is the log's, not the database's."""
+            standby = {k for k, v in self.leases.items() if v.standby}
+            receiving = [bool(c.feed is not None and c.feed.stats.connected)
+                         for c in self.connections]
+            log_up = self.nc is not None and self.nc.is_connected
+            status = (f"receiving on {sum(receiving)} of {len(receiving)} connection(s); "
+                      + (f"standby for {len(standby)} (another process holds the lease); "
+                         if standby else "")
+                      + ("log connected" if log_up else "log away: spooling"))
+            return all(r or c.label in standby
+                       for r, c in zip(receiving, self.connections)), status
+
         def health(self):
             ok, body = super().health()
             log_up = self.nc is not None and self.nc.is_connected

@@ -110,6 +110,8 @@ class Lease:
         #: renewal was at the earliest (a standby records the gap from there)
         self.previous: LeaseValue | None = None
         self.previous_since_ns: int | None = None
+        #: waiting in :meth:`take` because another holder has the key (not for the log away)
+        self.standby = False
         self._nudge = asyncio.Event()
 
     def renew_soon(self) -> None:
@@ -142,6 +144,7 @@ class Lease:
                                 self.what, self.previous.holder, self.cfg.lease_ttl)
                 else:
                     log.info("%s: lease taken (%s)", self.what, self.key)
+                self.standby = False
                 self._gauge(1)
                 return True
             except KeyWrongLastSequenceError:
@@ -151,6 +154,7 @@ class Lease:
                         # an earlier attempt that timed out did land: held since then
                         self.revision, self.sent_at = e.revision, unsure
                         log.info("%s: lease taken (%s)", self.what, self.key)
+                        self.standby = False
                         self._gauge(1)
                         return True
                     if e.revision != seen_rev:
@@ -165,6 +169,7 @@ class Lease:
                 except KeyNotFoundError:
                     pass  # expired between the two: try again at once
                     continue
+                self.standby = True
                 if not said:
                     log.info("%s: standby: the lease is held by %s; waiting", self.what,
                              self.previous.holder if self.previous else "another process")

@@ -76,8 +76,10 @@ class ReplayResult:
     damaged: int = 0
     damaged_bytes: int = 0
     lost_records: int = 0
-    #: transactions written overlapped with the one before (``Writer.write_all``)
+    #: transactions written overlapped with the one before (``Writer.write_all``), and those
+    #: rolled back and written again one at a time
     overlapped: int = 0
+    overlap_retries: int = 0
     #: the stretches (``feed.capture.Damage``), those beyond the listed ones, and where an
     #: ``until_damage`` replay stopped with the bytes it left
     damage: list = field(default_factory=list)
@@ -105,6 +107,10 @@ class ReplayResult:
             "stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in st.items())
             + "  (decode/aggregate/encode in the producer thread, write overlapping them)",
         ]
+        if self.overlapped or self.overlap_retries:
+            out.append(f"transactions overlapped with the one before: {self.overlapped}"
+                       + (f", {self.overlap_retries} rolled back and written again one at a "
+                          f"time" if self.overlap_retries else ""))
         if self.columnstore_rows:
             out.append(f"ticks straight into the columnstore: {self.columnstore_rows:,}, "
                        f"into the rowstore: {self.rowstore_rows:,}")
@@ -222,6 +228,7 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
                         lost_records=reader.lost_records, damage=list(reader.damage),
                         unlisted_damage=reader.unlisted_damage, stopped_at=reader.stopped_at,
                         left_bytes=reader.left_bytes, overlapped=writer.stats.overlapped,
+                        overlap_retries=writer.stats.overlap_retries,
                         depth20=pipeline.totals["depth20"],
                         backfill_instruments=pipeline.totals["backfill_instruments"],
                         backfill_ticks=writer.stats.backfill_ticks,

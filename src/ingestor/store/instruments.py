@@ -463,8 +463,12 @@ def register_tokens(conn, tokens: Iterable[int], broker: str = "kite") -> dict[i
 
 
 def load_ids(conn) -> dict[int, int]:
-    """``{instrument_token: id}`` of every instrument (the daemon's map at start)."""
-    return {int(t): int(i) for t, i in conn.execute(_ALL_IDS)}
+    """``{instrument_token: id}`` of every instrument (the daemon's map at start).
+
+    A row whose token the engine cannot key (0, or 2^32 and over: written by hand or by an
+    older version, since every entry point refuses them now) is left out and said once: one
+    bad registry row never stops the engine."""
+    return _keyable(conn.execute(_ALL_IDS))
 
 
 async def aregister_tokens(conn, tokens: Iterable[int]) -> dict[int, int]:
@@ -485,7 +489,21 @@ async def aregister_tokens(conn, tokens: Iterable[int]) -> dict[int, int]:
 async def aload_ids(conn) -> dict[int, int]:
     """Async twin of :func:`load_ids`."""
     cur = await conn.execute(_ALL_IDS)
-    return {int(t): int(i) for t, i in await cur.fetchall()}
+    return _keyable(await cur.fetchall())
+
+
+def _keyable(rows) -> dict[int, int]:
+    ids, bad = {}, []
+    for t, i in rows:
+        if 0 < int(t) < 1 << 32:
+            ids[int(t)] = int(i)
+        else:
+            bad.append(int(i))
+    if bad:
+        log.warning("%d instrument row(s) with a token the engine cannot key (0, or 2^32 and "
+                    "over) left out: instruments.id %s%s", len(bad),
+                    ", ".join(map(str, bad[:5])), " ..." if len(bad) > 5 else "")
+    return ids
 
 
 

@@ -46,7 +46,7 @@ and the writer stops asking.  ``direct_compress=False`` (setting
 experimental.
 
 Two connections.  The server applies a transaction on one backend, one core; overlapping
-two batches gives it the second (measured in ``bench/bench_storage.py``: ``replay`` against
+two batches gives it the second (measured in ``ingestor.benchmarks.storage``: ``replay`` against
 ``replay, one connection``).  Commit order and the exactly-once protocol are unchanged: N+1
 takes the offset row's lock, checks and advances it only after N committed.  Its early
 inserts cannot conflict with N's rows (ticks are new per instrument and time, closed candles
@@ -191,6 +191,8 @@ SQL_RETRACT = (
     "WHERE s.instrument_id = r.id "
     "AND s.time = timestamptz 'epoch' + r.t * interval '1 microsecond'")
 
+#: ``Writer._bulk``'s steps: closed candles, books, 20-level books, ticks
+_STEPS = 4
 # Whether the first backend holds a lock the second waits for (``Writer._wait_commit``).
 SQL_BLOCKS = "SELECT %s = ANY(pg_blocking_pids(%s))"
 #: seconds between ``_wait_commit``'s looks at whether the batch before waits for this one
@@ -201,8 +203,10 @@ YIELD_CHECK = 0.2
 class _InFlight:
     batch: FlushBatch
     conn: "psycopg.AsyncConnection"
-    task: "asyncio.Task"
     t0: float
+    task: "asyncio.Task | None" = None
+    #: set as the batch's rows of each table are in (``Writer._bulk``'s steps), or it ended
+    steps: list = field(default_factory=lambda: [asyncio.Event() for _ in range(_STEPS)])
 
 
 class _Behind(Exception):
@@ -636,9 +640,10 @@ class Writer:
                     await self._write_timed(b, on_written)
                     continue
                 before = inflight[-1] if inflight else None
-                work = asyncio.create_task(self._overlapped(conn, b, before),
-                                           name=f"flush {b.stream} {b.first_seq}..{b.last_seq}")
-                inflight.append(_InFlight(b, conn, work, time.perf_counter()))
+                f = _InFlight(b, conn, time.perf_counter())
+                f.task = asyncio.create_task(self._overlapped(f, before),
+                                             name=f"flush {b.stream} {b.first_seq}..{b.last_seq}")
+                inflight.append(f)
             while inflight:
                 await self._settle(inflight, on_written)
         finally:
@@ -710,21 +715,27 @@ class Writer:
             except Exception:  # noqa: BLE001 - already broken
                 pass
 
-    async def _overlapped(self, conn, b: FlushBatch, before: "_InFlight | None") -> str:
-        """Batch ``b``'s transaction on ``conn``, overlapping ``before``'s (see ``write_all``)."""
+    async def _overlapped(self, f: "_InFlight", before: "_InFlight | None") -> str:
+        """Batch ``f``'s transaction on its connection, overlapping ``before``'s (see
+        ``write_all``)."""
+        conn, b = f.conn, f.batch
         outcome = "written"
-        async with conn.transaction():
-            await self._bulk(conn, b)
-            if before is not None:
-                await self._wait_commit(conn, before)
-            verdict = await self._check_offset(conn, b)
-            if verdict is not None:
-                outcome = verdict
-                raise psycopg.Rollback()
-            await self._locking(conn, b)
-            await offsets.aadvance(conn, b.stream, b.last_seq)
+        try:
+            async with conn.transaction():
+                copies = await self._bulk(conn, b, f, before)
+                if before is not None:
+                    await self._wait_commit(conn, before)
+                verdict = await self._check_offset(conn, b)
+                if verdict is not None:
+                    outcome = verdict
+                    raise psycopg.Rollback()
+                await self._locking(conn, b)
+                await offsets.aadvance(conn, b.stream, b.last_seq)
+        finally:
+            for step in f.steps:  # (the batch after never waits on one that ended)
+                step.set()
         if outcome == "written":
-            self._count(b)
+            self._count(b, copies)
         return outcome
 
     async def _wait_commit(self, conn, before: "_InFlight") -> None:
@@ -785,10 +796,10 @@ class Writer:
             verdict = await self._check_offset(conn, b)
             if verdict is not None:
                 return verdict
-            await self._bulk(conn, b)
+            copies = await self._bulk(conn, b)
             await self._locking(conn, b)
             await offsets.aadvance(conn, b.stream, b.last_seq)
-        self._count(b)
+        self._count(b, copies)
         return "written"
 
     async def _check_offset(self, conn, b: FlushBatch) -> str | None:
@@ -804,28 +815,46 @@ class Writer:
             raise StreamAdvanced(b.stream, committed, b.first_seq)
         return None
 
-    async def _bulk(self, conn, b: FlushBatch) -> None:
+    async def _bulk(self, conn, b: FlushBatch, mine: "_InFlight | None" = None,
+                    before: "_InFlight | None" = None) -> list:
         """The batch's inserts of rows no other batch has (ticks, closed candles never stored,
         snapshots): they take no lock another batch's transaction waits for, so they may run
-        while the batch before is still in its transaction (see ``write_all``)."""
+        while the batch before is still in its transaction (see ``write_all``).
+
+        Table by table, each after the batch before is done with that table (``before``'s
+        steps): the first COPY into a new TimescaleDB chunk creates it and holds the
+        hypertable's ShareUpdateExclusiveLock to the end of its transaction, so were the later
+        batch first into a table, the earlier one would wait for it, and it would have to give
+        way (``_Yield``); in this order the later one waits, as it must anyway."""
         dense = b.n_dense_ticks if self.direct and b.in_order else 0
+        copies: list = []
         async with conn.cursor() as cur:
-            if b.new_candles:
-                await _copy(cur, SQL_COPY_CANDLES, b.new_candles)
-            if b.n_snapshots and not b.retracted:
-                await _copy(cur, SQL_COPY_SNAPS, b.snapshots)
-            if b.depth20:  # rows of their own: each DEPTH packet's time is new per instrument
-                await _copy(cur, SQL_COPY_DEPTH20, b.depth20)
-            # The ticks last: on TimescaleDB a COPY into tick_data holds the hypertable's
-            # ShareUpdateExclusiveLock to the end of the transaction, so the next batch's
-            # tick COPY waits for this commit; its candles and books go in meanwhile.
-            if b.n_ticks > dense:
-                await self._copy_ticks(cur, b, dense, direct=False)
-            if dense:
-                # the setting is local to the transaction: on for this one COPY only
-                await cur.execute(SQL_DIRECT_ON)
-                await self._copy_ticks(cur, b, dense, direct=True)
-                await cur.execute(SQL_DIRECT_OFF)
+            steps = ((b.new_candles, SQL_COPY_CANDLES, b.new_candles),
+                     (b.n_snapshots and not b.retracted, SQL_COPY_SNAPS, b.snapshots),
+                     # rows of their own: each DEPTH packet's time is new per instrument
+                     (b.depth20, SQL_COPY_DEPTH20, b.depth20),
+                     (b.n_ticks, None, None))
+            for k, (due, sql, data) in enumerate(steps):
+                if before is not None:
+                    await before.steps[k].wait()
+                if due and sql is not None:
+                    await _copy(cur, sql, data)
+                elif due:
+                    copies = await self._ticks(cur, b, dense)
+                if mine is not None:
+                    mine.steps[k].set()
+        return copies
+
+    async def _ticks(self, cur, b: FlushBatch, dense: int) -> list:
+        copies = []
+        if b.n_ticks > dense:
+            copies.append(await self._copy_ticks(cur, b, dense, direct=False))
+        if dense:
+            # the setting is local to the transaction: on for this one COPY only
+            await cur.execute(SQL_DIRECT_ON)
+            copies.append(await self._copy_ticks(cur, b, dense, direct=True))
+            await cur.execute(SQL_DIRECT_OFF)
+        return copies
 
     async def _locking(self, conn, b: FlushBatch) -> None:
         """The batch's statements that update rows an earlier batch may hold (candle and
@@ -845,14 +874,23 @@ class Writer:
         if b.texts and self.on_texts is not None:
             await self.on_texts(conn, b)
 
-    def _count(self, b: FlushBatch) -> None:
+    def _count(self, b: FlushBatch, copies=()) -> None:
+        """A committed batch in the statistics (``copies``: its tick COPYs, ``_ticks``)."""
         s = self.stats
+        for path, rows in copies:
+            if path == "direct":
+                s.direct_copies += 1
+                s.direct_rows += rows
+            else:
+                s.rowstore_copies += 1
+                s.rowstore_rows += rows
         s.batches += 1
         s.ticks += b.n_ticks
         s.candles += b.n_candles
         s.snapshots += b.n_snapshots
 
-    async def _copy_ticks(self, cur, b: FlushBatch, dense: int, *, direct: bool) -> None:
+    async def _copy_ticks(self, cur, b: FlushBatch, dense: int, *,
+                          direct: bool) -> tuple[str, int]:
         """COPY the batch's dense part (``direct``) or the rest of its ticks (all of them
         when ``dense`` is 0): both parts are complete COPY payloads cut from ``b.ticks``."""
         s = self.stats
@@ -868,12 +906,8 @@ class Writer:
             else:
                 await cp.write(mv)
         rows = dense if direct else b.n_ticks - dense
-        if direct and s.direct_refused == refused:
-            s.direct_copies += 1
-            s.direct_rows += rows
-        else:
-            s.rowstore_copies += 1
-            s.rowstore_rows += rows
+        # counted once the transaction commits (``_count``)
+        return ("direct" if direct and s.direct_refused == refused else "rowstore"), rows
 
     async def _tail(self, b: FlushBatch) -> str:
         # A batch covering no message: what the engine wrote out after the stream's last

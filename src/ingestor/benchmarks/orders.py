@@ -8,7 +8,7 @@ starts from empty order tables (instruments stay registered); the figure is the 
 several runs.  Each transaction commits durably (the server's ``synchronous_commit``), so the
 one-per-transaction rate is bounded by the commit latency.
 
-Run: ``python bench/bench_orders.py [--dsn DSN] [--quick]`` or ``ingestor bench --only orders``.
+Run: ``python -m ingestor.benchmarks.orders [--dsn DSN] [--quick]`` or ``ingestor bench --only orders``.
 The DSN names a server (``INGESTOR_BENCH_DSN``, default ``host=127.0.0.1 user=postgres``);
 the benchmark creates its own database there and drops it at the end.
 """
@@ -23,10 +23,7 @@ import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
-from common import table  # noqa: E402
+from ingestor.benchmarks.common import table
 
 TITLE = "orders: postbacks persisted per second (one transaction each vs batched)"
 

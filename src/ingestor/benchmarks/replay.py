@@ -14,7 +14,7 @@ Same capture, same database, same run; tables emptied between variants:
 * ``replay, no tick_data key``: replay after dropping ``tick_data``'s primary
   key (what uniqueness by construction would allow).
 
-Run: ``python bench/bench_replay.py [--quick] [--ticks N]`` or ``ingestor bench
+Run: ``python -m ingestor.benchmarks.replay [--quick] [--ticks N]`` or ``ingestor bench
 --only replay``; the database server is ``INGESTOR_BENCH_DSN`` (default
 host=127.0.0.1 user=postgres); the benchmark creates and drops its own database.
 """
@@ -29,8 +29,7 @@ import tempfile
 import time
 from decimal import Decimal
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import scratch_database, table  # noqa: E402
+from ingestor.benchmarks.common import scratch_database, table
 
 TITLE = "replay: capture -> PostgreSQL end to end (ticks/s; same capture, database and run)"
 

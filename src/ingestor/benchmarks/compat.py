@@ -47,7 +47,7 @@ day, i.e. its session):
 
 Run (one to two minutes with the defaults, 5M ticks, on a shared 2-core machine)::
 
-    python bench/bench_compat.py --dsn "host=... port=... user=..." \\
+    python -m ingestor.benchmarks.compat --dsn "host=... port=... user=..." \\
         [--ticks 5000000] [--tokens 300] [--instruments 50000] [--sample 5] [--repeat 15]
 
 Not part of ``ingestor bench``; the benchmark creates and drops its own database.
@@ -62,9 +62,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_storage import HERE, Databases, _cli  # noqa: E402
-from common import server_dsn, table  # noqa: E402
+from ingestor.benchmarks.common import server_dsn, table
+from ingestor.benchmarks.storage import HERE, Databases, _cli
 
 #: Candle columns of a read by instrument id (what the views' candle columns come from).
 _CANDLE = "time, open_price, high_price, low_price, close_price, volume"

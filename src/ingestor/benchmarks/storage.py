@@ -1,18 +1,20 @@
 """Storage: ``ingestor replay`` into TimescaleDB (or PostgreSQL) against today's layout.
 
 Side by side in one run, on the same capture and server, each variant into a database of
-its own, alternating variants round by round (medians over ``--repeat`` rounds):
+its own, alternating variants round by round, each round in another order and each variant
+from a checkpoint (medians over ``--repeat`` rounds):
 
 * ``baseline``: ``ingestor replay`` of another checkout (``--baseline DIR``: a checkout
-  whose core is built in place, e.g. ``git worktree add /tmp/base <rev>`` then
+  whose core is built in place, e.g. ``git worktree add ../base <rev>`` then
   ``python setup.py build_ext --inplace`` there) into a database that checkout migrated:
   the previous layout and writer;
-* ``replay``: this checkout's ``ingestor replay``, timed as a whole process;
+* ``replay``: this package's ``ingestor replay`` (the one this benchmark is imported from, a
+  checkout or an installed package), timed as a whole process;
 * ``replay, one connection``: the same with ``--no-overlap`` (one transaction at a time:
   the next batch's rows wait for the commit before them);
 * ``replay, direct COPY off``: the same with ``--no-direct-compress`` (every tick through
   the rowstore; TimescaleDB only);
-* ``(a) server only``: this checkout's writer sending the very batches replay makes, with
+* ``(a) server only``: this package's writer sending the very batches replay makes, with
   the same transaction boundaries, encoded beforehand and sent from memory: what the
   server itself needs.
 
@@ -23,7 +25,7 @@ chunks compressed by ``compress_chunk``).
 
 Run::
 
-    python bench/bench_storage.py --dsn "host=... port=... user=..." \\
+    python -m ingestor.benchmarks.storage --dsn "host=... port=... user=..." \\
         [--baseline DIR] [--ticks 1000000] [--tokens 400] [--repeat 3]
 
 The benchmark creates and drops its own databases on that server.
@@ -41,10 +43,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+from ingestor.benchmarks.common import table
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: where this package is imported from (a checkout's ``src/``, or site-packages): the
+#: ``root`` of :func:`_cli` for this code, where ``--baseline`` names another checkout
+HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _dsn_with(dsn: str, dbname: str) -> str:
@@ -81,12 +84,15 @@ class Databases:
 
 
 def _cli(root: str, *args: str) -> tuple[float, float, str]:
-    """Run ``python -m ingestor ARGS`` from checkout ``root``: (wall s, child CPU s, stdout)."""
-    env = dict(os.environ, PYTHONPATH=os.path.join(root, "src"))
+    """Run ``python -m ingestor ARGS`` of this package (``root`` is :data:`HERE`) or of the
+    checkout ``root`` (its ``src/``, from that folder): (wall s, child CPU s, stdout)."""
+    this = root == HERE
+    root = os.path.abspath(root)  # (a relative --baseline: the child runs from that folder)
+    env = dict(os.environ, PYTHONPATH=root if this else os.path.join(root, "src"))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "ingestor", *args], env=env, cwd=root,
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "ingestor", *args], env=env,
+                       cwd=None if this else root, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode:
@@ -143,6 +149,18 @@ def _sizes(dsn: str, compact: bool) -> tuple[int, int]:
         return written, c.execute("SELECT hypertable_size('tick_data')").fetchone()[0]
 
 
+def _checkpoint(dsn: str) -> None:
+    """Write back what the previous variant left dirty before the next is timed (a variant
+    that writes a lot would otherwise slow the one after it); skipped without the right."""
+    import psycopg
+
+    try:
+        with psycopg.connect(_dsn_with(dsn, "postgres"), autocommit=True) as c:
+            c.execute("CHECKPOINT")
+    except psycopg.Error:
+        pass
+
+
 def _server_only(dsn: str, cap: str) -> float:
     """Variant (a): replay's own batches, encoded first, written from memory."""
     import psycopg
@@ -193,15 +211,20 @@ def run(dsn: str, baseline: str | None, ticks: int, tokens: int, repeat: int) ->
             if tsdb:
                 variants.append(("replay, direct COPY off", HERE, ["--no-direct-compress"]))
             for rnd in range(repeat):
-                for name, root, extra in variants:
+                # each round in another order (no variant always runs right after the one
+                # that leaves the server the most to write back), each from a checkpoint
+                for name, root, extra in variants[rnd % len(variants):] + \
+                        variants[:rnd % len(variants)]:
                     db = dbs.fresh(name.split(",")[0])
                     _cli(root, "migrate", "--dsn", db)
+                    _checkpoint(dsn)
                     wall, cpu, out = _cli(root, "replay", cap if root == HERE else format1(cap),
                                           "--dsn", db, "--no-progress", *extra)
                     sizes = _sizes(db, compact=root == HERE) if rnd == 0 else (None, None)
                     results.setdefault(name, []).append((wall, cpu, sizes))
                 db = dbs.fresh("a")
                 _cli(HERE, "migrate", "--dsn", db)
+                _checkpoint(dsn)
                 results.setdefault("(a) server only", []).append(
                     (_server_only(db, cap), None, (None, None)))
     finally:

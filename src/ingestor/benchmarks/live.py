@@ -8,9 +8,10 @@ p50/p99 (the daemon's histogram: receive time of a batch's newest tick to
 its commit), the largest event-loop lag, and the daemon's RSS at start and
 end.
 
-Run: ``python bench/bench_live.py [--quick] [--seconds S] [--rates 20000,50000]
-[--flush-interval S] [--compare-overlap]`` (the last: each rate also with the writer on one
-connection, ``writer.overlap = false``)
+Run: ``python -m ingestor.benchmarks.live [--quick] [--seconds S] [--rates 20000,50000]
+[--flush-interval S] [--compare-overlap] [--broker kite,angel]`` (``--compare-overlap``: each
+rate also with the writer on one connection, ``writer.overlap = false``; ``--broker``: Angel
+One's SmartStream simulator and feed, one packet per message, in place of or beside Kite's)
 or ``ingestor bench --only live``; the database server is
 ``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the benchmark
 creates and drops its own database.
@@ -27,8 +28,7 @@ import tempfile
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import scratch_database, table  # noqa: E402
+from ingestor.benchmarks.common import scratch_database, table
 
 TITLE = "live: simulator -> daemon -> PostgreSQL over loopback (all on this machine)"
 
@@ -118,29 +118,43 @@ def _free_port() -> int:
 
 
 def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
-             flush_interval: float | None = None, overlap: bool = True) -> dict:
+             flush_interval: float | None = None, overlap: bool = True,
+             broker: str = "kite") -> dict:
     import psycopg
 
-    from ingestor._core import KiteDecoder
+    from ingestor._core import KiteDecoder, SmartStreamDecoder
     from ingestor.pipeline.batch import decode_capture
 
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
                   "feed_gaps, engine_state")
-    record = os.path.join(tmp, f"sim-{rate}.cap")
-    csv = os.path.join(tmp, "instruments.csv")
-    sim = subprocess.Popen(_ingestor("simulate", "--listen", "127.0.0.1:0", "--tokens", str(tokens),
-                                     "--rate", str(rate), "--duration", str(seconds + 60),
-                                     "--record", record, "--instruments-csv", csv),
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    record = os.path.join(tmp, f"sim-{broker}-{rate}.cap")
+    # the broker's instrument list: Kite's CSV dump, Angel One's scrip master
+    listing = os.path.join(tmp, "instruments.csv" if broker == "kite"
+                           else "OpenAPIScripMaster.json")
+    sim_args = ["simulate", "--listen", "127.0.0.1:0", "--tokens", str(tokens), "--rate",
+                str(rate), "--duration", str(seconds + 60), "--record", record]
+    sim_args += (["--instruments-csv", listing] if broker == "kite"
+                 else ["--broker", "angel", "--scrip-master", listing])
+    sim = subprocess.Popen(_ingestor(*sim_args), stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
     url = sim.stdout.readline().split()[-1]
-    subprocess.run(_ingestor("instruments", "load", csv, "--dsn", dsn), check=True,
+    subprocess.run(_ingestor("instruments", "load", listing, "--dsn", dsn), check=True,
                    capture_output=True)
     port = _free_port()
-    env = dict(os.environ, KITE_API_KEY="bench", KITE_ACCESS_TOKEN="bench")
-    args = ["run", "--dsn", dsn, "--url", url, "--mode", "full", "--metrics", f"127.0.0.1:{port}",
-            "--spool-dir", os.path.join(tmp, f"spool-{rate}")]
+    env = dict(os.environ, KITE_API_KEY="bench", KITE_ACCESS_TOKEN="bench",
+               ANGEL_API_KEY="bench", ANGEL_CLIENT_CODE="bench", ANGEL_JWT="bench",
+               ANGEL_FEED_TOKEN="bench")
+    args = ["run", "--dsn", dsn, "--metrics", f"127.0.0.1:{port}",
+            "--spool-dir", os.path.join(tmp, f"spool-{broker}-{rate}")]
     settings = ""
+    if broker == "kite":
+        args += ["--url", url, "--mode", "full"]
+    else:  # every instrument of the master in SNAP_QUOTE (the 5-level book)
+        settings += (f'[[feeds]]\nname = "angel"\nbroker = "angel"\nurl = "{url}"\n'
+                     'mode = "full"\napi_key_env = "ANGEL_API_KEY"\n'
+                     'client_code_env = "ANGEL_CLIENT_CODE"\naccess_token_env = "ANGEL_JWT"\n'
+                     'feed_token_env = "ANGEL_FEED_TOKEN"\n')
     if flush_interval is not None:
         settings += f"[pipeline]\nflush_interval = {flush_interval}\n"
     if not overlap:
@@ -170,10 +184,13 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
         for p in (sim, daemon):
             if p.poll() is None:
                 p.kill()
-    dec = KiteDecoder()
+    dec = KiteDecoder() if broker == "kite" else SmartStreamDecoder()
     for _ in decode_capture(record, dec):
         pass
-    sent = dec.stats()["packets"]
+    stats = dec.stats()
+    sent = stats["packets"]
+    # WebSocket messages carrying data (Kite: many packets a message; Angel One: one)
+    messages = stats["messages"] - stats.get("heartbeats", 0)
     with psycopg.connect(dsn) as c:
         got, first, last = c.execute(
             "select count(*), min(time), max(time) from tick_data").fetchone()
@@ -181,9 +198,11 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
     written, packed = _tick_bytes(dsn)
     decoded = _counter(text, "ingestor_ticks_decoded_total") or 0
     return {
+        "broker": broker,
         "writer": "two connections" if overlap else "one connection",
         "offered ticks/s": rate,
         "delivered ticks/s": sent / span if span else 0.0,
+        "messages/s": messages / span if span else 0.0,
         "ingested ticks/s": got / span if span else 0.0,
         "sent": sent,
         "in tick_data": got,
@@ -203,7 +222,7 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
 
 
 def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: int = 500,
-        flush_interval: float | None = None, overlaps=(True,)) -> list[dict]:
+        flush_interval: float | None = None, overlaps=(True,), brokers=("kite",)) -> list[dict]:
     import psycopg
 
     from ingestor.store import timescale
@@ -217,10 +236,11 @@ def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: i
             migrate(c)
             timescale.setup(c, "auto")  # as `ingestor migrate` lays the tables out
         with tempfile.TemporaryDirectory() as tmp:
-            for rate in rates:
-                for overlap in overlaps:
-                    rows.append(run_rate(dsn, rate, seconds, tokens, tmp, flush_interval,
-                                         overlap))
+            for broker in brokers:
+                for rate in rates:
+                    for overlap in overlaps:
+                        rows.append(run_rate(dsn, rate, seconds, tokens, tmp, flush_interval,
+                                             overlap, broker))
     return rows
 
 
@@ -231,8 +251,12 @@ if __name__ == "__main__":
     fi = float(argv[argv.index("--flush-interval") + 1]) if "--flush-interval" in argv else None
     # --compare-overlap: each rate with the writer's two connections and with one, side by side
     overlaps = (True, False) if "--compare-overlap" in argv else (True,)
+    # --broker angel|kite,angel: Angel One's SmartStream simulator and feed (one packet per
+    # message) in place of, or beside, Kite's
+    brokers = tuple(argv[argv.index("--broker") + 1].split(",")) if "--broker" in argv \
+        else ("kite",)
     rows = run(quick="--quick" in argv, rates=rates, seconds=secs, flush_interval=fi,
-               overlaps=overlaps)
+               overlaps=overlaps, brokers=brokers)
     print(table(rows, TITLE))
     ok = [r["delivered ticks/s"] for r in rows
           if r["lost"] == 0 and r["p99 tick->commit ms"] < 500]

@@ -12,7 +12,7 @@ earlier ticks of the same instruments -- and times ``load_state``:
   engine_state, so their forming candles are recomputed from the day's ticks in SQL (what every
   start-up did before; about a minute after 20M ticks).
 
-Run: ``python bench/bench_startup.py [--ticks N] [--instruments K] [--legacy] [--quick]``
+Run: ``python -m ingestor.benchmarks.startup [--ticks N] [--instruments K] [--legacy] [--quick]``
 (default 20,000,000 ticks over 3,000 instruments; ``--quick``: 300,000 over 300), or
 ``ingestor bench --only startup``.  The database server
 is ``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the benchmark creates and
@@ -28,8 +28,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import scratch_database, table  # noqa: E402
+from ingestor.benchmarks.common import scratch_database, table
 
 TITLE = "start-up: load_state after a day of ticks (seconds; one row per instrument read)"
 

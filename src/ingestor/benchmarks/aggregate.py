@@ -10,7 +10,7 @@ buckets close as they would live — against the pure-Python twin
 the median of several runs on one core; build the core in release mode
 (without ``INGESTOR_DEBUG``) first.
 
-Usage: ``python bench/bench_aggregate.py [--quick]``; ``run(quick)`` returns
+Usage: ``python -m ingestor.benchmarks.aggregate [--quick]``; ``run(quick)`` returns
 the table's rows for ``ingestor bench``.
 """
 

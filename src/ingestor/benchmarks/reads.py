@@ -15,14 +15,14 @@ is timed warm (one run to warm the cache, then the median of ``--repeat``), in m
   the window of its forming candles).
 
 Per-instrument reads are the median over several instruments.  Layouts (``--layouts``):
-``tsdb-columnstore`` (this checkout on TimescaleDB, every closed chunk compressed, as the
+``tsdb-columnstore`` (this package on TimescaleDB, every closed chunk compressed, as the
 daemon and the policies leave a day), ``tsdb-written`` (the same as written, before compaction: the shape of the day's
 own chunks while they are written), ``tsdb-baseline`` (``--baseline DIR``'s layout:
-the primary key, rowstore chunks), ``postgres`` (this checkout on plain PostgreSQL).
+the primary key, rowstore chunks), ``postgres`` (this package on plain PostgreSQL).
 
 Run::
 
-    python bench/bench_reads.py --tsdb-dsn "host=... port=..." --pg-dsn "host=..." \\
+    python -m ingestor.benchmarks.reads --tsdb-dsn "host=... port=..." --pg-dsn "host=..." \\
         [--baseline DIR] [--ticks 20000000] [--tokens 2000]
 """
 
@@ -35,9 +35,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_storage import HERE, Databases, _cli, format1  # noqa: E402
-from common import table  # noqa: E402
+from ingestor.benchmarks.common import table
+from ingestor.benchmarks.storage import HERE, Databases, _cli, format1
 
 READS = {
     "ticks, 1 instrument, last hour (ms)": (

@@ -9,18 +9,16 @@ in-memory capture: no Python call per message), ``KiteDecoder.feed`` and
 and the official Kite client (``KiteTicker._parse_binary``).  Packets/s and
 MB/s, medians of several runs; ratios against the official client.
 
-Run: ``python bench/bench_decode.py`` or ``ingestor bench --only decode``.
+Run: ``python -m ingestor.benchmarks.decode`` or ``ingestor bench --only decode``.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_time, rss_mib, table  # noqa: E402
+from ingestor.benchmarks.common import median_time, rss_mib, table
 
 TITLE = "decode: Kite messages of 50 packets -> numpy (packets/s, one core)"
 PACKETS_PER_MESSAGE = 50

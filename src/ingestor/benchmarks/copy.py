@@ -26,7 +26,7 @@ Each figure is the median of several runs.  Build the release core first
 (``python setup.py build_ext --inplace`` without ``INGESTOR_DEBUG``): the
 debug build's checks make it slower.
 
-Usage: ``python bench/bench_copy.py [--quick] [--dsn DSN]``; ``run(quick)``
+Usage: ``python -m ingestor.benchmarks.copy [--quick] [--dsn DSN]``; ``run(quick)``
 returns the rows of the table for ``ingestor bench``.
 """
 

@@ -13,7 +13,7 @@ Everything shares this machine (2 cores here): the simulator, the feed, one or t
 the writer's CPU would not compete (the log then costs a network round trip per publish
 window, not CPU), so this understates what the log allows.
 
-Run: ``python bench/bench_jetstream.py [--quick] [--seconds S] [--rates 5000,20000]
+Run: ``python -m ingestor.benchmarks.jetstream [--quick] [--seconds S] [--rates 5000,20000]
 [--layouts embedded,js1,js3]``; ``--find-max [--start R]`` instead searches each layout's
 highest offered rate ingested without loss and without falling behind (doubling from R,
 default 5000, then two bisections; default layouts embedded,js1) and prints them side by
@@ -36,10 +36,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_live import _free_port, _ingestor, _metrics, _quantile  # noqa: E402
-from bench_live import run_rate as run_embedded  # noqa: E402
-from common import scratch_database, table  # noqa: E402
+from ingestor.benchmarks.common import scratch_database, table
+from ingestor.benchmarks.live import _free_port, _ingestor, _metrics, _quantile
+from ingestor.benchmarks.live import run_rate as run_embedded
 
 TITLE = ("log: simulator -> feed -> JetStream -> writer -> PostgreSQL vs the single-process "
          "daemon (all on this machine)")

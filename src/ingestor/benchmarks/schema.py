@@ -9,7 +9,7 @@ commit), not the encoding.
 
 Usage::
 
-    python bench/bench_schema.py [--dsn DSN] [--rows 500000] [--batch 50000]
+    python -m ingestor.benchmarks.schema [--dsn DSN] [--rows 500000] [--batch 50000]
                                  [--instruments 2000] [--repeat 1]
 
 The DSN names a server (the usual rule: --dsn, INGESTOR_DSN, DATABASE_URL, libpq
@@ -26,9 +26,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
-
-from ingestor.store.dsn import connect, resolve_dsn  # noqa: E402
+from ingestor.store.dsn import connect, resolve_dsn
 
 TABLE = """
 CREATE TABLE tick_data (
@@ -154,8 +152,7 @@ def run_variant(conn, ddl: list[str], batches: list[bytes]) -> float:
     return time.perf_counter() - t
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import scratch_database, table  # noqa: E402
+from ingestor.benchmarks.common import scratch_database, table  # noqa: E402
 
 TITLE = "schema: COPY BINARY into tick_data, by key/index choice (rows/s)"
 

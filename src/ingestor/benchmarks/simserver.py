@@ -8,7 +8,7 @@ seconds per wall second over the window (1.0 = one core busy).  The client
 shares the machine, so the top rates say as much about it as about the
 server.
 
-Run: ``python bench/bench_simserver.py [--quick]``.
+Run: ``python -m ingestor.benchmarks.simserver [--quick]``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+from ingestor.benchmarks.common import table
 
 TITLE = "simulator server: offered vs delivered packets/s over loopback (one client)"
 TOKENS = 2000

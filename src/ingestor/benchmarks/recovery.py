@@ -10,7 +10,7 @@ nothing listens; the tokens come from the configuration): seconds from the daemo
 to its first received live message, and (database up) seconds until the leftover's ticks
 are all in ``tick_data``, with the drain rate.
 
-Run: ``python bench/bench_recovery.py [--gib 1.0] [--quick]``; the database server is
+Run: ``python -m ingestor.benchmarks.recovery [--gib 1.0] [--quick]``; the database server is
 ``INGESTOR_BENCH_DSN`` (the benchmark creates and drops its own database).
 """
 
@@ -26,8 +26,7 @@ import tempfile
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import scratch_database, table  # noqa: E402
+from ingestor.benchmarks.common import scratch_database, table
 
 TITLE = "recovery: restart over a crash leftover in the spool"
 
