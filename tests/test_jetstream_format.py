@@ -108,12 +108,12 @@ def test_bad_log_settings_refused_naming_the_key(tmp_path, capsys, body, key):
     assert key in capsys.readouterr().err
 
 
-def test_accepting_a_new_log_stream_is_for_writers(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--accept-new-log-stream", "--accept-log-loss"])
+def test_accepting_a_new_log_stream_or_a_loss_is_for_writers(tmp_path, capsys, flag):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[feed]\ntokens = [1]\n[log]\nservers = ["nats://h:4222"]\n')
-    assert main(["run", "--config", str(cfg), "--role", "feed",
-                 "--accept-new-log-stream"]) == 2
-    assert "--accept-new-log-stream" in capsys.readouterr().err
+    assert main(["run", "--config", str(cfg), "--role", "feed", flag]) == 2
+    assert flag in capsys.readouterr().err
 
 
 def test_role_needs_the_log(tmp_path, capsys):

@@ -77,6 +77,8 @@ class Metrics:
         self.log_pending = Gauge("ingestor_log_pending", "Messages of the subject not yet delivered to this writer (consumer lag)", ["connection"], registry=r)
         self.log_lease = Gauge("ingestor_log_lease", "1 while this process holds the lease of the key (writer.<subject> or feed.<connection>), 0 while it waits as a standby", ["key"], registry=r)
         self.log_candles_published = Counter("ingestor_log_candles_published", "Closed candles published after their commit (writer role, log.publish_candles)", registry=r)
+        self.log_retention_lost = Counter("ingestor_log_retention_lost", "Messages the log's retention dropped before any writer committed them (writer role: it stops, or goes on with --accept-log-loss)", registry=r)
+        self.log_retention_used = Gauge("ingestor_log_retention_used", "How close the subject's oldest uncommitted message in the log is to the stream's retention limits (age, bytes, messages): 1 = at the limit (writer role)", ["connection"], registry=r)
         self.log_stream_replaced = Gauge("ingestor_log_stream_replaced", "1 when the log's stream was deleted and re-created under the writer (it stops)", registry=r)
         self.market = MarketCollector(sessions=sessions)
         r.register(self.market)

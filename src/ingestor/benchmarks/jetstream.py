@@ -14,7 +14,11 @@ the writer's CPU would not compete (the log then costs a network round trip per 
 window, not CPU), so this understates what the log allows.
 
 Run: ``python -m ingestor.benchmarks.jetstream [--quick] [--seconds S] [--rates 5000,20000]
-[--layouts embedded,js1,js3]``; needs the ``nats-server`` binary; the database server is
+[--layouts embedded,js1,js3]``; ``--find-max [--start R]`` instead searches each layout's
+highest offered rate ingested without loss and without falling behind (doubling from R,
+default 5000, then two bisections; default layouts embedded,js1) and prints them side by
+side with each one's peak loss-free ingested rate and the log's share of the daemon's
+(bar: js1 >= 0.8 of embedded); needs the ``nats-server`` binary; the database server is
 ``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the benchmark creates and
 drops its own database; ``INGESTOR_BENCH_LOGS=DIR`` keeps the feed's and writer's logs
 there.  Not run by the tests.
@@ -183,20 +187,91 @@ def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: i
         with tempfile.TemporaryDirectory() as tmp:
             for rate in rates:
                 for layout in layouts:
-                    if layout == "embedded":
-                        r = run_embedded(dsn, rate, seconds, tokens, tmp)
-                        r = {k: r[k] for k in ("offered ticks/s", "ingested ticks/s", "sent",
-                                               "in tick_data", "lost", "p50 tick->commit ms",
-                                               "p99 tick->commit ms")}
-                        r["max consumer lag msgs"] = float("nan")
-                    else:
-                        r = run_log(dsn, rate, seconds, tokens, tmp, nodes=int(layout[2:]))
-                    rows.append({"layout": layout, **r})
+                    rows.append(_one(dsn, layout, rate, seconds, tokens, tmp))
     return rows
+
+
+def _one(dsn: str, layout: str, rate: int, seconds: float, tokens: int, tmp: str) -> dict:
+    if layout == "embedded":
+        r = run_embedded(dsn, rate, seconds, tokens, tmp)
+        r = {k: r[k] for k in ("offered ticks/s", "ingested ticks/s", "sent", "in tick_data",
+                               "lost", "p50 tick->commit ms", "p99 tick->commit ms")}
+        r["max consumer lag msgs"] = float("nan")
+    else:
+        r = run_log(dsn, rate, seconds, tokens, tmp, nodes=int(layout[2:]))
+    return {"layout": layout, **r}
+
+
+def _kept_up(r: dict) -> bool:
+    """Loss-free, and ingesting what was offered (the spool absorbs what a path cannot take,
+    so past its limit a run loses nothing but falls behind the offered rate)."""
+    return not r["lost"] and r["ingested ticks/s"] >= 0.95 * r["offered ticks/s"]
+
+
+def find_max(layouts=("embedded", "js1"), seconds: float = 5.0, tokens: int = 500,
+             start: int = 5_000, cap: int = 640_000, bisections: int = 2):
+    """Each layout's highest rate kept up with (:func:`_kept_up`): doubled from ``start``
+    until a run falls behind or loses ticks (or ``cap``), then ``bisections`` halvings of
+    the interval.  Returns (rows, best: layout -> ((offered, ingested) of its highest run
+    kept up with or None, the highest loss-free ingested rate of any of its runs))."""
+    import psycopg
+
+    from ingestor.store import timescale
+    from ingestor.store.migrate import migrate
+
+    rows, best = [], {}
+    with scratch_database() as dsn:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            migrate(c)
+            timescale.setup(c, "auto")
+        with tempfile.TemporaryDirectory() as tmp:
+            for layout in layouts:
+                ok, bad, rate = None, None, start
+                while rate <= cap:
+                    r = _one(dsn, layout, rate, seconds, tokens, tmp)
+                    rows.append(r)
+                    if not _kept_up(r):
+                        bad = rate
+                        break
+                    ok = (rate, r["ingested ticks/s"])
+                    rate *= 2
+                for _ in range(bisections if ok and bad else 0):
+                    rate = (ok[0] + bad) // 2
+                    r = _one(dsn, layout, rate, seconds, tokens, tmp)
+                    rows.append(r)
+                    if not _kept_up(r):
+                        bad = rate
+                    else:
+                        ok = (rate, r["ingested ticks/s"])
+                # the highest rate ingested without a loss, kept up with or not
+                peak = max((x["ingested ticks/s"] for x in rows
+                            if x["layout"] == layout and not x["lost"]), default=0.0)
+                best[layout] = (ok, peak)
+    return rows, best
 
 
 if __name__ == "__main__":
     argv = sys.argv
+    if "--find-max" in argv:
+        start = int(argv[argv.index("--start") + 1]) if "--start" in argv else 5_000
+        secs = float(argv[argv.index("--seconds") + 1]) if "--seconds" in argv else 5.0
+        layouts = (argv[argv.index("--layouts") + 1].split(",") if "--layouts" in argv
+                   else ("embedded", "js1"))
+        rows, best = find_max(layouts, seconds=secs, start=start)
+        print(table(rows, TITLE + ": highest loss-free rate"))
+        base = best.get("embedded", (None, 0.0))
+        for layout, (ok, peak) in best.items():
+            kept = (f"kept up with up to {ok[0]:,} offered ({ok[1]:,.0f} ingested)" if ok
+                    else f"fell behind already at {start:,}/s")
+            share = ""
+            if layout != "embedded" and base[1]:
+                share = f"; {peak / base[1]:.2f} of embedded's peak"
+                if ok and base[0]:
+                    share += f", {ok[1] / base[0][1]:.2f} of its rate kept up with"
+                if layout == "js1":
+                    share += " (bar 0.8: " + ("met" if peak >= 0.8 * base[1] else "NOT met") + ")"
+            print(f"{layout}: {kept}; peak loss-free {peak:,.0f} ticks/s ingested{share}")
+        sys.exit(0)
     rates = [int(x) for x in argv[argv.index("--rates") + 1].split(",")] if "--rates" in argv else None
     secs = float(argv[argv.index("--seconds") + 1]) if "--seconds" in argv else None
     layouts = (argv[argv.index("--layouts") + 1].split(",") if "--layouts" in argv

@@ -32,6 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--accept-new-log-stream", action="store_true",
                    help="(--role writer) the log's stream was deleted and re-created: an "
                    "operator checked what the old one held; read the new one")
+    p.add_argument("--accept-log-loss", action="store_true",
+                   help="(--role writer) messages the log's retention dropped before any writer "
+                   "committed them: record each loss in feed_gaps and go on (without it the "
+                   "writer stops)")
     p.set_defaults(func=run)
 
 
@@ -159,6 +163,8 @@ def run(args) -> int:
         role = getattr(args, "role", None) or cfg.log.role or None
         if getattr(args, "accept_new_log_stream", False) and role != "writer":
             raise config_mod.ConfigError("--accept-new-log-stream: only with --role writer")
+        if getattr(args, "accept_log_loss", False) and role != "writer":
+            raise config_mod.ConfigError("--accept-log-loss: only with --role writer")
         if role and not cfg.log.enabled:
             raise config_mod.ConfigError(f"--role {role}: needs the log: set log.servers in "
                                          "the config ([log] table)")
@@ -208,8 +214,10 @@ def run(args) -> int:
             if role == "writer":
                 from ingestor.pipeline.log_source import writer_role
 
-                return await writer_role(cfg, dsn, plans, spool, accept_new_stream=getattr(
-                    args, "accept_new_log_stream", False)).run()
+                return await writer_role(
+                    cfg, dsn, plans, spool,
+                    accept_new_stream=getattr(args, "accept_new_log_stream", False),
+                    accept_loss=getattr(args, "accept_log_loss", False)).run()
             return await Daemon(cfg, dsn, plans, spool=spool).run()
 
         from ingestor.metrics import warn_debug_build

@@ -246,6 +246,8 @@ class Publisher:
         self.duplicates = 0
         self.resent = 0
         self.oversized = 0
+        #: the receive time (ns) of the last message acknowledged in order (0: none yet)
+        self.acked_ns = 0
 
     async def _send(self, e: _Entry) -> None:
         import stamina
@@ -337,6 +339,8 @@ class Publisher:
         if last is not None:
             last.sp.release(last.seq)
             self._room.set()
+            if last.headers is not None:
+                self.acked_ns = int(last.headers[HDR_RECV_NS])
         self.published += n
         return n
 
@@ -450,12 +454,20 @@ def feed_role(cfg, dsn, plans, spool):
                 return
             lease = Lease(self.kv, f"feed.{conn.label}", g, self.holder, f"feed {conn.label}",
                           metrics=self.metrics,
-                          stream_of=lambda: conn.streams[-1].stream if conn.streams else "")
+                          stream_of=lambda: conn.streams[-1].stream if conn.streams else "",
+                          acked_of=lambda: getattr(self.publishers.get(conn.label),
+                                                   "acked_ns", 0))
             self.leases[conn.label] = lease
             if not await lease.take(self.stop):
                 return
             if lease.previous is not None and conn.gap_start is None:
-                conn.gap_start = (lease.previous.stream or None, lease.previous_since_ns,
+                # from what the previous holder had in the log at its last renewal (what it
+                # received after that may be lost with it), or its last renewal if earlier
+                since = lease.previous_since_ns
+                acked = lease.previous.acked_ns
+                if acked > 0 and (since is None or acked < since):
+                    since = acked
+                conn.gap_start = (lease.previous.stream or None, since,
                                   f"feed process {lease.previous.holder} stopped renewing "
                                   "its lease; a standby took over")
             self._keepers.append(asyncio.get_running_loop().create_task(

@@ -41,10 +41,13 @@ log = logging.getLogger(__name__)
 
 class LeaseValue(msgspec.Struct, omit_defaults=True):
     """The value a holder writes (JSON): who holds it, and for a feed connection the capture
-    stream it is receiving (a standby that takes over records the gap against it)."""
+    stream it is receiving and the receive time (ns) of the last message JetStream
+    acknowledged (everything received before it is in the log): a standby that takes over
+    records the gap against them."""
 
     holder: str
     stream: str = ""
+    acked_ns: int = 0
 
 
 def holder_id(role: str) -> str:
@@ -92,7 +95,7 @@ class Lease:
     process at once) when the lease cannot be kept."""
 
     def __init__(self, kv, key: str, cfg, holder: str, what: str, on_lost=None, metrics=None,
-                 stream_of=None):
+                 stream_of=None, acked_of=None):
         self.kv, self.key, self.cfg = kv, key, cfg
         self.holder, self.what = holder, what
         self.on_lost = on_lost or _lost_exit
@@ -101,6 +104,8 @@ class Lease:
         self.sent_at = 0.0
         #: for a feed: the capture stream it receives (written with each renewal)
         self.stream_of = stream_of or (lambda: "")
+        #: for a feed: the receive time of the last message JetStream acknowledged (0: none)
+        self.acked_of = acked_of or (lambda: 0)
         #: the holder seen last while waiting, its capture stream, and when (ns) its last
         #: renewal was at the earliest (a standby records the gap from there)
         self.previous: LeaseValue | None = None
@@ -115,7 +120,8 @@ class Lease:
         self._nudge.set()
 
     def _value(self) -> bytes:
-        return msgspec.json.encode(LeaseValue(self.holder, self.stream_of() or ""))
+        return msgspec.json.encode(LeaseValue(self.holder, self.stream_of() or "",
+                                               int(self.acked_of() or 0)))
 
     @property
     def held(self) -> bool:

@@ -21,8 +21,20 @@ One writer per subject: a subject is read only by the holder of its lease
 (``ingestor.feed.lease``); a standby waits for it, then seeds the subject's
 pipeline from what is committed.  The stream's identity (its creation time) is
 kept in ``stream_offsets``: a stream deleted or re-created stops the writer
-(``--accept-new-log-stream`` after an operator's check).  With
-``log.publish_candles`` each batch's closed candles are published after its
+(``--accept-new-log-stream`` after an operator's check).
+
+Retention: each subject's committed log position (the JetStream sequence of the last
+committed message on it, and that message's receive time) is kept in ``stream_offsets``
+(``log-seq:<stream>:<subject>``, ``log-ns:...``; saved after a commit once a second and
+after each while stopping, so it may lag, never lead).  A capture stream's messages
+missing where the log's first sequence is past that position + 1 were dropped by
+retention before any writer committed them: the writer stops loudly (exit 1, one line),
+or with ``--accept-log-loss`` records the loss in ``feed_gaps``, counts it
+(``ingestor_log_retention_lost``) and goes on.  A loss of whole capture streams or of a
+stream's tail leaves no hole in any stream's numbering and is not seen this way.
+``ingestor_log_retention_used`` (per subject, 1 = at the limit) says how close the oldest
+uncommitted message is to the stream's limits (age, bytes, messages); a warning is logged
+from 0.8.  With ``log.publish_candles`` each batch's closed candles are published after its
 commit (``ingestor.pipeline.candles_out``).
 """
 
@@ -34,8 +46,9 @@ import logging
 import time
 
 from ingestor.feed.capture import RECORD_HEADER
-from ingestor.feed.jetstream import (MalformedMessage, _close, _retry_setup, connect_retrying,
-                                     decode_message, ensure_stream, subject_of)
+from ingestor.feed.jetstream import (HDR_RECV_NS, MalformedMessage, _close, _retry_setup,
+                                     connect_retrying, decode_message, ensure_stream,
+                                     subject_of)
 from ingestor.feed.lease import Lease, holder_id, lease_bucket
 from ingestor.pipeline.driver import Driver
 
@@ -50,7 +63,8 @@ class StreamAcks:
     task calls ``release(last_seq)`` after each committed batch (as it releases a spool
     stream): the messages at or below it are acknowledged."""
 
-    def __init__(self, stream: str, committed: int, acker, label: str = ""):
+    def __init__(self, stream: str, committed: int, acker, label: str = "",
+                 on_committed=None):
         self.stream = stream
         #: the connection (subject) it came on
         self.label = label
@@ -63,6 +77,8 @@ class StreamAcks:
         self.fed = committed
         self.held: collections.deque = collections.deque()
         self._acker = acker
+        #: ``on_committed(label, log sequence, recv_ns)`` of the last message released
+        self._on_committed = on_committed
 
     def hold(self, seq: int, msg) -> None:
         self.held.append((seq, msg))
@@ -76,6 +92,8 @@ class StreamAcks:
             out.append(held.popleft()[1])
         if out:
             self._acker(out)
+            if self._on_committed is not None:
+                self._on_committed(self.label, out[-1])
 
 
 class _Runs:
@@ -108,16 +126,31 @@ class _Runs:
 #: the ``stream_offsets`` row keeping the log stream's identity (its creation time, µs since
 #: the epoch): no capture stream id has a ``:``
 IDENTITY = "log-stream:{}"
+#: a subject's committed log position (JetStream sequence), and that message's receive time
+POSITION = "log-seq:{}:{}"
+POSITION_NS = "log-ns:{}:{}"
+#: seconds between looks at the stream's retention against the writer's position
+RETENTION_CHECK = 5.0
+#: ``ingestor_log_retention_used`` from which a warning is logged (again once below half)
+RETENTION_WARN = 0.8
+
+SQL_POSITION = (
+    "INSERT INTO stream_offsets AS o (stream, committed_seq, updated_at) VALUES "
+    "(%s, %s, now()), (%s, %s, now()) ON CONFLICT (stream) DO UPDATE SET "
+    "committed_seq = greatest(o.committed_seq, excluded.committed_seq), updated_at = now()")
 
 
-def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
+def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
+                accept_loss: bool = False):
     """``ingestor run --role writer``: the daemon's pipeline and writer fed from the log.
 
     ``plans``: the feeds as the feed processes run them (credentials unused): each
     connection's label names its subject, its tokens seed its pipeline (when this process
     takes the subject's lease: a standby seeds from what the active writer committed).
     ``accept_new_stream``: the log's stream was re-created and an operator checked what
-    the old one held (``--accept-new-log-stream``): record the new one's identity."""
+    the old one held (``--accept-new-log-stream``): record the new one's identity.
+    ``accept_loss``: messages dropped by the log's retention before any writer committed
+    them are recorded in ``feed_gaps`` and counted, not a stop (``--accept-log-loss``)."""
     import nats.errors
     import nats.js.errors
 
@@ -146,6 +179,12 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
             #: the log stream's creation time (µs) as this writer found it at its start
             self.stream_created: int | None = None
             self._checked_at = 0.0
+            self.js = None
+            #: per subject label: (log sequence, recv_ns) of the last committed message
+            self.log_pos: dict[str, tuple[int, int]] = {}
+            self._pos_saved: dict[str, tuple[int, int]] = {}
+            self._retention_warned: set[str] = set()
+            self._saved_at = 0.0
             self.candles = None
             if cfg.log.publish_candles:
                 from ingestor.pipeline.candles_out import CandlePublisher
@@ -156,6 +195,15 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
         async def _after_commit(self, b, outcome: str) -> None:
             if self.candles is not None and outcome == "written":
                 await self.candles.committed(b)
+            # the subjects' committed log positions: once a second, and each batch while
+            # stopping (the last ones are then saved before the process ends)
+            now = time.monotonic()
+            if self.log_pos and (self.stop.is_set() or now - self._saved_at >= 1.0):
+                self._saved_at = now
+                try:
+                    await asyncio.wait_for(self._save_positions(), 5)
+                except Exception:  # noqa: BLE001 - saved at the next turn
+                    pass
 
         async def _live_drivers(self, setup) -> None:
             return  # each subject's pipeline is seeded once its lease is taken (_seed)
@@ -190,7 +238,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
                 return
             if self.candles is not None:
                 self.candles.nc = self.nc
-            js = self.nc.jetstream()
+            js = self.js = self.nc.jetstream()
             info = await _retry_setup(lambda: ensure_stream(js, g), self.stop)
             if info is None:
                 return
@@ -199,17 +247,176 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
             kv = await _retry_setup(lambda: lease_bucket(js, g), self.stop)
             if kv is None:
                 return
-            async with asyncio.TaskGroup() as tg:
-                for s in self.subjects:
-                    tg.create_task(self._consume(js, kv, s), name=f"log-{s.label}")
+            watcher = asyncio.get_running_loop().create_task(self._watch_log(js),
+                                                             name="log-retention")
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for s in self.subjects:
+                        tg.create_task(self._consume(js, kv, s), name=f"log-{s.label}")
+            finally:
+                watcher.cancel()
 
         def _replaced(self, line: str) -> None:
             """Stop loudly: one line, exit status 1, nothing more read from the log."""
             self.metrics.log_stream_replaced.set(1)
+            self._stop_loudly(line, "log stream replaced")
+
+        def _stop_loudly(self, line: str, why: str) -> None:
             if self.failed is None:
                 self.failed = line
                 log.error("%s", line)
-            self._request_stop("log stream replaced")
+            self._request_stop(why)
+
+        # -- retention ---------------------------------------------------------------
+
+        def _committed_msg(self, label: str, m) -> None:
+            """(StreamAcks.release) the last message of a committed run: its subject's
+            committed log position moves to it."""
+            try:
+                seq = m.metadata.sequence.stream
+                ns = int(m.headers[HDR_RECV_NS])
+            except Exception:  # noqa: BLE001 - a reply without metadata: no position
+                return
+            had = self.log_pos.get(label)
+            if had is None or seq > had[0]:
+                self.log_pos[label] = (seq, ns)
+
+        async def _load_position(self, s) -> None:
+            """The subject's committed log position as the writers saved it."""
+            from ingestor.store.offsets import NONE, acommitted
+
+            subject = subject_of(self.cfg.log.subject_prefix, s.label)
+            keys = (POSITION.format(self.cfg.log.stream, subject),
+                    POSITION_NS.format(self.cfg.log.stream, subject))
+
+            async def read(c):
+                return [await acommitted(c, k) for k in keys]
+
+            seq, ns = await _retry_db(lambda: self.side.run(read))
+            if seq != NONE and seq > self.log_pos.get(s.label, (0, 0))[0]:
+                self.log_pos[s.label] = (seq, max(ns, 0))
+                self._pos_saved[s.label] = (seq, max(ns, 0))
+
+        async def _save_positions(self) -> None:
+            g = self.cfg.log
+            todo = [(label, p) for label, p in list(self.log_pos.items())
+                    if self._pos_saved.get(label) != p]
+            if not todo:
+                return
+
+            async def save(c):
+                for label, (seq, ns) in todo:
+                    subject = subject_of(g.subject_prefix, label)
+                    await c.execute(SQL_POSITION, (POSITION.format(g.stream, subject), seq,
+                                                   POSITION_NS.format(g.stream, subject), ns))
+            try:
+                await self.side.run(save)
+            except Exception as exc:  # noqa: BLE001 - saved at the next turn
+                log.debug("log positions not saved yet: %s", exc)
+                return
+            for label, p in todo:
+                self._pos_saved[label] = p
+
+        async def _watch_log(self, js) -> None:
+            """Once a second the committed log positions saved; every RETENTION_CHECK
+            seconds each held subject's oldest uncommitted message against the stream's
+            limits (``ingestor_log_retention_used``)."""
+            last = 0.0
+            while True:
+                await asyncio.sleep(1.0)
+                await self._save_positions()
+                if time.monotonic() - last < RETENTION_CHECK:
+                    continue
+                last = time.monotonic()
+                try:
+                    await self._check_retention(js)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the log away: looked at again
+                    log.debug("retention not checked: %s", exc)
+
+        async def _check_retention(self, js) -> None:
+            from nats.js.errors import NotFoundError
+
+            g = self.cfg.log
+            info = await asyncio.wait_for(js.stream_info(g.stream), 5)
+            c, st = info.config, info.state
+            max_msgs = c.max_msgs if c.max_msgs and c.max_msgs > 0 else 0
+            max_bytes = c.max_bytes if c.max_bytes and c.max_bytes > 0 else 0
+            max_age = c.max_age or 0
+            avg = st.bytes / st.messages if st.messages else 0
+            for label, lease in list(self.leases.items()):
+                if not lease.held:
+                    continue
+                subject = subject_of(g.subject_prefix, label)
+                pos = self.log_pos.get(label, (0, 0))[0]
+                try:
+                    m = await asyncio.wait_for(js.get_msg(
+                        g.stream, seq=max(pos + 1, st.first_seq, 1), subject=subject,
+                        next=True), 5)
+                except NotFoundError:
+                    m = None  # nothing uncommitted on the subject
+                used = 0.0
+                if m is not None and m.seq is not None:
+                    after = max(0, st.last_seq - m.seq + 1)
+                    if max_msgs:
+                        used = max(used, after / max_msgs)
+                    if max_bytes:
+                        used = max(used, after * avg / max_bytes)
+                    if max_age and m.time is not None:
+                        age = time.time() - m.time.timestamp()
+                        used = max(used, age / max_age)
+                self.metrics.log_retention_used.labels(label).set(round(used, 4))
+                if used >= RETENTION_WARN and label not in self._retention_warned:
+                    self._retention_warned.add(label)
+                    log.warning("%s: the oldest uncommitted message on the log is at %.0f%% "
+                                "of stream %s's retention (max_age %s s, max_bytes %s, "
+                                "max_msgs %s): past 100%% retention drops it and the writer "
+                                "stops; the writer is too slow or was away (discard-new "
+                                "streams refuse the feeds' publishes instead)", label,
+                                100 * used, g.stream, f"{max_age:g}" if max_age else "-",
+                                max_bytes or "-", max_msgs or "-")
+                elif used < RETENTION_WARN / 2:
+                    self._retention_warned.discard(label)
+
+        async def _lost_to_retention(self, s, a: "StreamAcks", seq: int,
+                                     recv_ns: int) -> bool | None:
+            """A capture stream's messages ``a.fed + 1 .. seq - 1`` missing: dropped by the
+            log's retention (its first sequence past the subject's committed position + 1)?
+            False: not known to be (waited for as before); True: lost and accepted (recorded,
+            counted); None: lost, the writer stops."""
+            from nats.js.errors import NotFoundError
+
+            pos, pos_ns = self.log_pos.get(s.label, (0, 0))
+            if pos <= 0 or self.js is None:
+                return False  # nothing committed on this subject before: no position
+            g = self.cfg.log
+            try:
+                info = await asyncio.wait_for(self.js.stream_info(g.stream), 5)
+            except NotFoundError:
+                return False  # (a stream deleted: said by the identity check)
+            except Exception:  # noqa: BLE001 - the log away: not known, waited for
+                return False
+            first = info.state.first_seq
+            if first <= pos + 1:
+                return False
+            lo, hi = a.fed + 1, seq - 1
+            line = (f"{s.label}: log stream {g.stream} dropped messages no writer committed "
+                    f"(retention: its first sequence is {first}, the subject's last committed "
+                    f"message was at {pos}): capture stream {a.stream} messages {lo}..{hi} "
+                    "are gone")
+            n = hi - lo + 1
+            self.metrics.log_retention_lost.inc(n)
+            if not accept_loss:
+                self._stop_loudly(line + "; check the feeds' spools and records, then start "
+                                  "one writer with --accept-log-loss", "log retention loss")
+                return None
+            log.warning("%s; accepted (--accept-log-loss): recorded in feed_gaps", line)
+            started = pos_ns if 0 < pos_ns <= recv_ns else recv_ns
+            self.gaps.append((s.label, a.stream, _ts(started), _ts(recv_ns),
+                              f"log retention dropped {n} message(s) ({lo}..{hi}) before a "
+                              "writer committed them", s.gap_tokens()))
+            return True
 
         async def _same_identity(self, info) -> bool:
             """The stream is the one the writers read before (its creation time, kept in
@@ -236,6 +443,12 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
                     log.warning("log stream %s: accepted as new (created %s; the writers "
                                 "read the one created %s before)", g.stream, _iso(created),
                                 _iso(had))
+                    # the old stream's positions mean nothing in the new one's numbering
+                    name = (g.stream.replace("\\", "\\\\").replace("%", "\\%")
+                            .replace("_", "\\_"))
+                    await c.execute("DELETE FROM stream_offsets WHERE stream LIKE %s "
+                                    "OR stream LIKE %s", (POSITION.format(name, "%"),
+                                                          POSITION_NS.format(name, "%")))
                     return NONE
                 return had
 
@@ -321,6 +534,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
                 lease.keep(), name=f"lease-{s.label}"))
             if not await self._seed(s):
                 return
+            await self._load_position(s)
             driver: Driver = s.driver
             interval = self.cfg.pipeline.flush_interval
             errors = 0
@@ -380,7 +594,8 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
             a = self.acks.get(stream)
             if a is None:
                 committed = await _retry_db(lambda: self._committed_of(stream))
-                a = self.acks[stream] = StreamAcks(stream, committed, self._ack, label)
+                a = self.acks[stream] = StreamAcks(stream, committed, self._ack, label,
+                                                   self._committed_msg)
                 self.by_stream[stream] = a  # the writer task releases it after each commit
             return a
 
@@ -417,6 +632,12 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
                         a.hold(seq, m)
                     continue
                 a.hold(seq, m)
+                if seq != a.fed + 1 and not a.waiting:
+                    lost = await self._lost_to_retention(s, a, seq, recv_ns)
+                    if lost is None:
+                        break  # stopping: what came before the hole is still written
+                    if lost:
+                        a.fed = seq - 1
                 if seq != a.fed + 1:
                     # ahead of the next one: a publish the feed is sending again can land
                     # after the ones that followed it; wait for it (in order or not at all)
@@ -486,6 +707,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
             body["role"] = "writer"
             body["log"] = log_up
             body["log_malformed"] = self.malformed
+            body["log_retention_warned"] = sorted(self._retention_warned)
             body["leases"] = {k: ("active" if v.held else "standby")
                               for k, v in self.leases.items()}
             return ok and log_up, body
@@ -504,6 +726,12 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False):
                     await _close(self.nc)
 
     return WriterRole()
+
+
+def _ts(ns: int):
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.timezone.utc)
 
 
 def _created_us(info) -> int | None:
