@@ -437,7 +437,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
                 had = await acommitted(c, key)
                 if had == NONE:
                     await aadvance(c, key, created)
-                elif had != created and accept_new_stream:
+                elif not _same_stream(had, created) and accept_new_stream:
                     await c.execute("UPDATE stream_offsets SET committed_seq = %s, "
                                     "updated_at = now() WHERE stream = %s", (created, key))
                     log.warning("log stream %s: accepted as new (created %s; the writers "
@@ -453,7 +453,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
                 return had
 
             had = await _retry_db(lambda: self.side.run(check))
-            if had not in (NONE, created):
+            if had != NONE and not _same_stream(had, created):
                 self._replaced(
                     f"log stream {g.stream} was deleted and re-created (created {_iso(created)}; "
                     f"the writers read the one created {_iso(had)}): its sequence numbers "
@@ -484,7 +484,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
                 return True
             created = _created_us(info)
             if created is not None and self.stream_created is not None and \
-                    created != self.stream_created:
+                    not _same_stream(created, self.stream_created):
                 self._replaced(
                     f"log stream {g.stream} was deleted and re-created under the writer "
                     f"(created {_iso(created)}, was {_iso(self.stream_created)}): its sequence "
@@ -732,6 +732,18 @@ def _ts(ns: int):
     import datetime as dt
 
     return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.timezone.utc)
+
+
+#: Each replica of a clustered stream reports its own creation time: the three of a 3-node
+#: stream were seen 28 ms apart, so a writer that asks another node after a failover would take
+#: its stream for a re-created one.  Creation times within a second are the same stream; one
+#: deleted and re-created within a second of its creation is not told apart by this check.
+CREATED_SLACK_US = 1_000_000
+
+
+def _same_stream(a_us: int, b_us: int) -> bool:
+    """Whether two creation times (µs) are of the same stream (``CREATED_SLACK_US``)."""
+    return abs(a_us - b_us) <= CREATED_SLACK_US
 
 
 def _created_us(info) -> int | None:
