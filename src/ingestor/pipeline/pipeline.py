@@ -458,12 +458,7 @@ class Pipeline:
         t0 = time.perf_counter()
         # the candles are not written: the writer recomputes the buckets the rows touch
         if len(rows):
-            n, k = self._bf_n[0], len(rows)
-            if n + k > len(self._bf_rows):
-                grown = np.empty(max(2 * len(self._bf_rows), n + k, 8192), _core.TICKROW_DTYPE)
-                grown[:n] = self._bf_rows[:n]
-                self._bf_rows = grown
-            self._bf_rows[n:n + k] = rows
+            self._bf_rows = _append(self._bf_rows, self._bf_n[0], rows, 8192)
         if len(snaps) and snapshots_as_own:
             self._enc_snaps.encode_rows(snaps)
             self._n[2] += len(snaps)
@@ -516,14 +511,10 @@ class Pipeline:
         self.timings["encode"] += time.perf_counter() - t0
 
     def _keep_rows(self, rows) -> None:
-        n, k = self._n[0], len(rows)
-        if n + k > len(self._rows):
-            size = max(2 * len(self._rows), n + k)
-            grown = np.empty(size, _core.TICKROW_DTYPE)
-            _bytes(grown)[:n] = _bytes(self._rows[:n])
-            self._rows = grown
-            self._grouped = np.empty(size, _core.TICKROW_DTYPE)
-        _bytes(self._rows)[n:n + k] = _bytes(rows)
+        kept = _append(self._rows, self._n[0], rows)
+        if kept is not self._rows:  # grown: the grouping's buffer with it
+            self._rows = kept
+            self._grouped = np.empty(len(kept), _core.TICKROW_DTYPE)
 
     def _encode_ticks(self) -> tuple[int, int]:
         """Group the batch's tick rows by instrument and encode them (after ``begin``):
@@ -668,6 +659,18 @@ def _bytes(rows):
     one ``memcpy``, where a copy of the records themselves goes field by field (about 25x
     slower for the engine's tick rows)."""
     return rows.view(np.dtype((np.void, rows.dtype.itemsize)))
+
+
+def _append(buf, n: int, rows, min_size: int = 0):
+    """``rows`` copied into ``buf`` after its first ``n`` rows; returns ``buf``, or a buffer
+    twice as large (at least ``min_size``) holding the same rows when it was full."""
+    k = len(rows)
+    if n + k > len(buf):
+        grown = np.empty(max(2 * len(buf), n + k, min_size), buf.dtype)
+        _bytes(grown)[:n] = _bytes(buf[:n])
+        buf = grown
+    _bytes(buf)[n:n + k] = _bytes(rows)
+    return buf
 
 
 def _in_key_order(rows, major: str, minor: str | None = None):
