@@ -52,8 +52,11 @@ takes the offset row's lock, checks and advances it only after N committed.  Its
 inserts cannot conflict with N's rows (ticks are new per instrument and time, closed candles
 never stored and snapshots are each written once); should N fail, N+1 rolls back and both are
 written again one at a time by ``write``, which classifies the error as below.  One lock N+1
-can hold that N may wait for: TimescaleDB's, when both create the same chunk.  N+1 looks
-(``pg_blocking_pids``) while it waits, rolls back if it blocks N, and is written after it.
+can hold that N may wait for: TimescaleDB's, on a chunk N+1's COPY created (the first COPY
+into a new chunk holds the hypertable's ShareUpdateExclusiveLock to its commit).  N+1 enters
+each table only after N is done with it, so only N's later upserts of forming candles can
+meet it; N+1 looks (``pg_blocking_pids``) while it waits, rolls back if it blocks N, and is
+written after it.
 
 What happens when the database refuses a flush is decided by one classification of the
 error's SQLSTATE, shared with the order store (``ingestor.store.errors.classify``):
@@ -345,6 +348,12 @@ class WriterStats:
     def write_seconds(self) -> float:
         return sum(self.flush_seconds)
 
+    def flushed(self, seconds: float) -> None:
+        """One committed flush's duration (the newest 5,000 to 10,000 are kept)."""
+        self.flush_seconds.append(seconds)
+        if len(self.flush_seconds) > 10_000:
+            del self.flush_seconds[:5_000]
+
 
 class DeadLetters:
     """A folder of batches the database refused: ``<stream>-<first>-<last>.*``."""
@@ -547,9 +556,7 @@ class Writer:
                 self.up = True
                 if self.fatal is not None:
                     self._resume(batch)
-                self.stats.flush_seconds.append(time.perf_counter() - t0)
-                if len(self.stats.flush_seconds) > 10_000:
-                    del self.stats.flush_seconds[:5_000]
+                self.stats.flushed(time.perf_counter() - t0)
                 return outcome
             except StreamAdvanced as exc:
                 self._stop(batch, f"StreamAdvanced: {exc}")
@@ -601,10 +608,12 @@ class Writer:
         second core); N+1 then waits, on the client's side, for N's commit before its
         locking statements and its offset (``_locking``).  Should N fail, N+1 rolls back,
         and both are written again one at a time by :meth:`write`, which classifies the
-        error, retries, sets aside or stops exactly as always.  The only lock N+1's rows can
-        hold that N may wait for is TimescaleDB's when both create the same chunk: N+1 finds
-        that out (``pg_blocking_pids``) while it waits and rolls back, and is written again
-        after N.  ``on_written(batch, outcome, seconds)`` is called in commit order (and
+        error, retries, sets aside or stops exactly as always.  N+1 enters each table after
+        N is done with it (``_bulk``), so a TimescaleDB chunk both need is N's to create; should
+        N still wait for a lock N+1 holds (its upserts of forming candles into a chunk N+1
+        created), N+1 finds that out (``pg_blocking_pids``) while it waits, rolls back, and is
+        written again after N.  ``on_written(batch, outcome, seconds)`` is called in commit
+        order (and
         awaited when it returns an awaitable: what must follow a commit, in order).
         """
         inflight: collections.deque = collections.deque()
@@ -625,16 +634,15 @@ class Writer:
                 taking = None
                 if b is None:
                     break
-                if not (self.overlap and self.fatal is None and b.last_seq >= b.first_seq):
-                    while inflight:
+                conn = None
+                if self.overlap and self.fatal is None and b.last_seq >= b.first_seq:
+                    if len(inflight) == 2:
                         await self._settle(inflight, on_written)
-                    await self._write_timed(b, on_written)
-                    continue
-                if len(inflight) == 2:
-                    await self._settle(inflight, on_written)
-                try:
-                    conn = await self._free_conn(inflight)
-                except psycopg.Error:  # the sequential path waits for the database
+                    try:
+                        conn = await self._free_conn(inflight)
+                    except psycopg.Error:  # the sequential path waits for the database
+                        pass
+                if conn is None:  # one at a time, after everything in flight
                     while inflight:
                         await self._settle(inflight, on_written)
                     await self._write_timed(b, on_written)
@@ -679,9 +687,7 @@ class Writer:
             self.up = True
             self.stats.overlapped += 1
             seconds = time.perf_counter() - f.t0
-            self.stats.flush_seconds.append(seconds)
-            if len(self.stats.flush_seconds) > 10_000:
-                del self.stats.flush_seconds[:5_000]
+            self.stats.flushed(seconds)
             if on_written is not None:
                 await _maybe_await(on_written(f.batch, outcome, seconds))
             return
@@ -818,8 +824,8 @@ class Writer:
     async def _bulk(self, conn, b: FlushBatch, mine: "_InFlight | None" = None,
                     before: "_InFlight | None" = None) -> list:
         """The batch's inserts of rows no other batch has (ticks, closed candles never stored,
-        snapshots): they take no lock another batch's transaction waits for, so they may run
-        while the batch before is still in its transaction (see ``write_all``).
+        snapshots): no row of theirs is another batch's, so they may run while the batch before
+        is still in its transaction (see ``write_all``).
 
         Table by table, each after the batch before is done with that table (``before``'s
         steps): the first COPY into a new TimescaleDB chunk creates it and holds the
