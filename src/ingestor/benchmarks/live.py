@@ -5,8 +5,9 @@ For each offered rate: ticks offered vs ingested per second, whether
 anything was lost (every packet the simulator recorded must be in
 ``tick_data`` after the daemon's graceful stop), tick-to-commit latency
 p50/p99 (the daemon's histogram: receive time of a batch's newest tick to
-its commit), the largest event-loop lag, and the daemon's RSS at start and
-end.
+its commit), the largest event-loop lag, and the daemon's RSS: at start, at the end, its
+largest sample (every 5 s) and its slope over the run's second half (a soak, ``--seconds
+600``: flat once warm, or leaking).
 
 Run: ``python -m ingestor.benchmarks.live [--quick] [--seconds S] [--rates 20000,50000]
 [--flush-interval S] [--compare-overlap] [--broker kite,angel]`` (``--compare-overlap``: each
@@ -43,6 +44,17 @@ def _rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of ``(t, y)`` points (0 for fewer than two)."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mt = sum(t for t, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (y - my) for t, y in points) / var if var else 0.0
 
 
 def _metrics(port: int) -> str:
@@ -171,8 +183,12 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
         rss0 = _rss_mib(daemon.pid)
         cpu0 = _cpu_seconds(daemon.pid)
         t0 = time.monotonic()
-        time.sleep(seconds)
-        rss1 = _rss_mib(daemon.pid)
+        # RSS sampled through the run (a soak: is it flat once warm?)
+        samples = [(0.0, rss0)]
+        while (left := seconds - (time.monotonic() - t0)) > 0:
+            time.sleep(min(5.0, left))
+            samples.append((time.monotonic() - t0, _rss_mib(daemon.pid)))
+        rss1 = samples[-1][1]
         cpu1 = _cpu_seconds(daemon.pid)
         wall = time.monotonic() - t0
         text = _metrics(port)
@@ -215,6 +231,9 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
         "B/tick compressed": packed / got if got else 0.0,
         "RSS start MiB": rss0,
         "RSS end MiB": rss1,
+        "RSS max MiB": max(r for _, r in samples),
+        # growth over the second half (least squares): a leak shows as a steady slope
+        "RSS MiB/min, 2nd half": _slope(samples[len(samples) // 2:]) * 60,
         # the daemon's CPU over the measured window, per million ticks it decoded then
         "daemon CPU s / M ticks": (cpu1 - cpu0) / max(decoded * wall / max(span, wall), 1) * 1e6
         if decoded else float("nan"),
