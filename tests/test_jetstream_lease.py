@@ -368,3 +368,44 @@ def test_a_lease_holder_fences_itself_when_the_key_is_taken(nats_server, cpu_bur
 
     asyncio.run(scenario())
 
+
+def test_a_lease_taken_after_its_bucket_was_away_longer_than_its_ttl_is_kept(nats_server):
+    """A standby whose attempts were refused for longer than the TTL (no stream answering:
+    the bucket's replica group electing a leader after a node died) and that then takes the
+    free key holds it from that take: it renews on, rather than fencing itself at once as if
+    held since its first refused try (a standby writer took over and stopped so in the
+    cluster test)."""
+    import nats
+
+    from ingestor.config import LogConfig
+    from ingestor.feed.lease import Lease, bucket_name, lease_bucket
+
+    cfg = LogConfig(servers=[nats_server.url], stream="TEST", lease_ttl=3.0, lease_renew=0.5)
+
+    async def scenario():
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            kv = await lease_bucket(js, cfg)
+            await js.delete_key_value(bucket_name(cfg))  # no stream answers the key's subject
+            lost: list[str] = []
+            a = Lease(kv, "writer.y", cfg, "a", "a", on_lost=lost.append)
+            stop = asyncio.Event()
+            taking = asyncio.create_task(a.take(stop))
+            away = time.monotonic()
+            while time.monotonic() - away < cfg.lease_ttl:
+                assert not taking.done()  # nothing to take while no stream answers
+                await asyncio.sleep(0.1)
+            await lease_bucket(js, cfg)
+            assert await asyncio.wait_for(taking, timeout=60)
+            keeper = asyncio.create_task(a.keep())
+            first, deadline = a.revision, time.monotonic() + 60
+            while a.revision is not None and a.revision < first + 4:
+                assert time.monotonic() < deadline, "a does not renew"
+                await asyncio.sleep(0.05)
+            assert a.held and lost == []
+            keeper.cancel()
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
