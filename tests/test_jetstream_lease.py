@@ -13,13 +13,14 @@ import psycopg
 import pytest
 
 from daemon_harness import Simulator, count_ticks, ingestor, load_instruments, tick_summary, wait_for
-from test_jetstream import (NATS_SERVER, Role, _no_process_left, _publish_raw,  # noqa: F401
-                            assert_every_tick_once, cpu_burner, log_messages, log_ticks,
-                            nats_server, sent_ticks)
+from jetstream_harness import (EPOCH, NATS_SERVER, Role, _no_process_left,  # noqa: F401
+                               _publish_raw, assert_every_tick_once,
+                               assert_every_tick_outside_once, cpu_burner,
+                               log_messages, log_ticks, nats_server, ns, sent_ticks,
+                               takeover_gaps)
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="needs the nats-server binary")
 
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 #: short leases for quick takeovers; a holder stops only after 4.5 s without a renewal (a
 #: busy machine is not a death)
 TTL, RENEW = 6.0, 1.5
@@ -121,12 +122,9 @@ def test_two_feeds_standby_takes_over_the_connection(tmp_path, db, nats_server, 
     assert writer.terminate() == 0, writer.output()
     n, distinct = tick_summary(db)
     assert n == distinct == in_log  # every message of the log once, none twice
-    with psycopg.connect(db) as c:
-        gaps = c.execute("select connection, stream, started_at, ended_at, reason "
-                         "from feed_gaps").fetchall()
-    taken = [g for g in gaps if "standby took over" in (g[4] or "")]
-    assert len(taken) == 1, gaps
-    label, stream, started, ended, _ = taken[0]
+    gaps = takeover_gaps(db)
+    assert len(gaps) == 1, gaps
+    label, stream, started, ended, tokens = gaps[0]
     assert label == "kite-0" and stream and stream.startswith("kite-0-")
     assert ended is not None and ended > started
     assert second.output().count("took over the lease") == 1  # one takeover, no flapping
@@ -135,54 +133,7 @@ def test_two_feeds_standby_takes_over_the_connection(tmp_path, db, nats_server, 
     # connection: the TTL, the standby's try interval and the estimate's margin (a renewal
     # each), a reconnect
     assert (ended - started).total_seconds() <= TTL + 2 * RENEW + RECONNECT, (started, ended)
-    assert_every_tick_outside_once(db, sim.record, _ns(started), _ns(ended))
-
-
-def _ns(t: dt.datetime) -> int:
-    return (t - EPOCH) // dt.timedelta(microseconds=1) * 1000
-
-
-def assert_every_tick_outside_once(dsn: str, record: str, lo: int, hi: int) -> None:
-    """Per instrument, the stored prices in time order begin with every tick the simulator
-    sent before ``lo`` and end with every tick it sent after ``hi`` (ns), in its order; the
-    ones sent within the gap are stored at most once (nothing else is stored)."""
-    from decimal import Decimal
-
-    from ingestor import _core
-    from ingestor.feed.capture import RECORD_HEADER, CaptureReader
-
-    sent: dict[int, list] = {}
-    dec = _core.KiteDecoder(capacity=1 << 16)
-    with CaptureReader(record) as rd:
-        for r in rd.records():
-            if r.kind != 1:
-                continue
-            dec.feed_capture(RECORD_HEADER.pack(r.recv_ns, r.kind, len(r.payload)) + r.payload,
-                             0, r.seq)
-            t = dec.ticks[:dec.n_ticks]
-            for tok, p, d in zip(t["instrument_token"].tolist(), t["last_price"].tolist(),
-                                 t["divisor"].tolist()):
-                sent.setdefault(tok, []).append((Decimal(p) / d, r.recv_ns))
-            dec.clear()
-    with psycopg.connect(dsn) as c:
-        rows = c.execute("select i.instrument_token, t.price from tick_data t join "
-                         "instruments i on i.id = t.instrument_id "
-                         "order by i.instrument_token, t.time").fetchall()
-    got: dict[int, list] = {}
-    for tok, price in rows:
-        got.setdefault(tok, []).append(price)
-    assert set(got) <= set(sent)
-    outside = 0
-    for tok, ticks in sent.items():
-        prices = [p for p, _ in ticks]
-        before = sum(1 for _, t in ticks if t < lo)
-        after = sum(1 for _, t in ticks if t > hi)
-        have = got.get(tok, [])
-        assert have[:before] == prices[:before], tok
-        assert after == 0 or have[-after:] == prices[-after:], tok
-        assert before + after <= len(have) <= len(prices), tok
-        outside += before + after
-    assert outside > 0
+    assert_every_tick_outside_once(db, sim.record, {t: (ns(started), ns(ended)) for t in tokens})
 
 
 def test_roles_tell_systemd_when_they_are_ready(tmp_path, db, nats_server):
@@ -412,6 +363,48 @@ def test_a_lease_holder_fences_itself_when_the_key_is_taken(nats_server, cpu_bur
             await kv.put("writer.x", b'{"holder": "intruder"}')  # the key taken from b
             await asyncio.wait_for(keeper, timeout=5 * cfg.lease_ttl)
             assert lost == ["b"] and not b.held
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lease_taken_after_its_bucket_was_away_longer_than_its_ttl_is_kept(nats_server):
+    """A standby whose attempts were refused for longer than the TTL (no stream answering:
+    the bucket's replica group electing a leader after a node died) and that then takes the
+    free key holds it from that take: it renews on, rather than fencing itself at once as if
+    held since its first refused try (a standby writer took over and stopped so in the
+    cluster test)."""
+    import nats
+
+    from ingestor.config import LogConfig
+    from ingestor.feed.lease import Lease, bucket_name, lease_bucket
+
+    cfg = LogConfig(servers=[nats_server.url], stream="TEST", lease_ttl=3.0, lease_renew=0.5)
+
+    async def scenario():
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            kv = await lease_bucket(js, cfg)
+            await js.delete_key_value(bucket_name(cfg))  # no stream answers the key's subject
+            lost: list[str] = []
+            a = Lease(kv, "writer.y", cfg, "a", "a", on_lost=lost.append)
+            stop = asyncio.Event()
+            taking = asyncio.create_task(a.take(stop))
+            away = time.monotonic()
+            while time.monotonic() - away < cfg.lease_ttl:
+                assert not taking.done()  # nothing to take while no stream answers
+                await asyncio.sleep(0.1)
+            await lease_bucket(js, cfg)
+            assert await asyncio.wait_for(taking, timeout=60)
+            keeper = asyncio.create_task(a.keep())
+            first, deadline = a.revision, time.monotonic() + 60
+            while a.revision is not None and a.revision < first + 4:
+                assert time.monotonic() < deadline, "a does not renew"
+                await asyncio.sleep(0.05)
+            assert a.held and lost == []
+            keeper.cancel()
         finally:
             await nc.close()
 

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from daemon_harness import Simulator, count_ticks, load_instruments, tick_summary, wait_for
-from test_jetstream import (NATS_SERVER, Role, _no_process_left, log_messages,  # noqa: F401
-                            nats_server, sent_ticks)
+from jetstream_harness import (NATS_SERVER, Role, _no_process_left, log_messages,  # noqa: F401
+                               nats_server, sent_ticks)
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="needs the nats-server binary")
 

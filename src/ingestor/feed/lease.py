@@ -128,7 +128,8 @@ class Lease:
         return self.revision is not None
 
     async def take(self, stop: asyncio.Event) -> bool:
-        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+        from nats.js.errors import (APIError, KeyNotFoundError, KeyWrongLastSequenceError,
+                                    NoStreamResponseError)
 
         said = False
         seen_rev = None
@@ -138,7 +139,10 @@ class Lease:
             sent = time.monotonic()
             try:
                 self.revision = await self.kv.create(self.key, self._value())
-                self.sent_at = sent if unsure is None else unsure
+                # this attempt created the key: no earlier one holds it (it would have been
+                # refused), so the TTL runs from this one (an earlier send time, from before
+                # an outage longer than the TTL, had its holder stop at its first renewal)
+                self.sent_at = sent
                 if self.previous is not None:
                     log.warning("%s: took over the lease from %s (not renewed for %.1f s)",
                                 self.what, self.previous.holder, self.cfg.lease_ttl)
@@ -175,7 +179,9 @@ class Lease:
                              self.previous.holder if self.previous else "another process")
                     said = True
             except Exception as exc:  # noqa: BLE001 - the log away: keep trying
-                if unsure is None:
+                # a refusal (no stream answering: a replica group electing its leader; an
+                # error reply) stored nothing; a timeout or a lost connection may have
+                if unsure is None and not isinstance(exc, (NoStreamResponseError, APIError)):
                     unsure = sent
                 log.warning("%s: cannot reach the lease bucket (%s: %s); retrying", self.what,
                             type(exc).__name__, exc)
