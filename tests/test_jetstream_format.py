@@ -94,6 +94,8 @@ def _restore_logging():
     ('servers = ["nats://h:4222"]\nlease_ttl = inf', "log.lease_ttl"),
     ('servers = ["nats://h:4222"]\nlease_renew = 0.0', "log.lease_renew"),
     ('servers = ["nats://h:4222"]\nlease_ttl = 6.0\nlease_renew = 2.5', "log.lease_renew"),
+    # a replicated lease bucket elects for up to ~9 s: the holders would stop themselves
+    ('servers = ["nats://h:4222"]\nreplicas = 3', "log.lease_ttl"),
     ('servers = ["nats://h:4222"]\nfeed_lease = 1', "log.feed_lease"),
     ('servers = ["nats://h:4222"]\npublish_candles = "yes"', "log.publish_candles"),
     ('servers = ["nats://h:4222"]\ncandles_prefix = "c.*"', "log.candles_prefix"),

@@ -73,6 +73,11 @@ Broker = Literal["kite", "angel"]
 #: The candle timeframes the schema stores: exactly the set of ``ohlc_candles_timeframe_check``
 #: (``store/sql/0001_market_data.sql``; a test keeps the two equal).  A label outside it would
 #: pass the engine and fail at the database with every flush.
+#: seconds a replicated JetStream group may go without a leader after a node dies (NATS
+#: 2.9's election timeout is up to 9 s, plus the time the next renewal waits): with
+#: ``log.replicas`` > 1, ``lease_ttl - lease_renew`` must be at least this
+LEASE_ELECTION_S = 10.0
+
 TIMEFRAMES = ("1s", "5s", "1m", "5m", "15m", "1h", "1d")
 
 #: A config file is a few kilobytes; reading stops here (``--config /dev/zero`` is an error,
@@ -699,6 +704,16 @@ def _check_log(g: LogConfig) -> None:
         raise ConfigError(f"log.lease_renew = {g.lease_renew!r}: more than a third of "
                           f"log.lease_ttl = {g.lease_ttl!r} (a holder must renew at least "
                           "twice before it stops itself)")
+    if g.replicas > 1 and g.lease_ttl - g.lease_renew < LEASE_ELECTION_S:
+        # a holder stops itself after lease_ttl - lease_renew without an acknowledged
+        # renewal; a replicated lease bucket acknowledges none while it elects a leader
+        raise ConfigError(f"log.lease_ttl = {g.lease_ttl!r} with log.lease_renew = "
+                          f"{g.lease_renew!r} and log.replicas = {g.replicas}: a lease holder "
+                          f"stops itself after {g.lease_ttl - g.lease_renew:g} s without an "
+                          "acknowledged renewal, and a replicated lease bucket acknowledges none "
+                          f"for up to {LEASE_ELECTION_S:g} s while it elects a leader after a "
+                          "node dies; set lease_ttl to at least "
+                          f"{g.lease_renew + LEASE_ELECTION_S:g}")
     for key in ("feed_lease", "publish_candles"):
         if not isinstance(getattr(g, key), bool):
             raise ConfigError(f"log.{key} = {_show(getattr(g, key))}: want true or false")
