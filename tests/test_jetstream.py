@@ -15,8 +15,9 @@ import sys
 import psycopg
 import pytest
 
-from daemon_harness import (Simulator, count_ticks, ingestor, load_instruments, tick_summary,
-                            wait_for)
+from daemon_harness import (ANGEL_ENV, AngelSimulator, Simulator, angel_feed_toml,
+                            angel_modes_toml, angel_sent_ticks, angel_stored_ticks, count_ticks, ingestor,
+                            load_angel_master, load_instruments, tick_summary, wait_for)
 from ingestor import _core
 from ingestor.pipeline.batch import decode_capture
 from pg_private import private_pg, private_pg_running  # noqa: F401 - fixtures
@@ -94,14 +95,17 @@ class Role:
     def __init__(self, tmp, role: str, dsn: str, url: str, servers: list[str], *,
                  name: str | None = None, log: str = "", feed: str = "",
                  lease: str = "lease_ttl = 6.0\nlease_renew = 1.0\n", args: tuple = (),
-                 extra_env: dict | None = None):
+                 extra_env: dict | None = None, feeds: str | None = None):
+        """``feeds``: ``[[feeds]]`` tables in place of the Kite ``[feed]`` on ``url``."""
         self.name = name or role
         self.cfg = tmp / f"{self.name}.toml"
         servers_toml = ", ".join(f'"{s}"' for s in servers)
-        self.cfg.write_text(
+        head = feeds if feeds is not None else (
             f"[feed]\n{feed}url = \"{url}\"\nmode = \"full\"\nheartbeat_timeout = 2.0\n"
-            "reconnect_min = 0.1\nreconnect_max = 0.5\n"
-            "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
+            "reconnect_min = 0.1\nreconnect_max = 0.5\n")
+        self.cfg.write_text(
+            head
+            + "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
             f"[spool]\ndir = \"{tmp / ('spool-' + self.name)}\"\n"
             f"[writer]\ndead_letter_dir = \"{tmp / 'dead'}\"\n"
             "[metrics]\nlisten = \"\"\n"
@@ -219,6 +223,35 @@ def test_feed_jetstream_writer_every_tick_once(tmp_path, db, nats_server):
     assert writer.terminate() == 0, writer.output()
     assert assert_every_tick_once(db, sim.record) == sent
     assert "test-token-secret" not in feed.output() + writer.output()
+
+
+def test_angel_feed_jetstream_writer_every_tick_once(tmp_path, db, nats_server):
+    """Angel One over the log: the feed appends each SmartStream frame (one packet each) as
+    it came, the writer decodes them with the SmartStream decoder (the feed's broker)."""
+    sim = AngelSimulator(tmp_path, tokens=30, rate=2000, seed=5)
+    try:
+        load_angel_master(db, sim.master)
+        feeds = angel_feed_toml(sim.url, extra=angel_modes_toml(30, 5))
+        feed = Role(tmp_path, "feed", db, sim.url, [nats_server.url], feeds=feeds,
+                    extra_env=ANGEL_ENV)
+        writer = Role(tmp_path, "writer", db, sim.url, [nats_server.url], feeds=feeds)
+        wait_for(lambda: count_ticks(db) > 2000, timeout=90, what="2000 ticks written")
+    finally:
+        sim.stop()  # the recording is complete once the simulator has stopped
+    want, n_depth = angel_sent_ticks(sim.sent(), db)
+    sent = sum(want.values())
+    wait_for(lambda: count_ticks(db) >= sent, timeout=90, what=f"all {sent} sent ticks written")
+    assert feed.terminate() == 0, feed.output()
+    assert writer.terminate() == 0, writer.output()
+    assert angel_stored_ticks(db) == want        # every tick once, at its exact price
+    n, distinct = tick_summary(db)
+    assert n == distinct == sent and n_depth > 0
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM order_book_depth20").fetchone()[0] == n_depth
+    assert "malformed" not in writer.output()
+    out = feed.output() + writer.output()
+    for secret in ANGEL_ENV.values():
+        assert secret not in out
 
 
 async def _log_messages(url: str, stream: str = "TEST") -> list:
