@@ -122,6 +122,7 @@ _SS_DEPTH = _SS_HEAD + [("w27", "<i8"), ("w35", "<i8"), ("buy", _SS_LEVEL20, (20
 _SS_KINDS = {"ltp": (1, _SS_LTP, 51), "quote": (2, _SS_QUOTE, 123),
              "snap_quote": (3, _SS_SNAP, 379), "depth": (4, _SS_DEPTH, 443)}
 SS_TOKENS = 1000       # one SmartStream session's subscription limit
+_SS_RECORD_HEADER = 13  # a capture record's receive time (8), kind (1), length (4)
 
 
 def smartstream_capture(mode: str, n: int, seed: int = 1) -> tuple[bytes, int]:
@@ -131,6 +132,7 @@ def smartstream_capture(mode: str, n: int, seed: int = 1) -> tuple[bytes, int]:
     pkt = np.dtype(fields)
     assert pkt.itemsize == size, (mode, pkt.itemsize)
     rec = np.dtype([("recv_ns", "<u8"), ("kind", "u1"), ("len", "<u4"), ("pkt", pkt)])
+    assert rec.itemsize == _SS_RECORD_HEADER + size
     rng = np.random.default_rng(seed)
     a = np.zeros(n, dtype=rec)
     a["recv_ns"] = 1_700_000_000_000_000_000 + np.arange(n)
@@ -188,7 +190,8 @@ def run_smartstream(quick: bool = False) -> list[dict]:
     rows = []
     for mode in _SS_KINDS:
         cap, rsize = smartstream_capture(mode, n_fast)
-        msgs = [cap[i + 13:i + rsize] for i in range(0, min(n_feed, n_fast) * rsize, rsize)]
+        msgs = [cap[i + _SS_RECORD_HEADER:i + rsize]
+                for i in range(0, min(n_feed, n_fast) * rsize, rsize)]
         slow = msgs[:n_slow]
         hot = cap[:min(n_hot, n_fast) * rsize]
         dec = SmartStreamDecoder(capacity=16384)
