@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from decimal import Decimal
 
 import psycopg
 
@@ -85,6 +87,62 @@ def angel_feed_toml(url: str, *, name: str = "angel", env_prefix: str = "ANGEL",
     return (f"[[feeds]]\nname = \"{name}\"\nbroker = \"angel\"\nurl = \"{url}\"\n{creds}"
             "heartbeat_timeout = 5.0\nreconnect_min = 0.1\nreconnect_max = 0.5\n"
             f"rejected_retry = {rejected_retry}\nping_interval = 1.0\n{extra}")
+
+
+def angel_modes_toml(tokens: int, seed: int) -> str:
+    """The ``mode``/``modes`` of an Angel feed on ``AngelSimulator(tokens=, seed=)``: every
+    instrument in SNAP_QUOTE (``full``), a few nse_cm ones in DEPTH, some in LTP and QUOTE:
+    every packet layout through the daemon."""
+    from ingestor.sim.smartstream import AngelMarket
+
+    keys = list(AngelMarket(tokens, seed).keys)
+    nse = [k for k in keys if k[0] == 1]
+    other = [k for k in keys if k not in nse[:2]]
+    modes = {**{k: "depth" for k in nse[:2]}, **{k: "ltp" for k in other[:4]},
+             **{k: "quote" for k in other[4:8]}}
+    body = ", ".join(f'"{e}:{t}" = "{m}"' for (e, t), m in modes.items())
+    return f'mode = "full"\nmodes = {{ {body} }}\n'
+
+
+def load_angel_master(dsn: str, master: str) -> None:
+    """``ingestor instruments load`` of an Angel One instrument master."""
+    subprocess.run(ingestor("instruments", "load", master, "--dsn", dsn), check=True,
+                   capture_output=True)
+
+
+def _ms(ms: int):
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc) if ms > 0 else None
+
+
+def angel_sent_ticks(packets: list[bytes], dsn: str) -> tuple[Counter, int]:
+    """(instrument id, exact price, exchange time to the millisecond) of every SmartStream tick
+    packet sent, and the number of DEPTH ones (which make no tick)."""
+    from ingestor.twin.smartstream import parse_packet
+
+    with psycopg.connect(dsn) as conn:
+        id_of = {(int(e), t): i for e, t, i in conn.execute(
+            "SELECT exchange_type, broker_token, id FROM instruments WHERE broker = 'angel'")}
+    want: Counter = Counter()
+    depth = 0
+    for p in packets:
+        d = parse_packet(p)
+        if d["subscription_mode"] == 4:
+            depth += 1
+            continue
+        div = 10**7 if d["exchange_type"] == 13 else 100
+        want[(id_of[d["exchange_type"], d["token"]], Decimal(d["last_traded_price"]) / div,
+              _ms(d["exchange_timestamp"]))] += 1
+    return want, depth
+
+
+def angel_stored_ticks(dsn: str) -> Counter:
+    """``angel_sent_ticks``'s tuples of the Angel One ticks in ``tick_data``."""
+    with psycopg.connect(dsn) as conn:
+        return Counter((i, p, et) for i, p, et in conn.execute(
+            "SELECT t.instrument_id, t.price, t.exchange_time FROM tick_data t JOIN instruments i "
+            "ON i.id = t.instrument_id WHERE i.broker = 'angel'"))
 
 
 #: the credentials ``angel_feed_toml`` reads (secrets that must never reach a log)

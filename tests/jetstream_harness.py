@@ -113,14 +113,17 @@ class Role:
     def __init__(self, tmp, role: str, dsn: str, url: str, servers: list[str], *,
                  name: str | None = None, log: str = "", feed: str = "",
                  lease: str = "lease_ttl = 6.0\nlease_renew = 1.0\n", args: tuple = (),
-                 extra_env: dict | None = None):
+                 extra_env: dict | None = None, feeds: str | None = None):
+        """``feeds``: ``[[feeds]]`` tables in place of the Kite ``[feed]`` on ``url``."""
         self.name = name or role
         self.cfg = tmp / f"{self.name}.toml"
         servers_toml = ", ".join(f'"{s}"' for s in servers)
-        self.cfg.write_text(
+        head = feeds if feeds is not None else (
             f"[feed]\n{feed}url = \"{url}\"\nmode = \"full\"\nheartbeat_timeout = 2.0\n"
-            "reconnect_min = 0.1\nreconnect_max = 0.5\n"
-            "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
+            "reconnect_min = 0.1\nreconnect_max = 0.5\n")
+        self.cfg.write_text(
+            head
+            + "[pipeline]\nflush_interval = 0.2\nflush_rows = 5000\n"
             f"[spool]\ndir = \"{tmp / ('spool-' + self.name)}\"\n"
             f"[writer]\ndead_letter_dir = \"{tmp / 'dead'}\"\n"
             "[metrics]\nlisten = \"\"\n"

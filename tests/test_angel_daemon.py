@@ -14,54 +14,12 @@ from decimal import Decimal
 import psycopg
 
 from daemon_harness import (ANGEL_ENV, AngelSimulator, Daemon, Simulator, angel_feed_toml,
-                            capture_files, count_ticks, ingestor, load_instruments, tick_summary,
-                            wait_for)
-from ingestor.sim.smartstream import AngelMarket
+                            angel_modes_toml, angel_sent_ticks, angel_stored_ticks,
+                            capture_files, count_ticks, ingestor, load_angel_master,
+                            load_instruments, tick_summary, wait_for)
 from ingestor.twin.smartstream import parse_packet
 
 TOKENS, SEED = 30, 5
-
-
-def _modes_toml() -> str:
-    """Every instrument in SNAP_QUOTE (``full``), a few nse_cm ones in DEPTH, some in LTP and
-    QUOTE: every packet layout through the daemon."""
-    keys = list(AngelMarket(TOKENS, SEED).keys)
-    nse = [k for k in keys if k[0] == 1]
-    other = [k for k in keys if k not in nse[:2]]
-    modes = {**{k: "depth" for k in nse[:2]}, **{k: "ltp" for k in other[:4]},
-             **{k: "quote" for k in other[4:8]}}
-    body = ", ".join(f'"{e}:{t}" = "{m}"' for (e, t), m in modes.items())
-    return f'mode = "full"\nmodes = {{ {body} }}\n'
-
-
-def _load_master(dsn: str, master: str) -> None:
-    subprocess.run(ingestor("instruments", "load", master, "--dsn", dsn), check=True,
-                   capture_output=True)
-
-
-def _ms(ms: int):
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc) if ms > 0 else None
-
-
-def _want(packets: list[bytes], dsn: str) -> tuple[Counter, int]:
-    """(instrument id, exact price, exchange time to the millisecond) of every tick packet
-    sent, and the number of DEPTH ones."""
-    with psycopg.connect(dsn) as conn:
-        id_of = {(int(e), t): i for e, t, i in conn.execute(
-            "SELECT exchange_type, broker_token, id FROM instruments WHERE broker = 'angel'")}
-    want: Counter = Counter()
-    depth = 0
-    for p in packets:
-        d = parse_packet(p)
-        if d["subscription_mode"] == 4:
-            depth += 1
-            continue
-        div = 10**7 if d["exchange_type"] == 13 else 100
-        want[(id_of[d["exchange_type"], d["token"]], Decimal(d["last_traded_price"]) / div,
-              _ms(d["exchange_timestamp"]))] += 1
-    return want, depth
 
 
 def _want_depth20(packets: list[bytes], dsn: str) -> Counter:
@@ -94,13 +52,6 @@ def _got_depth20(dsn: str) -> Counter:
             "ask_quantities, ask_orders, exchange_time FROM order_book_depth20"))
 
 
-def _got(dsn: str) -> Counter:
-    with psycopg.connect(dsn) as conn:
-        return Counter((i, p, et) for i, p, et in conn.execute(
-            "SELECT t.instrument_id, t.price, t.exchange_time FROM tick_data t JOIN instruments i "
-            "ON i.id = t.instrument_id WHERE i.broker = 'angel'"))
-
-
 def _count(dsn: str, sql: str) -> int:
     with psycopg.connect(dsn) as conn:
         return conn.execute(sql).fetchone()[0]
@@ -109,17 +60,17 @@ def _count(dsn: str, sql: str) -> int:
 def test_angel_feed_every_sent_tick_once(tmp_path, db):
     sim = AngelSimulator(tmp_path, tokens=TOKENS, rate=2000, seed=SEED)
     try:
-        _load_master(db, sim.master)
-        d = Daemon(tmp_path, db, None, feeds=angel_feed_toml(sim.url, extra=_modes_toml()),
+        load_angel_master(db, sim.master)
+        d = Daemon(tmp_path, db, None, feeds=angel_feed_toml(sim.url, extra=angel_modes_toml(TOKENS, SEED)),
                    env=ANGEL_ENV)
         wait_for(lambda: count_ticks(db) > 2000, timeout=60, what="2000 ticks written")
     finally:
         sim.stop()  # the recording is complete once the simulator has stopped
-    want, n_depth = _want(sim.sent(), db)
+    want, n_depth = angel_sent_ticks(sim.sent(), db)
     sent = sum(want.values())
     wait_for(lambda: count_ticks(db) >= sent, timeout=60, what=f"all {sent} sent ticks written")
     assert d.terminate() == 0, d.output()
-    assert _got(db) == want                     # every tick once, at its exact price
+    assert angel_stored_ticks(db) == want                     # every tick once, at its exact price
     # exchange_time keeps the exchange's milliseconds (the simulator's LTP and QUOTE packets
     # carry its clock's)
     assert any(et is not None and et.microsecond for _, _, et in want)
@@ -152,10 +103,10 @@ def _captured(*dirs) -> list[bytes]:
 
 def test_angel_sigkill_and_restart_replays_the_spool_with_its_decoder(tmp_path, db):
     sim = AngelSimulator(tmp_path, tokens=TOKENS, rate=2000, seed=SEED)
-    feeds = angel_feed_toml(sim.url, extra=_modes_toml())
+    feeds = angel_feed_toml(sim.url, extra=angel_modes_toml(TOKENS, SEED))
     record = f'[record]\ndir = "{tmp_path / "rec"}"\n'
     try:
-        _load_master(db, sim.master)
+        load_angel_master(db, sim.master)
         d = Daemon(tmp_path, db, None, feeds=feeds, env=ANGEL_ENV, config=record)
         wait_for(lambda: count_ticks(db) > 1000, timeout=60, what="1000 ticks written")
         d.kill()                            # SIGKILL: no flush, no cleanup
@@ -170,8 +121,8 @@ def test_angel_sigkill_and_restart_replays_the_spool_with_its_decoder(tmp_path, 
     # exactly every tick either daemon received (the killed one's spool, replayed through the
     # SmartStream decoder, and the second one's stream), once, at its exact price
     packets = _captured(tmp_path / "rec", tmp_path / "spool")
-    want, n_depth = _want(packets, db)
-    assert _got(db) == want
+    want, n_depth = angel_sent_ticks(packets, db)
+    assert angel_stored_ticks(db) == want
     n, distinct = tick_summary(db)
     assert n == distinct == sum(want.values()) > 3000
     assert _got_depth20(db) == _want_depth20(packets, db)
@@ -184,10 +135,10 @@ def test_kite_and_angel_feeds_in_one_daemon(tmp_path, db):
     feeds = (f'[[feeds]]\nname = "kite"\nbroker = "kite"\nurl = "{kite.url}"\nmode = "full"\n'
              'api_key_env = "KITE_API_KEY"\naccess_token_env = "KITE_ACCESS_TOKEN"\n'
              "heartbeat_timeout = 2.0\nreconnect_min = 0.1\nreconnect_max = 0.5\n"
-             + angel_feed_toml(angel.url, extra=_modes_toml()))
+             + angel_feed_toml(angel.url, extra=angel_modes_toml(TOKENS, SEED)))
     try:
         load_instruments(db, kite.csv)
-        _load_master(db, angel.master)
+        load_angel_master(db, angel.master)
         d = Daemon(tmp_path, db, None, feeds=feeds, env=ANGEL_ENV)
         both = ("SELECT count(DISTINCT i.broker) FROM tick_data t JOIN instruments i "
                 "ON i.id = t.instrument_id")
@@ -196,12 +147,12 @@ def test_kite_and_angel_feeds_in_one_daemon(tmp_path, db):
     finally:
         kite.stop()
         angel.stop()
-    want, _ = _want(angel.sent(), db)
+    want, _ = angel_sent_ticks(angel.sent(), db)
     n_kite = kite.sent_packets()
     wait_for(lambda: count_ticks(db) >= n_kite + sum(want.values()), timeout=60,
              what="every sent tick written")
     assert d.terminate() == 0, d.output()
-    assert _got(db) == want
+    assert angel_stored_ticks(db) == want
     n, distinct = tick_summary(db)
     assert n == distinct == n_kite + sum(want.values())
     with psycopg.connect(db) as conn:
@@ -220,19 +171,19 @@ def test_replay_and_decode_of_an_angel_capture(tmp_path, db):
     subprocess.run(ingestor("simulate", "--broker", "angel", "--out", str(cap), "--ticks", "3000",
                             "--tokens", str(TOKENS), "--seed", str(SEED), "--mode", "mixed",
                             "--scrip-master", str(master)), check=True, capture_output=True)
-    _load_master(db, str(master))
+    load_angel_master(db, str(master))
     r = subprocess.run(ingestor("replay", str(cap), "--dsn", db, "--no-progress"),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     packets = _captured(cap.parent)
-    want, n_depth = _want(packets, db)
-    assert n_depth > 0 and _got(db) == want
+    want, n_depth = angel_sent_ticks(packets, db)
+    assert n_depth > 0 and angel_stored_ticks(db) == want
     assert _got_depth20(db) == _want_depth20(packets, db)
     # a second replay: the stream's offset is committed, nothing is written twice
     r = subprocess.run(ingestor("replay", str(cap), "--dsn", db, "--no-progress"),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert _got(db) == want
+    assert angel_stored_ticks(db) == want
     assert _count(db, "SELECT count(*) FROM order_book_depth20") == n_depth
     # decode --jsonl: one line per packet, the official client's dict (plus recv_ns)
     r = subprocess.run(ingestor("decode", str(cap), "--jsonl"), capture_output=True, text=True)
@@ -263,7 +214,7 @@ def test_expired_feed_token_said_clearly_then_fresh_file_on_sighup(tmp_path, db)
     sim = AngelSimulator(tmp_path, "--expected-token", "feed-day-two", tokens=TOKENS,
                          rate=1000, seed=SEED)
     try:
-        _load_master(db, sim.master)
+        load_angel_master(db, sim.master)
         d = Daemon(tmp_path, db, None, env={},
                    feeds=angel_feed_toml(sim.url, credentials_file=creds, rejected_retry=3600))
         wait_for(lambda: "HTTP 401" in d.output(), timeout=60, what="the refused login said")

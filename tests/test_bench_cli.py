@@ -47,6 +47,26 @@ def test_json_results_carry_machine_build_and_rows(tmp_path):
     assert all(isinstance(r["batch pkt/s"], float) and r["batch pkt/s"] > 0 for r in rows)
 
 
+def test_decode_rows_of_both_brokers_without_the_official_clients(tmp_path):
+    """The SmartStream rows (every mode) beside Kite's; without smartapi-python (or
+    kiteconnect) the official client's figures say so, and the rest is measured."""
+    out = tmp_path / "run.json"
+    r = _ingestor("bench", "--only", "decode", "--quick", "--json", str(out),
+                  code="import sys; sys.modules['SmartApi'] = None; "
+                       "sys.modules['kiteconnect'] = None")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["stages"]["decode"]["rows"]
+    angel = [r for r in rows if r["mode"].startswith("angel/")]
+    assert [r["mode"] for r in angel] == ["angel/ltp", "angel/quote", "angel/snap_quote",
+                                          "angel/depth"]
+    for row in angel:
+        assert row["smartapi pkt/s"] == row["batch / smartapi"] == "not installed", row
+        assert all(isinstance(row[c], float) and row[c] > 0
+                   for c in ("batch pkt/s", "batch in-cache pkt/s", "feed() pkt/s", "twin pkt/s"))
+    assert all(r["kiteconnect pkt/s"] == "n/a" for r in rows if r not in angel)
+    assert "not installed" in r.stdout
+
+
 def test_compare_prints_each_figure_with_its_ratio(tmp_path):
     old, new = tmp_path / "old.json", tmp_path / "new.json"
     old.write_text(json.dumps(_results(1e6, 4e5)))

@@ -11,7 +11,9 @@ import subprocess
 import psycopg
 import pytest
 
-from daemon_harness import Simulator, count_ticks, ingestor, load_instruments, tick_summary, wait_for
+from daemon_harness import (ANGEL_ENV, AngelSimulator, Simulator, angel_feed_toml,
+                            angel_modes_toml, angel_sent_ticks, angel_stored_ticks, count_ticks,
+                            ingestor, load_angel_master, load_instruments, tick_summary, wait_for)
 from jetstream_harness import (NATS_SERVER, Role, _no_process_left, _publish_raw,  # noqa: F401
                                assert_every_tick_once, log_messages, log_ticks, nats_server,
                                sent_ticks)
@@ -39,6 +41,35 @@ def test_feed_jetstream_writer_every_tick_once(tmp_path, db, nats_server):
     assert writer.terminate() == 0, writer.output()
     assert assert_every_tick_once(db, sim.record) == sent
     assert "test-token-secret" not in feed.output() + writer.output()
+
+
+def test_angel_feed_jetstream_writer_every_tick_once(tmp_path, db, nats_server):
+    """Angel One over the log: the feed appends each SmartStream frame (one packet each) as
+    it came, the writer decodes them with the SmartStream decoder (the feed's broker)."""
+    sim = AngelSimulator(tmp_path, tokens=30, rate=2000, seed=5)
+    try:
+        load_angel_master(db, sim.master)
+        feeds = angel_feed_toml(sim.url, extra=angel_modes_toml(30, 5))
+        feed = Role(tmp_path, "feed", db, sim.url, [nats_server.url], feeds=feeds,
+                    extra_env=ANGEL_ENV)
+        writer = Role(tmp_path, "writer", db, sim.url, [nats_server.url], feeds=feeds)
+        wait_for(lambda: count_ticks(db) > 2000, timeout=90, what="2000 ticks written")
+    finally:
+        sim.stop()  # the recording is complete once the simulator has stopped
+    want, n_depth = angel_sent_ticks(sim.sent(), db)
+    sent = sum(want.values())
+    wait_for(lambda: count_ticks(db) >= sent, timeout=90, what=f"all {sent} sent ticks written")
+    assert feed.terminate() == 0, feed.output()
+    assert writer.terminate() == 0, writer.output()
+    assert angel_stored_ticks(db) == want        # every tick once, at its exact price
+    n, distinct = tick_summary(db)
+    assert n == distinct == sent and n_depth > 0
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM order_book_depth20").fetchone()[0] == n_depth
+    assert "malformed" not in writer.output()
+    out = feed.output() + writer.output()
+    for secret in ANGEL_ENV.values():
+        assert secret not in out
 
 
 def test_writer_killed_and_restarted_resumes_exactly_once(tmp_path, db, nats_server):

@@ -1,11 +1,9 @@
 """The official Angel One client's parser (``smartapi-python`` 1.5.5,
 ``SmartWebSocketV2._parse_binary_data``) as the oracle of the SmartStream decoder.
 
-Importing the ``SmartApi`` package runs a network call with no timeout (in a class body of
-``smartConnect``), so only the WebSocket module is loaded, from its file, under a private
-name; an instance is made without ``__init__`` (which sets up log files).  The client checks
-no lengths: it reads well-formed frames, which is what this compares, over a large random
-capture of every mode and exchange type.
+It is loaded without a network call (``ingestor.twin.smartstream.official_parser``).  The
+client checks no lengths: it reads well-formed frames, which is what this compares, over a
+large random capture of every mode and exchange type.
 
 Its quirks, documented here as the decoder's reading is documented: it reads the OI change
 field as an int64 (the docs: a float64 "garbage" field; neither decoder stores it), the
@@ -17,26 +15,20 @@ flags are as the docs say).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 
 import pytest
 
 from ingestor._core import SmartStreamDecoder
 from ingestor.twin.smartstream import (core_records, encode_depth, encode_ltp, encode_quote,
-                                       encode_snap_quote)
+                                       encode_snap_quote, official_parser)
 
 
 def _client():
-    spec = importlib.util.find_spec("SmartApi")   # found, not imported
-    if spec is None or not spec.submodule_search_locations:
+    client = official_parser()
+    if client is None:
         pytest.skip("smartapi-python is not installed (pip install -e '.[test]')")
-    path = os.path.join(spec.submodule_search_locations[0], "smartWebSocketV2.py")
-    mod_spec = importlib.util.spec_from_file_location("_smartapi_ws_v2", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.SmartWebSocketV2.__new__(mod.SmartWebSocketV2)
+    return client
 
 
 ETYPES = [1, 2, 3, 4, 5, 7, 13]

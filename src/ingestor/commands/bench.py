@@ -118,7 +118,12 @@ def _is_number(v) -> bool:
 
 def row_key(row: dict) -> str:
     """What names a row across runs: its text values (numbers are the figures)."""
-    return " / ".join(str(v) for v in row.values() if isinstance(v, str) and v != "n/a") or "-"
+    return " / ".join(str(v) for v in row.values()
+                      if isinstance(v, str) and v not in _NO_FIGURE) or "-"
+
+
+#: the text of a figure that could not be measured (not part of a row's name)
+_NO_FIGURE = ("n/a", "not installed")
 
 
 def compare(old: dict, new: dict) -> list[dict]:

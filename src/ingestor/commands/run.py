@@ -169,11 +169,8 @@ def run(args) -> int:
             raise config_mod.ConfigError(f"--role {role}: needs the log: set log.servers in "
                                          "the config ([log] table)")
         # a writer reads the log, not the broker: it needs no broker credentials
-        if role and any(f.broker == "angel" for f in cfg.feeds):
-            raise config_mod.ConfigError(f"--role {role}: Angel One feeds run in the one-process "
-                                         "daemon only (ingestor run without --role) for now")
-        creds = [config_mod.credentials(cfg, f) if role != "writer" else ("", "")
-                 for f in cfg.feeds]
+        creds = [config_mod.credentials(cfg, f) if role != "writer"
+                 else ("",) * (4 if f.broker == "angel" else 2) for f in cfg.feeds]
     except config_mod.ConfigError as exc:
         raise UsageError(str(exc)) from None
     dsn = resolve_dsn(args.dsn, config_dsn=cfg.database.dsn)

@@ -217,7 +217,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
                 return False
             try:
                 pl = await loop.run_in_executor(None, self._new_pipeline, s.label, setup,
-                                                s.tokens)
+                                                s.tokens, s.plan.broker)
             finally:
                 await loop.run_in_executor(None, setup.close)
             if self.candles is not None:

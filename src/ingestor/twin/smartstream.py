@@ -18,7 +18,9 @@ top of ``core/smartstream.pyx``.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import struct
 from typing import Iterable, Sequence
 
@@ -40,6 +42,7 @@ __all__ = [
     "encode_ltp",
     "encode_quote",
     "encode_snap_quote",
+    "official_parser",
     "parse_packet",
     "split_records",
     "walk_capture",
@@ -401,3 +404,24 @@ def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
     """Twin records as ``core_records`` gives them: ``(ticks, depth20)``."""
     return ([r for r in records if r["kind"] == "tick"],
             [r for r in records if r["kind"] == "depth20"])
+
+
+def official_parser():
+    """The official client's parser (``smartapi-python``, ``SmartWebSocketV2``: call its
+    ``_parse_binary_data(frame)``), or None when the package is not installed (it is in the
+    ``test`` extra).
+
+    Importing the ``SmartApi`` package runs a network call with no timeout (in a class body
+    of ``smartConnect``), so only its WebSocket module is loaded, from its file, under a
+    private name; the instance is made without ``__init__`` (which sets up log files).
+    """
+    spec = importlib.util.find_spec("SmartApi")   # found, not imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "smartWebSocketV2.py")
+    mod_spec = importlib.util.spec_from_file_location("_smartapi_ws_v2", path)
+    if mod_spec is None or mod_spec.loader is None:
+        return None
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.SmartWebSocketV2.__new__(mod.SmartWebSocketV2)
