@@ -230,3 +230,32 @@ def test_expired_feed_token_said_clearly_then_fresh_file_on_sighup(tmp_path, db)
     assert out.count("HTTP 401") == 1
     for secret in ("feed-day-one", "feed-day-two", "jwt-of-feed-day", "angel-api-key"):
         assert secret not in out
+
+
+def test_an_angel_gap_names_the_registry_keys_of_its_subscriptions(tmp_path, db):
+    """``feed_gaps.tokens`` of an Angel One connection: the engine keys of its subscriptions,
+    looked up as the gap is written (a feed process has no decoder to ask them of)."""
+    from ingestor.daemon import AngelSubscriptions, gap_row_sql
+    from ingestor.sim.smartstream import AngelMarket
+
+    master = tmp_path / "OpenAPIScripMaster.json"
+    subprocess.run(ingestor("simulate", "--broker", "angel", "--tokens", str(TOKENS), "--seed",
+                            str(SEED), "--out", str(tmp_path / "a.cap"), "--ticks", "10",
+                            "--scrip-master", str(master)), check=True, capture_output=True)
+    load_angel_master(db, str(master))
+    keys = sorted(AngelMarket(TOKENS, SEED).keys)[:5]
+    subs = AngelSubscriptions(keys + [(1, "no-such-token")])  # an unknown one is left out
+    with psycopg.connect(db) as conn:
+        key_of = {(int(e), t): k for e, t, k in conn.execute(
+            "SELECT exchange_type, broker_token, instrument_token FROM instruments "
+            "WHERE broker = 'angel'")}
+        want = sorted(key_of[k] for k in keys)
+        conn.execute(*gap_row_sql(("angel-0", "s1", "2026-11-27T04:00:00Z", None, "test", subs)))
+        got = conn.execute("SELECT tokens FROM feed_gaps WHERE connection = 'angel-0'"
+                           ).fetchone()[0]
+        # a Kite gap keeps its tokens as they are
+        conn.execute(*gap_row_sql(("kite-0", "s2", "2026-11-27T04:00:00Z", None, "test", [5, 7])))
+        kite = conn.execute("SELECT tokens FROM feed_gaps WHERE connection = 'kite-0'"
+                            ).fetchone()[0]
+    assert len(want) == len(keys) and got == want
+    assert kite == [5, 7]

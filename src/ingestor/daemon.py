@@ -63,6 +63,28 @@ SQL_ACTIVE_ANGEL = ("SELECT exchange_type, broker_token FROM instruments WHERE i
                     "AND broker = 'angel' ORDER BY exchange_type, broker_token")
 SQL_GAP = ("INSERT INTO feed_gaps (connection, stream, started_at, ended_at, reason, tokens) "
            "VALUES (%s, %s, %s, %s, %s, %s)")
+#: an Angel One connection's gap: its subscriptions' engine keys looked up in the registry
+#: as the row is written (a feed process has no decoder to ask, nor has a daemon whose
+#: pipeline has not met the tokens yet)
+SQL_GAP_ANGEL = (
+    "INSERT INTO feed_gaps (connection, stream, started_at, ended_at, reason, tokens) "
+    "SELECT %s, %s, %s, %s, %s, (SELECT coalesce(array_agg(i.instrument_token ORDER BY "
+    "i.instrument_token), '{}') FROM instruments i, unnest(%s::smallint[], %s::text[]) "
+    "AS s(etype, token) WHERE i.broker = 'angel' AND i.exchange_type = s.etype "
+    "AND i.broker_token = s.token)")
+
+
+class AngelSubscriptions(tuple):
+    """An Angel One connection's ``(exchange type, token)`` pairs, for ``feed_gaps.tokens``:
+    written as the registry's engine keys (:data:`SQL_GAP_ANGEL`)."""
+
+
+def gap_row_sql(gap: tuple) -> tuple[str, tuple]:
+    """The statement and parameters recording ``gap`` (``Daemon.gaps``' rows)."""
+    *head, tokens = gap
+    if isinstance(tokens, AngelSubscriptions):
+        return SQL_GAP_ANGEL, (*head, [e for e, _ in tokens], [t for _, t in tokens])
+    return SQL_GAP, gap
 #: connection errors that waiting will not cure (the server answered: the DSN is wrong)
 _NOT_TRANSIENT = ("authentication failed", "does not exist", "no pg_hba.conf entry",
                   "permission denied")
@@ -204,17 +226,13 @@ class Connection:
         self.n_binary = 0
         self.n_text = 0
 
-    def gap_tokens(self) -> list[int]:
-        """The engine keys (``instruments.instrument_token``) of the connection's
-        subscriptions, for ``feed_gaps.tokens``: Kite's tokens; for Angel One the keys its
-        decoder knows (the registry assigns them when a token is first met)."""
+    def gap_tokens(self) -> list[int] | AngelSubscriptions:
+        """The connection's subscriptions, for ``feed_gaps.tokens``: Kite's tokens; Angel
+        One's ``(exchange type, token)`` pairs, which become the registry's engine keys as
+        the gap is written (:func:`gap_row_sql`)."""
         if self.plan.broker != "angel":
             return sorted(self.tokens)
-        if self.driver is None:
-            return []
-        wanted = set(self.tokens)
-        return sorted(k for k, key in self.driver.pipeline.decoder.keys().items()
-                      if key in wanted)
+        return AngelSubscriptions(sorted(self.tokens))
 
 
 class Daemon:
@@ -572,7 +590,7 @@ class Daemon:
             if self.gaps:
                 async def record(c):
                     while self.gaps:
-                        await c.execute(SQL_GAP, self.gaps[0])
+                        await c.execute(*gap_row_sql(self.gaps[0]))
                         self.gaps.pop(0)
                 try:
                     await self.side.run(record)
