@@ -189,6 +189,9 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
             time.sleep(min(5.0, left))
             samples.append((time.monotonic() - t0, _rss_mib(daemon.pid)))
         rss1 = samples[-1][1]
+        if seconds >= 60:  # a soak: the series itself, one line
+            print(f"{broker} {rate:,}/s RSS MiB every 5 s: "
+                  + " ".join(f"{r:.0f}" for _, r in samples), file=sys.stderr)
         cpu1 = _cpu_seconds(daemon.pid)
         wall = time.monotonic() - t0
         text = _metrics(port)
