@@ -60,16 +60,20 @@ def encode_message(ticks: list[Tick]) -> bytes:
 
 
 def random_stream(rng, n_ticks: int, n_instruments: int, *, start_ns: int = 1_700_000_000_000_000_000,
-                  max_step_ns: int = 3_000_000_000, big: bool = True) -> list[Tick]:
-    """A random mixed stream: every mode, volume resets, duplicate and backwards times."""
+                  max_step_ns: int = 3_000_000_000, big: bool = True,
+                  traded: int = 0) -> list[Tick]:
+    """A random mixed stream: every mode, volume resets, duplicate and backwards times.
+    The first ``traded`` instruments are neither indices nor LTP-only: they carry volume
+    whatever the seed."""
     tokens = []
     seen = set()
     while len(tokens) < n_instruments:
-        tok = (rng.randrange(1, 1 << 24) << 8) | rng.choice(SEGMENTS)
+        segs = SEGMENTS if len(tokens) >= traded else [s for s in SEGMENTS if s != 9]
+        tok = (rng.randrange(1, 1 << 24) << 8) | rng.choice(segs)
         if tok not in seen:
             seen.add(tok)
             tokens.append(tok)
-    ltp_only = {tok for tok in tokens if rng.random() < 0.15}
+    ltp_only = {tok for tok in tokens[traded:] if rng.random() < 0.15}
     cum = {}
     now = start_ns
     out = []

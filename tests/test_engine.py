@@ -191,7 +191,7 @@ def test_ten_thousand_instruments(rng):
 def test_vwap_exact_against_fractions(rng):
     """Every VWAP equals the exact rational rounded half away from zero (a check
     of the twin too), with prices and volumes large enough to overflow 64 bits."""
-    stream = random_stream(rng, 3_000, 5, max_step_ns=20_000_000_000, big=True)
+    stream = random_stream(rng, 3_000, 5, max_step_ns=20_000_000_000, big=True, traded=2)
     # One instrument whose cumulative volume swings between 1 and 2^32 - 1
     # (session resets) at prices near 2^32: its sums pass 2^64 within a minute.
     tok = (77 << 8) | 1

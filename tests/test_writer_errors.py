@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import struct
 import time
 from decimal import Decimal
@@ -319,3 +320,22 @@ def test_connection_loss_is_still_retried(db, tmp_path):
     assert w.stats.reconnects >= 1 and w.stats.dead_letters == 0 and w.fatal is None
     assert _offset(db, "c") == 1 and _ticks(db) == 2
     assert issubclass(ConnectionLost, Exception)
+
+
+def test_database_away_longer_than_retry_for_is_connection_lost(tmp_path, caplog):
+    """Nobody listens at the DSN: retried with backoff (each retry said), then
+    ``ConnectionLost`` once ``retry_for`` has passed; nothing set aside, not fatal."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    w = Writer(f"host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2",
+               dead_letter_dir=str(tmp_path / "dead"), retry_for=1.0, backoff_max=0.2)
+
+    async def scenario():
+        with pytest.raises(ConnectionLost, match="unreachable for"):
+            await asyncio.wait_for(w.write(tick_batch("c", 0, 0, [(T0, 1, "NSE", "1")])), 60)
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert w.stats.retries >= 2 and not w.up and w.fatal is None and w.stats.dead_letters == 0
+    assert sum("retrying in" in r.message for r in caplog.records) == w.stats.retries

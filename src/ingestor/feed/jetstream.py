@@ -142,8 +142,8 @@ async def connect_retrying(cfg, name: str, stop: asyncio.Event):
     import stamina
 
     said = False
-    for attempt in stamina.retry_context(on=Exception, attempts=None, timeout=None,
-                                         wait_initial=0.2, wait_max=5.0):
+    async for attempt in stamina.retry_context(on=Exception, attempts=None, timeout=None,
+                                               wait_initial=0.2, wait_max=5.0):
         with attempt:
             if stop.is_set():
                 return None
@@ -254,8 +254,8 @@ class Publisher:
 
         # a client that cannot take the message now (buffer full while reconnecting) is
         # waited for; the message is not acknowledged until it is stored
-        for attempt in stamina.retry_context(on=Exception, attempts=None, timeout=None,
-                                             wait_initial=0.1, wait_max=2.0):
+        async for attempt in stamina.retry_context(on=Exception, attempts=None, timeout=None,
+                                                   wait_initial=0.1, wait_max=2.0):
             with attempt:
                 e.fut = await self.js.publish_async(self.subject, e.payload, headers=e.headers)
 
@@ -603,9 +603,12 @@ async def _retry_setup(fn, stop: asyncio.Event):
     import stamina
 
     said = False
-    for attempt in stamina.retry_context(on=lambda e: not isinstance(e, LogSetupError),
-                                         attempts=None, timeout=None, wait_initial=0.2,
-                                         wait_max=5.0):
+    # (the predicate sees whatever ends an attempt, a cancellation too: that is not retried)
+    def retried(exc: BaseException) -> bool:
+        return isinstance(exc, Exception) and not isinstance(exc, LogSetupError)
+
+    async for attempt in stamina.retry_context(on=retried, attempts=None, timeout=None,
+                                               wait_initial=0.2, wait_max=5.0):
         with attempt:
             if stop.is_set():
                 return None

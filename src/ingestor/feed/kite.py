@@ -126,6 +126,14 @@ class KiteFeed:
         self._wake: asyncio.Event | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        # Not a stamina loop (the writer's and the log's are): every wait here must end at
+        # once when ``stop`` is set or a reload wakes it (``_pause``), and stamina sleeps with
+        # asyncio.sleep, which only cancelling the task ends -- that would cancel the session
+        # too, which closes its socket in order on stop; the backoff restarts once a
+        # connection was up yet still waits ``reconnect_min`` first (a server that accepts and
+        # closes at once is not hammered), where a fresh stamina loop tries at once; and the
+        # wait depends on how the session ended (``rejected_retry``, none after a reload).
+        # What stamina would give is the two lines of jittered doubling below.
         delay = self.reconnect_min
         first = True
         while not stop.is_set():

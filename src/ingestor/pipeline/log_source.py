@@ -775,8 +775,8 @@ async def _retry_db(fn):
     def away(exc: Exception) -> bool:
         return isinstance(exc, psycopg.Error) and classify(exc) == "connection"
 
-    for attempt in stamina.retry_context(on=away, attempts=None, timeout=None,
-                                         wait_initial=0.2, wait_max=5.0):
+    async for attempt in stamina.retry_context(on=away, attempts=None, timeout=None,
+                                               wait_initial=0.2, wait_max=5.0):
         with attempt:
             return await fn()
     raise AssertionError("unreachable")

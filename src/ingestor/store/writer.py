@@ -108,7 +108,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -122,6 +122,7 @@ from ingestor.logs import register_secret
 from ingestor.pipeline import FlushBatch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _TICK_COLS = ", ".join(c[0] for c in tables.TICK_COLUMNS)
 _SNAP_COLS = ", ".join(c[0] for c in tables.SNAPSHOT_COLUMNS)
@@ -546,38 +547,14 @@ class Writer:
         """
         rejects = 0
         transient = 0
-        delay = 0.05
-        lost_since = None
         while True:
             try:
-                await self.connect()
-                t0 = time.perf_counter()
-                outcome = await self._transaction(batch)
-                self.up = True
-                if self.fatal is not None:
-                    self._resume(batch)
-                self.stats.flushed(time.perf_counter() - t0)
-                return outcome
+                return await self._reconnecting(batch, lambda: self._flush(batch))
             except StreamAdvanced as exc:
                 self._stop(batch, f"StreamAdvanced: {exc}")
                 raise
             except psycopg.Error as exc:
-                kind = classify(exc)
-                if kind == "connection":
-                    self.up = False
-                    await self._drop()
-                    now = time.monotonic()
-                    lost_since = lost_since or now
-                    if self.retry_for is not None and now - lost_since > self.retry_for:
-                        raise ConnectionLost(f"database {describe(self.dsn)} unreachable for "
-                                             f"{now - lost_since:.0f} s: {error_line(exc)}") from None
-                    self.stats.retries += 1
-                    log.warning("flush of %s %d..%d failed (%s); retrying in %.2f s", batch.stream,
-                                batch.first_seq, batch.last_seq, error_line(exc), delay)
-                    await asyncio.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, self.backoff_max)
-                    continue
-                lost_since = None
+                kind = classify(exc)  # not "connection": _write_reconnecting retries those
                 reason = describe_error(exc)
                 self.stats.retries += 1
                 if kind == "data":
@@ -593,9 +570,57 @@ class Writer:
                     log.warning("flush of %s %d..%d: %s; retrying (%d of %d)", batch.stream,
                                 batch.first_seq, batch.last_seq, reason, transient,
                                 self.max_rejects)
+                    # a few quick tries of the same transaction (a deadlock, a
+                    # serialization failure), counted against max_rejects like the data
+                    # refusals: part of the classification, not a backoff to hand to stamina
                     await asyncio.sleep(0.05 * transient * (0.5 + random.random()))
                     continue
                 await self._fatal(batch, reason, sqlstate_of(exc))
+
+    async def _flush(self, batch: FlushBatch) -> str:
+        t0 = time.perf_counter()
+        outcome = await self._transaction(batch)
+        self.up = True
+        if self.fatal is not None:
+            self._resume(batch)
+        self.stats.flushed(time.perf_counter() - t0)
+        return outcome
+
+    async def _reconnecting(self, batch: FlushBatch, fn: Callable[[], Awaitable[T]]) -> T:
+        """``await fn()`` on a connection, a lost connection retried (stamina: exponential
+        backoff with jitter up to ``backoff_max``) for ``retry_for`` seconds, then
+        :class:`ConnectionLost`; any other error is the caller's to classify."""
+        import stamina
+
+        def lost(exc: BaseException) -> bool:
+            return isinstance(exc, psycopg.Error) and classify(exc) == "connection"
+
+        lost_since = None
+        try:
+            async for attempt in stamina.retry_context(
+                    on=lost, attempts=None, timeout=self.retry_for, wait_initial=0.05,
+                    wait_max=self.backoff_max, wait_jitter=0.1):
+                with attempt:
+                    try:
+                        await self.connect()
+                        return await fn()
+                    except psycopg.Error as exc:
+                        if lost(exc):
+                            self.up = False
+                            await self._drop()
+                            lost_since = lost_since or time.monotonic()
+                            self.stats.retries += 1
+                            log.warning("flush of %s %d..%d failed (%s); retrying in %.2f s",
+                                        batch.stream, batch.first_seq, batch.last_seq,
+                                        error_line(exc), attempt.next_wait)
+                        raise
+        except psycopg.Error as exc:
+            if not lost(exc):
+                raise
+            raise ConnectionLost(f"database {describe(self.dsn)} unreachable for "
+                                 f"{time.monotonic() - lost_since:.0f} s: {error_line(exc)}"
+                                 ) from None
+        raise AssertionError("unreachable")
 
     async def write_all(self, take: Callable[[], Awaitable[FlushBatch | None]],
                         on_written: Callable[[FlushBatch, str, float], object] | None = None
@@ -952,19 +977,16 @@ class Writer:
                   "replay` re-applies it once the cause is fixed)", batch.stream,
                   batch.first_seq, batch.last_seq, self.max_rejects, reason, where)
         # Commit the offset alone so the stream goes on past the refused batch.
+        async def advance():
+            async with self.conn.transaction():
+                await offsets.aadvance(self.conn, batch.stream, batch.last_seq)
+
         while True:
             try:
-                await self.connect()
-                async with self.conn.transaction():
-                    await offsets.aadvance(self.conn, batch.stream, batch.last_seq)
+                await self._reconnecting(batch, advance)
                 break
-            except psycopg.Error as exc:
-                if classify(exc) == "connection":
-                    self.up = False
-                    await self._drop()
-                    await asyncio.sleep(0.5)
-                else:  # the offsets table itself is refused: not the batch's fault
-                    await self._fatal(batch, describe_error(exc), sqlstate_of(exc))
+            except psycopg.Error as exc:  # the offsets table itself is refused: not the batch's
+                await self._fatal(batch, describe_error(exc), sqlstate_of(exc))
         if self.fatal is not None:
             self._resume(batch)
         self.up = True
