@@ -250,6 +250,13 @@ class Publisher:
         self.acked_ns = 0
 
     async def _send(self, e: _Entry) -> None:
+        # the common case first, without the retry machinery (a retry context per message
+        # was a tenth of the feed process's CPU at 240k ticks/s)
+        try:
+            e.fut = await self.js.publish_async(self.subject, e.payload, headers=e.headers)
+            return
+        except Exception:  # noqa: BLE001 - taken again below, with backoff
+            pass
         import stamina
 
         # a client that cannot take the message now (buffer full while reconnecting) is
