@@ -220,6 +220,9 @@ def run(args) -> int:
         from ingestor.metrics import warn_debug_build
 
         warn_debug_build("ingestor run")  # once everything is checked: not before an error line
+        from ingestor.memory import limit_arenas
+
+        limit_arenas()  # before the daemon's threads start (ingestor.memory says why)
         return runner(main())
     finally:
         spool.close()
