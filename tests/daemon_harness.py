@@ -289,3 +289,15 @@ def healthz(port: int) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def recorded_prices(record: str) -> dict[int, list]:
+    """Per token, the recorded packets' prices (raw, divisor) in order."""
+    out: dict[int, list] = {}
+    dec = KiteDecoder(capacity=1 << 16)
+    for _ in decode_capture(record, dec):
+        t = dec.ticks[:dec.n_ticks]
+        for tok, p, d in zip(t["instrument_token"].tolist(), t["last_price"].tolist(),
+                             t["divisor"].tolist()):
+            out.setdefault(tok, []).append((p, d))
+    return out

@@ -22,9 +22,9 @@ import sys
 import psycopg
 import pytest
 
-from daemon_harness import ingestor, tick_summary, wait_for
+from daemon_harness import ingestor, recorded_prices, tick_summary, wait_for
+from test_candles_sql import assert_candles_equal_sql  # noqa: F401 - the log tests' check
 from ingestor import _core
-from ingestor.pipeline.batch import decode_capture
 
 NATS_SERVER = shutil.which("nats-server") or (
     "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None)
@@ -257,37 +257,10 @@ def stream_leader(urls) -> str:
 # -- what the database holds -------------------------------------------------------------
 
 
-def recorded_prices(record: str) -> dict[int, list]:
-    """Per token, the recorded packets' prices (raw, divisor) in order."""
-    out: dict[int, list] = {}
-    dec = _core.KiteDecoder(capacity=1 << 16)
-    for _ in decode_capture(record, dec):
-        t = dec.ticks[:dec.n_ticks]
-        for tok, p, d in zip(t["instrument_token"].tolist(), t["last_price"].tolist(),
-                             t["divisor"].tolist()):
-            out.setdefault(tok, []).append((p, d))
-    return out
-
 
 def sent_ticks(record: str) -> int:
     return sum(map(len, recorded_prices(record).values()))
 
-
-def assert_candles_equal_sql(conn) -> None:
-    """The stored candles (1s and 1m) equal SQL over the stored ticks, none missing or
-    extra."""
-    from test_candles_sql import CANDLES_SQL
-
-    for label in ("1s", "1m"):
-        stride = f"{_core.timeframe_us(label)} microseconds"
-        expected = conn.execute(CANDLES_SQL, {"stride": stride,
-                                              "origin": "1970-01-01 00:00:00+05:30"}).fetchall()
-        stored = conn.execute(
-            "select time, instrument_id, open_price, high_price, low_price, close_price, "
-            "volume, trade_count, vwap, open_interest from ohlc_candles where timeframe = %s "
-            "order by instrument_id, time", (label,)).fetchall()
-        assert len(stored) == len(expected) > 0, label
-        assert [tuple(r) for r in stored] == [tuple(r) for r in expected], label
 
 
 def stored_prices(dsn: str) -> dict[int, list]:
@@ -315,7 +288,7 @@ def assert_every_tick_once(dsn: str, record: str) -> int:
     n, distinct = tick_summary(dsn)
     assert n == distinct
     with psycopg.connect(dsn) as conn:
-        assert_candles_equal_sql(conn)
+        assert_candles_equal_sql(conn, ("1s", "1m"))
     return n
 
 

@@ -21,7 +21,7 @@ from ingestor.pipeline import PipelineSettings
 from ingestor.pipeline.pipeline import BACKFILL_TOLERANCE_US, Pipeline
 from ingestor.pipeline.replay import replay
 from ingestor.sim.market import Market, generate_capture
-from ingestor.store.candle_sql import CANDLES_SQL
+from test_candles_sql import assert_candles_equal_sql
 
 from test_replay import _decoded, _table_digest, _us
 
@@ -116,21 +116,6 @@ def _assert_unique(conn) -> int:
     assert n == distinct
     return n
 
-
-def assert_candles_equal_sql(conn) -> None:
-    """Every stored candle of every timeframe equals SQL over the stored ticks, and none is
-    missing or extra."""
-    for label in _core.DEFAULT_TIMEFRAMES:
-        stride = f"{_core.timeframe_us(label)} microseconds"
-        expected = conn.execute(CANDLES_SQL, {"stride": stride,
-                                              "origin": "1970-01-01 00:00:00+05:30"}).fetchall()
-        stored = conn.execute(
-            "SELECT time, instrument_id, open_price, high_price, low_price, close_price, volume, "
-            "trade_count, vwap, open_interest FROM ohlc_candles WHERE timeframe = %s "
-            "ORDER BY instrument_id, time", (label,)).fetchall()
-        assert len(stored) == len(expected) > 0, label
-        bad = [(a, b) for a, b in zip(stored, expected) if tuple(a) != tuple(b)]
-        assert not bad, (label, len(bad), bad[:3])
 
 
 def _clock(conn) -> dict[int, tuple]:

@@ -22,6 +22,26 @@ from ingestor import _core
 from ingestor.store.candle_sql import CANDLES_SQL
 from kite_stream import Tick, encode_message, messages, random_stream
 
+
+def assert_candles_equal_sql(db, timeframes=_core.DEFAULT_TIMEFRAMES) -> None:
+    """Every stored candle of ``timeframes`` equals SQL over the stored ticks, none missing or
+    extra (rows compared in order, so a duplicated candle fails too).  ``db``: a connection
+    or a DSN."""
+    if isinstance(db, str):
+        with psycopg.connect(db) as conn:
+            return assert_candles_equal_sql(conn, timeframes)
+    for label in timeframes:
+        stride = f"{_core.timeframe_us(label)} microseconds"
+        expected = db.execute(CANDLES_SQL, {"stride": stride,
+                                            "origin": "1970-01-01 00:00:00+05:30"}).fetchall()
+        stored = db.execute(
+            "SELECT time, instrument_id, open_price, high_price, low_price, close_price, volume, "
+            "trade_count, vwap, open_interest FROM ohlc_candles WHERE timeframe = %s "
+            "ORDER BY instrument_id, time", (label,)).fetchall()
+        assert len(stored) == len(expected) > 0, label
+        bad = [(a, b) for a, b in zip(stored, expected) if tuple(a) != tuple(b)]
+        assert not bad, (label, len(bad), bad[:3])
+
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 EXCHANGES = {1: "NSE", 2: "NFO", 3: "CDS", 4: "BSE", 5: "BFO", 6: "BCD", 7: "MCX",
              8: "MCXSX", 9: "NSE", 12: "NCO"}

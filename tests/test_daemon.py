@@ -8,34 +8,23 @@ from decimal import Decimal
 import psycopg
 
 from daemon_harness import (Daemon, Simulator, captured_packets, captured_texts, count_ticks,
-                            load_instruments, tick_summary, wait_for)
+                            load_instruments, recorded_prices, tick_summary, wait_for)
 from ingestor import _core
 from ingestor.pipeline.batch import decode_capture
 from ingestor.store.migrate import migrate
 from pg_private import private_pg, private_pg_running  # noqa: F401 - fixtures
 
 
-def _recorded_prices(record: str) -> dict[int, list]:
-    """Per token, the recorded packets' prices (raw, divisor) in order."""
-    out: dict[int, list] = {}
-    dec = _core.KiteDecoder(capacity=1 << 16)
-    for _ in decode_capture(record, dec):
-        t = dec.ticks[:dec.n_ticks]
-        for tok, p, d in zip(t["instrument_token"].tolist(), t["last_price"].tolist(),
-                             t["divisor"].tolist()):
-            out.setdefault(tok, []).append((p, d))
-    return out
-
 
 def test_end_to_end_every_recorded_tick_once(tmp_path, db):
-    from test_candles_sql import CANDLES_SQL
+    from test_candles_sql import assert_candles_equal_sql
 
     sim = Simulator(tmp_path, tokens=30, rate=3000)
     load_instruments(db, sim.csv)
     d = Daemon(tmp_path, db, sim.url)
     wait_for(lambda: count_ticks(db) > 6000, timeout=60, what="6000 ticks written")
     sim.stop()  # the recording is complete once the simulator has stopped
-    rec = _recorded_prices(sim.record)
+    rec = recorded_prices(sim.record)
     # everything the simulator sent is in flight or written: wait until it is all written
     sent = sum(map(len, rec.values()))
     wait_for(lambda: count_ticks(db) >= sent, timeout=60, what=f"all {sent} sent ticks written")
@@ -48,19 +37,10 @@ def test_end_to_end_every_recorded_tick_once(tmp_path, db):
             got.setdefault(tok, []).append(price)
         assert sum(map(len, rec.values())) == len(rows) > 3000
         for tok, prices in rec.items():
-            from decimal import Decimal
             assert got[tok] == [Decimal(p) / d for p, d in prices], tok
         n, distinct = tick_summary(db)
         assert n == distinct
-        for label in _core.DEFAULT_TIMEFRAMES:
-            stride = f"{_core.timeframe_us(label)} microseconds"
-            expected = conn.execute(CANDLES_SQL, {"stride": stride,
-                                                  "origin": "1970-01-01 00:00:00+05:30"}).fetchall()
-            stored = conn.execute(
-                "select time, instrument_id, open_price, high_price, low_price, close_price, volume, "
-                "trade_count, vwap, open_interest from ohlc_candles where timeframe = %s "
-                "order by instrument_id, time", (label,)).fetchall()
-            assert [tuple(r) for r in stored] == [tuple(r) for r in expected], label
+        assert_candles_equal_sql(conn)
         # the secrets never reach the logs
     assert "test-token-secret" not in d.output()
 

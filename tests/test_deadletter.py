@@ -21,7 +21,8 @@ from ingestor.cli import main
 from ingestor.pipeline import PipelineSettings
 from ingestor.pipeline.replay import replay
 from ingestor.sim.market import generate_capture
-from test_restart import _candles, _ticks, assert_candles_equal_sql, other_db  # noqa: F401
+from test_candles_sql import assert_candles_equal_sql
+from test_restart import _candles, _ticks, other_db  # noqa: F401
 
 REFUSE = """
 CREATE FUNCTION refuse_window() RETURNS trigger LANGUAGE plpgsql AS $$

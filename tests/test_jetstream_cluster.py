@@ -148,7 +148,7 @@ def test_two_feeds_two_writers_on_three_replicas_through_every_fault(
     assert len(per_token) == 20
     outside = assert_every_tick_outside_once(db, sim.record, per_token)
     with psycopg.connect(db) as conn:
-        assert_candles_equal_sql(conn)
+        assert_candles_equal_sql(conn, ("1s", "1m"))
     # one takeover per lease, none lost under the faults (no spurious one)
     for r in (feed_b, writer_b):
         assert r.output().count("took over the lease") == CONNECTIONS, r.name

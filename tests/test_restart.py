@@ -29,6 +29,7 @@ from ingestor import _core
 from ingestor.pipeline.batch import decode_capture
 from ingestor.twin import candles as twin
 from kite_stream import Tick, encode_message, messages, random_stream
+from test_candles_sql import assert_candles_equal_sql
 
 DAY_US = 86_400_000_000
 SEED_FIELDS = ("start_us", "open", "high", "low", "close", "volume", "trade_count", "pv", "oi")
@@ -395,22 +396,6 @@ def _ticks(conn) -> list[tuple]:
         "t.ask_quantity, t.exchange_time from tick_data t join instruments i "
         "on i.id = t.instrument_id order by 1, 2").fetchall()
 
-
-def assert_candles_equal_sql(dsn, timeframes=_core.DEFAULT_TIMEFRAMES) -> None:
-    from test_candles_sql import CANDLES_SQL
-
-    with psycopg.connect(dsn) as conn:
-        for label in timeframes:
-            stride = f"{_core.timeframe_us(label)} microseconds"
-            expected = conn.execute(CANDLES_SQL, {"stride": stride,
-                                                  "origin": "1970-01-01 00:00:00+05:30"}).fetchall()
-            stored = conn.execute(
-                "select time, instrument_id, open_price, high_price, low_price, close_price, "
-                "volume, trade_count, vwap, open_interest from ohlc_candles where timeframe = %s "
-                "order by instrument_id, time", (label,)).fetchall()
-            assert len(stored) == len(expected) > 0, label
-            for a, b in zip(stored, expected):
-                assert tuple(a) == tuple(b), f"{label}: stored {a} != SQL {b}"
 
 
 def _twin_state(records, upto, **cfg):

@@ -233,7 +233,7 @@ def test_an_older_capture_after_newer_data_reads_right(tsdb, tmp_path):
     compressed batches that would overlap the later hour's; the ordered reads agree with a
     full scan, and candles equal SQL over the ticks."""
     from ingestor.sim.market import Market
-    from test_backfill import assert_candles_equal_sql
+    from test_candles_sql import assert_candles_equal_sql
 
     late, early = tmp_path / "late.cap", tmp_path / "early.cap"
     t0 = Market(n_tokens=40, seed=5).clock_ns
