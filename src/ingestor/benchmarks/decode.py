@@ -49,7 +49,6 @@ _KINDS = {"ltp": _LTP, "quote": _QUOTE, "full": _FULL, "index_quote": _INDEX,
           "index_full": _INDEX_FULL}
 
 
-
 def _feed_each(dec, msgs) -> None:
     """Each message through ``dec.feed()`` (one call per WebSocket message, as live), the
     buffers cleared when full."""
@@ -58,6 +57,7 @@ def _feed_each(dec, msgs) -> None:
             dec.clear()
             dec.feed(m)
     dec.clear()
+
 
 def _packets(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` packets of one kind with plausible random values (big-endian records)."""
