@@ -554,7 +554,7 @@ class Writer:
                 self._stop(batch, f"StreamAdvanced: {exc}")
                 raise
             except psycopg.Error as exc:
-                kind = classify(exc)  # not "connection": _write_reconnecting retries those
+                kind = classify(exc)  # not "connection": _reconnecting retries those
                 reason = describe_error(exc)
                 self.stats.retries += 1
                 if kind == "data":
