@@ -36,8 +36,9 @@ import sys
 import tempfile
 import time
 
-from ingestor.benchmarks.common import scratch_database, table
-from ingestor.benchmarks.live import _free_port, _ingestor, _metrics, _quantile
+from ingestor.benchmarks.common import table
+from ingestor.benchmarks.live import (_free_port, _ingestor, _metrics, laid_out_database,
+                                      latency_ms, recorded, stored)
 from ingestor.benchmarks.live import run_rate as run_embedded
 
 TITLE = ("log: simulator -> feed -> JetStream -> writer -> PostgreSQL vs the single-process "
@@ -88,9 +89,6 @@ def _max_labelled(text: str, name: str) -> float:
 
 def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: int) -> dict:
     import psycopg
-
-    from ingestor._core import KiteDecoder
-    from ingestor.pipeline.batch import decode_capture
 
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
@@ -150,40 +148,25 @@ def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: i
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.kill()
-    dec = KiteDecoder()
-    for _ in decode_capture(record, dec):
-        pass
-    sent = dec.stats()["packets"]
-    with psycopg.connect(dsn) as c:
-        got, first, last = c.execute(
-            "select count(*), min(time), max(time) from tick_data").fetchone()
-    span = (last - first).total_seconds() if got else 0
+    sent = recorded(record)["packets"]
+    got, span = stored(dsn)
     return {
         "offered ticks/s": rate,
         "ingested ticks/s": got / span if span else 0.0,
         "sent": sent,
         "in tick_data": got,
         "lost": sent - got,
-        "p50 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.5) or 0) * 1000,
-        "p99 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.99) or 0) * 1000,
+        **latency_ms(text),
         "max consumer lag msgs": lag,
     }
 
 
 def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: int = 500,
         layouts=("embedded", "js1", "js3")) -> list[dict]:
-    import psycopg
-
-    from ingestor.store import timescale
-    from ingestor.store.migrate import migrate
-
     rates = rates or ([5_000] if quick else [10_000, 25_000, 50_000])
     seconds = seconds or (5 if quick else 20)
     rows = []
-    with scratch_database() as dsn:
-        with psycopg.connect(dsn, autocommit=True) as c:
-            migrate(c)
-            timescale.setup(c, "auto")
+    with laid_out_database() as dsn:
         with tempfile.TemporaryDirectory() as tmp:
             for rate in rates:
                 for layout in layouts:
@@ -214,16 +197,8 @@ def find_max(layouts=("embedded", "js1"), seconds: float = 5.0, tokens: int = 50
     until a run falls behind or loses ticks (or ``cap``), then ``bisections`` halvings of
     the interval.  Returns (rows, best: layout -> ((offered, ingested) of its highest run
     kept up with or None, the highest loss-free ingested rate of any of its runs))."""
-    import psycopg
-
-    from ingestor.store import timescale
-    from ingestor.store.migrate import migrate
-
     rows, best = [], {}
-    with scratch_database() as dsn:
-        with psycopg.connect(dsn, autocommit=True) as c:
-            migrate(c)
-            timescale.setup(c, "auto")
+    with laid_out_database() as dsn:
         with tempfile.TemporaryDirectory() as tmp:
             for layout in layouts:
                 ok, bad, rate = None, None, start

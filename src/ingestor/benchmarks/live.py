@@ -129,13 +129,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class laid_out_database(scratch_database):
+    """``with laid_out_database() as dsn:`` a scratch database with the schema, laid out as
+    ``ingestor migrate`` does (TimescaleDB where the server has it)."""
+
+    def __enter__(self) -> str:
+        import psycopg
+
+        from ingestor.store import timescale
+        from ingestor.store.migrate import migrate
+
+        dsn = super().__enter__()
+        with psycopg.connect(dsn, autocommit=True) as c:
+            migrate(c)
+            timescale.setup(c, "auto")
+        return dsn
+
+
+def recorded(record: str, broker: str = "kite") -> dict:
+    """The decoder's counters over a simulator's recording (``packets``: ticks sent)."""
+    from ingestor._core import KiteDecoder, SmartStreamDecoder
+    from ingestor.pipeline.batch import decode_capture
+
+    dec = KiteDecoder() if broker == "kite" else SmartStreamDecoder()
+    for _ in decode_capture(record, dec):
+        pass
+    return dec.stats()
+
+
+def stored(dsn: str) -> tuple[int, float]:
+    """Ticks in ``tick_data`` and the seconds between the first and the last."""
+    import psycopg
+
+    with psycopg.connect(dsn) as c:
+        got, first, last = c.execute(
+            "select count(*), min(time), max(time) from tick_data").fetchone()
+    return got, (last - first).total_seconds() if got else 0.0
+
+
+def latency_ms(text: str) -> dict:
+    """p50 and p99 tick-to-commit (ms) from a scrape of ``/metrics``."""
+    return {f"p{q} tick->commit ms":
+            (_quantile(text, "ingestor_tick_to_commit_seconds", q / 100) or 0) * 1000
+            for q in (50, 99)}
+
+
 def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
              flush_interval: float | None = None, overlap: bool = True,
              broker: str = "kite") -> dict:
     import psycopg
-
-    from ingestor._core import KiteDecoder, SmartStreamDecoder
-    from ingestor.pipeline.batch import decode_capture
 
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
@@ -203,17 +245,11 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
         for p in (sim, daemon):
             if p.poll() is None:
                 p.kill()
-    dec = KiteDecoder() if broker == "kite" else SmartStreamDecoder()
-    for _ in decode_capture(record, dec):
-        pass
-    stats = dec.stats()
+    stats = recorded(record, broker)
     sent = stats["packets"]
     # WebSocket messages carrying data (Kite: many packets a message; Angel One: one)
     messages = stats["messages"] - stats.get("heartbeats", 0)
-    with psycopg.connect(dsn) as c:
-        got, first, last = c.execute(
-            "select count(*), min(time), max(time) from tick_data").fetchone()
-    span = (last - first).total_seconds() if got else 0
+    got, span = stored(dsn)
     written, packed = _tick_bytes(dsn)
     decoded = _counter(text, "ingestor_ticks_decoded_total") or 0
     return {
@@ -226,8 +262,7 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
         "sent": sent,
         "in tick_data": got,
         "lost": sent - got,
-        "p50 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.5) or 0) * 1000,
-        "p99 tick->commit ms": (_quantile(text, "ingestor_tick_to_commit_seconds", 0.99) or 0) * 1000,
+        **latency_ms(text),
         "rows via columnstore": _labelled(text, "ingestor_tick_copy_rows_total", "columnstore"),
         "max loop lag ms": (_gauge(text, "ingestor_loop_lag_max_seconds") or 0) * 1000,
         "tick_data B/tick as written": written / got if got else 0.0,
@@ -245,18 +280,10 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
 
 def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: int = 500,
         flush_interval: float | None = None, overlaps=(True,), brokers=("kite",)) -> list[dict]:
-    import psycopg
-
-    from ingestor.store import timescale
-    from ingestor.store.migrate import migrate
-
     rates = rates or ([5_000] if quick else [25_000, 50_000, 100_000, 150_000])
     seconds = seconds or (4 if quick else 30)
     rows = []
-    with scratch_database() as dsn:
-        with psycopg.connect(dsn, autocommit=True) as c:
-            migrate(c)
-            timescale.setup(c, "auto")  # as `ingestor migrate` lays the tables out
+    with laid_out_database() as dsn:
         with tempfile.TemporaryDirectory() as tmp:
             for broker in brokers:
                 for rate in rates:
