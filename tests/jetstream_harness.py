@@ -202,6 +202,22 @@ def log_messages(urls) -> list:
     return asyncio.run(_log_messages(urls))
 
 
+def wait_log_committed(urls, dsn: str, what: str, timeout: float = 90) -> dict[str, int]:
+    """Wait until every capture stream's last message in the log is committed in
+    ``stream_offsets``; returns each stream's last sequence number in the log."""
+    last: dict[str, int] = {}
+    for m in log_messages(urls):
+        stream, _, seq = m.headers["Nats-Msg-Id"].rpartition(":")
+        last[stream] = max(last.get(stream, -1), int(seq))
+
+    def committed() -> bool:
+        with psycopg.connect(dsn) as c:
+            have = dict(c.execute("select stream, committed_seq from stream_offsets"))
+        return all(have.get(s, -1) >= n for s, n in last.items())
+    wait_for(committed, timeout=timeout, what=what)
+    return last
+
+
 async def _publish_raw(url: str, subject: str, items) -> None:
     import nats
 

@@ -17,7 +17,7 @@ from jetstream_harness import (EPOCH, NATS_SERVER, Role, _no_process_left,  # no
                                _publish_raw, assert_every_tick_once,
                                assert_every_tick_outside_once, cpu_burner,
                                log_messages, log_ticks, nats_server, ns, sent_ticks,
-                               takeover_gaps)
+                               takeover_gaps, wait_log_committed)
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="needs the nats-server binary")
 
@@ -216,17 +216,7 @@ def test_a_log_stream_deleted_and_recreated_stops_the_writer(tmp_path, db, nats_
     sim.stop()
     assert feed.terminate() == 0, feed.output()
     # everything the new stream holds is committed (none skipped), nothing twice
-    last: dict[str, int] = {}
-    for m in log_messages(nats_server.url):
-        stream, _, seq = m.headers["Nats-Msg-Id"].rpartition(":")
-        last[stream] = max(last.get(stream, -1), int(seq))
-    assert last
-
-    def committed() -> bool:
-        with psycopg.connect(db) as c:
-            have = dict(c.execute("select stream, committed_seq from stream_offsets"))
-        return all(have.get(s, -1) >= n for s, n in last.items())
-    wait_for(committed, timeout=90, what="the new stream's messages committed")
+    assert wait_log_committed(nats_server.url, db, "the new stream's messages committed")
     assert accepted.terminate() == 0, accepted.output()
     n, distinct = tick_summary(db)
     assert n == distinct

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from daemon_harness import Simulator, count_ticks, load_instruments, tick_summary, wait_for
-from jetstream_harness import (NATS_SERVER, Role, _no_process_left, log_messages,  # noqa: F401
-                               nats_server, sent_ticks)
+from jetstream_harness import (NATS_SERVER, Role, _no_process_left,  # noqa: F401
+                               nats_server, sent_ticks, wait_log_committed)
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="needs the nats-server binary")
 
@@ -54,6 +54,17 @@ def state(url: str, consumer: str | None = None) -> tuple[int, int, int]:
     return asyncio.run(_state(url, consumer))
 
 
+def _writing(tmp_path, db, nats_server) -> tuple[Simulator, Role, Role]:
+    """A feed and a writer on a stream of at most 600 messages, 1000 ticks written."""
+    asyncio.run(_small_stream(nats_server.url, max_msgs=600))
+    sim = Simulator(tmp_path, tokens=20, rate=2000)
+    load_instruments(db, sim.csv)
+    feed = Role(tmp_path, "feed", db, sim.url, [nats_server.url])
+    writer = Role(tmp_path, "writer", db, sim.url, [nats_server.url])
+    wait_for(lambda: count_ticks(db) > 1000, timeout=90, what="1000 ticks written")
+    return sim, feed, writer
+
+
 def lost_lines(role: Role) -> list[str]:
     return [x for x in role.output().splitlines() if LOST in x]
 
@@ -63,12 +74,7 @@ def test_retention_dropping_uncommitted_messages_stops_the_writer(tmp_path, db, 
     its subject's committed position dropped with messages after it, and stops (exit 1, one
     line); one started with --accept-log-loss records the loss in feed_gaps and writes on,
     nothing twice."""
-    asyncio.run(_small_stream(nats_server.url, max_msgs=600))
-    sim = Simulator(tmp_path, tokens=20, rate=2000)
-    load_instruments(db, sim.csv)
-    feed = Role(tmp_path, "feed", db, sim.url, [nats_server.url])
-    writer = Role(tmp_path, "writer", db, sim.url, [nats_server.url])
-    wait_for(lambda: count_ticks(db) > 1000, timeout=90, what="1000 ticks written")
+    sim, feed, writer = _writing(tmp_path, db, nats_server)
     assert writer.terminate() == 0, writer.output()
     _, stopped_at, _ = state(nats_server.url)
     wait_for(lambda: state(nats_server.url)[0] > stopped_at + 1, timeout=90,
@@ -90,16 +96,7 @@ def test_retention_dropping_uncommitted_messages_stops_the_writer(tmp_path, db, 
     wait_for(lambda: "accepted (--accept-log-loss)" in accepted.output(), timeout=60,
              what="the loss accepted")
     wait_for(lambda: count_ticks(db) > before, timeout=90, what="writing again")
-    last: dict[str, int] = {}
-    for m in log_messages(nats_server.url):
-        stream, _, seq = m.headers["Nats-Msg-Id"].rpartition(":")
-        last[stream] = max(last.get(stream, -1), int(seq))
-
-    def committed() -> bool:
-        with psycopg.connect(db) as c:
-            have = dict(c.execute("select stream, committed_seq from stream_offsets"))
-        return all(have.get(s, -1) >= n for s, n in last.items())
-    wait_for(committed, timeout=90, what="everything the log still holds committed")
+    wait_log_committed(nats_server.url, db, "everything the log still holds committed")
     assert accepted.terminate() == 0, accepted.output()
     n, distinct = tick_summary(db)
     assert n == distinct  # nothing twice
@@ -116,12 +113,7 @@ def test_a_writer_behind_the_retention_is_warned_then_stops(tmp_path, db, nats_s
     """A writer that cannot commit (its table locked) while the feed goes on: it warns when
     its oldest uncommitted message nears the stream's limit, and once retention dropped
     messages it had not read it stops at the hole (exit 1, one line) rather than go on."""
-    asyncio.run(_small_stream(nats_server.url, max_msgs=600))
-    sim = Simulator(tmp_path, tokens=20, rate=2000)
-    load_instruments(db, sim.csv)
-    feed = Role(tmp_path, "feed", db, sim.url, [nats_server.url])
-    writer = Role(tmp_path, "writer", db, sim.url, [nats_server.url])
-    wait_for(lambda: count_ticks(db) > 1000, timeout=90, what="1000 ticks written")
+    sim, feed, writer = _writing(tmp_path, db, nats_server)
     blocker = psycopg.connect(db)
     try:
         blocker.execute("lock table tick_data in access exclusive mode")
