@@ -315,48 +315,58 @@ def test_closed_candles_published_after_commit(tmp_path, db, nats_server):
     assert not missing, missing[:5]
 
 
+def _with_lease_bucket(url: str, scenario) -> None:
+    """``await scenario(js, kv, cfg)`` against the lease bucket of stream TEST (TTL 3 s,
+    renewed every 0.5 s) on the server at ``url``."""
+    import nats
+
+    from ingestor.config import LogConfig
+    from ingestor.feed.lease import lease_bucket
+
+    cfg = LogConfig(servers=[url], stream="TEST", lease_ttl=3.0, lease_renew=0.5)
+
+    async def main():
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            await scenario(js, await lease_bucket(js, cfg), cfg)
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
 def test_a_lease_holder_fences_itself_when_the_key_is_taken(nats_server, cpu_burner):
     """The lease's own rules against a real bucket, under CPU load: one holder at a time (the
     holder renews for two TTLs without a miss, the standby never takes it meanwhile), a
     standby takes an expired key, and a holder whose key another wrote (an operator, a
     takeover) calls its fence at its next renewal instead of going on."""
-    import nats
+    from ingestor.feed.lease import Lease
 
-    from ingestor.config import LogConfig
-    from ingestor.feed.lease import Lease, lease_bucket
+    async def scenario(js, kv, cfg):
+        lost: list[str] = []
+        a = Lease(kv, "writer.x", cfg, "a", "a", on_lost=lost.append)
+        b = Lease(kv, "writer.x", cfg, "b", "b", on_lost=lost.append)
+        stop = asyncio.Event()
+        assert await a.take(stop)
+        keeper = asyncio.create_task(a.keep())
+        waiting = asyncio.create_task(b.take(stop))
+        # a renews well past the TTL (twice its length in renewals): b waits meanwhile
+        first, deadline = a.revision, time.monotonic() + 60
+        while a.revision is not None and a.revision < first + 2 * cfg.lease_ttl / \
+                cfg.lease_renew:
+            assert time.monotonic() < deadline, "a does not renew"
+            await asyncio.sleep(0.05)
+        assert a.held and not waiting.done() and lost == []
+        keeper.cancel()  # a dies without a word
+        assert await asyncio.wait_for(waiting, timeout=5 * cfg.lease_ttl)
+        assert b.previous is not None and b.previous.holder == "a"
+        keeper = asyncio.create_task(b.keep())
+        await kv.put("writer.x", b'{"holder": "intruder"}')  # the key taken from b
+        await asyncio.wait_for(keeper, timeout=5 * cfg.lease_ttl)
+        assert lost == ["b"] and not b.held
 
-    cfg = LogConfig(servers=[nats_server.url], stream="TEST", lease_ttl=3.0, lease_renew=0.5)
-
-    async def scenario():
-        nc = await nats.connect(nats_server.url)
-        try:
-            js = nc.jetstream()
-            kv = await lease_bucket(js, cfg)
-            lost: list[str] = []
-            a = Lease(kv, "writer.x", cfg, "a", "a", on_lost=lost.append)
-            b = Lease(kv, "writer.x", cfg, "b", "b", on_lost=lost.append)
-            stop = asyncio.Event()
-            assert await a.take(stop)
-            keeper = asyncio.create_task(a.keep())
-            waiting = asyncio.create_task(b.take(stop))
-            # a renews well past the TTL (twice its length in renewals): b waits meanwhile
-            first, deadline = a.revision, time.monotonic() + 60
-            while a.revision is not None and a.revision < first + 2 * cfg.lease_ttl / \
-                    cfg.lease_renew:
-                assert time.monotonic() < deadline, "a does not renew"
-                await asyncio.sleep(0.05)
-            assert a.held and not waiting.done() and lost == []
-            keeper.cancel()  # a dies without a word
-            assert await asyncio.wait_for(waiting, timeout=5 * cfg.lease_ttl)
-            assert b.previous is not None and b.previous.holder == "a"
-            keeper = asyncio.create_task(b.keep())
-            await kv.put("writer.x", b'{"holder": "intruder"}')  # the key taken from b
-            await asyncio.wait_for(keeper, timeout=5 * cfg.lease_ttl)
-            assert lost == ["b"] and not b.held
-        finally:
-            await nc.close()
-
-    asyncio.run(scenario())
+    _with_lease_bucket(nats_server.url, scenario)
 
 
 def test_a_lease_taken_after_its_bucket_was_away_longer_than_its_ttl_is_kept(nats_server):
@@ -365,37 +375,26 @@ def test_a_lease_taken_after_its_bucket_was_away_longer_than_its_ttl_is_kept(nat
     free key holds it from that take: it renews on, rather than fencing itself at once as if
     held since its first refused try (a standby writer took over and stopped so in the
     cluster test)."""
-    import nats
-
-    from ingestor.config import LogConfig
     from ingestor.feed.lease import Lease, bucket_name, lease_bucket
 
-    cfg = LogConfig(servers=[nats_server.url], stream="TEST", lease_ttl=3.0, lease_renew=0.5)
+    async def scenario(js, kv, cfg):
+        await js.delete_key_value(bucket_name(cfg))  # no stream answers the key's subject
+        lost: list[str] = []
+        a = Lease(kv, "writer.y", cfg, "a", "a", on_lost=lost.append)
+        stop = asyncio.Event()
+        taking = asyncio.create_task(a.take(stop))
+        away = time.monotonic()
+        while time.monotonic() - away < cfg.lease_ttl:
+            assert not taking.done()  # nothing to take while no stream answers
+            await asyncio.sleep(0.1)
+        await lease_bucket(js, cfg)
+        assert await asyncio.wait_for(taking, timeout=60)
+        keeper = asyncio.create_task(a.keep())
+        first, deadline = a.revision, time.monotonic() + 60
+        while a.revision is not None and a.revision < first + 4:
+            assert time.monotonic() < deadline, "a does not renew"
+            await asyncio.sleep(0.05)
+        assert a.held and lost == []
+        keeper.cancel()
 
-    async def scenario():
-        nc = await nats.connect(nats_server.url)
-        try:
-            js = nc.jetstream()
-            kv = await lease_bucket(js, cfg)
-            await js.delete_key_value(bucket_name(cfg))  # no stream answers the key's subject
-            lost: list[str] = []
-            a = Lease(kv, "writer.y", cfg, "a", "a", on_lost=lost.append)
-            stop = asyncio.Event()
-            taking = asyncio.create_task(a.take(stop))
-            away = time.monotonic()
-            while time.monotonic() - away < cfg.lease_ttl:
-                assert not taking.done()  # nothing to take while no stream answers
-                await asyncio.sleep(0.1)
-            await lease_bucket(js, cfg)
-            assert await asyncio.wait_for(taking, timeout=60)
-            keeper = asyncio.create_task(a.keep())
-            first, deadline = a.revision, time.monotonic() + 60
-            while a.revision is not None and a.revision < first + 4:
-                assert time.monotonic() < deadline, "a does not renew"
-                await asyncio.sleep(0.05)
-            assert a.held and lost == []
-            keeper.cancel()
-        finally:
-            await nc.close()
-
-    asyncio.run(scenario())
+    _with_lease_bucket(nats_server.url, scenario)
