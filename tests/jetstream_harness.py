@@ -205,10 +205,12 @@ def log_messages(urls) -> list:
 def wait_log_committed(urls, dsn: str, what: str, timeout: float = 90) -> dict[str, int]:
     """Wait until every capture stream's last message in the log is committed in
     ``stream_offsets``; returns each stream's last sequence number in the log."""
+    from ingestor.feed.jetstream import decode_records
+
     last: dict[str, int] = {}
     for m in log_messages(urls):
-        stream, _, seq = m.headers["Nats-Msg-Id"].rpartition(":")
-        last[stream] = max(last.get(stream, -1), int(seq))
+        stream, first, n, _, _ = decode_records(m.headers, m.data)
+        last[stream] = max(last.get(stream, -1), first + n - 1)
 
     def committed() -> bool:
         with psycopg.connect(dsn) as c:
@@ -234,18 +236,28 @@ async def _publish_raw(url: str, subject: str, items) -> None:
         await nc.close()
 
 
-def log_ticks(msgs) -> int:
-    """Tick packets in the log's messages (decoded as the writer decodes them)."""
+def log_records(msgs) -> dict[tuple[str, int], bytes]:
+    """Each (capture stream, seq) the log's messages hold, once (a record can be in the log
+    twice: a leftover republished), with its capture record; malformed messages left out."""
     from ingestor.feed.capture import RECORD_HEADER
-    from ingestor.feed.jetstream import MalformedMessage, decode_message
+    from ingestor.feed.jetstream import MalformedMessage, decode_records, iter_records
 
-    dec = _core.KiteDecoder(capacity=1 << 16)
+    out: dict[tuple[str, int], bytes] = {}
     for m in msgs:
         try:
-            _, seq, recv_ns, kind = decode_message(m.headers)
+            stream, first, _, _, records = decode_records(m.headers, m.data)
         except MalformedMessage:
             continue
-        rec = RECORD_HEADER.pack(recv_ns, kind, len(m.data)) + m.data
+        for k, (off, length, _, _) in enumerate(iter_records(records)):
+            out.setdefault((stream, first + k), records[off - RECORD_HEADER.size:off + length])
+    return out
+
+
+def log_ticks(msgs) -> int:
+    """Tick packets in the log's records, each record once (decoded as the writer decodes
+    them)."""
+    dec = _core.KiteDecoder(capacity=1 << 16)
+    for (_, seq), rec in log_records(msgs).items():
         dec.feed_capture(rec, 0, seq)
         dec.clear()
     return dec.stats()["packets"]

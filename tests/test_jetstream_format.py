@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from ingestor import config as config_mod
 from ingestor.cli import main
 from ingestor.feed.capture import KIND_BINARY, KIND_TEXT, RECORD_HEADER
-from ingestor.feed.jetstream import (MalformedMessage, decode_message, encode_headers,
-                                     iter_records, label_of_stream, subject_of)
+from ingestor.feed.jetstream import (MalformedMessage, decode_message, decode_records,
+                                     encode_batch_headers, encode_headers, iter_records,
+                                     label_of_stream, subject_of)
 
 streams = st.from_regex(r"[A-Za-z0-9_.\-]{1,128}", fullmatch=True)
 
@@ -51,6 +52,71 @@ def test_hostile_headers_are_malformed_never_a_crash(headers):
 def test_each_bad_field_named(headers):
     with pytest.raises(MalformedMessage):
         decode_message(headers)
+
+
+records = st.lists(st.tuples(st.binary(max_size=64), st.sampled_from([KIND_BINARY, KIND_TEXT]),
+                             st.integers(0, (1 << 64) - 1)), min_size=1, max_size=20)
+
+
+def _chunk(recs) -> bytes:
+    return b"".join(RECORD_HEADER.pack(ns, kind, len(p)) + p for p, kind, ns in recs)
+
+
+@given(streams, st.integers(0, (1 << 62) - 1 - 20), records)
+def test_a_batch_round_trips_every_record_field(stream, first, recs):
+    """Several capture records in one message: its headers name the range, its payload is
+    the records as the spool holds them."""
+    last = first + len(recs) - 1
+    h = encode_batch_headers(stream, first, last, recs[-1][2])
+    assert all(isinstance(v, str) for v in h.values())
+    assert h["Nats-Msg-Id"] == f"{stream}:{first}-{last}"  # JetStream's duplicate key
+    got_stream, got_first, n, recv0, data = decode_records(h, _chunk(recs))
+    assert (got_stream, got_first, n, recv0) == (stream, first, len(recs), recs[0][2])
+    assert [(data[off:off + ln], kind, ns) for off, ln, ns, kind in iter_records(data)] == recs
+
+
+@given(streams, st.integers(0, (1 << 62) - 1), st.binary(max_size=64),
+       st.sampled_from([KIND_BINARY, KIND_TEXT]), st.integers(0, (1 << 64) - 1))
+def test_a_single_record_message_of_earlier_versions_is_read(stream, seq, payload, kind, ns):
+    got = decode_records(encode_headers(stream, seq, ns, kind), payload)
+    assert got == (stream, seq, 1, ns, RECORD_HEADER.pack(ns, kind, len(payload)) + payload)
+
+
+@given(st.one_of(st.none(), st.dictionaries(
+    st.sampled_from(["Nats-Msg-Id", "Ingestor-Recv-Ns", "Ingestor-Records", "Ingestor-Kind"]),
+    st.one_of(st.text(max_size=30), st.from_regex(r"s:[0-9]{1,3}-[0-9]{1,3}", fullmatch=True),
+              st.from_regex(r"[0-9]{1,3}", fullmatch=True), st.integers(), st.none()))),
+    st.one_of(st.binary(max_size=200), records.map(_chunk), st.none()))
+def test_hostile_messages_are_malformed_never_a_crash(headers, data):
+    try:
+        stream, first, n, _, recs = decode_records(headers, data)
+    except MalformedMessage:
+        return
+    assert stream and 0 <= first < 1 << 62 and n >= 1
+    assert sum(1 for _ in iter_records(recs)) == n  # the records fill the payload
+
+
+@pytest.mark.parametrize("headers, data", [
+    # the count does not match the range
+    ({"Nats-Msg-Id": "s:1-2", "Ingestor-Records": "3", "Ingestor-Recv-Ns": "1"}, b""),
+    # the range runs backwards
+    ({"Nats-Msg-Id": "s:5-2", "Ingestor-Records": "-2", "Ingestor-Recv-Ns": "1"}, b""),
+    # two records promised, one in the payload
+    ({"Nats-Msg-Id": "s:1-2", "Ingestor-Records": "2", "Ingestor-Recv-Ns": "1"},
+     RECORD_HEADER.pack(1, 1, 2) + b"ab"),
+    # a record running past the payload's end
+    ({"Nats-Msg-Id": "s:1-1", "Ingestor-Records": "1", "Ingestor-Recv-Ns": "1"},
+     RECORD_HEADER.pack(1, 1, 9) + b"ab"),
+    # a record of an unknown kind
+    ({"Nats-Msg-Id": "s:1-1", "Ingestor-Records": "1", "Ingestor-Recv-Ns": "1"},
+     RECORD_HEADER.pack(1, 7, 2) + b"ab"),
+    # no range in the id
+    ({"Nats-Msg-Id": "s:1", "Ingestor-Records": "1", "Ingestor-Recv-Ns": "1"},
+     RECORD_HEADER.pack(1, 1, 2) + b"ab"),
+])
+def test_each_bad_batch_named(headers, data):
+    with pytest.raises(MalformedMessage):
+        decode_records(headers, data)
 
 
 def test_records_of_a_spool_chunk():

@@ -9,14 +9,24 @@ Subjects and payload (what another program reads)::
 
     <subject_prefix>.raw.<connection label>     e.g. ingestor.raw.kite-0
 
-    payload   the broker's WebSocket message exactly as received
-    headers   Nats-Msg-Id       "<capture stream>:<seq>" (the capture record's place:
-                                the stream id of that connection's life, its sequence number)
-              Ingestor-Recv-Ns  receive time, ns since the Unix epoch (UTC), decimal
-              Ingestor-Kind     "1" binary WebSocket message, "2" text (an order postback)
+    payload   one or more capture records, in sequence order, each
+                  recv_ns u64 LE | kind u8 | length u32 LE | the broker's message (length bytes)
+              (the broker's WebSocket messages exactly as received; kind 1 binary, 2 text:
+              an order postback or broker message)
+    headers   Nats-Msg-Id       "<capture stream>:<first seq>-<last seq>" (the records' place:
+                                the stream id of that connection's life, their sequence
+                                numbers, consecutive)
+              Ingestor-Records  how many records (last seq - first seq + 1)
+              Ingestor-Recv-Ns  the last record's receive time, ns since the Unix epoch (UTC)
 
-One NATS message is one capture record (DESIGN.md "Capture file"), so the
-record's fields round-trip: ``encode_headers`` / ``decode_message``.
+Several records per NATS message: a Kite message of 100 ticks is about 18 KB, and the
+client's, the server's and the writer's cost per NATS message was a third of the log's
+overhead at 240k ticks/s.  The writer also reads the single-record messages of earlier
+versions (``Nats-Msg-Id: <stream>:<seq>``, ``Ingestor-Kind``, the payload the broker's
+message itself).  A record can be in the log twice (a feed restarted after JetStream's
+duplicate window, a leftover republished after a standby's messages): a reader skips the
+(capture stream, seq) it has seen; the writer does.  ``encode_headers`` /
+``decode_message`` / ``decode_records``.
 
 The feed side (:class:`Publisher`): a connection's spool streams, oldest first
 (an earlier run's leftovers before the live stream), are read as the pipeline
@@ -45,6 +55,9 @@ log = logging.getLogger(__name__)
 HDR_MSG_ID = "Nats-Msg-Id"
 HDR_RECV_NS = "Ingestor-Recv-Ns"
 HDR_KIND = "Ingestor-Kind"
+HDR_RECORDS = "Ingestor-Records"
+#: records in one NATS message at most (a batch is also bounded by the server's max_payload)
+MAX_RECORDS = 1 << 16
 _KINDS = {"1": KIND_BINARY, "2": KIND_TEXT}
 #: a capture stream id as a message names it (the stream_offsets key): printable, bounded
 _STREAM = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
@@ -52,6 +65,9 @@ _MAX_SEQ = 1 << 62
 _MAX_NS = (1 << 64) - 1
 #: room kept for the headers under the server's max_payload
 _HEADER_ROOM = 256
+#: bytes of publishes awaiting acknowledgement at most (what the client buffers while the
+#: log is away is bounded by its pending_size too)
+MAX_IN_FLIGHT_BYTES = 32 << 20
 
 
 class MalformedMessage(ValueError):
@@ -69,12 +85,32 @@ def label_of_stream(stream: str) -> str:
 
 
 def encode_headers(stream: str, seq: int, recv_ns: int, kind: int) -> dict[str, str]:
-    """The headers carrying a capture record's fields (its payload is the message's)."""
+    """The headers of a single-record message of earlier versions (its payload the record's);
+    the writer still reads them (``decode_records``)."""
     return {HDR_MSG_ID: f"{stream}:{seq}", HDR_RECV_NS: str(recv_ns), HDR_KIND: str(kind)}
 
 
+def encode_batch_headers(stream: str, first: int, last: int, last_recv_ns: int) -> dict[str, str]:
+    """The headers of a message holding records ``first..last`` of ``stream``."""
+    return {HDR_MSG_ID: f"{stream}:{first}-{last}", HDR_RECORDS: str(last - first + 1),
+            HDR_RECV_NS: str(last_recv_ns)}
+
+
+def _seq(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 19) or int(text) >= _MAX_SEQ:
+        raise MalformedMessage("the sequence number is not an integer from 0 to 2^62")
+    return int(text)
+
+
+def _recv(recv) -> int:
+    if not (isinstance(recv, str) and recv.isascii() and recv.isdigit() and len(recv) <= 20) \
+            or int(recv) > _MAX_NS:
+        raise MalformedMessage(f"{HDR_RECV_NS} is not an unsigned 64-bit integer")
+    return int(recv)
+
+
 def decode_message(headers: dict | None) -> tuple[str, int, int, int]:
-    """``(stream, seq, recv_ns, kind)`` of a raw message's headers, or
+    """``(stream, seq, recv_ns, kind)`` of a single-record message's headers, or
     :class:`MalformedMessage` saying what is wrong (never another exception)."""
     if not isinstance(headers, dict):
         raise MalformedMessage("no headers")
@@ -84,15 +120,60 @@ def decode_message(headers: dict | None) -> tuple[str, int, int, int]:
     stream, _, seq_text = mid.rpartition(":")
     if not _STREAM.fullmatch(stream):
         raise MalformedMessage("the stream id is not 1 to 128 of A-Z a-z 0-9 _ . -")
-    if not (seq_text.isascii() and seq_text.isdigit() and len(seq_text) <= 19) or \
-            int(seq_text) >= _MAX_SEQ:
-        raise MalformedMessage("the sequence number is not an integer from 0 to 2^62")
-    if not (isinstance(recv, str) and recv.isascii() and recv.isdigit() and len(recv) <= 20) \
-            or int(recv) > _MAX_NS:
-        raise MalformedMessage(f"{HDR_RECV_NS} is not an unsigned 64-bit integer")
+    seq = _seq(seq_text)
+    recv_ns = _recv(recv)
     if kind not in _KINDS:
         raise MalformedMessage(f"{HDR_KIND} is not 1 (binary) or 2 (text)")
-    return stream, int(seq_text), int(recv), _KINDS[kind]
+    return stream, seq, recv_ns, _KINDS[kind]
+
+
+def decode_records(headers: dict | None, data: bytes) -> tuple[str, int, int, int, bytes]:
+    """``(stream, first seq, count, first record's recv_ns, records)`` of a raw message of
+    either format (``records``: its capture records, format 1, as a spool chunk holds them),
+    or :class:`MalformedMessage` saying what is wrong (never another exception)."""
+    if not isinstance(headers, dict):
+        raise MalformedMessage("no headers")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedMessage("no payload")
+    if HDR_RECORDS not in headers:
+        stream, seq, recv_ns, kind = decode_message(headers)
+        return stream, seq, 1, recv_ns, RECORD_HEADER.pack(recv_ns, kind, len(data)) + data
+    mid, count = headers.get(HDR_MSG_ID), headers.get(HDR_RECORDS)
+    if not isinstance(mid, str) or ":" not in mid:
+        raise MalformedMessage(f"no {HDR_MSG_ID} <stream>:<first>-<last>")
+    stream, _, span = mid.rpartition(":")
+    if not _STREAM.fullmatch(stream):
+        raise MalformedMessage("the stream id is not 1 to 128 of A-Z a-z 0-9 _ . -")
+    first_text, dash, last_text = span.partition("-")
+    if not dash:
+        raise MalformedMessage(f"{HDR_MSG_ID} has no <first>-<last> range")
+    first, last = _seq(first_text), _seq(last_text)
+    n = last - first + 1
+    if not 1 <= n <= MAX_RECORDS:
+        raise MalformedMessage(f"the range {first}-{last} does not hold 1 to {MAX_RECORDS} "
+                               "records")
+    if count != str(n):
+        raise MalformedMessage(f"{HDR_RECORDS} does not match the range {first}-{last}")
+    _recv(headers.get(HDR_RECV_NS))
+    # the records must fill the payload exactly, each of a known kind
+    pos, size, total, k = 0, RECORD_HEADER.size, len(data), 0
+    unpack = RECORD_HEADER.unpack_from
+    recv0 = 0
+    while pos < total:
+        if pos + size > total:
+            raise MalformedMessage(f"record {k} is cut off in its header")
+        recv_ns, kind, length = unpack(data, pos)
+        if kind not in (KIND_BINARY, KIND_TEXT):
+            raise MalformedMessage(f"record {k} is of kind {kind}, not 1 or 2")
+        if k == 0:
+            recv0 = recv_ns
+        pos += size + length
+        k += 1
+    if pos != total:
+        raise MalformedMessage(f"record {k - 1} runs past the payload's end")
+    if k != n:
+        raise MalformedMessage(f"the payload holds {k} records, {HDR_RECORDS} says {n}")
+    return stream, first, n, recv0, bytes(data)
 
 
 def iter_records(chunk) -> Iterator[tuple[int, int, int, int]]:
@@ -208,16 +289,19 @@ async def ensure_stream(js, cfg):
 
 
 class _Entry:
-    __slots__ = ("sp", "seq", "payload", "headers", "fut")
+    __slots__ = ("sp", "first", "seq", "payload", "headers", "fut")
 
-    def __init__(self, sp, seq, payload, headers):
-        self.sp, self.seq, self.payload, self.headers = sp, seq, payload, headers
+    def __init__(self, sp, first, seq, payload, headers):
+        #: records ``first..seq`` of ``sp`` (None payload: one record set aside, oversized)
+        self.sp, self.first, self.seq, self.payload, self.headers = sp, first, seq, payload, headers
         self.fut = None
 
 
 class Publisher:
     """One connection's spool streams into its subject, a bounded number of publishes in
-    flight, each stream released from the spool up to what JetStream acknowledged.
+    flight (and of bytes: ``MAX_IN_FLIGHT_BYTES``), each stream released from the spool up
+    to what JetStream acknowledged.  Each publish carries the consecutive records of a spool
+    chunk up to the server's ``max_payload``.
 
     Parameters
     ----------
@@ -237,12 +321,19 @@ class Publisher:
         self.metrics = metrics
         self.max_payload = max_payload
         self.window: collections.deque[_Entry] = collections.deque()
+        self.window_bytes = 0
+        #: a leftover's records kept for the next chunk (an earlier run's message goes on)
+        self._carry: dict = {}
         self._has_window = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._emptied = asyncio.Event()
         self._room = asyncio.Event()
+        #: records published and acknowledged
         self.published = 0
-        #: acknowledged as already stored (JetStream's duplicate window at work)
+        #: NATS messages acknowledged
+        self.messages = 0
+        #: records acknowledged as already stored (JetStream's duplicate window at work), or
+        #: found in the log before a leftover was republished
         self.duplicates = 0
         self.resent = 0
         self.oversized = 0
@@ -267,37 +358,90 @@ class Publisher:
                 e.fut = await self.js.publish_async(self.subject, e.payload, headers=e.headers)
 
     async def publish_chunk(self, sp, chunk, first_seq: int) -> None:
-        """Publish the records of a spool chunk (``StreamSpool.take``) in order."""
+        """Publish the records of a spool chunk (``StreamSpool.take``) in order, as few NATS
+        messages as the server's ``max_payload`` allows; a leftover of an earlier run in the
+        messages that run published (``sp.batch_ends``: the same ids, which JetStream's
+        duplicate window recognises), a message cut by the chunk's end kept for the next."""
+        carried = self._carry.pop(sp, None)
+        if carried is not None:
+            chunk, first_seq = carried[0] + chunk, carried[1]
         mv = memoryview(chunk)
-        seq = first_seq
         limit = self.max_payload - _HEADER_ROOM
         stream = sp.stream
+        ends = sp.batch_ends
+        seq = first_seq
+        start = end = 0  # the batch being gathered: chunk[start:end], records batch_first..
+        batch_first, last_ns = seq, 0
         for off, length, recv_ns, kind in iter_records(chunk):
-            headers = encode_headers(stream, seq, recv_ns, kind)
-            if length > limit:
-                # the server would refuse it for ever: set aside (counted, said), not a stall
-                self.oversized += 1
-                if self.metrics is not None:
-                    self.metrics.log_oversized.inc()
-                log.error("%s: message %s:%d of %d bytes exceeds the log's max_payload (%d): "
-                          "not published (raise max_payload on the NATS servers)",
-                          self.label, stream, seq, length, self.max_payload)
-                e = _Entry(sp, seq, None, None)
-                e.fut = asyncio.get_running_loop().create_future()
-                e.fut.set_result(None)
-            else:
-                e = _Entry(sp, seq, bytes(mv[off:off + length]), headers)
-            while len(self.window) >= self.cfg.max_in_flight:
-                self._room.clear()
-                await self._room.wait()
-            # sent and put in the window under the lock: the window is the order sent, and
-            # nothing new is sent while a resend is under way (the log keeps the order)
-            async with self._send_lock:
-                if e.payload is not None:
-                    await self._send(e)
-                self.window.append(e)
-            self._has_window.set()
+            rec_start = off - RECORD_HEADER.size
+            rec_end = off + length
+            if rec_end - rec_start > limit:
+                if end > start:
+                    await self._put(sp, batch_first, seq - 1, mv[start:end], last_ns)
+                self._oversized(stream, seq, length)
+                await self._put(sp, seq, seq, None, 0)
+                start = end = rec_end
+                seq += 1
+                batch_first = seq
+                continue
+            if rec_end - start > limit or seq - batch_first >= MAX_RECORDS:
+                await self._put(sp, batch_first, seq - 1, mv[start:end], last_ns)
+                start, batch_first = rec_start, seq
+            end, last_ns = rec_end, recv_ns
+            if seq in ends:  # an earlier run's message ended here
+                await self._put(sp, batch_first, seq, mv[start:end], last_ns)
+                start, batch_first = end, seq + 1
             seq += 1
+        if end > start:
+            if sp.batch_end_max >= seq:
+                # an earlier run's message goes on in the next chunk
+                self._carry[sp] = (bytes(mv[start:end]), batch_first)
+            else:
+                await self._put(sp, batch_first, seq - 1, mv[start:end], last_ns)
+
+    async def flush_carried(self, sp) -> None:
+        """A leftover read to its end: what was kept for an earlier run's message goes as it
+        is (the rest of that message was not in the spool)."""
+        carried = self._carry.pop(sp, None)
+        if carried is not None:
+            sp.batch_ends, sp.batch_end_max = frozenset(), -1
+            await self.publish_chunk(sp, carried[0], carried[1])
+
+    def _oversized(self, stream: str, seq: int, length: int) -> None:
+        # the server would refuse it for ever: set aside (counted, said), not a stall
+        self.oversized += 1
+        if self.metrics is not None:
+            self.metrics.log_oversized.inc()
+        log.error("%s: message %s:%d of %d bytes exceeds the log's max_payload (%d): "
+                  "not published (raise max_payload on the NATS servers)",
+                  self.label, stream, seq, length, self.max_payload)
+
+    async def _put(self, sp, first: int, last: int, payload, last_ns: int) -> None:
+        """Publish records ``first..last`` of ``sp`` (``payload``: their capture records, a
+        slice of the chunk; None: one record set aside)."""
+        if payload is None:
+            e = _Entry(sp, first, last, None, None)
+            e.fut = asyncio.get_running_loop().create_future()
+            e.fut.set_result(None)
+        else:
+            # bytes only when the slice is not the whole chunk
+            data = payload.obj if len(payload) == len(payload.obj) else bytes(payload)
+            e = _Entry(sp, first, last, data,
+                       encode_batch_headers(sp.stream, first, last, last_ns))
+        sp.mark(last)
+        size = len(e.payload) if e.payload is not None else 0
+        while self.window and (len(self.window) >= self.cfg.max_in_flight
+                               or self.window_bytes + size > MAX_IN_FLIGHT_BYTES):
+            self._room.clear()
+            await self._room.wait()
+        # sent and put in the window under the lock: the window is the order sent, and
+        # nothing new is sent while a resend is under way (the log keeps the order)
+        async with self._send_lock:
+            if e.payload is not None:
+                await self._send(e)
+            self.window.append(e)
+            self.window_bytes += size
+        self._has_window.set()
 
     async def drain(self) -> None:
         """Until every published message is acknowledged."""
@@ -333,14 +477,18 @@ class Publisher:
                 self.metrics.log_published.labels(self.label).inc(done)
 
     def _pop_done(self) -> int:
-        n, last = 0, None
+        n, records, last = 0, 0, None
         w = self.window
         while w and w[0].fut.done() and not w[0].fut.cancelled() and w[0].fut.exception() is None:
             last = w.popleft()
             n += 1
+            records += last.seq - last.first + 1
+            if last.payload is not None:
+                self.window_bytes -= len(last.payload)
             ack = last.fut.result()
             if ack is not None and ack.duplicate:
-                self.duplicates += 1  # stored before (a republished leftover, a resend)
+                # stored before (a resend)
+                self.duplicates += last.seq - last.first + 1
             if w and w[0].sp is not last.sp:
                 last.sp.release(last.seq)
         if last is not None:
@@ -348,8 +496,9 @@ class Publisher:
             self._room.set()
             if last.headers is not None:
                 self.acked_ns = int(last.headers[HDR_RECV_NS])
-        self.published += n
-        return n
+        self.published += records
+        self.messages += n
+        return records
 
     def _cancel_pending(self) -> None:
         # a cancelled future gives its place back to the client's in-flight bound
@@ -395,10 +544,12 @@ async def publish_streams(pub: Publisher, streams, wakeup: asyncio.Event, stop: 
             got = sp.take()
             if got is None:
                 if sp.consumed:
+                    await pub.flush_carried(sp)
                     if sp.recovered:
                         await pub.drain()
-                        log.info("%s: leftover stream %s republished (%d message(s) the log "
-                                 "already had, dropped by its duplicate window)", pub.label,
+                        log.info("%s: leftover stream %s republished (%d record(s) the "
+                                 "log had stored before, dropped by its duplicate window; the "
+                                 "writers skip any other they committed)", pub.label,
                                  sp.stream, pub.duplicates)
                     if on_done is not None:
                         on_done(sp)

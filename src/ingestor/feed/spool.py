@@ -38,6 +38,7 @@ import fcntl
 import glob
 import logging
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ DAMAGED_DIR = "damaged"
 UNKNOWN_END = 1 << 62
 #: ``_read_segment``: the segment was read to its end
 _EXHAUSTED = object()
+#: beside each segment (``<segment>.batches``): the last sequence number of each message
+#: the log (``--role feed``) published while it was the stream's newest, u64 LE each, so that
+#: a restarted feed publishes a leftover in the same messages (the same ids: JetStream's
+#: duplicate window drops those it has); deleted with the segment
+BATCHES_SUFFIX = ".batches"
 
 
 class SpoolInUse(Exception):
@@ -117,6 +123,14 @@ class StreamSpool:
         #: called (from any thread) when records become takeable
         self.wakeup = None
         self.closed = False
+        #: batch ends (``mark``) not yet written beside the segments, the file they go to
+        #: and the segment it belongs to
+        self._marks: list[int] = []
+        self._marks_file = None
+        self._marks_seg: str | None = None
+        #: a leftover's batch ends as an earlier run's feed published them, and the largest
+        self.batch_ends: frozenset[int] = frozenset()
+        self.batch_end_max = -1
 
     # -- the feed's side (event loop) ------------------------------------------
 
@@ -153,6 +167,15 @@ class StreamSpool:
         if self.wakeup is not None:
             self.wakeup()
         return seq
+
+    def mark(self, last_seq: int) -> None:
+        """The log published records up to ``last_seq`` in one message (kept beside the
+        segments by the writer thread: ``BATCHES_SUFFIX``)."""
+        with self._lock:
+            first = not self._marks
+            self._marks.append(last_seq)
+        if first:
+            self.spool.kick()
 
     def end(self) -> None:
         """No more appends: the writer thread closes the last segment."""
@@ -341,6 +364,16 @@ class StreamSpool:
                 self._in_flight = 0
             if not self._live and self.wakeup is not None:
                 self.wakeup()  # backlog became readable
+        with self._lock:
+            marks, self._marks = self._marks, []
+        if marks and self.segments:
+            seg = self.segments[-1].path
+            if self._marks_seg != seg:
+                self._close_marks()
+                self._marks_file = open(seg + BATCHES_SUFFIX, "ab")
+                self._marks_seg = seg
+            self._marks_file.write(struct.pack(f"<{len(marks)}Q", *marks))
+            self._marks_file.flush()
         if self.ended and self.segments and not self.segments[-1].closed and not self._pending:
             self._close_segment(self.segments[-1])
         self._release_files()
@@ -372,6 +405,9 @@ class StreamSpool:
                 # read to its end and committed: deleted (or kept, recording); one with damaged
                 # records is moved aside instead, never deleted
                 self.spool.add_bytes(-_remove(seg.path, self.spool.keep_dir, seg.damaged))
+                if self._marks_seg == seg.path:
+                    self._close_marks()
+                _remove(seg.path + BATCHES_SUFFIX)
             else:
                 keep.append(seg)
         if len(keep) != len(self.segments):
@@ -381,12 +417,31 @@ class StreamSpool:
                     self._cursor = None
         if self.ended and not self.segments and not self._pending and self.consumed:
             self.closed = True
+            self._close_marks()
+
+    def _close_marks(self) -> None:
+        if self._marks_file is not None:
+            self._marks_file.close()
+            self._marks_file = None
+            self._marks_seg = None
 
     def _fsync(self) -> None:
         if self.segments and not self.segments[-1].closed:
             w = self.spool._writers.get(self.segments[-1].path)
             if w is not None:
                 w.sync()
+
+
+def read_batch_ends(path: str) -> tuple[int, ...]:
+    """The batch ends kept in ``path`` (a torn last entry ignored; none when unreadable: they
+    only choose message boundaries, any value is safe)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return ()
+    n = len(data) // 8
+    return struct.unpack_from(f"<{n}Q", data) if n else ()
 
 
 def _data_offset(path: str) -> int:
@@ -514,8 +569,15 @@ class Spool:
             # a stream is one connection's: one broker (its first segment's header says which)
             sp = StreamSpool(self, stream, recovered=segs, broker=items[0][6])
             sp.next_seq = UNKNOWN_END
+            ends = frozenset(e for seg in segs
+                             for e in read_batch_ends(seg.path + BATCHES_SUFFIX))
+            sp.batch_ends, sp.batch_end_max = ends, max(ends, default=-1)
             out.append(sp)
             self.streams.append(sp)
+        # batch ends of a segment no longer there (stopped between the two deletions)
+        for path in glob.glob(os.path.join(self.dir, "*.cap" + BATCHES_SUFFIX)):
+            if not os.path.exists(path[:-len(BATCHES_SUFFIX)]):
+                _remove(path)
         return out
 
     def stream(self, stream: str, first_seq: int = 0, broker: str = "kite") -> StreamSpool:
@@ -593,4 +655,6 @@ class Spool:
             except (OSError, ValueError):
                 pass
         self._writers.clear()
+        for sp in self.streams:
+            sp._close_marks()
         self.unlock()

@@ -47,7 +47,7 @@ import time
 
 from ingestor.feed.capture import RECORD_HEADER
 from ingestor.feed.jetstream import (HDR_RECV_NS, MalformedMessage, _close, _retry_setup,
-                                     connect_retrying, decode_message, ensure_stream,
+                                     connect_retrying, decode_records, ensure_stream,
                                      subject_of)
 from ingestor.feed.lease import Lease, holder_id, lease_bucket
 from ingestor.pipeline.driver import Driver
@@ -68,7 +68,8 @@ class StreamAcks:
         self.stream = stream
         #: the connection (subject) it came on
         self.label = label
-        #: records ahead of ``fed + 1``, waiting for the ones before them: seq -> record
+        #: messages ahead of ``fed + 1``, waiting for the ones before them:
+        #: first seq -> (count, records)
         self.waiting: dict[int, tuple] = {}
         self.gap_since: float | None = None
         #: committed in the database (read at first sight, then each batch's)
@@ -101,26 +102,36 @@ class _Runs:
 
     def __init__(self, driver: Driver):
         self.driver = driver
-        self.buf = bytearray()
+        self.parts: list = []
         self.stream = None
         self.first = self.next = 0
         self.base = -1
 
-    async def add(self, a: StreamAcks, seq: int, recv_ns: int, kind: int, data) -> None:
-        if self.buf and (a.stream != self.stream or seq != self.next):
+    async def add(self, a: StreamAcks, seq: int, count: int, records) -> None:
+        """Records ``seq .. seq + count - 1`` of ``a``'s stream (capture records, format 1)."""
+        if self.parts and (a.stream != self.stream or seq != self.next):
             await self.flush()
-        if not self.buf:
+        if not self.parts:
             # (base: what the pipeline counts as committed when it switches to the stream)
             self.stream, self.first, self.base = a.stream, seq, a.fed
-        self.buf += RECORD_HEADER.pack(recv_ns, kind, len(data))
-        self.buf += data
-        self.next = seq + 1
-        a.fed = seq
+        self.parts.append(records)
+        self.next = seq + count
+        a.fed = seq + count - 1
 
     async def flush(self) -> None:
-        if self.buf:
-            await self.driver.feed(self.stream, bytes(self.buf), self.first, self.base)
-            self.buf = bytearray()
+        if self.parts:
+            # (a message's payload as it came when it is the run: no copy)
+            chunk = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+            self.parts = []
+            await self.driver.feed(self.stream, chunk, self.first, self.base)
+
+
+def _skip_records(records, k: int):
+    """``records`` without its first ``k`` capture records."""
+    pos, unpack, size = 0, RECORD_HEADER.unpack_from, RECORD_HEADER.size
+    for _ in range(k):
+        pos += size + unpack(records, pos)[2]
+    return records[pos:]
 
 
 #: the ``stream_offsets`` row keeping the log stream's identity (its creation time, µs since
@@ -619,43 +630,59 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
                         break
                     s.delivered = delivered
                 try:
-                    stream, seq, recv_ns, kind = decode_message(m.headers)
+                    stream, seq, count, recv_ns, records = decode_records(m.headers, m.data)
                 except MalformedMessage as exc:
                     await self._set_aside(s, m, str(exc))
                     continue
+                last = seq + count - 1
                 a = await self._stream_acks(stream, s.label)
-                if seq <= a.fed or seq in a.waiting:
+                if last <= a.fed or (seq in a.waiting and a.waiting[seq][0] >= count):
                     # committed, or fed already: a redelivery or a republish
-                    if seq <= a.committed:
+                    if last <= a.committed:
                         self._ack([m])
                     else:
-                        a.hold(seq, m)
+                        a.hold(last, m)
                     continue
-                a.hold(seq, m)
-                if seq != a.fed + 1 and not a.waiting:
+                a.hold(last, m)  # acknowledged once its last record is committed
+                if seq > a.fed + 1 and not a.waiting:
                     lost = await self._lost_to_retention(s, a, seq, recv_ns)
                     if lost is None:
                         break  # stopping: what came before the hole is still written
                     if lost:
                         a.fed = seq - 1
-                if seq != a.fed + 1:
+                if seq > a.fed + 1:
                     # ahead of the next one: a publish the feed is sending again can land
                     # after the ones that followed it; wait for it (in order or not at all)
-                    a.waiting[seq] = (recv_ns, kind, m.data)
+                    a.waiting[seq] = (count, records)
                     if a.gap_since is None:
                         a.gap_since = time.monotonic()
                     continue
-                await runs.add(a, seq, recv_ns, kind, m.data)
+                await self._add(runs, a, seq, count, records)
                 await self._drain_waiting(a, runs)
             await self._accept_gaps(s.label, runs)
             await runs.flush()
             return ok
 
+        @staticmethod
+        async def _add(runs: "_Runs", a: StreamAcks, seq: int, count: int, records) -> None:
+            """Records from ``seq`` on, ``seq`` at or before the next one the stream wants
+            (those already fed, a republish overlapping what came before, are dropped)."""
+            skip = a.fed + 1 - seq
+            if skip >= count:
+                return
+            if skip > 0:
+                records = _skip_records(records, skip)
+                seq, count = seq + skip, count - skip
+            await runs.add(a, seq, count, records)
+
         async def _drain_waiting(self, a: StreamAcks, runs: "_Runs") -> None:
-            while a.fed + 1 in a.waiting:
-                seq = a.fed + 1
-                recv_ns, kind, data = a.waiting.pop(seq)
-                await runs.add(a, seq, recv_ns, kind, data)
+            while a.waiting:
+                ready = [f for f in a.waiting if f <= a.fed + 1]
+                if not ready:
+                    break
+                for f in sorted(ready):
+                    count, records = a.waiting.pop(f)
+                    await self._add(runs, a, f, count, records)
             if not a.waiting:
                 a.gap_since = None
 
