@@ -113,8 +113,9 @@ class Role:
     def __init__(self, tmp, role: str, dsn: str, url: str, servers: list[str], *,
                  name: str | None = None, log: str = "", feed: str = "",
                  lease: str = "lease_ttl = 6.0\nlease_renew = 1.0\n", args: tuple = (),
-                 extra_env: dict | None = None, feeds: str | None = None):
-        """``feeds``: ``[[feeds]]`` tables in place of the Kite ``[feed]`` on ``url``."""
+                 extra_env: dict | None = None, feeds: str | None = None, tables: str = ""):
+        """``feeds``: ``[[feeds]]`` tables in place of the Kite ``[feed]`` on ``url``;
+        ``tables``: more tables of the configuration."""
         self.name = name or role
         self.cfg = tmp / f"{self.name}.toml"
         servers_toml = ", ".join(f'"{s}"' for s in servers)
@@ -127,6 +128,7 @@ class Role:
             f"[spool]\ndir = \"{tmp / ('spool-' + self.name)}\"\n"
             f"[writer]\ndead_letter_dir = \"{tmp / 'dead'}\"\n"
             "[metrics]\nlisten = \"\"\n"
+            f"{tables}"
             f"[log]\nservers = [{servers_toml}]\nstream = \"TEST\"\nduplicate_window = 120.0\n"
             f"max_feed_restart = 60.0\nack_timeout = 3.0\n{lease}{log}")
         self.logpath = tmp / f"{self.name}.log"

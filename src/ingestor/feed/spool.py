@@ -7,7 +7,9 @@ event loop: a memory copy, no system call).  From there it goes two ways:
   capture files ``<dir>/<stream>.<first_seq>.cap`` (the capture format, so
   ``ingestor replay`` and ``ingestor decode`` read them), handed to the OS
   every few milliseconds, fsynced at a cadence, rotated at ``segment_bytes``
-  (the closed segment fsynced first) -- no file I/O on the event loop;
+  (the closed segment fsynced first) -- no file I/O on the event loop; what was
+  released before the thread came to it (a feed's publish the log acknowledged
+  within those milliseconds) is not written at all;
 * to the pipeline, in memory (``StreamSpool.take``): what was appended since
   the last take, as one chunk of capture records, so the pipeline's C walk
   reads it without a Python call per message.
@@ -57,6 +59,8 @@ DAMAGED_DIR = "damaged"
 UNKNOWN_END = 1 << 62
 #: ``_read_segment``: the segment was read to its end
 _EXHAUSTED = object()
+#: what a record takes on disk beyond what it takes in memory (the format-2 header)
+_RECORD_GROWTH = RECORD2_HEADER.size - RECORD_HEADER.size
 #: beside each segment (``<segment>.batches``): the last sequence number of each message
 #: the log (``--role feed``) published while it was the stream's newest, u64 LE each, so that
 #: a restarted feed publishes a leftover in the same messages (the same ids: JetStream's
@@ -339,6 +343,7 @@ class StreamSpool:
 
     def _write_out(self) -> None:
         with self._lock:
+            released = False
             if not self._pending:
                 data = None
             else:
@@ -346,8 +351,19 @@ class StreamSpool:
                 count = self.next_seq - first
                 self._pending = bytearray()
                 self._pending_first = self.next_seq
-                self._in_flight = count
-        if data is not None:
+                # already released (a feed's publish acknowledged by the log before this
+                # thread came to it): nothing to keep, unless recording
+                released = first + count - 1 <= self.committed and not self.spool.keep_dir
+                self._in_flight = 0 if released else count
+        if data is not None and released:
+            # every earlier record is released too: the open segment is closed (no fsync:
+            # nothing in it is needed) and goes with the others below; the next write
+            # opens a segment at its own first record
+            seg = self.segments[-1] if self.segments and not self.segments[-1].closed else None
+            if seg is not None:
+                self._close_segment(seg, sync=False)
+            self.spool.add_bytes(-(len(data) + count * _RECORD_GROWTH))
+        elif data is not None:
             sp = self.spool
             seg = self.segments[-1] if self.segments and not self.segments[-1].closed else None
             if seg is not None and seg.size >= sp.segment_bytes:
@@ -391,10 +407,11 @@ class StreamSpool:
             self.segments.append(seg)
         return seg
 
-    def _close_segment(self, seg: Segment) -> None:
+    def _close_segment(self, seg: Segment, sync: bool = True) -> None:
         w = self.spool._writers.pop(seg.path, None)
         if w is not None:
-            w.sync()
+            if sync:
+                w.sync()
             w.close()
         seg.closed = True
 

@@ -1,8 +1,10 @@
-"""The spool keeps, beside each segment, where the log's messages of it ended
-(``StreamSpool.mark``, ``<segment>.batches``): a restarted feed reads them back with the
-leftover (``batch_ends``) to publish it in the same messages, whose ids JetStream's
-duplicate window knows.  They go with their segment, a torn or hostile file only costs
-message boundaries, and one whose segment is gone is removed."""
+"""The spool under the log (``--role feed``).  It keeps, beside each segment, where the
+log's messages of it ended (``StreamSpool.mark``, ``<segment>.batches``): a restarted feed
+reads them back with the leftover (``batch_ends``) to publish it in the same messages,
+whose ids JetStream's duplicate window knows.  They go with their segment, a torn or
+hostile file only costs message boundaries, and one whose segment is gone is removed.
+Records released before the spool's thread came to them (the log acknowledged them within
+its write delay) are not written, unless recording."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 import time
 
 from ingestor.feed.capture import KIND_BINARY
-from ingestor.feed.spool import BATCHES_SUFFIX, Spool
+from ingestor.feed.spool import BATCHES_SUFFIX, Spool, StreamSpool
 
 
 def _until(cond, what: str, timeout: float = 30.0) -> None:
@@ -99,3 +101,50 @@ def test_torn_hostile_or_orphaned_batch_ends(tmp_path):
     (left,) = third.leftovers()
     assert len(left.batch_ends) <= 8
     third.close()
+
+
+def _unthreaded(spool):
+    """A stream of ``spool`` whose writes the test makes (``_write_out``: the writer
+    thread's step), in its own order."""
+    sp = StreamSpool(spool, "kite-0-00000000abcd")
+    spool.streams.append(sp)
+    return sp
+
+
+def test_records_released_before_the_write_are_not_written(tmp_path):
+    folder = str(tmp_path / "spool")
+    spool = Spool(folder, max_bytes=1 << 30)
+    sp = _unthreaded(spool)
+    for k in range(100):
+        sp.append(b"x" * 200, KIND_BINARY, 1_000 + k)
+    assert spool.bytes > 0
+    assert sp.take()[1] == 0
+    sp.release(99)  # the log acknowledged all of them
+    sp._write_out()  # (what the writer thread does next)
+    assert spool.leftover_files() == []  # nothing written: nothing to lose
+    assert spool.bytes == 0              # and the spool's size bound counts nothing
+    # records not yet acknowledged are written, in a segment starting at the first of them
+    for k in range(100, 110):
+        sp.append(b"y" * 200, KIND_BINARY, 1_000 + k)
+    sp._write_out()
+    (path,) = spool.leftover_files()
+    assert path.endswith(f".{100:012d}.cap")
+    spool.close()
+    again = Spool(folder, max_bytes=1 << 30)
+    (left,) = again.leftovers()
+    chunk, first = left.take()
+    assert first == 100 and again.damaged == 0
+    again.close()
+
+
+def test_recording_writes_every_record(tmp_path):
+    folder, kept = str(tmp_path / "spool"), str(tmp_path / "recorded")
+    spool = Spool(folder, max_bytes=1 << 30, keep_dir=kept)
+    sp = _unthreaded(spool)
+    for k in range(100):
+        sp.append(b"x" * 200, KIND_BINARY, 1_000 + k)
+    sp.take()
+    sp.release(99)
+    sp._write_out()
+    assert len(spool.leftover_files()) == 1  # the recording's open segment
+    spool.close()
