@@ -115,7 +115,9 @@ def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: i
                     f"[spool]\ndir = \"{os.path.join(tmp, f'spool-{role}-{nodes}-{rate}')}\"\n"
                     f"[metrics]\nlisten = \"127.0.0.1:{ports[role]}\"\n"
                     "[log]\nservers = [" + ", ".join(f'"{u}"' for u in urls) + "]\n"
-                    f"stream = \"{stream}\"\nreplicas = {nodes}\n")
+                    f"stream = \"{stream}\"\nreplicas = {nodes}\n"
+                    # a replicated lease bucket elects for up to ~9 s (checked at load)
+                    + ("lease_ttl = 15.0\nlease_renew = 2.5\n" if nodes > 1 else ""))
         procs[role] = subprocess.Popen(_ingestor("run", "--role", role, "--config", cfg,
                                                  "--dsn", dsn), env=env,
                                        stdout=_out(f"{role}-{nodes}-{rate}"),
@@ -123,6 +125,10 @@ def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: i
     lag = 0.0
     try:
         time.sleep(2.0)
+        for role, p in procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"the {role} process exited ({p.returncode}) at its start: "
+                                   "INGESTOR_BENCH_LOGS=DIR keeps its log")
         end = time.monotonic() + seconds
         while time.monotonic() < end:  # the consumer lag, sampled once a second
             time.sleep(1.0)
