@@ -42,8 +42,10 @@ class NatsServer:
     """A private JetStream server (or a cluster node) on a free loopback port."""
 
     def __init__(self, tmp, name: str = "n1", port: int | None = None,
-                 cluster_port: int | None = None, routes: list[int] = (), cluster: str = ""):
-        self.tmp, self.name = tmp, name
+                 cluster_port: int | None = None, routes: list[int] = (), cluster: str = "",
+                 config: str = ""):
+        """``config``: lines of a server configuration file (``max_payload: 65536``)."""
+        self.tmp, self.name, self.config = tmp, name, config
         self.port = port or free_port()
         self.cluster_port, self.routes, self.cluster = cluster_port, list(routes), cluster
         self.store = tmp / f"nats-{name}"
@@ -61,6 +63,10 @@ class NatsServer:
             args += ["--cluster_name", self.cluster, "--cluster",
                      f"nats://127.0.0.1:{self.cluster_port}", "--routes",
                      ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
+        if self.config:
+            conf = self.tmp / f"nats-{self.name}.conf"
+            conf.write_text(self.config)
+            args += ["-c", str(conf)]
         self.log = open(self.tmp / f"nats-{self.name}.log", "a")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(self._answers, timeout=30, what=f"nats-server {self.name} answering")

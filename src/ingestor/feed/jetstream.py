@@ -330,7 +330,7 @@ class Publisher:
         self._room = asyncio.Event()
         #: records published and acknowledged
         self.published = 0
-        #: NATS messages acknowledged
+        #: NATS messages acknowledged (records set aside as oversized are not sent)
         self.messages = 0
         #: records acknowledged as already stored (JetStream's duplicate window at work), or
         #: found in the log before a leftover was republished
@@ -477,14 +477,14 @@ class Publisher:
                 self.metrics.log_published.labels(self.label).inc(done)
 
     def _pop_done(self) -> int:
-        n, records, last = 0, 0, None
+        records, last = 0, None
         w = self.window
         while w and w[0].fut.done() and not w[0].fut.cancelled() and w[0].fut.exception() is None:
             last = w.popleft()
-            n += 1
             records += last.seq - last.first + 1
             if last.payload is not None:
                 self.window_bytes -= len(last.payload)
+                self.messages += 1
             ack = last.fut.result()
             if ack is not None and ack.duplicate:
                 # stored before (a resend)
@@ -497,7 +497,6 @@ class Publisher:
             if last.headers is not None:
                 self.acked_ns = int(last.headers[HDR_RECV_NS])
         self.published += records
-        self.messages += n
         return records
 
     def _cancel_pending(self) -> None:
