@@ -23,7 +23,8 @@ def _until(cond, what: str, timeout: float = 30.0) -> None:
 
 
 def _written(sp) -> bool:
-    # (the spool's writer thread has written out every record and mark)
+    # (the spool's writer thread has written out every record; the marks that came with
+    # them are written after them in the same step, before the next)
     with sp._lock:
         return not sp._pending and not sp._marks and not sp._in_flight
 
@@ -46,7 +47,7 @@ def test_batch_ends_kept_beside_the_segment_and_read_back_with_the_leftover(tmp_
     ends = [9, 30, 31, 99]
     spool, sp = _spool_with_marks(folder, 100, ends)
     seg = sp.segments[-1].path
-    assert os.path.exists(seg + BATCHES_SUFFIX)
+    _until(lambda: os.path.exists(seg + BATCHES_SUFFIX), "the marks written")
     spool.close()  # a stop (or a kill: the thread wrote them as it wrote the records)
 
     again = Spool(folder, max_bytes=1 << 30)
@@ -55,9 +56,8 @@ def test_batch_ends_kept_beside_the_segment_and_read_back_with_the_leftover(tmp_
     # the republish marks its messages too (the same ends: a second restart reproduces them)
     again.start()  # (the writer thread: a feed's live streams start it)
     left.mark(9)
-    _until(lambda: _written(left), "the spool's writer thread")
-    assert (tmp_path / "spool" / (os.path.basename(seg) + BATCHES_SUFFIX)).stat().st_size \
-        == 8 * (len(ends) + 1)
+    kept = tmp_path / "spool" / (os.path.basename(seg) + BATCHES_SUFFIX)
+    _until(lambda: kept.stat().st_size == 8 * (len(ends) + 1), "the mark written")
     again.close()
 
 
@@ -67,7 +67,8 @@ def test_batch_ends_go_with_their_segment(tmp_path):
     spool, sp = _spool_with_marks(folder, 12_000, set(range(99, 12_000, 100)))
     paths = [s.path for s in sp.segments]
     assert len(paths) > 1
-    assert all(os.path.exists(p + BATCHES_SUFFIX) for p in paths[1:])
+    _until(lambda: all(os.path.exists(p + BATCHES_SUFFIX) for p in paths[1:]),
+           "each segment's marks written")
     while sp.take() is not None:
         pass
     sp.release(sp.segments[1].end_seq - 1)  # the first two segments committed
