@@ -98,14 +98,19 @@ class StreamAcks:
 
 
 class _Runs:
-    """Consecutive records of one capture stream gathered into one block for the driver."""
+    """Consecutive records of one capture stream gathered into one block for the driver,
+    across reads of the log (``flush_if_due``: as the spool's driver lingers, so that a busy
+    subject reaches the pipeline in blocks of many messages, one worker-thread call each)."""
 
-    def __init__(self, driver: Driver):
+    def __init__(self, driver: Driver, linger: float = 0.01, linger_bytes: int = 1 << 20):
         self.driver = driver
         self.parts: list = []
         self.stream = None
         self.first = self.next = 0
         self.base = -1
+        self.bytes = 0
+        self.since = 0.0
+        self.linger, self.linger_bytes = linger, linger_bytes
 
     async def add(self, a: StreamAcks, seq: int, count: int, records) -> None:
         """Records ``seq .. seq + count - 1`` of ``a``'s stream (capture records, format 1)."""
@@ -114,7 +119,9 @@ class _Runs:
         if not self.parts:
             # (base: what the pipeline counts as committed when it switches to the stream)
             self.stream, self.first, self.base = a.stream, seq, a.fed
+            self.since = time.monotonic()
         self.parts.append(records)
+        self.bytes += len(records)
         self.next = seq + count
         a.fed = seq + count - 1
 
@@ -123,7 +130,13 @@ class _Runs:
             # (a message's payload as it came when it is the run: no copy)
             chunk = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
             self.parts = []
+            self.bytes = 0
             await self.driver.feed(self.stream, chunk, self.first, self.base)
+
+    async def flush_if_due(self) -> None:
+        if self.parts and (self.bytes >= self.linger_bytes
+                           or time.monotonic() - self.since >= self.linger):
+            await self.flush()
 
 
 def _skip_records(records, k: int):
@@ -236,6 +249,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
             s.driver = Driver(pl, self.queue, self.pool,
                               flush_interval=self.cfg.pipeline.flush_interval,
                               open_candle_interval=self.cfg.pipeline.open_candle_interval)
+            s.runs = _Runs(s.driver)
             return True
 
         async def _pipelines(self) -> None:
@@ -581,9 +595,8 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
                     msgs = []
                     await asyncio.sleep(min(2.0, 0.05 * 2 ** min(errors, 6)))
                 if not msgs:
-                    runs = _Runs(driver)
-                    await self._accept_gaps(s.label, runs)
-                    await runs.flush()
+                    await self._accept_gaps(s.label, s.runs)
+                    await s.runs.flush()
                 else:
                     if not await self._feed(s, msgs):
                         # a delivery this process never saw: read again from the floor
@@ -599,6 +612,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
                     except Exception:  # noqa: BLE001 - a reply without metadata
                         pass
                 await driver.tick()
+            await s.runs.flush()
             await driver.finish()
 
         async def _stream_acks(self, stream: str, label: str) -> StreamAcks:
@@ -614,7 +628,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
             """Each capture stream's records in sequence order to the driver, in runs.
             False: the consumer's delivery sequence jumped (a message delivered and lost on
             the way, a consumer reset): what follows is left for a new read from the floor."""
-            runs = _Runs(s.driver)
+            runs = s.runs
             ok = True
             for m in msgs:
                 try:
@@ -660,7 +674,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
                 await self._add(runs, a, seq, count, records)
                 await self._drain_waiting(a, runs)
             await self._accept_gaps(s.label, runs)
-            await runs.flush()
+            await runs.flush_if_due()
             return ok
 
         @staticmethod
