@@ -24,8 +24,9 @@ client's, the server's and the writer's cost per NATS message was a third of the
 overhead at 240k ticks/s.  The writer also reads the single-record messages of earlier
 versions (``Nats-Msg-Id: <stream>:<seq>``, ``Ingestor-Kind``, the payload the broker's
 message itself).  A record can be in the log twice (a feed restarted after JetStream's
-duplicate window, a leftover republished after a standby's messages): a reader skips the
-(capture stream, seq) it has seen; the writer does.  ``encode_headers`` /
+duplicate window, or killed in the milliseconds between a publish and its spool writing
+down where that message ended): a reader skips the (capture stream, seq) it has seen; the
+writer does.  ``encode_headers`` /
 ``decode_message`` / ``decode_records``.
 
 The feed side (:class:`Publisher`): a connection's spool streams, oldest first
@@ -332,8 +333,8 @@ class Publisher:
         self.published = 0
         #: NATS messages acknowledged (records set aside as oversized are not sent)
         self.messages = 0
-        #: records acknowledged as already stored (JetStream's duplicate window at work), or
-        #: found in the log before a leftover was republished
+        #: records acknowledged as already stored (JetStream's duplicate window at work: a
+        #: resend, a leftover republished in the same messages)
         self.duplicates = 0
         self.resent = 0
         self.oversized = 0
