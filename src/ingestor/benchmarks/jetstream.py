@@ -14,11 +14,12 @@ the writer's CPU would not compete (the log then costs a network round trip per 
 window, not CPU), so this understates what the log allows.
 
 Run: ``python -m ingestor.benchmarks.jetstream [--quick] [--seconds S] [--rates 5000,20000]
-[--layouts embedded,js1,js3]``; ``--find-max [--start R]`` instead searches each layout's
-highest offered rate ingested without loss and without falling behind (doubling from R,
-default 5000, then two bisections; default layouts embedded,js1) and prints them side by
-side with each one's peak loss-free ingested rate and the log's share of the daemon's
-(bar: js1 >= 0.8 of embedded); needs the ``nats-server`` binary; the database server is
+[--layouts embedded,js1,js3] [--broker kite|angel]`` (``angel``: Angel One's SmartStream
+simulator and feed, one packet per WebSocket frame); ``--find-max [--start R]`` instead
+searches each layout's highest offered rate ingested without loss and without falling
+behind (doubling from R, default 5000, then two bisections; default layouts embedded,js1)
+and prints them side by side with each one's peak loss-free ingested rate and the log's
+share of the daemon's (bar: js1 >= 0.8 of embedded); needs the ``nats-server`` binary; the database server is
 ``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the benchmark creates and
 drops its own database; ``INGESTOR_BENCH_LOGS=DIR`` keeps the feed's and writer's logs
 there.  Not run by the tests.
@@ -87,31 +88,44 @@ def _max_labelled(text: str, name: str) -> float:
     return max(vals) if vals else 0.0
 
 
-def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: int) -> dict:
+def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: int,
+            broker: str = "kite") -> dict:
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
                   "feed_gaps, engine_state")
     nats, urls = start_nats(tmp, nodes, f"{nodes}-{rate}")
-    record = os.path.join(tmp, f"sim-js{nodes}-{rate}.cap")
-    csv = os.path.join(tmp, "instruments.csv")
-    sim = subprocess.Popen(_ingestor("simulate", "--listen", "127.0.0.1:0", "--tokens",
-                                     str(tokens), "--rate", str(rate), "--duration",
-                                     str(seconds + 60), "--record", record,
-                                     "--instruments-csv", csv),
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    record = os.path.join(tmp, f"sim-js{nodes}-{broker}-{rate}.cap")
+    # the broker's instrument list: Kite's CSV dump, Angel One's scrip master
+    listing = os.path.join(tmp, "instruments.csv" if broker == "kite"
+                           else "OpenAPIScripMaster.json")
+    sim_args = ["simulate", "--listen", "127.0.0.1:0", "--tokens", str(tokens), "--rate",
+                str(rate), "--duration", str(seconds + 60), "--record", record]
+    sim_args += (["--instruments-csv", listing] if broker == "kite"
+                 else ["--broker", "angel", "--scrip-master", listing])
+    sim = subprocess.Popen(_ingestor(*sim_args), stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
     url = sim.stdout.readline().split()[-1]
-    subprocess.run(_ingestor("instruments", "load", csv, "--dsn", dsn), check=True,
+    subprocess.run(_ingestor("instruments", "load", listing, "--dsn", dsn), check=True,
                    capture_output=True)
-    env = dict(os.environ, KITE_API_KEY="bench", KITE_ACCESS_TOKEN="bench")
+    env = dict(os.environ, KITE_API_KEY="bench", KITE_ACCESS_TOKEN="bench",
+               ANGEL_API_KEY="bench", ANGEL_CLIENT_CODE="bench", ANGEL_JWT="bench",
+               ANGEL_FEED_TOKEN="bench")
+    if broker == "kite":
+        feeds = f"[feed]\nurl = \"{url}\"\nmode = \"full\"\n"
+    else:  # every instrument of the master in SNAP_QUOTE (the 5-level book)
+        feeds = (f'[[feeds]]\nname = "angel"\nbroker = "angel"\nurl = "{url}"\n'
+                 'mode = "full"\napi_key_env = "ANGEL_API_KEY"\n'
+                 'client_code_env = "ANGEL_CLIENT_CODE"\naccess_token_env = "ANGEL_JWT"\n'
+                 'feed_token_env = "ANGEL_FEED_TOKEN"\n')
     procs, ports = {}, {}
     stream = f"BENCH{nodes}_{rate}"
     for role in ("feed", "writer"):
         ports[role] = _free_port()
         cfg = os.path.join(tmp, f"{role}-{nodes}-{rate}.toml")
         with open(cfg, "w") as f:
-            f.write(f"[feed]\nurl = \"{url}\"\nmode = \"full\"\n"
+            f.write(feeds +
                     f"[spool]\ndir = \"{os.path.join(tmp, f'spool-{role}-{nodes}-{rate}')}\"\n"
                     f"[metrics]\nlisten = \"127.0.0.1:{ports[role]}\"\n"
                     "[log]\nservers = [" + ", ".join(f'"{u}"' for u in urls) + "]\n"
@@ -154,7 +168,7 @@ def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: i
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.kill()
-    sent = recorded(record)["packets"]
+    sent = recorded(record, broker)["packets"]
     got, span = stored(dsn)
     return {
         "offered ticks/s": rate,
@@ -168,7 +182,7 @@ def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: i
 
 
 def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: int = 500,
-        layouts=("embedded", "js1", "js3")) -> list[dict]:
+        layouts=("embedded", "js1", "js3"), broker: str = "kite") -> list[dict]:
     rates = rates or ([5_000] if quick else [10_000, 25_000, 50_000])
     seconds = seconds or (5 if quick else 20)
     rows = []
@@ -176,18 +190,19 @@ def run(quick: bool = False, rates=None, seconds: float | None = None, tokens: i
         with tempfile.TemporaryDirectory() as tmp:
             for rate in rates:
                 for layout in layouts:
-                    rows.append(_one(dsn, layout, rate, seconds, tokens, tmp))
+                    rows.append(_one(dsn, layout, rate, seconds, tokens, tmp, broker))
     return rows
 
 
-def _one(dsn: str, layout: str, rate: int, seconds: float, tokens: int, tmp: str) -> dict:
+def _one(dsn: str, layout: str, rate: int, seconds: float, tokens: int, tmp: str,
+         broker: str = "kite") -> dict:
     if layout == "embedded":
-        r = run_embedded(dsn, rate, seconds, tokens, tmp)
+        r = run_embedded(dsn, rate, seconds, tokens, tmp, broker=broker)
         r = {k: r[k] for k in ("offered ticks/s", "ingested ticks/s", "sent", "in tick_data",
                                "lost", "p50 tick->commit ms", "p99 tick->commit ms")}
         r["max consumer lag msgs"] = float("nan")
     else:
-        r = run_log(dsn, rate, seconds, tokens, tmp, nodes=int(layout[2:]))
+        r = run_log(dsn, rate, seconds, tokens, tmp, nodes=int(layout[2:]), broker=broker)
     return {"layout": layout, **r}
 
 
@@ -198,7 +213,8 @@ def _kept_up(r: dict) -> bool:
 
 
 def find_max(layouts=("embedded", "js1"), seconds: float = 5.0, tokens: int = 500,
-             start: int = 5_000, cap: int = 640_000, bisections: int = 2):
+             start: int = 5_000, cap: int = 640_000, bisections: int = 2,
+             broker: str = "kite"):
     """Each layout's highest rate kept up with (:func:`_kept_up`): doubled from ``start``
     until a run falls behind or loses ticks (or ``cap``), then ``bisections`` halvings of
     the interval.  Returns (rows, best: layout -> ((offered, ingested) of its highest run
@@ -209,7 +225,7 @@ def find_max(layouts=("embedded", "js1"), seconds: float = 5.0, tokens: int = 50
             for layout in layouts:
                 ok, bad, rate = None, None, start
                 while rate <= cap:
-                    r = _one(dsn, layout, rate, seconds, tokens, tmp)
+                    r = _one(dsn, layout, rate, seconds, tokens, tmp, broker)
                     rows.append(r)
                     if not _kept_up(r):
                         bad = rate
@@ -218,7 +234,7 @@ def find_max(layouts=("embedded", "js1"), seconds: float = 5.0, tokens: int = 50
                     rate *= 2
                 for _ in range(bisections if ok and bad else 0):
                     rate = (ok[0] + bad) // 2
-                    r = _one(dsn, layout, rate, seconds, tokens, tmp)
+                    r = _one(dsn, layout, rate, seconds, tokens, tmp, broker)
                     rows.append(r)
                     if not _kept_up(r):
                         bad = rate
@@ -233,12 +249,15 @@ def find_max(layouts=("embedded", "js1"), seconds: float = 5.0, tokens: int = 50
 
 if __name__ == "__main__":
     argv = sys.argv
+    broker = argv[argv.index("--broker") + 1] if "--broker" in argv else "kite"
+    if broker not in ("kite", "angel"):
+        sys.exit("--broker is kite or angel")
     if "--find-max" in argv:
         start = int(argv[argv.index("--start") + 1]) if "--start" in argv else 5_000
         secs = float(argv[argv.index("--seconds") + 1]) if "--seconds" in argv else 5.0
         layouts = (argv[argv.index("--layouts") + 1].split(",") if "--layouts" in argv
                    else ("embedded", "js1"))
-        rows, best = find_max(layouts, seconds=secs, start=start)
+        rows, best = find_max(layouts, seconds=secs, start=start, broker=broker)
         print(table(rows, TITLE + ": highest loss-free rate"))
         base = best.get("embedded", (None, 0.0))
         for layout, (ok, peak) in best.items():
@@ -257,7 +276,8 @@ if __name__ == "__main__":
     secs = float(argv[argv.index("--seconds") + 1]) if "--seconds" in argv else None
     layouts = (argv[argv.index("--layouts") + 1].split(",") if "--layouts" in argv
                else ("embedded", "js1", "js3"))
-    rows = run(quick="--quick" in argv, rates=rates, seconds=secs, layouts=layouts)
+    rows = run(quick="--quick" in argv, rates=rates, seconds=secs, layouts=layouts,
+               broker=broker)
     print(table(rows, TITLE))
     best = {}
     for r in rows:
