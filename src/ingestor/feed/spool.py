@@ -66,6 +66,7 @@ _RECORD_GROWTH = RECORD2_HEADER.size - RECORD_HEADER.size
 #: a restarted feed publishes a leftover in the same messages (the same ids: JetStream's
 #: duplicate window drops those it has); deleted with the segment
 BATCHES_SUFFIX = ".batches"
+MAX_BATCH_ENDS = 1 << 21
 
 
 class SpoolInUse(Exception):
@@ -451,10 +452,11 @@ class StreamSpool:
 
 def read_batch_ends(path: str) -> tuple[int, ...]:
     """The batch ends kept in ``path`` (a torn last entry ignored; none when unreadable: they
-    only choose message boundaries, any value is safe)."""
+    only choose message boundaries, any value is safe; at most ``MAX_BATCH_ENDS`` of them,
+    a segment's worth many times over)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(8 * MAX_BATCH_ENDS)
     except OSError:
         return ()
     n = len(data) // 8
