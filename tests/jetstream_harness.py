@@ -22,7 +22,8 @@ import sys
 import psycopg
 import pytest
 
-from daemon_harness import ingestor, recorded_prices, tick_summary, wait_for
+from daemon_harness import (ingestor, load_instruments, recorded_prices, tick_summary,
+                            wait_for)
 from test_candles_sql import assert_candles_equal_sql  # noqa: F401 - the log tests' check
 from ingestor import _core
 
@@ -226,6 +227,20 @@ def wait_log_committed(urls, dsn: str, what: str, timeout: float = 90) -> dict[s
         return all(have.get(s, -1) >= n for s, n in last.items())
     wait_for(committed, timeout=timeout, what=what)
     return last
+
+
+def simulated_records(tmp, db: str, tokens: int, ticks: int, seed: int):
+    """A simulator's capture of ``ticks`` ticks (its instruments loaded into ``db``):
+    ``(capture path, its records)``, for tests that publish the log's messages themselves."""
+    from ingestor.feed.capture import CaptureReader
+
+    cap, csv = tmp / "market.cap", tmp / "instruments.csv"
+    subprocess.run(ingestor("simulate", "--tokens", str(tokens), "--ticks", str(ticks),
+                            "--seed", str(seed), "--out", str(cap), "--instruments-csv",
+                            str(csv)), check=True, capture_output=True)
+    load_instruments(db, str(csv))
+    with CaptureReader(str(cap)) as rd:
+        return cap, list(rd.records())
 
 
 async def _publish_raw(url: str, subject: str, items) -> None:

@@ -6,7 +6,6 @@ meet.  The 3-node cluster with every fault at once is ``test_jetstream_cluster``
 from __future__ import annotations
 
 import asyncio
-import subprocess
 
 import psycopg
 import pytest
@@ -15,10 +14,10 @@ from ingestor.feed.jetstream import decode_records
 
 from daemon_harness import (ANGEL_ENV, AngelSimulator, Simulator, angel_feed_toml,
                             angel_modes_toml, angel_sent_ticks, angel_stored_ticks, count_ticks,
-                            ingestor, load_angel_master, load_instruments, tick_summary, wait_for)
+                            load_angel_master, load_instruments, tick_summary, wait_for)
 from jetstream_harness import (NATS_SERVER, Role, _no_process_left, _publish_raw,  # noqa: F401
                                assert_every_tick_once, log_messages, log_records, log_ticks,
-                               nats_server, sent_ticks)
+                               nats_server, sent_ticks, simulated_records)
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="needs the nats-server binary")
 
@@ -155,16 +154,10 @@ def test_writer_takes_overlapping_and_late_batches_once(tmp_path, db, nats_serve
     """Messages of several records whose ranges overlap (a leftover republished in other
     messages than the first time) or come late (a resend landing after later ones): each
     record is written once, in sequence order."""
-    from ingestor.feed.capture import RECORD_HEADER, CaptureReader
+    from ingestor.feed.capture import RECORD_HEADER
     from ingestor.feed.jetstream import encode_batch_headers
 
-    cap, csv = tmp_path / "market.cap", tmp_path / "instruments.csv"
-    subprocess.run(ingestor("simulate", "--tokens", "10", "--ticks", "3000", "--seed", "9",
-                            "--out", str(cap), "--instruments-csv", str(csv)), check=True,
-                   capture_output=True)
-    load_instruments(db, str(csv))
-    with CaptureReader(str(cap)) as rd:
-        recs = list(rd.records())
+    cap, recs = simulated_records(tmp_path, db, tokens=10, ticks=3000, seed=9)
     n = len(recs)
     assert n > 60
     stream = "kite-0-0000000b47c4"
@@ -194,16 +187,9 @@ def test_writer_puts_a_late_message_back_in_order(tmp_path, db, nats_server):
     """A publish sent again after the ones that followed it were stored lands after them
     (a server lost it, a leader moved): the writer waits for it and feeds the stream in
     sequence order."""
-    from ingestor.feed.capture import CaptureReader
     from ingestor.feed.jetstream import encode_headers
 
-    cap, csv = tmp_path / "market.cap", tmp_path / "instruments.csv"
-    subprocess.run(ingestor("simulate", "--tokens", "10", "--ticks", "3000", "--seed", "5",
-                            "--out", str(cap), "--instruments-csv", str(csv)), check=True,
-                   capture_output=True)
-    load_instruments(db, str(csv))
-    with CaptureReader(str(cap)) as rd:
-        recs = list(rd.records())
+    cap, recs = simulated_records(tmp_path, db, tokens=10, ticks=3000, seed=5)
     assert len(recs) > 40
     stream = "kite-0-0123456789ab"
     order = [*range(0, 10), *range(11, 30), 10, *range(30, len(recs))]

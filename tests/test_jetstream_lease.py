@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import subprocess
 import threading
 import time
 
 import psycopg
 import pytest
 
-from daemon_harness import Simulator, count_ticks, ingestor, load_instruments, tick_summary, wait_for
+from daemon_harness import Simulator, count_ticks, load_instruments, tick_summary, wait_for
 from jetstream_harness import (EPOCH, NATS_SERVER, Role, _no_process_left,  # noqa: F401
                                _publish_raw, assert_every_tick_once,
                                assert_every_tick_outside_once, cpu_burner,
                                log_messages, log_ticks, nats_server, ns, sent_ticks,
-                               takeover_gaps, wait_log_committed)
+                               simulated_records, takeover_gaps, wait_log_committed)
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="needs the nats-server binary")
 
@@ -263,16 +262,9 @@ def test_closed_candles_published_after_commit(tmp_path, db, nats_server):
     import json
     from decimal import Decimal
 
-    from ingestor.feed.capture import CaptureReader
     from ingestor.feed.jetstream import encode_headers
 
-    cap, csv = tmp_path / "market.cap", tmp_path / "instruments.csv"
-    subprocess.run(ingestor("simulate", "--tokens", "5", "--ticks", "4000", "--seed", "7",
-                            "--out", str(cap), "--instruments-csv", str(csv)), check=True,
-                   capture_output=True)
-    load_instruments(db, str(csv))
-    with CaptureReader(str(cap)) as rd:
-        recs = list(rd.records())
+    cap, recs = simulated_records(tmp_path, db, tokens=5, ticks=4000, seed=7)
     stream = "kite-0-00000000c0de"
     asyncio.run(_publish_raw(nats_server.url, "ingestor.raw.kite-0", [
         (r.payload, encode_headers(stream, r.seq, r.recv_ns, r.kind)) for r in recs]))

@@ -38,8 +38,9 @@ import tempfile
 import time
 
 from ingestor.benchmarks.common import table
-from ingestor.benchmarks.live import (_free_port, _ingestor, _metrics, laid_out_database,
-                                      latency_ms, recorded, stored)
+from ingestor.benchmarks.live import (BENCH_ENV, _free_port, _ingestor, _metrics,
+                                      angel_feeds_toml, laid_out_database, latency_ms,
+                                      recorded, start_simulator, stored)
 from ingestor.benchmarks.live import run_rate as run_embedded
 
 TITLE = ("log: simulator -> feed -> JetStream -> writer -> PostgreSQL vs the single-process "
@@ -97,28 +98,10 @@ def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: i
                   "feed_gaps, engine_state")
     nats, urls = start_nats(tmp, nodes, f"{nodes}-{rate}")
     record = os.path.join(tmp, f"sim-js{nodes}-{broker}-{rate}.cap")
-    # the broker's instrument list: Kite's CSV dump, Angel One's scrip master
-    listing = os.path.join(tmp, "instruments.csv" if broker == "kite"
-                           else "OpenAPIScripMaster.json")
-    sim_args = ["simulate", "--listen", "127.0.0.1:0", "--tokens", str(tokens), "--rate",
-                str(rate), "--duration", str(seconds + 60), "--record", record]
-    sim_args += (["--instruments-csv", listing] if broker == "kite"
-                 else ["--broker", "angel", "--scrip-master", listing])
-    sim = subprocess.Popen(_ingestor(*sim_args), stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, text=True)
-    url = sim.stdout.readline().split()[-1]
-    subprocess.run(_ingestor("instruments", "load", listing, "--dsn", dsn), check=True,
-                   capture_output=True)
-    env = dict(os.environ, KITE_API_KEY="bench", KITE_ACCESS_TOKEN="bench",
-               ANGEL_API_KEY="bench", ANGEL_CLIENT_CODE="bench", ANGEL_JWT="bench",
-               ANGEL_FEED_TOKEN="bench")
-    if broker == "kite":
-        feeds = f"[feed]\nurl = \"{url}\"\nmode = \"full\"\n"
-    else:  # every instrument of the master in SNAP_QUOTE (the 5-level book)
-        feeds = (f'[[feeds]]\nname = "angel"\nbroker = "angel"\nurl = "{url}"\n'
-                 'mode = "full"\napi_key_env = "ANGEL_API_KEY"\n'
-                 'client_code_env = "ANGEL_CLIENT_CODE"\naccess_token_env = "ANGEL_JWT"\n'
-                 'feed_token_env = "ANGEL_FEED_TOKEN"\n')
+    sim, url = start_simulator(dsn, rate, seconds, tokens, record, tmp, broker)
+    env = dict(os.environ, **BENCH_ENV)
+    feeds = (f"[feed]\nurl = \"{url}\"\nmode = \"full\"\n" if broker == "kite"
+             else angel_feeds_toml(url))
     procs, ports = {}, {}
     stream = f"BENCH{nodes}_{rate}"
     for role in ("feed", "writer"):

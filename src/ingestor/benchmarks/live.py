@@ -174,16 +174,16 @@ def latency_ms(text: str) -> dict:
             for q in (50, 99)}
 
 
-def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
-             flush_interval: float | None = None, overlap: bool = True,
-             broker: str = "kite") -> dict:
-    import psycopg
+#: the credentials the benchmarks' feeds read (the simulators take any)
+BENCH_ENV = {"KITE_API_KEY": "bench", "KITE_ACCESS_TOKEN": "bench", "ANGEL_API_KEY": "bench",
+             "ANGEL_CLIENT_CODE": "bench", "ANGEL_JWT": "bench", "ANGEL_FEED_TOKEN": "bench"}
 
-    with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
-                  "feed_gaps, engine_state")
-    record = os.path.join(tmp, f"sim-{broker}-{rate}.cap")
-    # the broker's instrument list: Kite's CSV dump, Angel One's scrip master
+
+def start_simulator(dsn: str, rate: int, seconds: float, tokens: int, record: str, tmp: str,
+                    broker: str = "kite"):
+    """The broker's simulator on a free loopback port for ``seconds`` (and a minute more),
+    recording what it sends in ``record``, its instruments loaded into ``dsn`` (Kite's CSV
+    dump, Angel One's scrip master): ``(process, url)``."""
     listing = os.path.join(tmp, "instruments.csv" if broker == "kite"
                            else "OpenAPIScripMaster.json")
     sim_args = ["simulate", "--listen", "127.0.0.1:0", "--tokens", str(tokens), "--rate",
@@ -195,20 +195,37 @@ def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
     url = sim.stdout.readline().split()[-1]
     subprocess.run(_ingestor("instruments", "load", listing, "--dsn", dsn), check=True,
                    capture_output=True)
+    return sim, url
+
+
+def angel_feeds_toml(url: str) -> str:
+    """An Angel One feed on the simulator at ``url``: every instrument of the master in
+    SNAP_QUOTE (the 5-level book), credentials from ``BENCH_ENV``."""
+    return (f'[[feeds]]\nname = "angel"\nbroker = "angel"\nurl = "{url}"\n'
+            'mode = "full"\napi_key_env = "ANGEL_API_KEY"\n'
+            'client_code_env = "ANGEL_CLIENT_CODE"\naccess_token_env = "ANGEL_JWT"\n'
+            'feed_token_env = "ANGEL_FEED_TOKEN"\n')
+
+
+def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
+             flush_interval: float | None = None, overlap: bool = True,
+             broker: str = "kite") -> dict:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
+                  "feed_gaps, engine_state")
+    record = os.path.join(tmp, f"sim-{broker}-{rate}.cap")
+    sim, url = start_simulator(dsn, rate, seconds, tokens, record, tmp, broker)
     port = _free_port()
-    env = dict(os.environ, KITE_API_KEY="bench", KITE_ACCESS_TOKEN="bench",
-               ANGEL_API_KEY="bench", ANGEL_CLIENT_CODE="bench", ANGEL_JWT="bench",
-               ANGEL_FEED_TOKEN="bench")
+    env = dict(os.environ, **BENCH_ENV)
     args = ["run", "--dsn", dsn, "--metrics", f"127.0.0.1:{port}",
             "--spool-dir", os.path.join(tmp, f"spool-{broker}-{rate}")]
     settings = ""
     if broker == "kite":
         args += ["--url", url, "--mode", "full"]
-    else:  # every instrument of the master in SNAP_QUOTE (the 5-level book)
-        settings += (f'[[feeds]]\nname = "angel"\nbroker = "angel"\nurl = "{url}"\n'
-                     'mode = "full"\napi_key_env = "ANGEL_API_KEY"\n'
-                     'client_code_env = "ANGEL_CLIENT_CODE"\naccess_token_env = "ANGEL_JWT"\n'
-                     'feed_token_env = "ANGEL_FEED_TOKEN"\n')
+    else:
+        settings += angel_feeds_toml(url)
     if flush_interval is not None:
         settings += f"[pipeline]\nflush_interval = {flush_interval}\n"
     if not overlap:
