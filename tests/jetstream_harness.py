@@ -262,8 +262,8 @@ async def _publish_raw(url: str, subject: str, items) -> None:
 def log_records(msgs) -> dict[tuple[str, int], bytes]:
     """Each (capture stream, seq) the log's messages hold, once (a record can be in the log
     twice: a leftover republished), with its capture record; malformed messages left out."""
-    from ingestor.feed.capture import RECORD_HEADER
-    from ingestor.feed.jetstream import MalformedMessage, decode_records, iter_records
+    from ingestor.feed.capture import RECORD_HEADER, iter_records
+    from ingestor.feed.jetstream import MalformedMessage, decode_records
 
     out: dict[tuple[str, int], bytes] = {}
     for m in msgs:

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from ingestor import config as config_mod
 from ingestor.cli import main
-from ingestor.feed.capture import KIND_BINARY, KIND_TEXT, RECORD_HEADER
+from ingestor.feed.capture import KIND_BINARY, KIND_TEXT, RECORD_HEADER, iter_records
 from ingestor.feed.jetstream import (MalformedMessage, decode_message, decode_records,
-                                     encode_batch_headers, encode_headers, iter_records,
-                                     label_of_stream, subject_of)
+                                     encode_batch_headers, encode_headers, label_of_stream,
+                                     subject_of)
 
 streams = st.from_regex(r"[A-Za-z0-9_.\-]{1,128}", fullmatch=True)
 

@@ -11,9 +11,8 @@ import asyncio
 import pytest
 
 from ingestor.config import LogConfig
-from ingestor.feed.capture import KIND_BINARY, KIND_TEXT
-from ingestor.feed.jetstream import (Publisher, decode_records, ensure_stream, iter_records,
-                                     subject_of)
+from ingestor.feed.capture import KIND_BINARY, KIND_TEXT, iter_records
+from ingestor.feed.jetstream import Publisher, decode_records, ensure_stream, subject_of
 from ingestor.feed.spool import Spool, StreamSpool
 from jetstream_harness import NATS_SERVER, NatsServer, _log_messages
 

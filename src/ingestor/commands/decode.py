@@ -224,13 +224,7 @@ def _angel_jsonl(reader: CaptureReader, dec, out, enc) -> None:
 
 def _payloads(records, first_seq: int) -> dict:
     """{seq: payload} of whole capture records (the bytes one ``feed_capture`` call walked)."""
-    from ingestor.feed.capture import RECORD_HEADER
+    from ingestor.feed.capture import iter_records
 
-    out, pos, seq = {}, 0, first_seq
-    while pos < len(records):
-        _, _, plen = RECORD_HEADER.unpack_from(records, pos)
-        pos += RECORD_HEADER.size
-        out[seq] = records[pos:pos + plen]
-        pos += plen
-        seq += 1
-    return out
+    return {first_seq + k: records[pos:pos + plen]
+            for k, (pos, plen, _, _) in enumerate(iter_records(records))}

@@ -67,6 +67,26 @@ STREAM_NAME = re.compile(r"[A-Za-z0-9_:\-][A-Za-z0-9._:\-]{0,127}")
 log = logging.getLogger(__name__)
 
 
+def iter_records(chunk) -> Iterator[tuple[int, int, int, int]]:
+    """``(offset of payload, length, recv_ns, kind)`` of each format-1 record of a spool
+    chunk (what ``StreamSpool.take`` returns: whole records, checked when read)."""
+    pos, n, size = 0, len(chunk), RECORD_HEADER.size
+    unpack = RECORD_HEADER.unpack_from
+    while pos + size <= n:
+        recv_ns, kind, length = unpack(chunk, pos)
+        pos += size
+        yield pos, length, recv_ns, kind
+        pos += length
+
+
+def record_offset(records, k: int) -> int:
+    """Byte offset of the ``k``-th format-1 record of ``records`` (whole records)."""
+    pos, size, unpack = 0, RECORD_HEADER.size, RECORD_HEADER.unpack_from
+    for _ in range(k):
+        pos += size + unpack(records, pos)[2]
+    return pos
+
+
 class CaptureError(ValueError):
     """The file is not a capture (bad magic or header): bad input."""
 
@@ -542,14 +562,8 @@ class CaptureReader:
 
     def records(self) -> Iterator[Record]:
         for chunk, seq in self.chunks():
-            pos = 0
-            n = len(chunk)
-            while pos < n:
-                recv_ns, kind, plen = RECORD_HEADER.unpack_from(chunk, pos)
-                pos += RECORD_HEADER.size
-                yield Record(seq, recv_ns, kind, bytes(chunk[pos:pos + plen]))
-                pos += plen
-                seq += 1
+            for k, (pos, plen, recv_ns, kind) in enumerate(iter_records(chunk)):
+                yield Record(seq + k, recv_ns, kind, bytes(chunk[pos:pos + plen]))
 
     def close(self) -> None:
         self._f.close()

@@ -46,9 +46,7 @@ import asyncio
 import collections
 import logging
 import re
-from typing import Iterator
-
-from ingestor.feed.capture import KIND_BINARY, KIND_TEXT, RECORD_HEADER
+from ingestor.feed.capture import KIND_BINARY, KIND_TEXT, RECORD_HEADER, iter_records
 from ingestor.feed.lease import Lease, holder_id
 
 log = logging.getLogger(__name__)
@@ -110,17 +108,25 @@ def _recv(recv) -> int:
     return int(recv)
 
 
+def _msg_id(headers: dict, form: str) -> tuple[str, str]:
+    """The capture stream a message's id names, and what follows it (``form``: the id's
+    shape, for the reason)."""
+    mid = headers.get(HDR_MSG_ID)
+    if not isinstance(mid, str) or ":" not in mid:
+        raise MalformedMessage(f"no {HDR_MSG_ID} {form}")
+    stream, _, rest = mid.rpartition(":")
+    if not _STREAM.fullmatch(stream):
+        raise MalformedMessage("the stream id is not 1 to 128 of A-Z a-z 0-9 _ . -")
+    return stream, rest
+
+
 def decode_message(headers: dict | None) -> tuple[str, int, int, int]:
     """``(stream, seq, recv_ns, kind)`` of a single-record message's headers, or
     :class:`MalformedMessage` saying what is wrong (never another exception)."""
     if not isinstance(headers, dict):
         raise MalformedMessage("no headers")
-    mid, recv, kind = headers.get(HDR_MSG_ID), headers.get(HDR_RECV_NS), headers.get(HDR_KIND)
-    if not isinstance(mid, str) or ":" not in mid:
-        raise MalformedMessage(f"no {HDR_MSG_ID} <stream>:<seq>")
-    stream, _, seq_text = mid.rpartition(":")
-    if not _STREAM.fullmatch(stream):
-        raise MalformedMessage("the stream id is not 1 to 128 of A-Z a-z 0-9 _ . -")
+    recv, kind = headers.get(HDR_RECV_NS), headers.get(HDR_KIND)
+    stream, seq_text = _msg_id(headers, "<stream>:<seq>")
     seq = _seq(seq_text)
     recv_ns = _recv(recv)
     if kind not in _KINDS:
@@ -139,12 +145,8 @@ def decode_records(headers: dict | None, data: bytes) -> tuple[str, int, int, in
     if HDR_RECORDS not in headers:
         stream, seq, recv_ns, kind = decode_message(headers)
         return stream, seq, 1, recv_ns, RECORD_HEADER.pack(recv_ns, kind, len(data)) + data
-    mid, count = headers.get(HDR_MSG_ID), headers.get(HDR_RECORDS)
-    if not isinstance(mid, str) or ":" not in mid:
-        raise MalformedMessage(f"no {HDR_MSG_ID} <stream>:<first>-<last>")
-    stream, _, span = mid.rpartition(":")
-    if not _STREAM.fullmatch(stream):
-        raise MalformedMessage("the stream id is not 1 to 128 of A-Z a-z 0-9 _ . -")
+    count = headers.get(HDR_RECORDS)
+    stream, span = _msg_id(headers, "<stream>:<first>-<last>")
     first_text, dash, last_text = span.partition("-")
     if not dash:
         raise MalformedMessage(f"{HDR_MSG_ID} has no <first>-<last> range")
@@ -175,18 +177,6 @@ def decode_records(headers: dict | None, data: bytes) -> tuple[str, int, int, in
     if k != n:
         raise MalformedMessage(f"the payload holds {k} records, {HDR_RECORDS} says {n}")
     return stream, first, n, recv0, bytes(data)
-
-
-def iter_records(chunk) -> Iterator[tuple[int, int, int, int]]:
-    """``(offset of payload, length, recv_ns, kind)`` of each format-1 record of a spool
-    chunk (what ``StreamSpool.take`` returns: whole records, checked when read)."""
-    pos, n, size = 0, len(chunk), RECORD_HEADER.size
-    unpack = RECORD_HEADER.unpack_from
-    while pos + size <= n:
-        recv_ns, kind, length = unpack(chunk, pos)
-        pos += size
-        yield pos, length, recv_ns, kind
-        pos += length
 
 
 # -- connection and stream --------------------------------------------------------

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 from ingestor.feed.capture import (RECORD2_HEADER, RECORD_HEADER, RECORD_OVERHEAD, Block,
                                    CaptureHeader, CaptureReader, CaptureWriter, RecordScanner,
-                                   read_blocks)
+                                   read_blocks, record_offset)
 
 log = logging.getLogger(__name__)
 
@@ -327,10 +327,8 @@ class StreamSpool:
                 if b.first_seq >= self.read_seq:
                     return (seg.path, b.start, b.first_seq)
                 # read_seq is inside this block: walk its records to it
-                pos, k = 0, self.read_seq - b.first_seq
-                for _ in range(k):
-                    pos += RECORD_HEADER.size + RECORD_HEADER.unpack_from(b.data, pos)[2]
-                return (seg.path, b.start + pos + extra * k, self.read_seq)
+                k = self.read_seq - b.first_seq
+                return (seg.path, b.start + record_offset(b.data, k) + extra * k, self.read_seq)
         return (seg.path, seg.size, seq)
 
     def release(self, committed_seq: int) -> None:

@@ -45,7 +45,7 @@ import collections
 import logging
 import time
 
-from ingestor.feed.capture import RECORD_HEADER
+from ingestor.feed.capture import record_offset
 from ingestor.feed.jetstream import (HDR_RECV_NS, MalformedMessage, _close, _retry_setup,
                                      connect_retrying, decode_records, ensure_stream,
                                      subject_of)
@@ -137,14 +137,6 @@ class _Runs:
         if self.parts and (self.bytes >= self.linger_bytes
                            or time.monotonic() - self.since >= self.linger):
             await self.flush()
-
-
-def _skip_records(records, k: int):
-    """``records`` without its first ``k`` capture records."""
-    pos, unpack, size = 0, RECORD_HEADER.unpack_from, RECORD_HEADER.size
-    for _ in range(k):
-        pos += size + unpack(records, pos)[2]
-    return records[pos:]
 
 
 #: the ``stream_offsets`` row keeping the log stream's identity (its creation time, µs since
@@ -685,7 +677,7 @@ def writer_role(cfg, dsn, plans, spool, accept_new_stream: bool = False,
             if skip >= count:
                 return
             if skip > 0:
-                records = _skip_records(records, skip)
+                records = records[record_offset(records, skip):]
                 seq, count = seq + skip, count - skip
             await runs.add(a, seq, count, records)
 
