@@ -137,6 +137,16 @@ def angel_sent_ticks(packets: list[bytes], dsn: str) -> tuple[Counter, int]:
     return want, depth
 
 
+def angel_all_written(sim, dsn: str, timeout: float) -> tuple[Counter, int]:
+    """``angel_sent_ticks`` of a stopped simulator's packets, once ``tick_data`` holds as
+    many ticks as it sent."""
+    want, n_depth = angel_sent_ticks(sim.sent(), dsn)
+    sent = sum(want.values())
+    wait_for(lambda: count_ticks(dsn) >= sent, timeout=timeout,
+             what=f"all {sent} sent ticks written")
+    return want, n_depth
+
+
 def angel_stored_ticks(dsn: str) -> Counter:
     """``angel_sent_ticks``'s tuples of the Angel One ticks in ``tick_data``."""
     with psycopg.connect(dsn) as conn:

@@ -13,10 +13,10 @@ from decimal import Decimal
 
 import psycopg
 
-from daemon_harness import (ANGEL_ENV, AngelSimulator, Daemon, Simulator, angel_feed_toml,
-                            angel_modes_toml, angel_sent_ticks, angel_stored_ticks,
-                            capture_files, count_ticks, ingestor, load_angel_master,
-                            load_instruments, tick_summary, wait_for)
+from daemon_harness import (ANGEL_ENV, AngelSimulator, Daemon, Simulator, angel_all_written,
+                            angel_feed_toml, angel_modes_toml, angel_sent_ticks,
+                            angel_stored_ticks, capture_files, count_ticks, ingestor,
+                            load_angel_master, load_instruments, tick_summary, wait_for)
 from ingestor.twin.smartstream import parse_packet
 
 TOKENS, SEED = 30, 5
@@ -66,9 +66,8 @@ def test_angel_feed_every_sent_tick_once(tmp_path, db):
         wait_for(lambda: count_ticks(db) > 2000, timeout=60, what="2000 ticks written")
     finally:
         sim.stop()  # the recording is complete once the simulator has stopped
-    want, n_depth = angel_sent_ticks(sim.sent(), db)
+    want, n_depth = angel_all_written(sim, db, timeout=60)
     sent = sum(want.values())
-    wait_for(lambda: count_ticks(db) >= sent, timeout=60, what=f"all {sent} sent ticks written")
     assert d.terminate() == 0, d.output()
     assert angel_stored_ticks(db) == want                     # every tick once, at its exact price
     # exchange_time keeps the exchange's milliseconds (the simulator's LTP and QUOTE packets

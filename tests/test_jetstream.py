@@ -12,8 +12,8 @@ import pytest
 
 from ingestor.feed.jetstream import decode_records
 
-from daemon_harness import (ANGEL_ENV, AngelSimulator, Simulator, angel_feed_toml,
-                            angel_modes_toml, angel_sent_ticks, angel_stored_ticks, count_ticks,
+from daemon_harness import (ANGEL_ENV, AngelSimulator, Simulator, angel_all_written,
+                            angel_feed_toml, angel_modes_toml, angel_stored_ticks, count_ticks,
                             load_angel_master, load_instruments, tick_summary, wait_for)
 from jetstream_harness import (NATS_SERVER, Role, _no_process_left, _publish_raw,  # noqa: F401
                                assert_every_tick_once, log_messages, log_records, log_ticks,
@@ -60,9 +60,8 @@ def test_angel_feed_jetstream_writer_every_tick_once(tmp_path, db, nats_server):
         wait_for(lambda: count_ticks(db) > 2000, timeout=90, what="2000 ticks written")
     finally:
         sim.stop()  # the recording is complete once the simulator has stopped
-    want, n_depth = angel_sent_ticks(sim.sent(), db)
+    want, n_depth = angel_all_written(sim, db, timeout=90)
     sent = sum(want.values())
-    wait_for(lambda: count_ticks(db) >= sent, timeout=90, what=f"all {sent} sent ticks written")
     assert feed.terminate() == 0, feed.output()
     assert writer.terminate() == 0, writer.output()
     assert angel_stored_ticks(db) == want        # every tick once, at its exact price
