@@ -19,10 +19,10 @@ simulator and feed, one packet per WebSocket frame); ``--find-max [--start R]`` 
 searches each layout's highest offered rate ingested without loss and without falling
 behind (doubling from R, default 5000, then two bisections; default layouts embedded,js1)
 and prints them side by side with each one's peak loss-free ingested rate and the log's
-share of the daemon's (bar: js1 >= 0.8 of embedded); needs the ``nats-server`` binary; the database server is
-``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the benchmark creates and
-drops its own database; ``INGESTOR_BENCH_LOGS=DIR`` keeps the feed's and writer's logs
-there.  Not run by the tests.
+share of the daemon's (bar: js1 >= 0.8 of embedded); needs the ``nats-server`` binary; the
+database server is ``INGESTOR_BENCH_DSN`` (default host=127.0.0.1 user=postgres); the
+benchmark creates and drops its own database; ``INGESTOR_BENCH_LOGS=DIR`` keeps the feed's
+and writer's logs there.  Not run by the tests.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import time
 
 from ingestor.benchmarks.common import table
 from ingestor.benchmarks.live import (BENCH_ENV, _free_port, _ingestor, _metrics,
-                                      angel_feeds_toml, laid_out_database, latency_ms,
-                                      recorded, start_simulator, stored)
+                                      angel_feeds_toml, empty_tables, laid_out_database,
+                                      latency_ms, recorded, start_simulator, stored)
 from ingestor.benchmarks.live import run_rate as run_embedded
 
 TITLE = ("log: simulator -> feed -> JetStream -> writer -> PostgreSQL vs the single-process "
@@ -91,11 +91,7 @@ def _max_labelled(text: str, name: str) -> float:
 
 def run_log(dsn: str, rate: int, seconds: float, tokens: int, tmp: str, nodes: int,
             broker: str = "kite") -> dict:
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
-                  "feed_gaps, engine_state")
+    empty_tables(dsn)
     nats, urls = start_nats(tmp, nodes, f"{nodes}-{rate}")
     record = os.path.join(tmp, f"sim-js{nodes}-{broker}-{rate}.cap")
     sim, url = start_simulator(dsn, rate, seconds, tokens, record, tmp, broker)

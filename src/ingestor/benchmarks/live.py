@@ -146,6 +146,15 @@ class laid_out_database(scratch_database):
         return dsn
 
 
+def empty_tables(dsn: str) -> None:
+    """What a run writes, emptied for the next one."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
+                  "feed_gaps, engine_state")
+
+
 def recorded(record: str, broker: str = "kite") -> dict:
     """The decoder's counters over a simulator's recording (``packets``: ticks sent)."""
     from ingestor._core import KiteDecoder, SmartStreamDecoder
@@ -210,11 +219,7 @@ def angel_feeds_toml(url: str) -> str:
 def run_rate(dsn: str, rate: int, seconds: float, tokens: int, tmp: str,
              flush_interval: float | None = None, overlap: bool = True,
              broker: str = "kite") -> dict:
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("TRUNCATE tick_data, ohlc_candles, order_book_snapshots, stream_offsets, "
-                  "feed_gaps, engine_state")
+    empty_tables(dsn)
     record = os.path.join(tmp, f"sim-{broker}-{rate}.cap")
     sim, url = start_simulator(dsn, rate, seconds, tokens, record, tmp, broker)
     port = _free_port()
