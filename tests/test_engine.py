@@ -333,6 +333,30 @@ def test_unknown_tokens_and_errors():
         _core.Engine(origin="25:00")
 
 
+def test_first_unseen_marks_each_instrument_once_per_stream():
+    eng = _core.Engine()
+    a, b, c = (1 << 8) | 1, (2 << 8) | 3, (3 << 8) | 1
+    eng.set_instruments(np.array([a, b]), np.array([10, 11]))
+    dec = _core.KiteDecoder()
+    dec.feed(encode_message([Tick(token=b, length=8, recv_ns=1, price=1),
+                             Tick(token=a, length=8, recv_ns=2, price=1),
+                             Tick(token=b, length=8, recv_ns=3, price=1),
+                             Tick(token=c, length=8, recv_ns=4, price=1),
+                             Tick(token=c, length=8, recv_ns=5, price=1)]), 1, 0)
+    toks, first = eng.first_unseen(dec)
+    # in order of first appearance, with the index of that tick; c has no slot
+    assert toks.tolist() == [b, a, c] and first.tolist() == [0, 1, 3]
+    toks, first = eng.first_unseen(dec, 2)
+    assert toks.tolist() == [c] and first.tolist() == [3]  # slotless: every call
+    eng.forget_seen()
+    toks, first = eng.first_unseen(dec, 1)
+    assert toks.tolist() == [a, b, c] and first.tolist() == [1, 2, 3]
+    arr = dec.ticks[:dec.n_ticks].copy()  # a TICK_DTYPE array is a source too
+    eng.forget_seen()
+    assert eng.first_unseen(arr)[0].tolist() == [b, a, c]
+    assert len(eng.first_unseen(arr, 5)[0]) == 0
+
+
 def test_real_full_packet_vector():
     """The real Kite full-mode vector: tick rows carry its book's best levels."""
     import os

@@ -333,6 +333,7 @@ ctypedef struct inst_t:
     uint8_t dirty               # changed since the last take_state()
     uint8_t parked              # its ticks go to another engine (a backfill, ``park``): its
                                 # forming candles, book and state are neither written nor taken
+    uint8_t seen                # met by ``first_unseen`` since the last ``forget_seen``
 
 
 # The head of an instrument's continuation state (``Engine.take_state``,

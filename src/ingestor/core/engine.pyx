@@ -792,6 +792,57 @@ cdef class Engine:
                 k += 1
         return np.unique(out[:k])
 
+    def first_unseen(self, source, Py_ssize_t start=0):
+        """The first tick of each instrument in ``source[start:]`` (a KiteDecoder or a
+        TICK_DTYPE array) that this method has not met since ``forget_seen``, and marks
+        those instruments met.
+
+        One pass, no sort: what lets ``Pipeline`` judge each instrument's first tick of a
+        stream (a backfill or not) without sorting every chunk's tokens.  A token without
+        a slot has no mark to keep: it is returned at its first tick of every call.
+
+        Returns
+        -------
+        (numpy.ndarray, numpy.ndarray)
+            The tokens (uint32) in the order of their first tick, and those ticks'
+            indexes into ``source`` (int64).
+        """
+        cdef const tick_t *ticks
+        cdef _SourcePtr tp
+        cdef Py_ssize_t n, i, s, k = 0
+        cdef uint32_t tok
+        tpo, n, _, _ = self._source(source)
+        tp = <_SourcePtr>tpo
+        ticks = <const tick_t *>tp.p
+        toks = np.empty(max(0, n - start), dtype=np.uint32)
+        idx = np.empty(max(0, n - start), dtype=np.int64)
+        cdef uint32_t[::1] tv = toks
+        cdef int64_t[::1] iv = idx
+        cdef set slotless = None
+        for i in range(max(0, start), n):
+            tok = ticks[i].instrument_token
+            s = self._slot(tok)
+            if s >= 0:
+                if self._inst[s].seen:
+                    continue
+                self._inst[s].seen = 1
+            else:
+                if slotless is None:
+                    slotless = set()
+                if tok in slotless:
+                    continue
+                slotless.add(tok)
+            tv[k] = tok
+            iv[k] = i
+            k += 1
+        return toks[:k], idx[:k]
+
+    def forget_seen(self):
+        """Every instrument unmet again by ``first_unseen`` (a new stream)."""
+        cdef Py_ssize_t s
+        for s in range(self._n_slots):
+            self._inst[s].seen = 0
+
     def _source(self, source, n_ticks=None, depth=None, n_depth=None):
         # -> (tick pointer, n_ticks, depth pointer, n_depth), validated.
         cdef KiteDecoder dec

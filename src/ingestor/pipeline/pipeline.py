@@ -195,8 +195,10 @@ class Pipeline:
                        "bad_tokens": 0, "depth20": 0}
         self._texts: list = []
         self._retracted: list = []
-        #: latest price of every instrument: {instrument_id: (raw, divisor)} (for positions)
+        #: latest price of every instrument: {instrument_id: (raw, divisor)} (for positions),
+        #: kept while ``keep_latest`` (replay marks nothing to market: it spares the work)
         self.latest: dict[int, tuple[int, int]] = {}
+        self.keep_latest = True
         #: keep each batch's closed candles in ``FlushBatch.closed`` (not the forming ones a
         #: final flush writes out)
         self.keep_closed = False
@@ -244,6 +246,7 @@ class Pipeline:
         for token in self._bf_tokens.tolist():
             self.engine.park(token, False)
         self._bf_verdict = {}
+        self.engine.forget_seen()
         self._bf_tokens = np.empty(0, np.uint32)
         self._bf_engine = None
         self._begin()
@@ -398,12 +401,13 @@ class Pipeline:
         ticks = (dec.ticks if src is dec else src)[start:n]
         tokens = ticks["instrument_token"]
         verdict = self._bf_verdict
-        uniq, first = np.unique(tokens, return_index=True)
-        fresh = [k for k, t in enumerate(uniq.tolist()) if t not in verdict]
+        # each instrument's first tick of the stream, without sorting every chunk's tokens
+        met, first = self.engine.first_unseen(src, start)
+        fresh = [k for k, t in enumerate(met.tolist()) if t not in verdict]
         if fresh:
-            toks = uniq[fresh]
+            toks = met[fresh]
             last = self.engine.last_times(toks)
-            first_us = ticks["recv_ns"][first[fresh]].astype(np.int64) // 1000
+            first_us = ticks["recv_ns"][first[fresh] - start].astype(np.int64) // 1000
             # no stored time (INT64_MIN): nothing to be behind of
             behind = (last != np.iinfo(np.int64).min) & (
                 first_us < last - self.settings.backfill_tolerance_us)
@@ -475,6 +479,7 @@ class Pipeline:
         t0 = time.perf_counter()
         if len(rows):
             self._keep_rows(rows)
+        if len(rows) and self.keep_latest:
             # last row of each instrument in this drain (rows are in time order)
             ids = rows["instrument_id"][::-1]
             uniq, first = np.unique(ids, return_index=True)

@@ -192,6 +192,7 @@ def replay(path: str, dsn: str, *, settings: PipelineSettings | None = None,
         pipeline = Pipeline(stream, resolve=lambda toks: register_tokens(setup, toks,
                                                                          broker=broker),
                             settings=settings, committed=done)
+        pipeline.keep_latest = False  # no positions to mark to market here
         if broker == "angel":  # the header says whose frames: SmartStream's decoder, keyed by
             from ingestor.store.instruments import angel_decoder  # the registry
 
