@@ -180,3 +180,41 @@ def test_killed_connections_lose_nothing(db, capture, dense_rows=100):
     replay(str(capture), db, settings=settings, progress=False)
     with psycopg.connect(db) as conn:
         assert _table_digest(conn) == digest
+
+
+def test_the_last_batches_of_a_capture_shrink(capture):
+    """Near a capture's end a batch is cut once it holds about what is left (down to a
+    quarter batch): the last transaction, which commits with none beside it, is short
+    rather than whatever a whole batch left over."""
+    import asyncio
+
+    from ingestor.pipeline import Pipeline
+    from ingestor.pipeline.driver import Driver, drive_capture
+
+    ids: dict[int, int] = {}
+
+    def resolve(tokens):
+        return {t: ids.setdefault(t, len(ids) + 1) for t in tokens}
+
+    flush = 8_000
+    pl = Pipeline("shrink", resolve=resolve,
+                  settings=PipelineSettings(flush_rows=flush, first_batch_rows=0))
+    sizes: list[int] = []
+
+    async def run():
+        queue: asyncio.Queue = asyncio.Queue()
+        reader = CaptureReader(capture, chunk_size=1 << 16)  # ~800 ticks a chunk
+        try:
+            await drive_capture(Driver(pl, queue), reader)
+        finally:
+            reader.close()
+        while not queue.empty():
+            sizes.append(queue.get_nowait().n_ticks)
+
+    asyncio.run(run())
+    assert sum(sizes) == len(_decoded(capture)) == 30_000
+    *cut, last = sizes
+    assert cut[0] >= flush and cut[1] >= flush, sizes  # full batches while much is left
+    assert all(n >= flush // 4 for n in cut), sizes
+    # without shrinking, the last batch would hold 30,000 - 3 x 8,000 = 6,000 ticks
+    assert last < flush // 2, sizes

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import time
 from typing import Awaitable, Callable, Iterable
 
@@ -135,8 +136,14 @@ async def drive_capture(driver: Driver, reader, committed: int = -1,
     it = iter(reader.chunks())
     stream = reader.header.stream
     done = reader.data_offset
+    size = os.path.getsize(reader.path)
+    pl = driver.pipeline
     while (item := await driver._run(lambda: next(it, None))) is not None:
         chunk, seq = item
+        read = done - reader.data_offset
+        if read:  # rows still to come after this chunk, at the rate read so far
+            seen = pl.totals["ticks"] + pl.totals["backfill_ticks"] + pl.pending_rows
+            pl.rows_left = max(0, size - done - len(chunk)) * seen // read
         # the chunk is a view of the reader's buffer: decoded before the next read
         await driver.feed(stream, chunk, seq, committed)
         done += len(chunk)

@@ -199,6 +199,9 @@ class Pipeline:
         #: kept while ``keep_latest`` (replay marks nothing to market: it spares the work)
         self.latest: dict[int, tuple[int, int]] = {}
         self.keep_latest = True
+        #: an estimate of the tick rows still to come, or None (a live stream): near the end
+        #: of a capture (``drive_capture``) the last batches shrink, see ``ready``
+        self.rows_left: int | None = None
         #: keep each batch's closed candles in ``FlushBatch.closed`` (not the forming ones a
         #: final flush writes out)
         self.keep_closed = False
@@ -547,6 +550,12 @@ class Pipeline:
         limit = s.flush_rows
         if s.first_batch_rows and self.totals["batches"] < 20:
             limit = min(limit, s.first_batch_rows << self.totals["batches"])
+        left = self.rows_left
+        if left is not None and left < limit:
+            # the input ends within a batch: flush once the batch holds as much as is left
+            # (down to a quarter batch), so that the last transaction, which commits with
+            # no other beside it, is short rather than a whole batch
+            limit = max(left, s.flush_rows // 4)
         return self._n[0] + self._n_depth20 + self._bf_n[0] >= limit
 
     def take(self, *, final: bool = False, open_candles: bool = True) -> FlushBatch:
