@@ -12,7 +12,8 @@ import subprocess
 
 from daemon_harness import ingestor
 from ingestor import DEBUG
-from ingestor.metrics import Metrics, core_build, warn_debug_build
+from ingestor.build import core_build, warn_debug_build
+from ingestor.metrics import Metrics
 
 
 def test_core_build_label_in_metrics():

@@ -12,28 +12,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import logging
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-
-def core_build() -> str:
-    """``"debug"`` when the Cython core is the debug build (``make debug``/``make test`` leave
-    it in a checkout: checks on, several times slower), else ``"release"``."""
-    from ingestor import DEBUG
-
-    return "debug" if DEBUG else "release"
-
-
-def warn_debug_build(what: str) -> None:
-    """One WARNING line at the start of ``what`` (``run``, ``replay``) on the debug core."""
-    if core_build() == "debug":
-        logging.getLogger("ingestor").warning(
-            "%s on the DEBUG build of the core (checks on, several times slower): for "
-            "production, install a release build (make compile, or pip install .)", what)
+from ingestor.build import core_build
 
 
 class Metrics:

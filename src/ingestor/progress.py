@@ -12,7 +12,8 @@ import logging
 import sys
 import time
 
-from tqdm import tqdm
+# tqdm is imported where a bar or a line is made: a replay without either (--no-progress,
+# a short run) does not pay its import at start-up
 
 log = logging.getLogger("ingestor.progress")
 
@@ -50,6 +51,7 @@ class Progress:
         self._bar = None
         self._redirect = contextlib.ExitStack()
         if mode == "bar":
+            from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=total, initial=start, unit=unit, unit_scale=True,
@@ -78,6 +80,8 @@ class Progress:
 
     def line(self, now: float | None = None) -> str:
         """The progress as one plain line: share done, rate, time left, the note."""
+        from tqdm import tqdm
+
         elapsed = (now or time.monotonic()) - self.t0
         part = (self.done - self.start) / max(1, self.total - self.start)
         rate = self.count / elapsed if elapsed > 0 else 0.0

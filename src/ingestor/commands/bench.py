@@ -62,7 +62,7 @@ def machine_info() -> dict:
     """What the figures depend on: the CPU, the cores this process may use, Python, the
     package version and the core's build (a debug build is several times slower)."""
     from ingestor import __version__
-    from ingestor.metrics import core_build
+    from ingestor.build import core_build
 
     model = platform.processor() or platform.machine()
     try:

@@ -217,7 +217,7 @@ def run(args) -> int:
                     accept_loss=getattr(args, "accept_log_loss", False)).run()
             return await Daemon(cfg, dsn, plans, spool=spool).run()
 
-        from ingestor.metrics import warn_debug_build
+        from ingestor.build import warn_debug_build
 
         warn_debug_build("ingestor run")  # once everything is checked: not before an error line
         from ingestor.memory import limit_arenas

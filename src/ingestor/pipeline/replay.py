@@ -25,7 +25,7 @@ from ingestor.feed.capture import CaptureError, CaptureReader
 from ingestor.pipeline.driver import Driver, drive_capture
 from ingestor.pipeline.pipeline import (BACKFILL_TOLERANCE_US, FlushBatch, Pipeline,
                                         PipelineSettings)
-from ingestor.metrics import warn_debug_build
+from ingestor.build import warn_debug_build
 from ingestor.progress import EVERY, Progress
 from ingestor.store.writer import Writer, postback_handler
 
