@@ -183,9 +183,10 @@ def test_killed_connections_lose_nothing(db, capture, dense_rows=100):
 
 
 def test_the_last_batches_of_a_capture_shrink(capture):
-    """Near a capture's end a batch is cut once it holds about what is left (down to a
-    quarter batch): the last transaction, which commits with none beside it, is short
-    rather than whatever a whole batch left over."""
+    """Near a capture's end a batch is cut once it holds about what is left, while what
+    is left is at least a quarter batch: the last transaction, which commits with none
+    beside it, is short rather than whatever a whole batch left over, and no batch is so
+    small that its instruments' rows miss the columnstore."""
     import asyncio
 
     from ingestor.pipeline import Pipeline
@@ -217,4 +218,4 @@ def test_the_last_batches_of_a_capture_shrink(capture):
     assert cut[0] >= flush and cut[1] >= flush, sizes  # full batches while much is left
     assert all(n >= flush // 4 for n in cut), sizes
     # without shrinking, the last batch would hold 30,000 - 3 x 8,000 = 6,000 ticks
-    assert last < flush // 2, sizes
+    assert last <= flush // 2, sizes

@@ -551,11 +551,12 @@ class Pipeline:
         if s.first_batch_rows and self.totals["batches"] < 20:
             limit = min(limit, s.first_batch_rows << self.totals["batches"])
         left = self.rows_left
-        if left is not None and left < limit:
-            # the input ends within a batch: flush once the batch holds as much as is left
-            # (down to a quarter batch), so that the last transaction, which commits with
-            # no other beside it, is short rather than a whole batch
-            limit = max(left, s.flush_rows // 4)
+        if left is not None and s.flush_rows // 4 <= left < limit:
+            # the input ends within a batch: flush once the batch holds as much as is left,
+            # halving what remains while a half is at least a quarter batch (smaller ones
+            # would send most instruments' rows to the rowstore), so that the last
+            # transaction, which commits with no other beside it, is short
+            limit = left
         return self._n[0] + self._n_depth20 + self._bf_n[0] >= limit
 
     def take(self, *, final: bool = False, open_candles: bool = True) -> FlushBatch:
