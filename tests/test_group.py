@@ -51,6 +51,25 @@ def test_group_ticks_matches_the_model(ids, min_rows, descending):
     assert dense == sum(c for c in counts.values() if c >= min_rows)
 
 
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.integers(-(1 << 31), (1 << 31) - 1) | st.sampled_from([1, 2, 3, 5, 8]),
+                    max_size=400))
+def test_last_rows_is_each_instruments_last_row(ids):
+    """What a drain's latest prices come from: the last row of each instrument, instruments
+    in order of first appearance (the sort it replaces, numpy.unique on the reversed ids,
+    gives the same rows in id order)."""
+    got = _core.last_rows(_rows(ids)).tolist()
+    last = {i: k for k, i in enumerate(ids)}
+    assert got == [last[i] for i in dict.fromkeys(ids)]
+    if ids:
+        uniq, first = np.unique(np.array(ids, np.int32)[::-1], return_index=True)
+        assert sorted(got) == sorted((len(ids) - 1 - first).tolist())
+    with pytest.raises(TypeError):
+        _core.last_rows(np.zeros(3, _core.CANDLE_DTYPE))
+    with pytest.raises(ValueError, match="contiguous"):
+        _core.last_rows(_rows([1, 2, 3, 4])[::2])
+
+
 def test_group_ticks_refuses_what_it_cannot_do():
     rows = _rows([1, 2, 1])
     with pytest.raises(ValueError, match="holds 2 rows, 3 needed"):

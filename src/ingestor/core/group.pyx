@@ -121,3 +121,54 @@ def group_ticks(rows, out, Py_ssize_t min_rows=1, bint descending=True):
         free(count)
         free(cursor)
     return dense
+
+
+def last_rows(rows):
+    """The index of each instrument's last row in ``rows`` (TICKROW_DTYPE, as the engine
+    emitted them), instruments in the order of their first row: one pass over the rows with
+    the same open-addressing table as ``group_ticks``, no sort (a drain's latest price of
+    every instrument, for marking positions to market, without ``numpy.unique``).
+
+    Returns
+    -------
+    ndarray of int64
+        One index per instrument.
+    """
+    cdef cnp.ndarray src = rows
+    if src.dtype != TICKROW_DTYPE:
+        raise TypeError("last_rows: rows must be a TICKROW_DTYPE array")
+    if src.ndim != 1 or not src.flags.c_contiguous:
+        raise ValueError("last_rows: rows must be one-dimensional and contiguous")
+    cdef Py_ssize_t n = src.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    if n == 0:
+        return out
+    cdef int64_t[::1] ov = out
+    cdef const tickrow_t *rs = <const tickrow_t *>cnp.PyArray_DATA(src)
+    cdef Py_ssize_t cap = 64, mask, r, h, i, ngroups = 0
+    cdef int32_t key
+    while cap < 2 * n:
+        cap <<= 1
+    mask = cap - 1
+    cdef int64_t *keys = <int64_t *>malloc(cap * sizeof(int64_t))
+    cdef int32_t *vals = <int32_t *>malloc(cap * sizeof(int32_t))
+    try:
+        if keys == NULL or vals == NULL:
+            raise MemoryError()
+        with nogil:
+            for i in range(cap):
+                keys[i] = GROUP_EMPTY
+            for r in range(n):
+                key = rs[r].instrument_id
+                h = <Py_ssize_t>((<uint32_t>key * <uint32_t>2654435761u) & <uint32_t>mask)
+                while keys[h] != GROUP_EMPTY and keys[h] != key:
+                    h = (h + 1) & mask
+                if keys[h] == GROUP_EMPTY:
+                    keys[h] = key
+                    vals[h] = <int32_t>ngroups
+                    ngroups += 1
+                ov[vals[h]] = r
+    finally:
+        free(keys)
+        free(vals)
+    return out[:ngroups]

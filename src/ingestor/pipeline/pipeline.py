@@ -484,10 +484,9 @@ class Pipeline:
             self._keep_rows(rows)
         if len(rows) and self.keep_latest:
             # last row of each instrument in this drain (rows are in time order)
-            ids = rows["instrument_id"][::-1]
-            uniq, first = np.unique(ids, return_index=True)
-            last = rows[len(rows) - 1 - first]
-            self.latest.update(zip(uniq.tolist(), zip(last["price"].tolist(), last["divisor"].tolist())))
+            last = rows[_core.last_rows(rows)]
+            self.latest.update(zip(last["instrument_id"].tolist(),
+                                   zip(last["price"].tolist(), last["divisor"].tolist())))
         if len(candles):
             # never stored in any version: a closed candle of a timeframe not upserted while
             # forming, written for the first time
