@@ -67,8 +67,9 @@ def test_same_rows_as_one_at_a_time(db, pg_server_dsn, tmp_path):
     r = replay(str(path), db, settings=settings, progress=False, chunk_size=1 << 16)
     assert r.ticks == 40_000 and r.batches >= 10
     # every batch went through the overlapped path (none written again one at a time) but
-    # the last, the end of input's forming candles, which covers no message: written alone
-    assert r.overlapped == r.batches - 1
+    # a last one covering no message (the end of input's forming candles alone), which is
+    # written alone: whether there is one depends on where the last batches were cut
+    assert r.overlap_retries == 0 and r.overlapped >= r.batches - 1
     with _scratch_database(pg_server_dsn, "ingestor_t") as other:
         with psycopg.connect(other, autocommit=True) as conn:
             migrate(conn)
