@@ -72,7 +72,9 @@ def test_batch_ends_go_with_their_segment(tmp_path):
     while sp.take() is not None:
         pass
     sp.release(sp.segments[1].end_seq - 1)  # the first two segments committed
-    _until(lambda: sum(not os.path.exists(p) for p in paths) >= 2, "two segments deleted")
+    # (the thread deletes a segment, then its marks: wait for both, not for the first)
+    _until(lambda: sum(not os.path.exists(p) and not os.path.exists(p + BATCHES_SUFFIX)
+                       for p in paths) >= 2, "two segments deleted with their marks")
     gone = [p for p in paths if not os.path.exists(p)]
     assert len(gone) == 2
     assert not any(os.path.exists(p + BATCHES_SUFFIX) for p in gone)
