@@ -19,23 +19,30 @@ cdef enum:
     GROUP_EMPTY = -1
 
 
+cdef inline Py_ssize_t _group_of(int32_t key, int64_t *keys, int32_t *vals, Py_ssize_t mask,
+                                 Py_ssize_t *ngroups) noexcept nogil:
+    # ``key``'s group in the open-addressing table; a key met for the first time gets the
+    # next number (``ngroups`` counts them)
+    cdef Py_ssize_t h = <Py_ssize_t>((<uint32_t>key * <uint32_t>2654435761u) & <uint32_t>mask)
+    while keys[h] != GROUP_EMPTY and keys[h] != key:
+        h = (h + 1) & mask
+    if keys[h] == GROUP_EMPTY:
+        keys[h] = key
+        vals[h] = <int32_t>ngroups[0]
+        ngroups[0] += 1
+    return vals[h]
+
+
 cdef Py_ssize_t _group_ticks(const tickrow_t *rows, tickrow_t *out, Py_ssize_t n,
                              Py_ssize_t min_rows, bint descending, int32_t *row_group,
                              int64_t *keys, int32_t *vals, Py_ssize_t mask,
                              Py_ssize_t *count, Py_ssize_t *cursor) noexcept nogil:
-    cdef Py_ssize_t r, h, g, ngroups = 0, pos = 0, dense, part
-    cdef int32_t key
+    cdef Py_ssize_t r, g, known, ngroups = 0, pos = 0, dense, part
     for r in range(n):
-        key = rows[r].instrument_id
-        h = <Py_ssize_t>((<uint32_t>key * <uint32_t>2654435761u) & <uint32_t>mask)
-        while keys[h] != GROUP_EMPTY and keys[h] != key:
-            h = (h + 1) & mask
-        if keys[h] == GROUP_EMPTY:
-            keys[h] = key
-            vals[h] = <int32_t>ngroups
-            count[ngroups] = 0
-            ngroups += 1
-        g = vals[h]
+        known = ngroups
+        g = _group_of(rows[r].instrument_id, keys, vals, mask, &ngroups)
+        if ngroups != known:  # a new group
+            count[g] = 0
         count[g] += 1
         row_group[r] = <int32_t>g
     # each group's first slot: dense groups first, then sparse ones, each part in order of
@@ -145,8 +152,7 @@ def last_rows(rows):
         return out
     cdef int64_t[::1] ov = out
     cdef const tickrow_t *rs = <const tickrow_t *>cnp.PyArray_DATA(src)
-    cdef Py_ssize_t cap = 64, mask, r, h, i, ngroups = 0
-    cdef int32_t key
+    cdef Py_ssize_t cap = 64, mask, r, i, ngroups = 0
     while cap < 2 * n:
         cap <<= 1
     mask = cap - 1
@@ -159,15 +165,7 @@ def last_rows(rows):
             for i in range(cap):
                 keys[i] = GROUP_EMPTY
             for r in range(n):
-                key = rs[r].instrument_id
-                h = <Py_ssize_t>((<uint32_t>key * <uint32_t>2654435761u) & <uint32_t>mask)
-                while keys[h] != GROUP_EMPTY and keys[h] != key:
-                    h = (h + 1) & mask
-                if keys[h] == GROUP_EMPTY:
-                    keys[h] = key
-                    vals[h] = <int32_t>ngroups
-                    ngroups += 1
-                ov[vals[h]] = r
+                ov[_group_of(rs[r].instrument_id, keys, vals, mask, &ngroups)] = r
     finally:
         free(keys)
         free(vals)
