@@ -482,11 +482,11 @@ class Pipeline:
         t0 = time.perf_counter()
         if len(rows):
             self._keep_rows(rows)
-        if len(rows) and self.keep_latest:
-            # last row of each instrument in this drain (rows are in time order)
-            last = rows[_core.last_rows(rows)]
-            self.latest.update(zip(last["instrument_id"].tolist(),
-                                   zip(last["price"].tolist(), last["divisor"].tolist())))
+            if self.keep_latest:
+                # last row of each instrument in this drain (rows are in time order)
+                last = rows[_core.last_rows(rows)]
+                self.latest.update(zip(last["instrument_id"].tolist(),
+                                       zip(last["price"].tolist(), last["divisor"].tolist())))
         if len(candles):
             # never stored in any version: a closed candle of a timeframe not upserted while
             # forming, written for the first time
