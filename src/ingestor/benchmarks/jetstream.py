@@ -212,6 +212,16 @@ def _kept_up(r: dict) -> bool:
     return not r["lost"] and r["committed ticks/s"] >= 0.95 * r["offered ticks/s"]
 
 
+def _shares(kept: float | None, peak: float, base_kept: float | None, base_peak: float) -> str:
+    """A layout's share of the daemon's peak and of its rate kept up with, as printed."""
+    if not base_peak:
+        return ""
+    out = f"; {peak / base_peak:.2f} of embedded's peak"
+    if kept and base_kept:
+        out += f", {kept / base_kept:.2f} of its rate kept up with"
+    return out
+
+
 def find_max(layouts=("embedded", "js1"), seconds: float = 5.0, tokens: int = 500,
              start: int = 5_000, cap: int = 640_000, bisections: int = 2,
              broker: str = "kite"):
@@ -269,11 +279,8 @@ if __name__ == "__main__":
                 peaks.setdefault(layout, []).append((ok[1] if ok else 0.0, peak))
                 kept = (f"kept up with up to {ok[0]:,} offered ({ok[1]:,.0f} committed)" if ok
                         else f"fell behind already at {start:,}/s")
-                share = ""
-                if layout != "embedded" and base[1]:
-                    share = f"; {peak / base[1]:.2f} of embedded's peak"
-                    if ok and base[0]:
-                        share += f", {ok[1] / base[0][1]:.2f} of its rate kept up with"
+                share = "" if layout == "embedded" else _shares(
+                    ok and ok[1], peak, base[0] and base[0][1], base[1])
                 print(f"{layout}: {kept}; peak loss-free {peak:,.0f} ticks/s committed{share}")
         if peaks:
             med = {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v))
@@ -281,13 +288,12 @@ if __name__ == "__main__":
             for layout, (kept, peak) in med.items():
                 line = (f"median of {rounds}: {layout} kept up with {kept:,.0f} committed, "
                         f"peak loss-free {peak:,.0f}")
-                if layout != "embedded" and med.get("embedded", (0, 0))[1]:
-                    share = peak / med["embedded"][1]
-                    line += f"; {share:.2f} of embedded's peak"
-                    if med["embedded"][0]:
-                        line += f", {kept / med['embedded'][0]:.2f} of its rate kept up with"
+                base_kept, base_peak = med.get("embedded", (0.0, 0.0))
+                if layout != "embedded" and base_peak:
+                    line += _shares(kept, peak, base_kept, base_peak)
                     if layout == "js1":
-                        line += " (bar 0.8: " + ("met" if share >= 0.8 else "NOT met") + ")"
+                        line += " (bar 0.8: " + ("met" if peak >= 0.8 * base_peak
+                                                 else "NOT met") + ")"
                 print(line)
         sys.exit(0)
     rates = [int(x) for x in argv[argv.index("--rates") + 1].split(",")] if "--rates" in argv else None
