@@ -543,7 +543,7 @@ def test_without_candle_seeding_the_stored_candles_go_wrong(db, capture, tmp_pat
     part1, part2 = _split(capture, tmp_path, _cut(capture[2], rng))
     settings = PipelineSettings(flush_rows=2_500)
     rp.replay(str(part1), db, settings=settings, progress=False)
-    with pytest.raises(WriterStopped, match="ohlc_candles_pkey"):
+    with pytest.raises(WriterStopped, match="ohlc_candles_key"):
         rp.replay(str(part2), db, settings=settings, progress=False)
 
 

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 import test_backfill
+import test_candle_keys
 import test_replay
 from test_db_migrate import _migrations_before, _old_rows
 from ingestor.pipeline import PipelineSettings
@@ -349,8 +350,8 @@ def test_an_old_layout_with_rows_and_compressed_chunks_migrates(tsdb_db, tmp_pat
             "SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint "
             "WHERE contype = 'p' AND conrelid IN ('ohlc_candles'::regclass, "
             "'order_book_snapshots'::regclass)").fetchall())
-        assert keys == {"ohlc_candles": "PRIMARY KEY (instrument_id, timeframe, \"time\")",
-                        "order_book_snapshots": "PRIMARY KEY (instrument_id, \"time\")"}
+        assert keys == {"order_book_snapshots": "PRIMARY KEY (instrument_id, \"time\")"}
+        test_candle_keys.assert_candle_keys(conn)
         assert st.policies[("tick_data", "compression")] == conn.execute(
             "SELECT '1 hour'::interval::text").fetchone()[0]
         assert test_replay._table_digest(conn) == before

@@ -68,7 +68,7 @@ def _conventional(path: str, dsn: str, ids: dict, flush_rows: int) -> int:
     from ingestor.store.instruments import exchange_of
     from ingestor.twin.candles import Engine as PyEngine
     from ingestor.twin.frames import decode_message
-    from ingestor.store.writer import SQL_STAGE, SQL_UPSERT
+    from ingestor.store.candle_sql import SQL_STAGE, apply_staged
 
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
     us = dt.timedelta(microseconds=1)
@@ -125,7 +125,7 @@ def _conventional(path: str, dsn: str, ids: dict, flush_rows: int) -> int:
                                       price(c["close"], d), c["volume"], c["trade_count"],
                                       Decimal(c["vwap_e7"]).scaleb(-7) if c["flags"] & 1 else None,
                                       c["open_interest"] if c["flags"] & 2 else None))
-                cur.execute(SQL_UPSERT)
+                apply_staged(cur)
                 with cur.copy("COPY order_book_snapshots (time, instrument_id, bid_prices, "
                               "bid_quantities, bid_orders, ask_prices, ask_quantities, ask_orders, "
                               "total_bid_quantity, total_ask_quantity) FROM STDIN") as cp:

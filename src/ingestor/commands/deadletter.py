@@ -158,7 +158,7 @@ def apply_entry(conn, entry: Entry, store=None) -> None:
     """Apply one entry in one transaction of ``conn`` (counts into ``entry``)."""
     from ingestor import _core
     from ingestor.pipeline import tables
-    from ingestor.store.candle_sql import RECOMPUTE_SQL, SQL_KEYS_TABLE
+    from ingestor.store.candle_sql import RECOMPUTE_SQL, SQL_KEYS_TABLE, SQL_STAGE, apply_staged
 
     base = entry.base
     tick_cols = ", ".join(c[0] for c in tables.TICK_COLUMNS)
@@ -189,7 +189,9 @@ def apply_entry(conn, entry: Entry, store=None) -> None:
                 "FROM ingestor_dl_candles c JOIN unnest(%s::text[], %s::bigint[]) AS s (tf, us) "
                 "ON s.tf = c.timeframe",
                 (labels, [_core.timeframe_us(t) for t in labels]))
-            entry.candles_recomputed = conn.execute(RECOMPUTE_SQL).rowcount
+            conn.execute(SQL_STAGE)
+            conn.execute(RECOMPUTE_SQL)
+            entry.candles_recomputed = apply_staged(conn)
         backfill = _read(f"{base}.backfill_ticks.copy")
         if backfill:
             entry.ticks_added += _apply_backfill(conn, backfill, entry.meta.get("backfill_clock"))
@@ -215,7 +217,7 @@ def _apply_backfill(conn, payload: bytes, clock: dict | None) -> int:
     import datetime as dt
 
     from ingestor.store import writer as w
-    from ingestor.store.candle_sql import RECOMPUTE_SQL, SQL_KEYS_TABLE
+    from ingestor.store.candle_sql import RECOMPUTE_SQL, SQL_KEYS_TABLE, SQL_STAGE, apply_staged
 
     if not clock:
         raise ValueError("a backfill entry without its backfill_clock (the candle buckets)")
@@ -232,7 +234,9 @@ def _apply_backfill(conn, payload: bytes, clock: dict | None) -> int:
         conn.execute(SQL_KEYS_TABLE)
         conn.execute(w.SQL_BACKFILL_KEYS, params)
         conn.execute("ANALYZE ingestor_candle_keys")
+        conn.execute(SQL_STAGE)
         conn.execute(RECOMPUTE_SQL)
+        apply_staged(conn)
         conn.execute(w.SQL_BACKFILL_RELEASE_STATE, {"origin": params["origin"]})
     return inserted
 

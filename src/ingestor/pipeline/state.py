@@ -47,6 +47,7 @@ from decimal import Decimal
 import numpy as np
 
 from ingestor import _core
+from ingestor.store.candle_sql import FAST_SQL
 from ingestor.store.instruments import divisor_of
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
@@ -138,9 +139,16 @@ CROSS JOIN LATERAL (SELECT price FROM tick_data
                     WHERE instrument_id = base.id AND time = agg.open_time LIMIT 1) o
 LEFT JOIN LATERAL (SELECT oi FROM tick_data
                    WHERE instrument_id = base.id AND time = agg.oi_time LIMIT 1) oi ON true
-LEFT JOIN LATERAL (SELECT * FROM ohlc_candles
-                   WHERE time = agg.start AND instrument_id = base.id
-                     AND timeframe = (%(labels)s::text[])[agg.tf_index + 1] LIMIT 1) s ON true
+-- (the stored candle: one branch per index of sql/0007, each with the constant condition on
+-- the timeframe that lets the planner use it -- the key, or the sub-minute ones' BRIN)
+LEFT JOIN LATERAL (SELECT * FROM (
+        SELECT * FROM ohlc_candles WHERE timeframe NOT IN """ + FAST_SQL + """
+           AND time = agg.start AND instrument_id = base.id
+           AND timeframe = (%(labels)s::text[])[agg.tf_index + 1]
+        UNION ALL
+        SELECT * FROM ohlc_candles WHERE timeframe IN """ + FAST_SQL + """
+           AND time = agg.start AND instrument_id = base.id
+           AND timeframe = (%(labels)s::text[])[agg.tf_index + 1]) c LIMIT 1) s ON true
 ORDER BY base.instrument_token, agg.tf_index
 """
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from ingestor.pipeline.tables import CANDLE_VALUE_COLUMNS
 
-__all__ = ["CANDLES_SQL", "RECOMPUTE_SQL", "SQL_KEYS_TABLE"]
+__all__ = ["CANDLES_SQL", "FAST_TIMEFRAMES", "RECOMPUTE_SQL", "SQL_KEYS_TABLE", "SQL_STAGE",
+           "apply_staged", "aapply_staged"]
 
 # the volume of tick ``d`` given ``prev``, the instrument's previous cumulative volume
 _VOLUME_DELTA = """case when d.volume is null or v.prev is null then 0
@@ -67,9 +68,87 @@ SQL_KEYS_TABLE = ("CREATE TEMP TABLE IF NOT EXISTS ingestor_candle_keys "
                   "ON COMMIT DELETE ROWS")
 
 _VALUES = ", ".join(CANDLE_VALUE_COLUMNS)
+_COLS = f"time, instrument_id, timeframe, {_VALUES}"
 
-#: Recompute the candles named in ``ingestor_candle_keys`` from ``tick_data`` and upsert
-#: them into ``ohlc_candles`` (rows that are already right are left alone).  The same
+# ---------------------------------------------------------------------------------------------
+# Writing candles that may be stored already (sql/0007).  ``ohlc_candles`` has a unique key
+# on every timeframe but the sub-minute ones, which are written once, when they close, with no
+# B-tree entry each.  A candle that may be stored in another version (a forming one upserted
+# as it grows, one a stop stored while forming and the resumed stream closed, a backfill's
+# recomputed bucket) is staged in ``ingestor_candle_stage``, then :func:`apply_staged`
+# upserts the keyed ones by their key and replaces the sub-minute ones: deletes the stored
+# version by key, within the staged rows' time span and instruments (the BRIN index on time;
+# on TimescaleDB the span and the instruments, a segmentby column, also bound the compressed
+# batches a delete decompresses), and inserts them.  In a key staged twice the latest version
+# (highest ``ord``) wins.  The writer's transactions that stage candles follow each other (the
+# offset row's lock, and N+1's upserts wait for N's commit), so nothing inserts the same
+# sub-minute candle between the delete and the insert.
+
+#: The timeframes written once, without a key: exactly the predicate of sql/0007's indexes.
+FAST_TIMEFRAMES = ("1s", "5s")
+#: the same as an SQL list, ``('1s', '5s')``
+FAST_SQL = "(" + ", ".join(f"'{t}'" for t in FAST_TIMEFRAMES) + ")"
+
+SQL_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS ingestor_candle_stage "
+             "(LIKE ohlc_candles, ord bigint GENERATED ALWAYS AS IDENTITY) ON COMMIT DELETE ROWS")
+_LATEST = (f"SELECT DISTINCT ON (time, instrument_id, timeframe) {_COLS} "
+           f"FROM ingestor_candle_stage WHERE timeframe {{}} IN {FAST_SQL} "
+           f"ORDER BY time, instrument_id, timeframe, ord DESC")
+#: the keyed timeframes' upsert (a row already right is left alone)
+SQL_UPSERT_KEYED = (
+    f"INSERT INTO ohlc_candles AS o ({_COLS}) {_LATEST.format('NOT')} "
+    f"ON CONFLICT (time, instrument_id, timeframe) WHERE timeframe NOT IN {FAST_SQL} "
+    f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in CANDLE_VALUE_COLUMNS)} "
+    f"WHERE ({', '.join(f'o.{c}' for c in CANDLE_VALUE_COLUMNS)}) "
+    f"IS DISTINCT FROM ({', '.join(f'excluded.{c}' for c in CANDLE_VALUE_COLUMNS)})")
+#: the staged sub-minute candles' span: instruments, first and last bucket (NULLs: none)
+SQL_FAST_SPAN = (f"SELECT array_agg(DISTINCT instrument_id), min(time), max(time) "
+                 f"FROM ingestor_candle_stage WHERE timeframe IN {FAST_SQL}")
+# no limit on the rows a delete may decompress in a columnstore chunk (TimescaleDB's
+# default of 100k would refuse a resumed stream of many instruments): the span bounds them
+SQL_FAST_NO_LIMIT = ("SELECT set_config("
+                     "'timescaledb.max_tuples_decompressed_per_dml_transaction', '0', true)")
+SQL_FAST_DELETE = (
+    f"DELETE FROM ohlc_candles o USING ingestor_candle_stage s "
+    f"WHERE o.timeframe IN {FAST_SQL} AND o.instrument_id = ANY(%(ids)s) "
+    f"AND o.time >= %(lo)s AND o.time <= %(hi)s "
+    f"AND s.timeframe = o.timeframe AND s.instrument_id = o.instrument_id AND s.time = o.time")
+SQL_FAST_INSERT = f"INSERT INTO ohlc_candles ({_COLS}) {_LATEST.format('')}"
+SQL_STAGE_CLEAR = "DELETE FROM ingestor_candle_stage"
+
+
+def apply_staged(conn) -> int:
+    """Write the candles staged in ``ingestor_candle_stage`` (see above) and empty the stage,
+    in ``conn``'s transaction; the rows written."""
+    ids, lo, hi = conn.execute(SQL_FAST_SPAN).fetchone()
+    n = 0
+    if ids:
+        conn.execute(SQL_FAST_NO_LIMIT)
+        conn.execute(SQL_FAST_DELETE, {"ids": ids, "lo": lo, "hi": hi})
+        n += conn.execute(SQL_FAST_INSERT).rowcount
+    n += conn.execute(SQL_UPSERT_KEYED).rowcount
+    conn.execute(SQL_STAGE_CLEAR)
+    return n
+
+
+async def aapply_staged(cur) -> int:
+    """:func:`apply_staged` on an async cursor."""
+    await cur.execute(SQL_FAST_SPAN)
+    ids, lo, hi = await cur.fetchone()
+    n = 0
+    if ids:
+        await cur.execute(SQL_FAST_NO_LIMIT)
+        await cur.execute(SQL_FAST_DELETE, {"ids": ids, "lo": lo, "hi": hi})
+        await cur.execute(SQL_FAST_INSERT)
+        n += cur.rowcount
+    await cur.execute(SQL_UPSERT_KEYED)
+    n += cur.rowcount
+    await cur.execute(SQL_STAGE_CLEAR)
+    return n
+
+
+#: Recompute the candles named in ``ingestor_candle_keys`` from ``tick_data`` into
+#: ``ingestor_candle_stage``, for :func:`apply_staged` to write.  The same
 #: definition as :data:`CANDLES_SQL`, restricted to the keys: the ticks of each key's
 #: bucket, the previous cumulative volume looked up before the bucket where the bucket's
 #: first tick with a volume needs it.  A key whose bucket holds no tick is left as it is.
@@ -95,13 +174,9 @@ with k as (
            {_VOLUME_DELTA} as dv
     from b d left join v using (bucket, timeframe, instrument_id, time)
 )
-insert into ohlc_candles as o (time, instrument_id, timeframe, {_VALUES})
+insert into ingestor_candle_stage ({_COLS})
 select bucket, instrument_id, timeframe,
        {_AGGREGATES}
 from t
 group by bucket, instrument_id, timeframe
-on conflict (time, instrument_id, timeframe) do update set
-       {", ".join(f"{c} = excluded.{c}" for c in CANDLE_VALUE_COLUMNS)}
- where ({", ".join(f"o.{c}" for c in CANDLE_VALUE_COLUMNS)})
-       is distinct from ({", ".join(f"excluded.{c}" for c in CANDLE_VALUE_COLUMNS)})
 """

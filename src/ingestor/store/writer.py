@@ -19,8 +19,10 @@ on the client's side, for N's commit (see "Two connections" below).
    TimescaleDB: staging + upsert into the old two-index table 35k rows/s, into
    the one-key table 36k, plain COPY into it 71k); the others (forming
    candles, upserted again as they grow, and closes of candles stored while
-   forming) are ``COPY``ed into a temporary staging table, then ``INSERT ...
-   ON CONFLICT DO UPDATE`` (the last version of a key in a batch wins);
+   forming) are ``COPY``ed into a temporary staging table, then written by
+   ``candle_sql.apply_staged``: upserted by the key (``INSERT ... ON CONFLICT
+   DO UPDATE``), the 1s/5s ones, which have no key (sql/0007), replaced (the
+   last version of a key in a batch wins);
 4. ``COPY order_book_snapshots`` (first deleting the rows the batch
    retracts: see ``FlushBatch.retracted``), then upsert the engine's state of
    the instruments the batch touched into ``engine_state`` (the restart state
@@ -116,6 +118,7 @@ from psycopg.conninfo import conninfo_to_dict
 from ingestor.errors import ConnectionLost, StreamAdvanced, WriterStopped
 from ingestor.pipeline import tables
 from ingestor.store import offsets
+from ingestor.store.candle_sql import SQL_STAGE, aapply_staged
 from ingestor.store.errors import classify, describe_error, is_transient, sqlstate_of
 from ingestor.store.dsn import describe, error_line, password_of
 from ingestor.logs import register_secret
@@ -130,9 +133,6 @@ _CANDLE_KEY = ("time", "instrument_id", "timeframe")
 _CANDLE_COLS = _CANDLE_KEY + tables.CANDLE_VALUE_COLUMNS
 _CANDLE_LIST = ", ".join(_CANDLE_COLS)
 
-SQL_STAGE = (
-    "CREATE TEMP TABLE IF NOT EXISTS ingestor_candle_stage "
-    "(LIKE ohlc_candles, ord bigint GENERATED ALWAYS AS IDENTITY) ON COMMIT DELETE ROWS")
 SQL_COPY_TICKS = f"COPY tick_data ({_TICK_COLS}) FROM STDIN (FORMAT BINARY)"
 SQL_COPY_CANDLES = f"COPY ohlc_candles ({_CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
 # for the rest of the transaction only, and turned off after the one COPY it is for
@@ -165,14 +165,6 @@ SQL_SNAP_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS ingestor_snapshot_stage "
 SQL_COPY_SNAP_STAGE = (f"COPY ingestor_snapshot_stage ({_SNAP_COLS}) FROM STDIN (FORMAT BINARY)")
 SQL_INSERT_SNAPS = (f"INSERT INTO order_book_snapshots ({_SNAP_COLS}) "
                     f"SELECT {_SNAP_COLS} FROM ingestor_snapshot_stage ON CONFLICT DO NOTHING")
-# DISTINCT ON: a key twice in one batch (a bucket reopened by a late tick) would
-# make ON CONFLICT DO UPDATE affect a row twice; the latest version (highest ord) wins.
-SQL_UPSERT = (
-    f"INSERT INTO ohlc_candles ({_CANDLE_LIST}) "
-    f"SELECT DISTINCT ON (time, instrument_id, timeframe) {_CANDLE_LIST} "
-    f"FROM ingestor_candle_stage ORDER BY time, instrument_id, timeframe, ord DESC "
-    f"ON CONFLICT (time, instrument_id, timeframe) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in tables.CANDLE_VALUE_COLUMNS))
 
 # The engine's continuation state of the instruments a batch touched (sql/0004): staged, then
 # upserted by instrument, in the batch's transaction (its rows, offset and state commit together).
@@ -893,7 +885,7 @@ class Writer:
         async with conn.cursor() as cur:
             if b.candles:
                 await _copy(cur, SQL_COPY_STAGE, b.candles)
-                await cur.execute(SQL_UPSERT)
+                await aapply_staged(cur)
             if b.retracted:
                 await _retract(cur, b)
                 if b.n_snapshots:
@@ -959,7 +951,7 @@ class Writer:
             async with conn.cursor() as cur:
                 if b.n_candles:
                     await _stage_candles(cur, b)
-                    await cur.execute(SQL_UPSERT)
+                    await aapply_staged(cur)
                 if b.retracted:
                     await _retract(cur, b)
                 if b.n_snapshots:
@@ -1059,6 +1051,7 @@ async def _write_backfill(cur, b: FlushBatch, stats: WriterStats) -> None:
             # (the planner needs the keys' count: else a scan of tick_data per key)
             await cur.execute("ANALYZE ingestor_candle_keys")
             await cur.execute(RECOMPUTE_SQL)
+            await aapply_staged(cur)
             await cur.execute(SQL_BACKFILL_RELEASE_STATE, {"origin": clock["origin"]})
     if b.n_backfill_snapshots:
         async with cur.copy(SQL_COPY_SNAP_STAGE) as cp:
