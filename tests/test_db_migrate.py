@@ -197,6 +197,33 @@ def test_split_statements(text, expected):
     assert mig.split_statements(text) == expected
 
 
+def test_a_migration_that_locks_a_large_table_says_so_first(fresh_db, tmp_path, caplog,
+                                                             monkeypatch):
+    """``-- ingestor: locks ...``: before such a migration runs, the tables it names that hold
+    more rows than the threshold are named in a warning (a table that does not exist is not)."""
+    import logging
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "0001_table.sql").write_text(
+        "-- a table with rows\nCREATE TABLE big (x int);\n"
+        "INSERT INTO big SELECT generate_series(1, 5000);\nANALYZE big;\n")
+    (folder / "0002_index.sql").write_text(
+        "-- an index built in the transaction\n-- ingestor: locks big, not_there\n"
+        "CREATE INDEX ON big (x);\n")
+    assert [m.locks for m in mig.discover(folder)] == [(), ("big", "not_there")]
+    monkeypatch.setattr(mig, "LOCK_WARN_ROWS", 1_000)
+    with psycopg.connect(fresh_db, autocommit=True) as conn, \
+            caplog.at_level(logging.WARNING, logger="ingestor.store.migrate"):
+        assert [m.version for m in mig.migrate(conn, folder)] == [1, 2]
+    said = [r.getMessage() for r in caplog.records if "locked until it commits" in r.getMessage()]
+    assert len(said) == 1
+    assert said[0].startswith("migration 0002_index holds big (about 5,000 rows) locked")
+    assert "not_there" not in said[0]
+    # the shipped migration that rebuilds the candle key says which table it locks
+    assert [m.locks for m in mig.discover() if m.version == 7] == [("ohlc_candles",)]
+
+
 def _migrations_before(tmp_path, version: int):
     """A folder of the shipped migrations numbered below ``version``: an older schema."""
     from ingestor.store.migrate import discover

@@ -17,6 +17,11 @@ top-level ``sql/``), applied in version order and recorded in
   fails, the earlier ones stay applied and the migration is not recorded, so it is run again
   from the top next time: its statements must be idempotent (``IF NOT EXISTS``, and for a
   concurrent index, ``DROP INDEX CONCURRENTLY IF EXISTS`` of an invalid leftover first).
+* **Long locks said first.**  A migration that holds tables locked until it commits (an
+  index rebuilt in its transaction) names them in its header, ``-- ingestor: locks t1,
+  t2``; before it runs, :func:`migrate` logs a warning naming the tables that hold more
+  than :data:`LOCK_WARN_ROWS` rows (the planner's estimate), since writes to them wait
+  until it commits.
 * **Tamper-evident.**  The SHA-256 of each applied file (line endings normalised) is stored;
   if an applied file has changed since, :func:`migrate` refuses (:class:`MigrationError`) --
   an applied migration is history; a change goes in a new file.
@@ -41,6 +46,11 @@ LOCK_KEY = int.from_bytes(b"ingestor", "big")
 
 #: The header line that makes a migration run outside a transaction.
 NO_TRANSACTION = re.compile(r"^--\s*ingestor:\s*no-transaction\s*$", re.M)
+
+#: The header line naming the tables a migration holds locked until it commits.
+LOCKS = re.compile(r"^--\s*ingestor:\s*locks\s+(.+?)\s*$", re.M)
+#: Above this many rows (estimated) in a table a migration locks, it is announced.
+LOCK_WARN_ROWS = 1_000_000
 
 _FILENAME = re.compile(r"^(\d{4})_([a-z0-9][a-z0-9_]*)\.sql$")
 
@@ -74,6 +84,8 @@ class Migration:
         SHA-256 (hex) of the text with line endings normalised to ``\\n``.
     transactional : bool
         False when the header marks it ``-- ingestor: no-transaction``.
+    locks : tuple of str
+        The tables its header names in ``-- ingestor: locks ...``.
     """
 
     version: int
@@ -81,6 +93,7 @@ class Migration:
     sql: str
     checksum: str
     transactional: bool
+    locks: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -119,8 +132,12 @@ def discover(source: str | Path | None = None) -> list[Migration]:
         if version in found:
             raise MigrationError(f"two migrations numbered {version:04d}: "
                                  f"{found[version].label}.sql and {entry.name}")
+        header = _header(text)
+        locks = tuple(t.strip() for found_locks in LOCKS.findall(header)
+                      for t in found_locks.split(",") if t.strip())
         found[version] = Migration(version, m.group(2), text, checksum(text),
-                                   transactional=not NO_TRANSACTION.search(_header(text)))
+                                   transactional=not NO_TRANSACTION.search(header),
+                                   locks=locks)
     return [found[v] for v in sorted(found)]
 
 
@@ -375,6 +392,7 @@ def migrate(conn, source: str | Path | None = None) -> list[Migration]:
             for m in status.pending:
                 log.info("applying migration %s%s", m.label,
                          "" if m.transactional else " (outside a transaction)")
+                _announce_locks(conn, m)
                 try:
                     if m.transactional:
                         with conn.transaction():
@@ -394,6 +412,27 @@ def migrate(conn, source: str | Path | None = None) -> list[Migration]:
         if not conn.closed and conn.info.transaction_status == 0:
             conn.autocommit = was_autocommit
     return done
+
+
+# a table's rows as the planner estimates them, its partitions or chunks included (-1: never
+# analyzed, counted as none); NULL when the table does not exist (yet)
+_SQL_ROWS = """
+SELECT sum(greatest(c.reltuples, 0))::bigint FROM pg_class c
+WHERE c.oid = to_regclass(%(t)s)
+   OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = to_regclass(%(t)s))
+"""
+
+
+def _announce_locks(conn, m: Migration) -> None:
+    big = []
+    for table in m.locks:
+        rows = conn.execute(_SQL_ROWS, {"t": table}).fetchone()[0] or 0
+        if rows > LOCK_WARN_ROWS:
+            big.append(f"{table} (about {rows:,} rows)")
+    if big:
+        log.warning("migration %s holds %s locked until it commits: writes to %s wait "
+                    "meanwhile (run this outside market hours)", m.label, ", ".join(big),
+                    "it" if len(big) == 1 else "them")
 
 
 def _record(conn, m: Migration) -> None:

@@ -30,8 +30,11 @@
 --
 -- Lock.  The key is rebuilt and the BRIN index built inside this migration's transaction:
 -- writes to ohlc_candles wait until both are built (minutes for some hundred million rows).
--- Run `ingestor migrate` outside market hours on a large database; the daemon refuses to
--- start on a schema that is not current, so nothing writes in between.
+-- Run `ingestor migrate` outside market hours on a large database (it warns first when the
+-- table holds over a million rows); the daemon refuses to start on a schema that is not
+-- current, so nothing writes in between.
+--
+-- ingestor: locks ohlc_candles
 
 ALTER TABLE ohlc_candles DROP CONSTRAINT ohlc_candles_pkey;
 
