@@ -9,6 +9,8 @@ is timed warm (one run to warm the cache, then the median of ``--repeat``), in m
 * ``latest book, every instrument``: the same on ``order_book_snapshots``;
 * ``latest 1m candle, every instrument``;
 * ``1m candles, 1 instrument, the day``;
+* ``1s candles, 1 instrument, last 5 minutes`` and ``..., the day``: the sub-minute
+  candles, which have no key (``sql/0007``);
 * ``start-up: engine_state``: what ``ingestor run`` reads at start (``state.load_state``);
 * ``start-up: tick_data probes``: the fallback over ``tick_data`` for a database migrated
   from before ``engine_state`` (``state.query_candle_state``: per instrument its last tick and
@@ -57,6 +59,15 @@ READS = {
     "1m candles, 1 instrument, the day (ms)": (
         "SELECT time, open_price, high_price, low_price, close_price, volume FROM ohlc_candles "
         "WHERE instrument_id = %(i)s AND timeframe = '1m' AND time >= %(day)s "
+        "AND time < %(day)s + INTERVAL '1 day' ORDER BY time", True),
+    # the sub-minute candles have no key since sql/0007: found by time (BRIN), then filtered
+    "1s candles, 1 instrument, last 5 minutes (ms)": (
+        "SELECT time, open_price, high_price, low_price, close_price, volume FROM ohlc_candles "
+        "WHERE instrument_id = %(i)s AND timeframe = '1s' AND time > %(end)s - INTERVAL "
+        "'5 minutes' AND time <= %(end)s ORDER BY time", True),
+    "1s candles, 1 instrument, the day (ms)": (
+        "SELECT time, open_price, high_price, low_price, close_price, volume FROM ohlc_candles "
+        "WHERE instrument_id = %(i)s AND timeframe = '1s' AND time >= %(day)s "
         "AND time < %(day)s + INTERVAL '1 day' ORDER BY time", True),
 }
 

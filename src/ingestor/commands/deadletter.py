@@ -13,7 +13,8 @@ an instrument row added), ``replay`` re-applies each folder entry
   of the forming candles, which already include some of this batch's ticks, and the old
   versions would overwrite them.  The candles the batch touched (the keys of its candle
   payload) are recomputed from ``tick_data`` with the candle definition of
-  :mod:`ingestor.store.candle_sql` and upserted;
+  :mod:`ingestor.store.candle_sql` and written as the writer writes them (upserted, or
+  replaced where the timeframe has no key: ``candle_sql.apply_staged``);
 * **a backfill's ticks** (``.backfill_ticks.copy``: older than the ticks stored for their
   instruments, with their own times) as the writer writes them: those not stored yet
   inserted, the candles they touch recomputed, the instruments' forming state released
