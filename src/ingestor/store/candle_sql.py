@@ -91,6 +91,8 @@ FAST_SQL = "(" + ", ".join(f"'{t}'" for t in FAST_TIMEFRAMES) + ")"
 
 SQL_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS ingestor_candle_stage "
              "(LIKE ohlc_candles, ord bigint GENERATED ALWAYS AS IDENTITY) ON COMMIT DELETE ROWS")
+# DISTINCT ON: a key twice in one batch (a bucket reopened by a late tick) would make ON
+# CONFLICT DO UPDATE affect a row twice, and insert a sub-minute candle twice
 _LATEST = (f"SELECT DISTINCT ON (time, instrument_id, timeframe) {_COLS} "
            f"FROM ingestor_candle_stage WHERE timeframe {{}} IN {FAST_SQL} "
            f"ORDER BY time, instrument_id, timeframe, ord DESC")
