@@ -159,12 +159,12 @@ def apply_entry(conn, entry: Entry, store=None) -> None:
     """Apply one entry in one transaction of ``conn`` (counts into ``entry``)."""
     from ingestor import _core
     from ingestor.pipeline import tables
-    from ingestor.store.candle_sql import RECOMPUTE_SQL, SQL_KEYS_TABLE, SQL_STAGE, apply_staged
+    from ingestor.store.candle_sql import (CANDLE_LIST, RECOMPUTE_SQL, SQL_KEYS_TABLE, SQL_STAGE,
+                                           apply_staged)
 
     base = entry.base
     tick_cols = ", ".join(c[0] for c in tables.TICK_COLUMNS)
     snap_cols = ", ".join(c[0] for c in tables.SNAPSHOT_COLUMNS)
-    cand_cols = ", ".join(("time", "instrument_id", "timeframe") + tables.CANDLE_VALUE_COLUMNS)
     with conn.transaction():
         ticks = _read(f"{base}.ticks.copy")
         if ticks:
@@ -180,7 +180,7 @@ def apply_entry(conn, entry: Entry, store=None) -> None:
         if parts:
             # only the keys: the batch's candle values are stale (see the module docstring)
             for part in parts:
-                _stage(conn, "ohlc_candles", "ingestor_dl_candles", cand_cols, part)
+                _stage(conn, "ohlc_candles", "ingestor_dl_candles", CANDLE_LIST, part)
             labels = [r[0] for r in conn.execute(
                 "SELECT DISTINCT timeframe FROM ingestor_dl_candles").fetchall()]
             conn.execute(SQL_KEYS_TABLE)

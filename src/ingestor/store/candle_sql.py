@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from ingestor.pipeline.tables import CANDLE_VALUE_COLUMNS
 
-__all__ = ["CANDLES_SQL", "FAST_TIMEFRAMES", "RECOMPUTE_SQL", "SQL_KEYS_TABLE", "SQL_STAGE",
-           "apply_staged", "aapply_staged"]
+__all__ = ["CANDLES_SQL", "CANDLE_LIST", "FAST_SQL", "FAST_TIMEFRAMES", "RECOMPUTE_SQL",
+           "SQL_KEYS_TABLE", "SQL_STAGE", "apply_staged", "aapply_staged"]
 
 # the volume of tick ``d`` given ``prev``, the instrument's previous cumulative volume
 _VOLUME_DELTA = """case when d.volume is null or v.prev is null then 0
@@ -68,7 +68,8 @@ SQL_KEYS_TABLE = ("CREATE TEMP TABLE IF NOT EXISTS ingestor_candle_keys "
                   "ON COMMIT DELETE ROWS")
 
 _VALUES = ", ".join(CANDLE_VALUE_COLUMNS)
-_COLS = f"time, instrument_id, timeframe, {_VALUES}"
+#: ``ohlc_candles``' columns as the writer's COPYs and the statements below name them
+CANDLE_LIST = f"time, instrument_id, timeframe, {_VALUES}"
 
 # ---------------------------------------------------------------------------------------------
 # Writing candles that may be stored already (sql/0007).  ``ohlc_candles`` has a unique key
@@ -93,12 +94,12 @@ SQL_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS ingestor_candle_stage "
              "(LIKE ohlc_candles, ord bigint GENERATED ALWAYS AS IDENTITY) ON COMMIT DELETE ROWS")
 # DISTINCT ON: a key twice in one batch (a bucket reopened by a late tick) would make ON
 # CONFLICT DO UPDATE affect a row twice, and insert a sub-minute candle twice
-_LATEST = (f"SELECT DISTINCT ON (time, instrument_id, timeframe) {_COLS} "
+_LATEST = (f"SELECT DISTINCT ON (time, instrument_id, timeframe) {CANDLE_LIST} "
            f"FROM ingestor_candle_stage WHERE timeframe {{}} IN {FAST_SQL} "
            f"ORDER BY time, instrument_id, timeframe, ord DESC")
 #: the keyed timeframes' upsert (a row already right is left alone)
 SQL_UPSERT_KEYED = (
-    f"INSERT INTO ohlc_candles AS o ({_COLS}) {_LATEST.format('NOT')} "
+    f"INSERT INTO ohlc_candles AS o ({CANDLE_LIST}) {_LATEST.format('NOT')} "
     f"ON CONFLICT (time, instrument_id, timeframe) WHERE timeframe NOT IN {FAST_SQL} "
     f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in CANDLE_VALUE_COLUMNS)} "
     f"WHERE ({', '.join(f'o.{c}' for c in CANDLE_VALUE_COLUMNS)}) "
@@ -115,7 +116,7 @@ SQL_FAST_DELETE = (
     f"WHERE o.timeframe IN {FAST_SQL} AND o.instrument_id = ANY(%(ids)s) "
     f"AND o.time >= %(lo)s AND o.time <= %(hi)s "
     f"AND s.timeframe = o.timeframe AND s.instrument_id = o.instrument_id AND s.time = o.time")
-SQL_FAST_INSERT = f"INSERT INTO ohlc_candles ({_COLS}) {_LATEST.format('')}"
+SQL_FAST_INSERT = f"INSERT INTO ohlc_candles ({CANDLE_LIST}) {_LATEST.format('')}"
 SQL_STAGE_CLEAR = "DELETE FROM ingestor_candle_stage"
 
 
@@ -176,7 +177,7 @@ with k as (
            {_VOLUME_DELTA} as dv
     from b d left join v using (bucket, timeframe, instrument_id, time)
 )
-insert into ingestor_candle_stage ({_COLS})
+insert into ingestor_candle_stage ({CANDLE_LIST})
 select bucket, instrument_id, timeframe,
        {_AGGREGATES}
 from t

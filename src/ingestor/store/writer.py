@@ -119,7 +119,7 @@ from psycopg.conninfo import conninfo_to_dict
 from ingestor.errors import ConnectionLost, StreamAdvanced, WriterStopped
 from ingestor.pipeline import tables
 from ingestor.store import offsets
-from ingestor.store.candle_sql import SQL_STAGE, aapply_staged
+from ingestor.store.candle_sql import CANDLE_LIST, SQL_STAGE, aapply_staged
 from ingestor.store.errors import classify, describe_error, is_transient, sqlstate_of
 from ingestor.store.dsn import describe, error_line, password_of
 from ingestor.logs import register_secret
@@ -130,12 +130,9 @@ T = TypeVar("T")
 
 _TICK_COLS = ", ".join(c[0] for c in tables.TICK_COLUMNS)
 _SNAP_COLS = ", ".join(c[0] for c in tables.SNAPSHOT_COLUMNS)
-_CANDLE_KEY = ("time", "instrument_id", "timeframe")
-_CANDLE_COLS = _CANDLE_KEY + tables.CANDLE_VALUE_COLUMNS
-_CANDLE_LIST = ", ".join(_CANDLE_COLS)
 
 SQL_COPY_TICKS = f"COPY tick_data ({_TICK_COLS}) FROM STDIN (FORMAT BINARY)"
-SQL_COPY_CANDLES = f"COPY ohlc_candles ({_CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
+SQL_COPY_CANDLES = f"COPY ohlc_candles ({CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
 # for the rest of the transaction only, and turned off after the one COPY it is for
 SQL_DIRECT_ON = ("SELECT set_config('timescaledb.enable_direct_compress_copy', 'on', true), "
                  "set_config('timescaledb.enable_direct_compress_copy_client_sorted', 'on', "
@@ -154,7 +151,7 @@ SELECT current_setting('timescaledb.enable_direct_compress_copy', true) IS NOT N
 #: the binary COPY header (signature, flags, extension length) and trailer
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 COPY_TRAILER = b"\xff\xff"
-SQL_COPY_STAGE = f"COPY ingestor_candle_stage ({_CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
+SQL_COPY_STAGE = f"COPY ingestor_candle_stage ({CANDLE_LIST}) FROM STDIN (FORMAT BINARY)"
 SQL_COPY_SNAPS = f"COPY order_book_snapshots ({_SNAP_COLS}) FROM STDIN (FORMAT BINARY)"
 # Angel One's DEPTH packets (FlushBatch.depth20): rows only a message makes, so only here
 SQL_COPY_DEPTH20 = (f"COPY order_book_depth20 ({', '.join(c[0] for c in tables.DEPTH20_COLUMNS)}) "
