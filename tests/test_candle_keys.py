@@ -57,18 +57,23 @@ def server(request):
     return request.getfixturevalue("tsdb_db"), True
 
 
+def _lay_out(conn) -> None:
+    """TimescaleDB's layout as `ingestor migrate` makes it, its policies unscheduled (the
+    captures are of 2024: a working scheduler would compress or drop chunks under the test)."""
+    from test_tsdb_storage import _pause_jobs  # (it imports this module)
+    from ingestor.store import timescale as ts
+
+    assert ts.setup(conn, "on").enabled
+    _pause_jobs(conn)
+
+
 def _old_database(conn, tmp_path, tsdb: bool) -> None:
     """The schema before 0007 with rows: 1m candles and 1s candles (their old key made each
     unique), on TimescaleDB laid out as `ingestor migrate` did, the first candle chunk in the
     columnstore."""
-    from ingestor.store import timescale as ts
-
     mig.migrate(conn, _migrations_before(tmp_path, 7))
     if tsdb:
-        assert ts.setup(conn, "on").enabled
-        conn.execute("SELECT alter_job(job_id, scheduled => false) "
-                     "FROM timescaledb_information.jobs "
-                     "WHERE hypertable_schema = current_schema()")
+        _lay_out(conn)
     _old_rows(conn)
     conn.execute(f"INSERT INTO ohlc_candles ({COLS}) SELECT timestamptz '2024-03-04 03:45+00' "
                  "+ (g / 20) * INTERVAL '1 s', g % 20 + 1, '1s', 1, 2, 0.5, 1.5, g, 3 "
@@ -142,9 +147,7 @@ def test_forming_subminute_candles_upserted_every_flush_stay_unique(server, capt
     with psycopg.connect(dsn, autocommit=True) as conn:
         mig.migrate(conn)
         if tsdb:
-            from ingestor.store import timescale as ts
-
-            assert ts.setup(conn, "on").enabled
+            _lay_out(conn)
     settings = PipelineSettings(flush_rows=500, open_candle_min_us=1_000_000)
     batches = []
     with psycopg.connect(dsn, autocommit=True) as setup, CaptureReader(str(capture)) as rd:
